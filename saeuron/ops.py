@@ -1,0 +1,300 @@
+"""The one seam for hot ops: picks the compiled extension > Triton > PyTorch, per device.
+
+Every op is a ``torch.library`` custom op (``saeuron::<name>``) with a fake implementation, so
+``torch.compile`` sees one opaque node and CUDA graph capture works. The body of each op calls
+the implementation of the backend chosen for the tensors' device:
+
+- ``cuda``: the extension built just in time from ``csrc/`` (CUDA kernels for GPU tensors, C++
+  for CPU tensors; ops it lacks for a device fall through to the next backend);
+- ``triton``: the kernels in ``saeuron.kernels`` (GPU, or CPU under ``TRITON_INTERPRET=1``);
+- ``torch``: :mod:`saeuron.reference`, always available.
+
+``SAEURON_BACKEND=cuda|triton|torch`` (or :func:`set_backend`) forces a backend; when it cannot
+serve an op the next one in the order above is used, with one warning. Automatic choice uses the
+extension and Triton on GPUs only: on the CPU the reference (MKL GEMM + topk) is the fast path.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from . import reference
+
+BACKENDS = ("cuda", "triton", "torch")
+OPS = ("topk_encode", "sparse_decode", "gather_encode", "gather_encode_bwd", "sparse_decode_bwd", "edit_")
+
+_forced: Optional[str] = None
+_modules: dict = {}
+_load_errors: dict = {}
+_choice: dict = {}
+_warned: set = set()
+
+
+class _TorchBackend:
+    """Adapter exposing :mod:`saeuron.reference` under the backend interface."""
+
+    name = "torch"
+    topk_encode = staticmethod(reference.topk_encode)
+    sparse_decode = staticmethod(reference.sparse_decode)
+    gather_encode = staticmethod(reference.gather_encode)
+    gather_encode_bwd = staticmethod(reference.gather_encode_backward)
+    sparse_decode_bwd = staticmethod(reference.sparse_decode_backward)
+    edit_ = staticmethod(reference.edit_)
+
+    @staticmethod
+    def supports(op: str, device: torch.device) -> bool:
+        return True
+
+
+def _load(name: str):
+    """Import (and for ``cuda`` build) a backend once; ``None`` with the reason kept if it fails."""
+    if name in _modules:
+        return _modules[name]
+    mod = None
+    try:
+        if name == "torch":
+            mod = _TorchBackend
+        elif name == "triton":
+            from . import kernels as mod  # noqa: F811  (saeuron.kernels, installed from kernels/)
+        elif name == "cuda":
+            from . import _build
+
+            mod = _build.load_backend()
+    except Exception as e:  # a missing compiler, triton or a failed build must never be fatal
+        _load_errors[name] = f"{type(e).__name__}: {e}"
+        mod = None
+    _modules[name] = mod
+    return mod
+
+
+def requested_backend() -> Optional[str]:
+    """The forced backend (``set_backend`` or ``SAEURON_BACKEND``), or None for automatic."""
+    name = _forced or os.environ.get("SAEURON_BACKEND", "").strip().lower() or None
+    if name in (None, "auto"):
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"SAEURON_BACKEND={name!r} is not a backend; valid: {', '.join(BACKENDS)} or auto")
+    return name
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force a backend for this process (``None`` or ``"auto"`` restores automatic choice)."""
+    global _forced
+    if name is not None and name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)} or auto")
+    _forced = None if name == "auto" else name
+    _choice.clear()
+
+
+def _candidates(device: torch.device) -> tuple:
+    forced = requested_backend()
+    if forced is not None:
+        return BACKENDS[BACKENDS.index(forced):]
+    if device.type == "cuda":
+        return BACKENDS
+    return ("torch",)
+
+
+def _warn_once(key, msg):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+
+
+def backend_for(op: str, device: torch.device) -> str:
+    """Name of the backend that runs ``op`` for tensors on ``device``."""
+    key = (op, device.type, requested_backend())
+    if key in _choice:
+        return _choice[key][0]
+    cands = _candidates(device)
+    for i, name in enumerate(cands):
+        mod = _load(name)
+        if mod is not None and hasattr(mod, op) and mod.supports(op, device):
+            if i > 0:
+                why = "; ".join(f"{c}: {_load_errors.get(c, 'does not implement ' + op + ' on ' + device.type)}" for c in cands[:i])
+                _warn_once(("fallback",) + cands[:i] + (device.type,),
+                           f"saeuron: faster backend unavailable for {op} on {device.type} ({why}); using {name}. "
+                           f"Set SAEURON_BACKEND to choose explicitly.")
+            _choice[key] = (name, getattr(mod, op))
+            return name
+    raise RuntimeError("no saeuron backend available")  # unreachable: torch always is
+
+
+def _impl(op: str, device: torch.device):
+    backend_for(op, device)
+    return _choice[(op, device.type, requested_backend())][1]
+
+
+# --------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("saeuron::topk_encode", mutates_args=())
+def _topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
+                 k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _impl("topk_encode", x.device)(x, W_enc, b_enc, b_dec, k)
+
+
+@_topk_encode.register_fake
+def _(x, W_enc, b_enc, b_dec, k):
+    return x.new_empty(x.shape[0], k), x.new_empty(x.shape[0], k, dtype=torch.int64)
+
+
+@torch.library.custom_op("saeuron::sparse_decode", mutates_args=())
+def _sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
+                   b_dec: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> torch.Tensor:
+    return _impl("sparse_decode", values.device)(values, indices, W_dec, b_dec, residual)
+
+
+@_sparse_decode.register_fake
+def _(values, indices, W_dec, b_dec, residual):
+    return W_dec.new_empty(values.shape[0], W_dec.shape[1])
+
+
+@torch.library.custom_op("saeuron::sparse_decode_bwd", mutates_args=())
+def _sparse_decode_bwd(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                       W_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _impl("sparse_decode_bwd", grad_out.device)(grad_out, values, indices, W_dec)
+
+
+@_sparse_decode_bwd.register_fake
+def _(grad_out, values, indices, W_dec):
+    return torch.empty_like(values), torch.empty_like(W_dec), W_dec.new_empty(W_dec.shape[1])
+
+
+def _sd_setup(ctx, inputs, output):
+    values, indices, W_dec, b_dec, residual = inputs
+    ctx.save_for_backward(values, indices, W_dec)
+    ctx.has_b, ctx.has_r = b_dec is not None, residual is not None
+
+
+def _sd_backward(ctx, grad):
+    values, indices, W_dec = ctx.saved_tensors
+    gv, gw, gb = _sparse_decode_bwd(grad.contiguous(), values, indices, W_dec)
+    return gv, None, gw, (gb if ctx.has_b else None), (grad if ctx.has_r else None)
+
+
+_sparse_decode.register_autograd(_sd_backward, setup_context=_sd_setup)
+
+
+@torch.library.custom_op("saeuron::gather_encode", mutates_args=())
+def _gather_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
+                   indices: torch.Tensor) -> torch.Tensor:
+    return _impl("gather_encode", x.device)(x, W_enc, b_enc, b_dec, indices)
+
+
+@_gather_encode.register_fake
+def _(x, W_enc, b_enc, b_dec, indices):
+    return x.new_empty(indices.shape)
+
+
+@torch.library.custom_op("saeuron::gather_encode_bwd", mutates_args=())
+def _gather_encode_bwd(grad_values: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor,
+                       indices: torch.Tensor, values: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _impl("gather_encode_bwd", x.device)(grad_values, x, W_enc, b_dec, indices, values)
+
+
+@_gather_encode_bwd.register_fake
+def _(grad_values, x, W_enc, b_dec, indices, values):
+    return torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty(W_enc.shape[0]), torch.empty_like(b_dec)
+
+
+def _ge_setup(ctx, inputs, output):
+    x, W_enc, b_enc, b_dec, indices = inputs
+    ctx.save_for_backward(x, W_enc, b_dec, indices, output)
+
+
+def _ge_backward(ctx, grad):
+    x, W_enc, b_dec, indices, values = ctx.saved_tensors
+    gx, gw, gbe, gbd = _gather_encode_bwd(grad.contiguous(), x, W_enc, b_dec, indices, values)
+    return gx, gw, gbe, gbd, None
+
+
+_gather_encode.register_autograd(_ge_backward, setup_context=_ge_setup)
+
+
+@torch.library.custom_op("saeuron::edit_", mutates_args=("x",))
+def _edit_(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, W_dec: torch.Tensor,
+           k: int, feat_idx: torch.Tensor, tau: torch.Tensor, scale: torch.Tensor, rows_per_group: int) -> None:
+    _impl("edit_", x.device)(x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale, rows_per_group)
+
+
+@_edit_.register_fake
+def _(x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale, rows_per_group):
+    return None
+
+
+# --------------------------------------------------------------------------- public API
+
+def _check_float(name_tensors: dict, dtype: torch.dtype):
+    for name, t in name_tensors.items():
+        if t is not None and t.dtype != dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but the op runs in {dtype}: cast all float inputs to one "
+                            f"dtype (float32, float16 or bfloat16)")
+
+
+def _check_sae(x_width: int, W_enc, b_enc, b_dec, k: int):
+    if W_enc.dim() != 2 or W_enc.shape[1] != x_width:
+        raise ValueError(f"activation width {x_width} does not match the SAE input width d_in={W_enc.shape[-1]}")
+    if b_enc.shape != (W_enc.shape[0],) or b_dec.shape != (x_width,):
+        raise ValueError(f"bias shapes {tuple(b_enc.shape)}, {tuple(b_dec.shape)} do not fit W_enc {tuple(W_enc.shape)}")
+    if not 1 <= k <= W_enc.shape[0]:
+        raise ValueError(f"k={k} must be between 1 and the number of latents {W_enc.shape[0]}")
+
+
+def topk_encode(x, W_enc, b_enc, b_dec, k: int):
+    """Per-token top-k SAE codes ``(values [N, k], indices [N, k] int64)`` of ``x [N, d]``, no [N, M] buffer."""
+    if x.dim() != 2:
+        raise ValueError(f"topk_encode takes tokens [N, d], got shape {tuple(x.shape)}")
+    _check_sae(x.shape[1], W_enc, b_enc, b_dec, k)
+    _check_float({"W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec}, x.dtype)
+    return _topk_encode(x.contiguous(), W_enc, b_enc, b_dec, int(k))
+
+
+def sparse_decode(values, indices, W_dec, b_dec=None, residual=None):
+    """``sum_j values[:, j] W_dec[indices[:, j]] (+ b_dec) (+ residual)``; differentiable, sparse backward."""
+    if values.shape != indices.shape or values.dim() != 2:
+        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be [N, k]")
+    _check_float({"values": values, "b_dec": b_dec, "residual": residual}, W_dec.dtype)
+    return _sparse_decode(values, indices.long(), W_dec, b_dec, residual)
+
+
+def gather_encode(x, W_enc, b_enc, b_dec, indices):
+    """Differentiable pre-activations at chosen latents; gradients touch only those latents' rows."""
+    _check_float({"W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec}, x.dtype)
+    return _gather_encode(x, W_enc, b_enc, b_dec, indices.long())
+
+
+def edit_(x, W_enc, b_enc, b_dec, W_dec, k: int, feat_idx, tau, scale, rows_per_group: Optional[int] = None):
+    """In place: ``x += sum over fired selected features of (scale - 1) f_i W_dec[i]`` (see reference.edit_).
+
+    ``x`` is ``[N, d]`` tokens or a ``[B, C, H, W]`` block output. ``feat_idx/tau/scale`` are
+    ``[F]`` or ``[G, F]`` tables; token row r uses table row ``min(r // rows_per_group, G-1)``.
+    """
+    width = x.shape[1]
+    _check_sae(width, W_enc, b_enc, b_dec, k)
+    _check_float({"W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec, "W_dec": W_dec}, x.dtype)
+    if feat_idx.dim() == 1:
+        feat_idx, tau, scale = feat_idx[None], tau[None], scale[None]
+    if not (feat_idx.shape == tau.shape == scale.shape):
+        raise ValueError(f"feat_idx {tuple(feat_idx.shape)}, tau {tuple(tau.shape)}, scale {tuple(scale.shape)} must match")
+    n = x.numel() // width
+    if rows_per_group is None:
+        rows_per_group = max(n // max(feat_idx.shape[0], 1), 1)
+    _edit_(x, W_enc, b_enc, b_dec, W_dec, int(k), feat_idx.long(), tau.float(), scale.float(), int(rows_per_group))
+    return x
+
+
+def edit(x, *args, **kwargs):
+    """Out-of-place :func:`edit_`."""
+    return edit_(x.clone(), *args, **kwargs)
+
+
+def status() -> dict:
+    """Which backend each op would use on CPU and (if present) CUDA, plus load errors: for bug reports."""
+    devs = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return {"requested": requested_backend() or "auto",
+            "ops": {f"{op}@{d.type}": backend_for(op, d) for op in OPS for d in devs},
+            "errors": dict(_load_errors)}
