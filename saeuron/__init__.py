@@ -3,27 +3,18 @@
 The data path is a straight line: prompts --collect--> activation shards --train--> SAE checkpoint
 --select--> concept file --patch--> edited sampling.
 """
+# Functions share names with their modules (saeuron.patch, saeuron.train, saeuron.collect): importing
+# them here, eagerly, keeps `saeuron.patch` the function whatever is imported later. None of these
+# modules imports diffusers at import time.
+from .collect import collect
+from .concepts import ConceptTable, build_concept_file, compute_statistics, load_concepts
 from .hookpoints import list_hookpoints
+from .patch import patch, patched, unpatch
 from .sae import SaeConfig, SparseAutoencoder
+from .store import ActivationStore
+from .train import TrainConfig, train
 
 __version__ = "0.1.0"
 
-
-def __getattr__(name):  # lazy: keep `import saeuron` light (no diffusers import until needed)
-    lazy = {
-        "patch": ("patch", "patch"), "unpatch": ("patch", "unpatch"), "patched": ("patch", "patched"),
-        "collect": ("collect", "collect"), "ActivationStore": ("store", "ActivationStore"),
-        "train": ("train", "train"), "TrainConfig": ("train", "TrainConfig"),
-        "select": ("concepts", "select"), "ConceptTable": ("concepts", "ConceptTable"),
-        "compute_statistics": ("concepts", "compute_statistics"),
-    }
-    if name in lazy:
-        import importlib
-
-        mod, attr = lazy[name]
-        return getattr(importlib.import_module(f".{mod}", __name__), attr)
-    raise AttributeError(f"module 'saeuron' has no attribute {name!r}")
-
-
-__all__ = ["SaeConfig", "SparseAutoencoder", "list_hookpoints", "patch", "unpatch", "patched", "collect",
-           "ActivationStore", "train", "TrainConfig", "select", "ConceptTable", "compute_statistics"]
+__all__ = ["ActivationStore", "ConceptTable", "SaeConfig", "SparseAutoencoder", "TrainConfig", "build_concept_file",
+           "collect", "compute_statistics", "list_hookpoints", "load_concepts", "patch", "patched", "train", "unpatch"]

@@ -19,6 +19,18 @@ def _f(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _scatter_rows(index: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor, m: int) -> torch.Tensor:
+    """``out[index[n, j]] += weight[n, j] * rows[n]`` as ``[m, d]``: a sparse [m, N] x dense [N, d] product.
+
+    Far faster than ``index_add_`` on the CPU, and it never forms a dense [N, m] matrix.
+    """
+    n, k = index.shape
+    cols = torch.arange(n, device=index.device).repeat_interleave(k)
+    s = torch.sparse_coo_tensor(torch.stack([index.reshape(-1), cols]), weight.reshape(-1).to(rows.dtype), (m, n),
+                                check_invariants=False)
+    return torch.sparse.mm(s, rows)
+
+
 def as_tokens(x: torch.Tensor) -> torch.Tensor:
     """``[B, C, H, W]`` -> ``[B*H*W, C]`` (row order b, h, w); ``[N, d]`` is returned as is."""
     if x.dim() == 4:
@@ -73,11 +85,9 @@ def gather_encode_backward(grad_values, x, W_enc, b_dec, indices, values):
     xc = _f(x) - _f(b_dec)  # [N, d]
     w = _f(W_enc)[indices]  # [N, k, d]
     grad_x = (g.unsqueeze(-1) * w).sum(1)  # [N, d]
-    flat = indices.reshape(-1)
-    grad_W = torch.zeros(W_enc.shape, dtype=_f(W_enc).dtype, device=W_enc.device)
-    grad_W.index_add_(0, flat, (g.unsqueeze(-1) * xc.unsqueeze(1)).reshape(-1, xc.shape[-1]))
-    grad_b_enc = torch.zeros(W_enc.shape[0], dtype=_f(W_enc).dtype, device=W_enc.device)
-    grad_b_enc.index_add_(0, flat, g.reshape(-1))
+    m = W_enc.shape[0]
+    grad_W = _scatter_rows(indices, g, xc, m)
+    grad_b_enc = torch.zeros(m, dtype=g.dtype, device=W_enc.device).index_add_(0, indices.reshape(-1), g.reshape(-1))
     grad_b_dec = -grad_x.sum(0)
     return grad_x.to(x.dtype), grad_W.to(W_enc.dtype), grad_b_enc.to(W_enc.dtype), grad_b_dec.to(b_dec.dtype)
 
@@ -97,8 +107,7 @@ def sparse_decode_backward(grad_out, values, indices, W_dec):
     g = _f(grad_out)  # [N, d]
     w = _f(W_dec)[indices]  # [N, k, d]
     grad_values = (w * g.unsqueeze(1)).sum(-1)
-    grad_W = torch.zeros(W_dec.shape, dtype=_f(W_dec).dtype, device=W_dec.device)
-    grad_W.index_add_(0, indices.reshape(-1), (_f(values).unsqueeze(-1) * g.unsqueeze(1)).reshape(-1, g.shape[-1]))
+    grad_W = _scatter_rows(indices, _f(values), g, W_dec.shape[0])
     grad_b_dec = g.sum(0)
     return grad_values.to(values.dtype), grad_W.to(W_dec.dtype), grad_b_dec.to(W_dec.dtype)
 

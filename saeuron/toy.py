@@ -79,3 +79,18 @@ def tiny_pipeline(words: Iterable[str] = ("an image of a cat dog car tree in sty
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def random_sae(d_in: int = 32, num_latents: int = 128, k: int = 4, seed: int = 0, dtype=torch.float32):
+    """A random SparseAutoencoder with non-trivial biases (never zeros), for tests and benchmarks."""
+    from .sae import SaeConfig, SparseAutoencoder
+
+    g = torch.Generator().manual_seed(seed)
+    sae = SparseAutoencoder(SaeConfig(d_in=d_in, num_latents=num_latents, k=k))
+    with torch.no_grad():
+        sae.encoder.weight.copy_(torch.randn(num_latents, d_in, generator=g) / d_in ** 0.5)
+        sae.encoder.bias.copy_(torch.randn(num_latents, generator=g) * 0.1)
+        sae.W_dec.copy_(torch.randn(num_latents, d_in, generator=g))
+        sae.set_decoder_norm_to_unit_norm()
+        sae.b_dec.copy_(torch.randn(d_in, generator=g) * 0.1)
+    return sae.to(dtype)

@@ -1,0 +1,39 @@
+"""Benchmark sizes (GPU: the real SD1.5 sizes; CPU: a tiny smoke run) and a ratio table at the end.
+
+Every benchmark sets ``benchmark.group`` to the case and ``benchmark.extra_info["variant"]``; the
+summary prints each variant's median time as a ratio to the case's floor variant, measured side by
+side in the same run. ``pytest benchmarks/ --benchmark-only``.
+"""
+import os
+
+import pytest
+import torch
+
+from .common import GPU
+
+FLOOR = {"op": "gemm", "pipeline": "unpatched", "train": "eager"}
+
+
+def pytest_configure(config):
+    os.environ.setdefault("SAEURON_BENCH", "1")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    bs = getattr(config, "_benchmarksession", None)
+    if bs is None or not bs.benchmarks:
+        return
+    groups = {}
+    for b in bs.benchmarks:
+        info = b.extra_info or {}
+        groups.setdefault(b.group, []).append((info.get("variant", b.name), info.get("kind", "op"), b.stats.median))
+    tr = terminalreporter
+    dev = torch.cuda.get_device_name() if GPU else "CPU (smoke sizes)"
+    tr.write_sep("=", f"saeuron ratios ({dev}, torch {torch.__version__})")
+    tr.write_line("| case | variant | median | ratio to floor |")
+    tr.write_line("|---|---|---|---|")
+    for group, rows in groups.items():
+        kind = rows[0][1]
+        floor = next((m for v, _, m in rows if v == FLOOR.get(kind)), None)
+        for v, _, m in rows:
+            ratio = f"{m / floor:.3f}" if floor else "n/a"
+            tr.write_line(f"| {group} | {v} | {m * 1e6:.1f} us | {ratio} |")

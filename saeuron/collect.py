@@ -1,0 +1,172 @@
+"""Run a diffusers pipeline over prompts and capture hookpoint outputs per timestep into an ActivationStore.
+
+Forward hooks on the chosen ``Transformer2DModel`` blocks see ``[2B, C, H, W]`` under classifier-free
+guidance (unconditional half first). Each captured UNet call adds ``B * H * W`` rows per hookpoint (the
+conditional half by default), each row tagged with the timestep the UNet received and the index of its
+prompt. One prompt batch is accumulated on the CPU and written as one shard per hookpoint, so memory is
+bounded by one batch, and a killed run resumes at the first batch not marked done.
+"""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+from tqdm.auto import tqdm
+
+from .hookpoints import get_unet, list_hookpoints, resolve_hookpoints
+from .store import ActivationStore, derive_seed
+
+HALVES = ("cond", "uncond", "both")
+_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
+           "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def _as_dtype(dtype):
+    """``None``, a floating ``torch.dtype`` or one of the names in ``_DTYPES``."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower().replace("torch.", "") in _DTYPES:
+        return _DTYPES[dtype.lower().replace("torch.", "")]
+    raise ValueError(f"dtype must be None, a floating torch.dtype or one of {sorted(_DTYPES)}; got {dtype!r}")
+
+
+def _flatten_prompts(prompts):
+    """``(prompt list, labels or None)`` from a list of prompts or a ``{concept: [prompts]}`` dict."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings or a {concept: [prompts]} dict, not a single string")
+    if isinstance(prompts, dict):
+        flat = [(p, str(c)) for c, ps in prompts.items() for p in ([ps] if isinstance(ps, str) else ps)]
+        out, labels = [p for p, _ in flat], [c for _, c in flat]
+    else:
+        out, labels = list(prompts), None
+    if not out or not all(isinstance(p, str) for p in out):
+        raise ValueError("prompts must be a non-empty list of strings (or a dict of concept -> non-empty lists)")
+    return out, labels
+
+
+def _timesteps(args, kwargs):
+    """The timestep argument of a UNet call (positional 1 or ``timestep=``) as a flat float32 CPU tensor."""
+    t = args[1] if len(args) > 1 else kwargs.get("timestep")
+    if t is None:
+        raise ValueError("the UNet was called without a timestep (positional argument 1 or timestep=...)")
+    return torch.as_tensor(t).detach().float().cpu().reshape(-1)
+
+
+def _block_output(output):
+    """The feature map a ``Transformer2DModel`` returned: ``.sample``, the first element of a tuple, or the tensor."""
+    if hasattr(output, "sample"):
+        return output.sample
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def collect(pipe, prompts, out_dir, hookpoints, *, batch_size=4, num_inference_steps=50, guidance_scale=9.0,
+            every=1, halves="cond", tokens_per_map=None, seed=0, dtype=None, height=None, width=None,
+            progress=True, max_batches=None) -> ActivationStore:
+    """Generate from ``prompts`` with ``pipe`` and store every ``every``-th UNet call's hookpoint tokens in ``out_dir``.
+
+    ``prompts`` is a list of strings or ``{concept: [prompts]}`` (then the store records a label per prompt).
+    ``halves`` picks the CFG half ("cond", "uncond" or "both"; without CFG the whole batch is kept).
+    ``tokens_per_map`` keeps a seeded random subset of that many tokens per feature map. Batches already
+    in the store are skipped, so rerunning after a kill finishes the job without losing or duplicating rows;
+    ``max_batches`` stops after that many new batches.
+    """
+    prompt_list, labels = _flatten_prompts(prompts)
+    if halves not in HALVES:
+        raise ValueError(f"halves must be one of {HALVES}, got {halves!r}")
+    for name, v, lo in (("batch_size", batch_size, 1), ("num_inference_steps", num_inference_steps, 1),
+                        ("every", every, 1), ("tokens_per_map", tokens_per_map, 1), ("max_batches", max_batches, 0)):
+        if v is not None and (not isinstance(v, int) or v < lo):
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    dtype = _as_dtype(dtype)
+    unet = get_unet(pipe)
+    modules = resolve_hookpoints(unet, hookpoints)
+    widths = list_hookpoints(unet)
+    config = dict(batch_size=batch_size, num_inference_steps=num_inference_steps, guidance_scale=float(guidance_scale),
+                  every=every, halves=halves, tokens_per_map=tokens_per_map, seed=seed,
+                  dtype=None if dtype is None else str(dtype).replace("torch.", ""), height=height, width=width,
+                  scheduler=type(getattr(pipe, "scheduler", None)).__name__)
+    store = ActivationStore.create(out_dir, {n: widths[n] for n in modules}, prompt_list, labels, config)
+
+    n_batches = math.ceil(len(prompt_list) / batch_size)
+    done = store.done_batches()
+    todo = [b for b in range(n_batches) if b not in done]
+    if max_batches is not None:
+        todo = todo[:max_batches]
+    st = SimpleNamespace(batch=0, ids=None, call=-1, capture=False, t=None, rows=None)
+
+    def pre_hook(module, args, kwargs):
+        st.call += 1
+        st.capture = st.call % every == 0
+        if st.capture:
+            st.t = _timesteps(args, kwargs)
+
+    def make_hook(name, hi):
+        def hook(module, args, output):
+            if st.capture:
+                st.rows[name].append(_rows(name, hi, _block_output(output).detach()))
+        return hook
+
+    def _rows(name, hi, out):
+        n, C, H, W = out.shape
+        B = len(st.ids)
+        t = st.t.expand(n) if st.t.numel() == 1 else st.t
+        if t.numel() != n:
+            raise RuntimeError(f"the UNet got {t.numel()} timesteps for a batch of {n}")
+        if n == 2 * B:  # CFG: unconditional half first
+            sel = {"cond": slice(B, n), "uncond": slice(0, B), "both": slice(0, n)}[halves]
+            ids = torch.cat([st.ids, st.ids])[sel]
+        elif n == B:
+            sel, ids = slice(0, n), st.ids
+        else:
+            raise RuntimeError(f"hookpoint {name} output has batch {n}; expected {B} prompts (or {2 * B} with CFG)")
+        m = len(ids)
+        tok = out[sel].permute(0, 2, 3, 1).reshape(m, H * W, C)
+        if tokens_per_map is not None and tokens_per_map < H * W:
+            g = torch.Generator().manual_seed(derive_seed(seed, st.batch, st.call, hi))
+            idx = torch.rand(m, H * W, generator=g).argsort(dim=1)[:, :tokens_per_map].sort(dim=1).values
+            tok = tok.gather(1, idx.to(tok.device)[..., None].expand(-1, -1, C))
+        k = tok.shape[1]
+        return {"x": tok.reshape(m * k, C).to(dtype or tok.dtype).cpu(),
+                "timestep": t[sel].repeat_interleave(k), "prompt_id": ids.repeat_interleave(k)}
+
+    handles = [unet.register_forward_pre_hook(pre_hook, with_kwargs=True)]
+    handles += [mod.register_forward_hook(make_hook(name, hi)) for hi, (name, mod) in enumerate(modules.items())]
+    had_bar_cfg = hasattr(pipe, "_progress_bar_config")
+    old_bar_cfg = dict(getattr(pipe, "_progress_bar_config", {}))
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(**{**old_bar_cfg, "disable": True})  # one bar over batches, not one per batch
+    written = 0
+    try:
+        bar = tqdm(total=n_batches, initial=len(done), desc="collect", unit="batch", disable=not progress)
+        with bar:
+            for b in todo:
+                ids = list(range(b * batch_size, min((b + 1) * batch_size, len(prompt_list))))
+                st.batch, st.ids, st.call, st.capture = b, torch.tensor(ids, dtype=torch.long), -1, False
+                st.rows = {name: [] for name in modules}
+                gens = [torch.Generator().manual_seed(derive_seed(seed, i)) for i in ids]
+                with torch.no_grad():
+                    pipe(prompt=[prompt_list[i] for i in ids], num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, generator=gens, height=height, width=width,
+                         output_type="latent", return_dict=True)
+                empty = [name for name, r in st.rows.items() if not r]
+                if empty:
+                    raise RuntimeError(f"hookpoints {empty} captured nothing in batch {b} (is every={every} larger "
+                                       f"than the number of UNet calls?)")
+                rows = {name: {k: torch.cat([r[k] for r in rs]) for k in ("x", "timestep", "prompt_id")}
+                        for name, rs in st.rows.items()}
+                st.rows = None
+                store.write_batch(b, rows)
+                written += sum(len(r["x"]) for r in rows.values())
+                del rows
+                bar.update(1)
+                bar.set_postfix(rows=written)
+    finally:
+        for h in handles:
+            h.remove()
+        st.rows = None
+        if had_bar_cfg:
+            pipe._progress_bar_config = old_bar_cfg
+        elif hasattr(pipe, "_progress_bar_config"):
+            del pipe._progress_bar_config
+    return store

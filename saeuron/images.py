@@ -1,0 +1,80 @@
+"""Small PIL helpers: a labelled image grid and atomic PNG writes."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .utils import _atomic
+
+
+def _font(size: int = 12):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _text_size(draw, text: str, font) -> tuple:
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def _wrap(draw, text: str, font, width: int) -> list:
+    """Greedy word wrap of ``text`` to lines at most ``width`` pixels wide (long words stay whole)."""
+    lines, line = [], ""
+    for word in str(text).split():
+        cand = f"{line} {word}".strip()
+        if line and _text_size(draw, cand, font)[0] > width:
+            lines.append(line)
+            line = word
+        else:
+            line = cand
+    return lines + [line] if line else lines or [""]
+
+
+def image_grid(rows: Sequence[Sequence], row_labels: Optional[Sequence[str]] = None,
+               col_labels: Optional[Sequence[str]] = None, pad: int = 4, label_width: int = 160,
+               font_size: int = 12, background="white", color="black"):
+    """Paste ``rows[r][c]`` (PIL images) into one image, with wrapped row labels left and column labels on top."""
+    from PIL import Image, ImageDraw
+
+    rows = [list(r) for r in rows]
+    if not rows or not all(rows):
+        raise ValueError("image_grid needs at least one row and one image per row")
+    n_cols = max(len(r) for r in rows)
+    if row_labels is not None and len(row_labels) != len(rows):
+        raise ValueError(f"{len(row_labels)} row labels for {len(rows)} rows")
+    if col_labels is not None and len(col_labels) != n_cols:
+        raise ValueError(f"{len(col_labels)} column labels for {n_cols} columns")
+    cell_w = max(im.width for r in rows for im in r)
+    cell_h = max(im.height for r in rows for im in r)
+    font = _font(font_size)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = _text_size(draw, "Ag", font)[1] + 2
+    left = label_width + pad if row_labels is not None else 0
+    col_lines = [_wrap(draw, t, font, cell_w) for t in col_labels] if col_labels is not None else []
+    top = (max(len(ls) for ls in col_lines) * line_h + pad) if col_lines else 0
+    W = left + n_cols * (cell_w + pad) + pad
+    H = top + len(rows) * (cell_h + pad) + pad
+    grid = Image.new("RGB", (W, H), background)
+    draw = ImageDraw.Draw(grid)
+    for c, lines in enumerate(col_lines):
+        for j, line in enumerate(lines):
+            draw.text((left + pad + c * (cell_w + pad), pad + j * line_h), line, fill=color, font=font)
+    for r, row in enumerate(rows):
+        y = top + pad + r * (cell_h + pad)
+        if row_labels is not None:
+            for j, line in enumerate(_wrap(draw, row_labels[r], font, label_width)):
+                if (j + 1) * line_h > cell_h:
+                    break
+                draw.text((pad, y + j * line_h), line, fill=color, font=font)
+        for c, im in enumerate(row):
+            grid.paste(im.convert("RGB"), (left + pad + c * (cell_w + pad), y))
+    return grid
+
+
+def save_png(image, path) -> Path:
+    """Save a PIL image as PNG atomically (a killed run never leaves a truncated file)."""
+    return _atomic(path, lambda tmp: image.save(tmp, format="PNG"))

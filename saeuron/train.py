@@ -1,0 +1,471 @@
+"""The SAE trainer: BatchTopK/TopK with AuxK, unit-norm decoder, Adam with linear decay, resume, DDP.
+
+One optimiser step (method.md section 2):
+
+1. select latents without gradients: BatchTopK (one top-(k*N) over the batch's dense
+   pre-activations) or per-token top-k (``ops.topk_encode``);
+2. recompute the chosen latents' values differentiably with ``ops.gather_encode`` and reconstruct
+   with ``ops.sparse_decode``: gradients only touch the chosen rows, no dense ``[N, M]`` gradient;
+3. loss = FVU + ``auxk_alpha`` * AuxK, where the top-``d/2`` *dead* latents reconstruct the
+   (detached) residual ``x - x_hat``;
+4. renormalise decoder rows, remove the gradient parallel to them, clip to ``grad_clip``, Adam step,
+   renormalise again.
+
+BatchTopK gives a variable number of latents per row; it is stored exactly as per-row top-``kmax``
+indices (``kmax`` = most entries any row holds) with a 0/1 mask on the values.
+
+Checkpoints go to ``out_dir/<hookpoint>/`` (sparsify layout, :meth:`SparseAutoencoder.save`) plus
+``trainer_state.safetensors``: weights, Adam moments and dead-latent counters as tensors, the
+position in the data (step, epoch, batch) as JSON metadata, all in one atomically written file, so
+an interrupted run resumes to the same weights as an uninterrupted one. ``metrics.jsonl`` logs
+FVU, AuxK loss, dead fraction, L0 and learning rate.
+
+Under ``torch.distributed`` (``torchrun``; gloo or nccl) each rank reads its own part of every
+batch, gradients and dead-latent counters are all-reduced, and only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import ops
+from .sae import SaeConfig, SparseAutoencoder
+from .utils import atomic_save_file, atomic_write_json
+
+STATE_FILE = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+METRICS_FILE = "metrics.jsonl"
+PARAM_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
+AMP_DTYPES = {None: None, "none": None, "fp32": None, "float32": None, "bf16": torch.bfloat16,
+              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+# a resumed run must agree with the saved one on these, or the continuation is a different run
+RESUME_KEYS = ("k", "expansion_factor", "num_latents", "batch_size", "batch_topk", "seed")
+
+
+@dataclass
+class TrainConfig:
+    """Trainer hyperparameters; defaults are the SAeUron reference values (method.md section 2)."""
+
+    k: int = 32
+    expansion_factor: int = 16
+    num_latents: int = 0  # wins over expansion_factor when non-zero
+    batch_size: int = 4096  # tokens per optimiser step, summed over all ranks
+    lr: float = 4e-4
+    eps: float = 6.25e-10
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    auxk_alpha: float = 1 / 32
+    dead_tokens_threshold: int = 10_000_000  # a latent silent this many tokens is dead (0: no AuxK)
+    batch_topk: bool = True
+    max_tokens: Optional[int] = None  # stop after this many tokens (also sets the LR schedule length)
+    max_steps: Optional[int] = None
+    epochs: int = 1
+    amp_dtype: Optional[str] = None  # "bf16" / "fp16" / None (fp32)
+    save_every: int = 1000  # steps
+    seed: int = 0
+    log_every: int = 50
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        for name in ("k", "batch_size", "epochs", "save_every", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        for name in ("expansion_factor", "num_latents", "warmup_steps", "dead_tokens_threshold"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 0")
+        if not self.num_latents and not self.expansion_factor:
+            raise ValueError("TrainConfig needs num_latents > 0 or expansion_factor > 0")
+        if not (self.lr > 0 and self.eps > 0 and self.grad_clip > 0 and self.auxk_alpha >= 0):
+            raise ValueError(f"lr={self.lr}, eps={self.eps}, grad_clip={self.grad_clip} must be > 0 and "
+                             f"auxk_alpha={self.auxk_alpha} >= 0")
+        for name in ("max_tokens", "max_steps"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be None or >= 1")
+        amp_dtype(self.amp_dtype)
+
+
+def amp_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """The compute dtype for ``TrainConfig.amp_dtype`` (None = fp32), with a clear error for bad names."""
+    key = name.lower() if isinstance(name, str) else name
+    if key not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype={name!r} is not supported; valid: 'bf16', 'fp16' or None")
+    return AMP_DTYPES[key]
+
+
+# --------------------------------------------------------------------------- data
+
+class _TensorBatches:
+    """In-memory tokens ``[N, d]`` behind the store's ``iter_batches`` interface (tests, small jobs)."""
+
+    def __init__(self, x: torch.Tensor):
+        if x.dim() != 2 or x.shape[0] == 0 or not x.is_floating_point():
+            raise ValueError(f"training data must be a float tensor of tokens [N, d] with N > 0, got "
+                             f"{x.dtype} {tuple(x.shape)}")
+        self.x = x
+
+    def d_in(self) -> int:
+        return self.x.shape[1]
+
+    def num_rows(self) -> int:
+        return self.x.shape[0]
+
+    def steps(self, batch_size, seed, epoch, world_size) -> int:
+        """Optimiser steps in one epoch (every rank gets ``batch_size`` rows per step)."""
+        return self.x.shape[0] // (batch_size * world_size)
+
+    def iter(self, batch_size, seed, epoch, rank, world_size, start_batch, device) -> Iterator[torch.Tensor]:
+        """Global batch ``b`` is ``perm[b*B*W : (b+1)*B*W]``; rank ``r`` takes its ``r``-th slice."""
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
+        perm = torch.randperm(self.x.shape[0], generator=g)
+        gb = batch_size * world_size
+        for b in range(start_batch, self.x.shape[0] // gb):
+            rows = perm[b * gb + rank * batch_size: b * gb + (rank + 1) * batch_size]
+            yield self.x[rows.to(self.x.device)].to(device, non_blocking=True)
+
+
+class _StoreBatches:
+    """An ``ActivationStore`` hookpoint (duck-typed: ``d_in``, ``num_rows``, ``iter_batches``)."""
+
+    def __init__(self, store, hookpoint: Optional[str]):
+        if hookpoint is None:
+            raise ValueError("hookpoint is required when training from an ActivationStore (which hookpoint to read)")
+        self.store, self.hookpoint = store, hookpoint
+
+    def d_in(self) -> int:
+        return int(self.store.d_in(self.hookpoint))
+
+    def num_rows(self) -> int:
+        return int(self.store.num_rows(self.hookpoint))
+
+    def steps(self, batch_size, seed, epoch, world_size) -> int:
+        """Optimiser steps in one epoch: the fewest batches any rank gets (ranks hold unequal shard shares)."""
+        if not hasattr(self.store, "num_batches"):
+            return self.num_rows() // (batch_size * world_size)
+        return min(int(self.store.num_batches(self.hookpoint, batch_size, shuffle=True, seed=seed, epoch=epoch, rank=r,
+                                              world_size=world_size, drop_last=True)) for r in range(world_size))
+
+    def iter(self, batch_size, seed, epoch, rank, world_size, start_batch, device) -> Iterator[torch.Tensor]:
+        for batch in self.store.iter_batches(self.hookpoint, batch_size, shuffle=True, seed=seed, epoch=epoch,
+                                             rank=rank, world_size=world_size, start_batch=start_batch,
+                                             drop_last=True, device=device):
+            yield batch["x"]
+
+
+def _batches(data, hookpoint):
+    if isinstance(data, torch.Tensor):
+        return _TensorBatches(data)
+    if all(hasattr(data, a) for a in ("iter_batches", "d_in", "num_rows")):
+        return _StoreBatches(data, hookpoint)
+    raise TypeError(f"data must be an ActivationStore or a tensor of tokens [N, d], got {type(data).__name__}")
+
+
+# --------------------------------------------------------------------------- one step
+
+class StepOutput(NamedTuple):
+    loss: torch.Tensor  # fvu + auxk_alpha * auxk, differentiable
+    fvu: torch.Tensor  # detached scalars from here on
+    auxk: torch.Tensor
+    l0: torch.Tensor  # mean number of non-zero latents per token
+    fired: torch.Tensor  # [M] bool: latents non-zero on some token of this batch
+
+
+@torch.no_grad()
+def batch_topk_select(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchTopK of dense pre-activations ``[N, M]``: the top ``k*N`` entries of the whole batch as
+    per-row ``(indices [N, kmax], mask [N, kmax])``; padding slots have mask 0 (and index 0)."""
+    n, m = pre.shape
+    kk = min(k * n, n * m)
+    flat = pre.reshape(-1).float().topk(kk, sorted=False).indices
+    rows, cols = flat // m, flat % m
+    order = torch.argsort(rows, stable=True)
+    rows, cols = rows[order], cols[order]
+    counts = torch.bincount(rows, minlength=n)
+    kmax = max(int(counts.max()), 1)
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(kk, device=pre.device) - start[rows]
+    idx = torch.zeros(n, kmax, dtype=torch.long, device=pre.device)
+    mask = torch.zeros(n, kmax, dtype=torch.bool, device=pre.device)
+    idx[rows, pos] = cols
+    mask[rows, pos] = True
+    return idx, mask
+
+
+def _fvu(err: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return err.pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def sae_step_loss(sae: SparseAutoencoder, x: torch.Tensor, k: int, batch_topk: bool = True,
+                  dead_mask: Optional[torch.Tensor] = None, auxk_alpha: float = 1 / 32,
+                  dtype: Optional[torch.dtype] = None) -> StepOutput:
+    """Training loss of one batch ``x [N, d]`` through the sparse ops (selection without grad, then
+    ``gather_encode`` + ``sparse_decode``), with AuxK over the latents in ``dead_mask``; ``dtype``
+    is the compute dtype (bf16/fp16 autocast; the parameters stay in their own dtype)."""
+    dtype = dtype or sae.dtype
+    W_enc, b_enc, b_dec, W_dec = (p.to(dtype) for p in (sae.encoder.weight, sae.encoder.bias, sae.b_dec, sae.W_dec))
+    xf = x.float()
+    xa = x.to(dtype)
+    with torch.no_grad():
+        if batch_topk:
+            pre = torch.relu((xa - b_dec) @ W_enc.t() + b_enc)
+            idx, mask = batch_topk_select(pre, k)
+            del pre
+        else:
+            idx = ops.topk_encode(xa, W_enc.detach(), b_enc.detach(), b_dec.detach(), k)[1]
+            mask = None
+    vals = ops.gather_encode(xa, W_enc, b_enc, b_dec, idx)
+    if mask is not None:
+        vals = vals * mask.to(vals.dtype)
+    x_hat = ops.sparse_decode(vals, idx, W_dec, b_dec).float()
+    fvu = _fvu(x_hat - xf, xf)
+    loss, auxk = fvu, fvu.new_zeros(())
+    num_dead = int(dead_mask.sum()) if dead_mask is not None else 0
+    if num_dead and auxk_alpha > 0:
+        k_aux = x.shape[1] // 2
+        scale = min(num_dead / k_aux, 1.0)
+        dead = dead_mask.nonzero().squeeze(1)
+        with torch.no_grad():  # dense pre-activations of the dead latents only
+            pre_dead = torch.relu((xa - b_dec) @ W_enc[dead].t() + b_enc[dead])
+            aux_idx = dead[pre_dead.topk(min(k_aux, num_dead), dim=1, sorted=False).indices]
+            del pre_dead
+        aux_vals = ops.gather_encode(xa, W_enc, b_enc, b_dec, aux_idx)
+        e = (xf - x_hat).detach()
+        e_hat = ops.sparse_decode(aux_vals, aux_idx, W_dec).float()
+        auxk = scale * _fvu(e_hat - e, e)
+        loss = fvu + auxk_alpha * auxk
+    with torch.no_grad():
+        nz = vals.detach() > 0
+        fired = torch.zeros(sae.num_latents, dtype=torch.bool, device=x.device)
+        fired[idx[nz]] = True
+        l0 = nz.sum() / x.shape[0]
+    return StepOutput(loss, fvu.detach(), auxk.detach(), l0, fired)
+
+
+def dead_fraction(tokens_since_fired: torch.Tensor, threshold: int) -> float:
+    """Share of latents that have not fired for ``threshold`` tokens (0 when dead tracking is off)."""
+    return (tokens_since_fired >= threshold).float().mean().item() if threshold > 0 else 0.0
+
+
+def lr_at(step: int, total: int, lr: float, warmup: int = 0) -> float:
+    """Learning rate of 0-based ``step``: linear warmup over ``warmup`` steps, linear decay to 0 at ``total``."""
+    warm = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    return lr * warm * max(0.0, 1.0 - step / max(total, 1))
+
+
+# --------------------------------------------------------------------------- state
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
+    if _dist()[1] > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def _params(sae) -> dict:
+    return dict(zip(PARAM_NAMES, (sae.encoder.weight, sae.encoder.bias, sae.W_dec, sae.b_dec)))
+
+
+def _save_state(folder: Path, sae, opt, scaler, tokens_since_fired, meta: dict) -> None:
+    """One atomic safetensors file (weights, Adam moments, counters; JSON metadata), then the SAE folder."""
+    tensors = {f"sae.{n}": p.detach().cpu() for n, p in _params(sae).items()}
+    for n, p in _params(sae).items():
+        for key, v in opt.state.get(p, {}).items():
+            tensors[f"adam.{n}.{key}"] = torch.as_tensor(v).detach().cpu()
+    tensors["tokens_since_fired"] = tokens_since_fired.cpu()
+    if scaler.is_enabled():
+        sd = scaler.state_dict()
+        meta = {**meta, "grad_scaler": {"scale": float(sd["scale"]), "growth_tracker": int(sd["_growth_tracker"])}}
+    atomic_save_file(tensors, folder / STATE_FILE, metadata={"trainer_state": json.dumps(meta)})
+    atomic_write_json(meta, folder / STATE_JSON)  # human-readable copy; resume reads the safetensors
+    sae.save(folder)
+
+
+def _load_state(folder: Path, sae, opt, device) -> tuple[dict, torch.Tensor]:
+    """Restore weights and Adam state from ``folder/trainer_state.safetensors``; returns (meta, counters)."""
+    from safetensors import safe_open
+
+    path = folder / STATE_FILE
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = json.loads((f.metadata() or {})["trainer_state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"corrupt trainer state {path} ({type(e).__name__}: {e}); delete it or pass resume=False") from None
+    with torch.no_grad():
+        for n, p in _params(sae).items():
+            p.copy_(tensors[f"sae.{n}"])
+    state = {}
+    for i, n in enumerate(PARAM_NAMES):
+        if f"adam.{n}.exp_avg" in tensors:
+            state[i] = {key.split(".")[-1]: v for key, v in tensors.items() if key.startswith(f"adam.{n}.")}
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)  # moves moments to the params' device, keeps `step` where Adam wants it
+    return meta, tensors["tokens_since_fired"].to(device)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- the loop
+
+def train(data, out_dir, hookpoint: Optional[str] = None, cfg: TrainConfig = TrainConfig(), *, device=None,
+          progress: bool = True, resume: bool = True) -> SparseAutoencoder:
+    """Train a TopK SAE on ``data`` (an ActivationStore hookpoint or a ``[N, d]`` tensor); checkpoints
+    and resume state go to ``out_dir/<hookpoint>/`` (``out_dir`` itself when ``hookpoint`` is None)."""
+    cfg.validate()
+    rank, world = _dist()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of ranks ({world})")
+    local_bs = cfg.batch_size // world
+    if device is None:
+        if torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device() if world == 1 else rank % torch.cuda.device_count())
+        else:
+            device = torch.device("cpu")
+    device = torch.device(device)
+    cdtype = amp_dtype(cfg.amp_dtype)
+    batches = _batches(data, hookpoint)
+    d_in, n_rows = batches.d_in(), batches.num_rows()
+    epoch_steps = [batches.steps(local_bs, cfg.seed, e, world) for e in range(cfg.epochs)]
+    if min(epoch_steps) < 1:
+        raise ValueError(f"{n_rows} rows of data give fewer than one batch of {cfg.batch_size} tokens per epoch"
+                         f"{f' over {world} ranks' if world > 1 else ''}; lower TrainConfig.batch_size")
+    total = sum(epoch_steps)
+    if cfg.max_steps is not None:
+        total = min(total, int(cfg.max_steps))
+    if cfg.max_tokens is not None:
+        total = min(total, max(int(cfg.max_tokens) // cfg.batch_size, 1))
+
+    sae_cfg = SaeConfig(d_in=d_in, expansion_factor=cfg.expansion_factor, num_latents=cfg.num_latents, k=cfg.k)
+    if not 1 <= cfg.k <= sae_cfg.latents:
+        raise ValueError(f"k={cfg.k} must be between 1 and the number of latents {sae_cfg.latents}")
+    with torch.random.fork_rng(devices=[]):  # the init depends on cfg.seed only, not on global RNG state
+        torch.manual_seed(cfg.seed)
+        sae = SparseAutoencoder(sae_cfg)
+    sae.to(device)
+    params = list(_params(sae).values())
+    opt = torch.optim.Adam(params, lr=cfg.lr, eps=cfg.eps, fused=device.type == "cuda" or None)
+    tokens_since_fired = torch.zeros(sae_cfg.latents, dtype=torch.long, device=device)
+
+    folder = Path(out_dir) / hookpoint if hookpoint is not None else Path(out_dir)
+    step, epoch, pos, tokens = 0, 0, 0, 0
+    meta_fixed = {"d_in": d_in, "hookpoint": hookpoint, "world_size": world, "total_steps": total,
+                  "epoch_steps": epoch_steps, "config": asdict(cfg)}
+    if resume and (folder / STATE_FILE).is_file():
+        meta, tokens_since_fired = _load_state(folder, sae, opt, device)
+        old = meta.get("config", {})
+        bad = [f"{k}: saved {old.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESUME_KEYS if old.get(k) != getattr(cfg, k)]
+        if meta.get("d_in") != d_in:
+            bad.append(f"d_in: saved {meta.get('d_in')}, data has {d_in}")
+        if bad:
+            raise ValueError(f"cannot resume from {folder / STATE_FILE}: the run differs ({'; '.join(bad)}); "
+                             f"use the same settings or pass resume=False")
+        step, epoch, pos, tokens = meta["step"], meta["epoch"], meta["batch_in_epoch"], meta["tokens"]
+        if rank == 0:
+            _trim_metrics(folder / METRICS_FILE, step)
+    resumed = step > 0
+    scaler = torch.amp.GradScaler(device.type, enabled=cdtype == torch.float16)  # fp16 only: bf16 needs no scaling
+    if resumed and scaler.is_enabled() and meta.get("grad_scaler"):
+        gs = meta["grad_scaler"]
+        scaler.load_state_dict({**scaler.state_dict(), "scale": gs["scale"], "_growth_tracker": gs["growth_tracker"]})
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not resumed and (folder / METRICS_FILE).exists():
+            (folder / METRICS_FILE).unlink()
+
+    def save():
+        if rank == 0:
+            _save_state(folder, sae, opt, scaler, tokens_since_fired,
+                        {**meta_fixed, "step": step, "epoch": epoch, "batch_in_epoch": pos, "tokens": tokens})
+
+    bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc=f"train {hookpoint or 'sae'}",
+               dynamic_ncols=True)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # fvu, auxk, l0, steps since last log
+    while step < total and epoch < cfg.epochs:
+        it = batches.iter(local_bs, cfg.seed, epoch, rank, world, pos, device)
+        while step < total:
+            x = next(it, None) if pos < epoch_steps[epoch] else None
+            if world > 1:  # ranks may hold unequal shares: all stop when one runs dry
+                have = torch.tensor([x is not None], dtype=torch.int32, device=device)
+                if int(_all_reduce_(have, dist.ReduceOp.MIN)) == 0:
+                    x = None
+            if x is None:
+                break
+            if x.dim() != 2 or x.shape[1] != d_in:
+                raise ValueError(f"batch of shape {tuple(x.shape)} does not match d_in={d_in}")
+            x = x.to(device)
+            if step == 0:  # b_dec = geometric median of the first batch; every rank starts from rank 0's weights
+                sae.init_b_dec(x.float())
+                if world > 1:
+                    with torch.no_grad():
+                        for p in params:
+                            dist.broadcast(p.data, 0)
+
+            dead = tokens_since_fired >= cfg.dead_tokens_threshold if cfg.dead_tokens_threshold else None
+            out = sae_step_loss(sae, x, cfg.k, cfg.batch_topk, dead, cfg.auxk_alpha, cdtype)
+            scaler.scale(out.loss).backward()
+            if world > 1:
+                for p in params:
+                    _all_reduce_(p.grad).div_(world)
+            scaler.unscale_(opt)
+            sae.set_decoder_norm_to_unit_norm()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, cfg.lr, cfg.warmup_steps)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            sae.set_decoder_norm_to_unit_norm()
+
+            fired = _all_reduce_(out.fired.to(torch.int32), dist.ReduceOp.MAX if world > 1 else None) > 0
+            tokens_since_fired += x.shape[0] * world
+            tokens_since_fired[fired] = 0
+            step, pos, tokens = step + 1, pos + 1, tokens + x.shape[0] * world
+            sums += torch.stack([out.fvu.double(), out.auxk.double(), out.l0.double(), sums.new_ones(())])
+            if step % cfg.log_every == 0 or step == total:
+                stats = _all_reduce_(sums.clone()) / world
+                n = stats[3].item()
+                rec = {"step": step, "tokens": tokens, "fvu": stats[0].item() / n, "auxk": stats[1].item() / n,
+                       "l0": stats[2].item() / n,
+                       "dead_frac": (dead_fraction(tokens_since_fired, cfg.dead_tokens_threshold)),
+                       "lr": lr_at(step - 1, total, cfg.lr, cfg.warmup_steps)}
+                sums.zero_()
+                if rank == 0:
+                    with open(folder / METRICS_FILE, "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    bar.set_postfix(fvu=f"{rec['fvu']:.4f}", auxk=f"{rec['auxk']:.4f}", dead=f"{rec['dead_frac']:.3f}")
+            bar.update(1)
+            if step % cfg.save_every == 0 and step < total:
+                save()
+        if hasattr(it, "close"):
+            it.close()
+        if step >= total:
+            break
+        epoch, pos = epoch + 1, 0
+    bar.close()
+    save()
+    if world > 1:
+        dist.barrier()
+    return sae
+
+
+__all__ = ["TrainConfig", "train", "sae_step_loss", "batch_topk_select", "lr_at", "StepOutput"]

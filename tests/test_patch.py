@@ -1,0 +1,260 @@
+"""patch / unpatch / patched on the tiny pipeline: exactness, timestep lookup, schedulers, bad input."""
+import pytest
+import torch
+
+from conftest import make_sae
+from saeuron import list_hookpoints, reference
+from saeuron.concepts import ConceptTable
+from saeuron.patch import get_patch, patch, patched, reference_compat_edit, unpatch
+
+UP, MID = "up_blocks.1.attentions.1", "mid_block.attentions.0"  # 32 and 64 channels
+TS = [667.0, 334.0, 1.0]  # the tiny pipeline's DDIM timesteps at 3 steps
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipe_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is many times faster on a busy machine
+    yield tiny_pipe_factory()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _clean(pipe):
+    yield
+    unpatch(pipe)
+
+
+def _saes():
+    return {UP: make_sae(32, 128, 4, seed=1), MID: make_sae(64, 96, 4, seed=2)}
+
+
+def _table(fires=True, seed=0):
+    """cat vs dog statistics; ``fires=False`` puts the thresholds far above any activation."""
+    g = torch.Generator().manual_seed(seed)
+    mu = {}
+    for hp, m in ((UP, 128), (MID, 96)):
+        x = torch.rand(2, len(TS), m, generator=g) * 1e-3
+        if not fires:
+            x[0, :, : m // 4] = 1e6  # cat's features: tau = 5e5, never exceeded
+        mu[hp] = x
+    return ConceptTable(["cat", "dog"], [3, 4], TS, mu, defaults={"top_n": 24, "multiplier": -1.0})
+
+
+def _run(pipe, steps=3, guidance=7.5, prompt="a cat"):
+    out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="latent",
+               generator=torch.Generator().manual_seed(0))
+    return out.images
+
+
+def _unet_inputs(b=2):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 5, 32, generator=g)
+
+
+def test_hookpoint_widths_match_the_test_saes(pipe):
+    hps = list_hookpoints(pipe)
+    assert hps[UP] == 32 and hps[MID] == 64
+
+
+def test_no_firing_feature_is_identity(pipe):
+    base = _run(pipe)
+    h = patch(pipe, "cat", saes=_saes(), table=_table(fires=False))
+    assert h.tables[UP][0].shape[1] > 0  # features are selected, they just never fire
+    torch.testing.assert_close(_run(pipe), base, rtol=1e-6, atol=1e-6)
+
+
+def test_ablation_changes_output_and_unpatch_restores_exactly(pipe):
+    base = _run(pipe)
+    keys = list(pipe.unet.state_dict())
+    patch(pipe, ["cat"], saes=_saes(), table=_table())
+    assert list(pipe.unet.state_dict()) == keys  # the SAEs are not UNet submodules
+    assert not any("encoder" in n.split(".")[-2:-1] for n, _ in pipe.unet.named_parameters())
+    edited = _run(pipe)
+    assert (edited - base).abs().max() > 1e-3
+    assert unpatch(pipe) is True and get_patch(pipe) is None
+    assert torch.equal(_run(pipe), base)
+    assert unpatch(pipe) is False
+
+
+def test_double_patch_equals_single_and_context_manager(pipe):
+    saes, table = _saes(), _table()
+    patch(pipe, "cat", saes=saes, table=table)
+    once = _run(pipe)
+    patch(pipe, "dog", saes=saes, table=table, hookpoints=[MID])
+    patch(pipe, "cat", saes=saes, table=table)
+    assert torch.equal(_run(pipe), once)
+    assert len(pipe.unet._forward_pre_hooks) == 1
+    outer = get_patch(pipe)
+    with patched(pipe, "dog", saes=saes, table=table) as h:
+        assert get_patch(pipe) is h and not torch.equal(_run(pipe), once)
+    assert get_patch(pipe) is outer and torch.equal(_run(pipe), once)  # the previous patch is back
+    unpatch(pipe)
+    base = _run(pipe)
+    with patch(pipe, "cat", saes=saes, table=table):
+        pass
+    assert get_patch(pipe) is None and torch.equal(_run(pipe), base)
+
+
+def test_checkpoint_folder_equals_loaded_objects(pipe, tmp_path):
+    saes, table = _saes(), _table()
+    saes[UP].save(tmp_path / f"unet.{UP}")  # published layout
+    saes[MID].save(tmp_path / MID)
+    table.save(tmp_path)
+    patch(pipe, "cat", saes=saes, table=table)
+    want = _run(pipe)
+    h = patch(pipe, "cat", tmp_path)
+    assert sorted(h.tables) == sorted([UP, MID])
+    assert torch.equal(_run(pipe), want)
+    patch(pipe, "cat", tmp_path, hookpoints=[f"unet.{UP}"])
+    assert not torch.equal(_run(pipe), want)
+
+
+def test_no_cfg_and_other_schedulers(pipe):
+    from diffusers import EulerDiscreteScheduler, PNDMScheduler
+
+    saes, table = _saes(), _table()
+    orig = pipe.scheduler
+    try:
+        for sched in (None, EulerDiscreteScheduler, PNDMScheduler):
+            if sched is not None:
+                pipe.scheduler = sched.from_config(orig.config, skip_prk_steps=True)
+            for guidance in (7.5, 1.0):
+                base = _run(pipe, steps=3, guidance=guidance)
+                with patched(pipe, "cat", saes=saes, table=table):
+                    edited = _run(pipe, steps=3, guidance=guidance)
+                assert torch.isfinite(edited).all() and (edited - base).abs().max() > 1e-3
+                assert torch.equal(_run(pipe, steps=3, guidance=guidance), base)
+    finally:
+        pipe.scheduler = orig
+
+
+def test_timestep_lookup_by_value(pipe):
+    from diffusers import PNDMScheduler
+
+    h = patch(pipe, "cat", saes=_saes(), table=_table())
+    seen, rows = [], []
+
+    def spy(module, args, kwargs, out):
+        seen.append(h.last_index.tolist())
+        rows.append(h._rows[UP][0].clone())
+
+    s = pipe.unet.register_forward_hook(spy, with_kwargs=True)
+    try:
+        _run(pipe, steps=5)  # DDIM 5 steps: 801, 601, 401, 201, 1 against recorded 667, 334, 1
+        assert seen == [[0], [0], [1], [1], [2]]
+        for i, r in zip([0, 0, 1, 1, 2], rows):
+            assert torch.equal(r, h.tables[UP][0][i : i + 1])
+        seen.clear()
+        orig = pipe.scheduler
+        pipe.scheduler = PNDMScheduler.from_config(orig.config, skip_prk_steps=True)
+        try:
+            _run(pipe, steps=3)  # PNDM repeats a timestep: same value, same row
+            ts = pipe.scheduler.timesteps.tolist()
+        finally:
+            pipe.scheduler = orig
+        want = [[min(range(3), key=lambda j: abs(TS[j] - t))] for t in ts]
+        assert seen == want and len(ts) > len(set(ts))
+    finally:
+        s.remove()
+
+
+def test_per_sample_timesteps_and_halves(pipe):
+    saes, table = _saes(), _table()
+    x, ehs = _unet_inputs(2)
+    with torch.no_grad():
+        plain = pipe.unet(x, torch.tensor(TS[0]), ehs).sample
+        with patched(pipe.unet, "cat", saes=saes, table=table) as h:
+            both = pipe.unet(x, torch.tensor([TS[0], TS[2]]), ehs).sample
+            assert h.last_index.tolist() == [0, 2]
+            one = [pipe.unet(x[i : i + 1], t, ehs[i : i + 1]).sample for i, t in ((0, TS[0]), (1, int(TS[2])))]
+        torch.testing.assert_close(both, torch.cat(one), rtol=1e-5, atol=1e-5)
+        assert (both[0] - plain[0]).abs().max() > 1e-3
+        # halves on a bare UNet: an even batch is [uncond, cond]
+        with patched(pipe.unet, "cat", saes=saes, table=table, halves="uncond"):
+            unc = pipe.unet(x, TS[0], ehs).sample
+        with patched(pipe.unet, "cat", saes=saes, table=table, halves="cond"):
+            cond = pipe.unet(x, TS[0], ehs).sample
+    assert torch.equal(unc[1], plain[1]) and (unc[0] - plain[0]).abs().max() > 1e-3
+    assert torch.equal(cond[0], plain[0]) and (cond[1] - plain[1]).abs().max() > 1e-3
+    # a pipeline without CFG has no unconditional half
+    base = _run(pipe, guidance=1.0)
+    with patched(pipe, "cat", saes=saes, table=table, halves="uncond"):
+        assert torch.equal(_run(pipe, guidance=1.0), base)
+    with patched(pipe, "cat", saes=saes, table=table, halves="cond"):
+        assert (_run(pipe, guidance=1.0) - base).abs().max() > 1e-3
+
+
+def test_grad_path_matches_inplace_and_is_differentiable(pipe):
+    saes, table = _saes(), _table()
+    x, ehs = _unet_inputs(2)
+    with patched(pipe.unet, "cat", saes=saes, table=table):
+        with torch.no_grad():
+            want = pipe.unet(x, TS[1], ehs).sample
+        e = ehs.clone().requires_grad_()
+        got = pipe.unet(x, TS[1], e).sample
+        got.square().sum().backward()
+    torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-5)
+    assert e.grad is not None and torch.isfinite(e.grad).all() and e.grad.abs().sum() > 0
+
+
+def test_reference_error_term():
+    sae = make_sae(32, 128, 4, seed=5)
+    W = sae.weights_for("cpu", torch.float32)
+    x = torch.randn(2, 32, 3, 5)
+    fi, tau = torch.tensor([[1, 7, 9]]), torch.tensor([[0.0, 0.0, float("inf")]])
+    sc = torch.tensor([[-2.0, 0.5, 1.0]])
+    got = reference_compat_edit(x, *W, 4, fi, tau, sc, 30)
+    xt = reference.as_tokens(x)
+    vals, idx = sae.encode(xt)
+    f = torch.zeros(30, 128).scatter_(1, idx, vals)
+    f2 = f.clone()
+    for j, s in ((1, -2.0), (7, 0.5)):
+        f2[:, j] = torch.where(f[:, j] > 0, s * f[:, j], f[:, j])
+    dec = lambda ff: ff @ sae.W_dec.detach() + sae.b_dec.detach()
+    want = dec(f2) + dec(f) - xt
+    torch.testing.assert_close(reference.as_tokens(got), want, rtol=1e-5, atol=1e-5)
+    # versus the method: out = x + decode(f') - decode(f); the difference is 2 x (decode(f) - x) on every token
+    correct = xt + dec(f2) - dec(f)
+    torch.testing.assert_close(reference.as_tokens(got) - correct, 2 * (dec(f) - xt), rtol=1e-4, atol=1e-4)
+
+
+def test_reference_error_term_in_pipeline(pipe):
+    saes, table = _saes(), _table(fires=False)
+    base = _run(pipe)
+    with patched(pipe, "cat", saes=saes, table=table, error_term="reference"):
+        ref = _run(pipe)  # nothing fires, yet every token moves by twice its reconstruction error
+    assert torch.isfinite(ref).all() and (ref - base).abs().max() > 1e-3
+
+
+def test_nan_activations_do_not_crash(pipe):
+    x, ehs = _unet_inputs(2)
+    x[0, :, 2, 3] = float("nan")
+    with patched(pipe.unet, "cat", saes=_saes(), table=_table()), torch.no_grad():
+        out = pipe.unet(x, TS[0], ehs).sample
+    assert out.shape == x.shape
+
+
+def test_bad_input(pipe, tmp_path):
+    saes, table = _saes(), _table()
+    with pytest.raises(ValueError, match=r"(?s)unknown concept 'cta'.*cat, dog"):
+        patch(pipe, "cta", saes=saes, table=table)
+    with pytest.raises(ValueError, match=r"(?s)unknown hookpoint 'up_blocks.9'.*down_blocks.0.attentions.0 \(32 ch\)"):
+        patch(pipe, "cat", saes=saes, table=table, hookpoints=["up_blocks.9"])
+    wrong = {UP: make_sae(64, 128, 4), MID: saes[MID]}
+    with pytest.raises(ValueError, match=r"d_in=64.*up_blocks.1.attentions.1.*32 channels"):
+        patch(pipe, "cat", saes=wrong, table=table)
+    with pytest.raises(ValueError, match=r"96 latents|128 latents"):
+        patch(pipe, "cat", saes={UP: make_sae(32, 96, 4)}, table=table)
+    with pytest.raises(ValueError, match="halves"):
+        patch(pipe, "cat", saes=saes, table=table, halves="neither")
+    with pytest.raises(ValueError, match="checkpoint=DIR"):
+        patch(pipe, "cat")
+    with pytest.raises(FileNotFoundError, match="concepts.json"):
+        patch(pipe, "cat", tmp_path)
+    table.save(tmp_path)
+    with pytest.raises(ValueError, match="no hookpoint has both an SAE"):
+        patch(pipe, "cat", tmp_path)
+    with pytest.raises(ValueError, match=r"no SAE for hookpoint 'up_blocks.1.attentions.1'"):
+        patch(pipe, "cat", tmp_path, hookpoints=[UP])
+    assert get_patch(pipe) is None  # failed patches leave nothing behind
