@@ -27,3 +27,15 @@ def test_unknown_hookpoint_lists_valid_ones(tiny_pipe):
     assert list(resolve_hookpoints(tiny_pipe, "unet.up_blocks.1.attentions.1")) == ["up_blocks.1.attentions.1"]
     with pytest.raises(TypeError, match="expected a diffusers pipeline"):
         list_hookpoints(object())
+
+
+def test_sd15_config_has_sixteen_blocks():
+    import torch
+
+    from saeuron.toy import SD15_UNET
+
+    with torch.device("meta"):  # shapes only: no 3.4 GB of weights
+        hps = list_hookpoints(UNet2DConditionModel(**SD15_UNET))
+    assert len(hps) == 16
+    assert hps["up_blocks.1.attentions.1"] == 1280 and hps["down_blocks.0.attentions.0"] == 320
+    assert sorted(set(hps.values())) == [320, 640, 1280]
