@@ -1,0 +1,10 @@
+"""MiniCanvas: an offline miniature UnlearnCanvas (procedural objects x styles, small judge classifiers)."""
+from .classifiers import (SmallCNN, build_classifier, classify, evaluate, features, heldout_accuracy,
+                          load_classifier, load_classifiers, save_classifier, train_classifier)
+from .data import (EVAL_TEMPLATES, OBJECTS, STYLE_LABELS, STYLES, TRAIN_TEMPLATES, UNSTYLED, MiniCanvasDataset,
+                   caption, render, render_batch, sample_batch, vocabulary)
+
+__all__ = ["OBJECTS", "STYLES", "STYLE_LABELS", "UNSTYLED", "TRAIN_TEMPLATES", "EVAL_TEMPLATES", "caption",
+           "vocabulary", "render", "render_batch", "sample_batch", "MiniCanvasDataset", "SmallCNN",
+           "build_classifier", "train_classifier", "evaluate", "heldout_accuracy", "classify", "features",
+           "save_classifier", "load_classifier", "load_classifiers"]
