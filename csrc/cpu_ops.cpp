@@ -1,0 +1,433 @@
+// CPU implementations (ATen, at::parallel_for, fp32 accumulation; fp64 stays fp64) and the checks
+// shared with the CUDA bridge. Semantics are exactly those of saeuron/reference.py.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "ext.h"
+
+namespace saeuron_ext {
+
+// ------------------------------------------------------------------------------------- checks
+
+static void check_dtype(const Tensor& t, at::ScalarType want, const char* name, const char* op) {
+  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " has dtype ", t.scalar_type(), " but the op runs in ", want,
+              "; cast all float inputs to one dtype (float32, float16, bfloat16 or float64)");
+}
+
+static void check_float_dtype(const Tensor& t, const char* op) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble, op, ": dtype ", s,
+              " is not supported; valid: float32, float16, bfloat16, float64");
+}
+
+void check_sae_code(const Tensor& values, const Tensor& indices, const Tensor& W, const char* op) {
+  TORCH_CHECK(values.dim() == 2 && indices.sizes() == values.sizes(), op, ": values ", values.sizes(),
+              " and indices ", indices.sizes(), " must both be [N, k]");
+  TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices.scalar_type());
+  TORCH_CHECK(W.dim() == 2, op, ": the weight matrix must be [M, d], got ", W.sizes());
+  check_float_dtype(W, op);
+  check_dtype(values, W.scalar_type(), "values", op);
+}
+
+static void check_encoder(const Tensor& x, const Tensor& W_enc, const Tensor& b_enc, const Tensor& b_dec,
+                          const char* op) {
+  check_float_dtype(x, op);
+  TORCH_CHECK(W_enc.dim() == 2 && W_enc.size(1) == x.size(1), op, ": activation width ", x.size(1),
+              " does not match the SAE input width d_in=", W_enc.size(-1));
+  TORCH_CHECK(b_enc.dim() == 1 && b_enc.size(0) == W_enc.size(0) && b_dec.dim() == 1 && b_dec.size(0) == x.size(1),
+              op, ": bias shapes ", b_enc.sizes(), ", ", b_dec.sizes(), " do not fit W_enc ", W_enc.sizes());
+  check_dtype(W_enc, x.scalar_type(), "W_enc", op);
+  check_dtype(b_enc, x.scalar_type(), "b_enc", op);
+  check_dtype(b_dec, x.scalar_type(), "b_dec", op);
+}
+
+Tensor as_table(const Tensor& t) {
+  TORCH_CHECK(t.dim() == 1 || t.dim() == 2, "edit_: feature tables must be [F] or [G, F], got ", t.sizes());
+  return t.dim() == 1 ? t.unsqueeze(0) : t;
+}
+
+void check_edit_args(const Tensor& x, const Tensor& W_enc, const Tensor& b_enc, const Tensor& b_dec,
+                     const Tensor& W_dec, int64_t k, const Tensor& feat_idx, const Tensor& tau, const Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 4, "edit_: x must be [N, d] tokens or a [B, C, H, W] map, got ", x.sizes());
+  check_encoder(x, W_enc, b_enc, b_dec, "edit_");
+  TORCH_CHECK(W_dec.sizes() == W_enc.sizes(), "edit_: W_dec ", W_dec.sizes(), " must have the shape of W_enc ",
+              W_enc.sizes());
+  check_dtype(W_dec, x.scalar_type(), "W_dec", "edit_");
+  TORCH_CHECK(k >= 1 && k <= W_enc.size(0), "edit_: k=", k, " must be between 1 and the number of latents ",
+              W_enc.size(0));
+  TORCH_CHECK(as_table(feat_idx).sizes() == as_table(tau).sizes() && as_table(tau).sizes() == as_table(scale).sizes(),
+              "edit_: feat_idx ", feat_idx.sizes(), ", tau ", tau.sizes(), ", scale ", scale.sizes(), " must match");
+  TORCH_CHECK(!at::isFloatingType(feat_idx.scalar_type()), "edit_: feat_idx must hold integer latent ids");
+}
+
+static void check_index_range(const Tensor& idx, int64_t M, const char* op) {
+  const int64_t* p = idx.const_data_ptr<int64_t>();
+  for (int64_t i = 0, n = idx.numel(); i < n; ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < M, op, ": index ", p[i], " is out of range; valid latent ids are 0..", M - 1);
+}
+
+// ------------------------------------------------------------------------------------- helpers
+
+static at::ScalarType acc_type(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+// ReLU + nan_to_num(nan=0, posinf=0): the value reference.topk_encode ranks.
+template <typename A> static inline A clean_preact(A p) {
+  return (p > A(0) && p <= std::numeric_limits<A>::max()) ? p : A(0);
+}
+
+// torch.relu: keeps NaN.
+template <typename A> static inline A relu_keep_nan(A p) { return p < A(0) ? A(0) : p; }
+
+// Latent id -> the flat positions p of `indices` holding it, in increasing p (so sums run in the
+// same order as index_add_ in the reference).
+struct Csr {
+  std::vector<int64_t> start, order;
+};
+
+static Csr build_csr(const int64_t* idx, int64_t n, int64_t M) {
+  Csr c;
+  c.start.assign(M + 1, 0);
+  c.order.resize(n);
+  for (int64_t p = 0; p < n; ++p) ++c.start[idx[p] + 1];
+  for (int64_t m = 0; m < M; ++m) c.start[m + 1] += c.start[m];
+  std::vector<int64_t> pos(c.start.begin(), c.start.end() - 1);
+  for (int64_t p = 0; p < n; ++p) c.order[pos[idx[p]]++] = p;
+  return c;
+}
+
+static int64_t grain(int64_t work_per_item) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_item, 1)); }
+
+// ------------------------------------------------------------------------------------- dense top-k
+
+std::tuple<Tensor, Tensor> topk_dense(const Tensor& x, const Tensor& W_enc, const Tensor& b_enc, const Tensor& b_dec,
+                                      int64_t k) {
+  const auto a = acc_type(x.scalar_type());
+  const Tensor xf = x.to(a) - b_dec.to(a);
+  Tensor pre = at::relu(at::matmul(xf, W_enc.to(a).t()) + b_enc.to(a));
+  pre = at::nan_to_num(pre, 0.0, 0.0, 0.0);
+  auto [vals, idx] = pre.topk(k, -1, true, true);
+  return {vals.to(x.scalar_type()), idx};
+}
+
+// ------------------------------------------------------------------------------------- sparse decode
+
+Tensor sparse_decode_cpu(const Tensor& values, const Tensor& indices, const Tensor& W_dec, const OptTensor& b_dec,
+                         const OptTensor& residual) {
+  check_sae_code(values, indices, W_dec, "sparse_decode");
+  const int64_t N = values.size(0), k = values.size(1), M = W_dec.size(0), d = W_dec.size(1);
+  const Tensor v = values.contiguous(), idx = indices.contiguous(), W = W_dec.contiguous();
+  Tensor b, res;
+  if (b_dec.has_value() && b_dec->defined()) {
+    TORCH_CHECK(b_dec->dim() == 1 && b_dec->size(0) == d, "sparse_decode: b_dec ", b_dec->sizes(), " must be [", d, "]");
+    check_dtype(*b_dec, W.scalar_type(), "b_dec", "sparse_decode");
+    b = b_dec->contiguous();
+  }
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == N && residual->size(1) == d, "sparse_decode: residual ",
+                residual->sizes(), " must be [", N, ", ", d, "]");
+    check_dtype(*residual, W.scalar_type(), "residual", "sparse_decode");
+    res = residual->contiguous();
+  }
+  check_index_range(idx, M, "sparse_decode");
+  Tensor out = at::empty({N, d}, W.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "saeuron_sparse_decode_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    const scalar_t* wp = W.const_data_ptr<scalar_t>();
+    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain(k * d), [&](int64_t r0, int64_t r1) {
+      std::vector<A> acc(d);
+      for (int64_t r = r0; r < r1; ++r) {
+        std::fill(acc.begin(), acc.end(), A(0));
+        for (int64_t j = 0; j < k; ++j) {
+          const A a = A(vp[r * k + j]);
+          const scalar_t* w = wp + ip[r * k + j] * d;
+          for (int64_t c = 0; c < d; ++c) acc[c] += a * A(w[c]);
+        }
+        for (int64_t c = 0; c < d; ++c) {
+          A o = acc[c];
+          if (bp) o += A(bp[c]);
+          if (rp) o += A(rp[r * d + c]);
+          op[r * d + c] = scalar_t(o);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> sparse_decode_bwd_cpu(const Tensor& grad_out, const Tensor& values,
+                                                         const Tensor& indices, const Tensor& W_dec) {
+  check_sae_code(values, indices, W_dec, "sparse_decode_bwd");
+  const int64_t N = values.size(0), k = values.size(1), M = W_dec.size(0), d = W_dec.size(1);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == N && grad_out.size(1) == d, "sparse_decode_bwd: grad_out ",
+              grad_out.sizes(), " must be [", N, ", ", d, "]");
+  check_dtype(grad_out, W_dec.scalar_type(), "grad_out", "sparse_decode_bwd");
+  const Tensor g = grad_out.contiguous(), v = values.contiguous(), idx = indices.contiguous(), W = W_dec.contiguous();
+  check_index_range(idx, M, "sparse_decode_bwd");
+  Tensor gv = at::empty({N, k}, v.options()), gW = at::empty({M, d}, W.options()), gb = at::empty({d}, W.options());
+  const Csr csr = build_csr(idx.const_data_ptr<int64_t>(), N * k, M);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "saeuron_sparse_decode_bwd_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    const scalar_t* wp = W.const_data_ptr<scalar_t>();
+    scalar_t* gvp = gv.data_ptr<scalar_t>();
+    scalar_t* gWp = gW.data_ptr<scalar_t>();
+    scalar_t* gbp = gb.data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain(k * d), [&](int64_t r0, int64_t r1) {  // grad_values[r, j] = W[idx] . g[r]
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t j = 0; j < k; ++j) {
+          const scalar_t* w = wp + ip[r * k + j] * d;
+          A s = A(0);
+          for (int64_t c = 0; c < d; ++c) s += A(w[c]) * A(gp[r * d + c]);
+          gvp[r * k + j] = scalar_t(s);
+        }
+    });
+    at::parallel_for(0, M, grain(d * std::max<int64_t>(1, N * k / std::max<int64_t>(M, 1))), [&](int64_t m0, int64_t m1) {
+      std::vector<A> acc(d);
+      for (int64_t m = m0; m < m1; ++m) {  // grad_W[m] = sum over uses of m of values * g[row]
+        std::fill(acc.begin(), acc.end(), A(0));
+        for (int64_t q = csr.start[m]; q < csr.start[m + 1]; ++q) {
+          const int64_t p = csr.order[q];
+          const A a = A(vp[p]);
+          const scalar_t* gr = gp + (p / k) * d;
+          for (int64_t c = 0; c < d; ++c) acc[c] += a * A(gr[c]);
+        }
+        for (int64_t c = 0; c < d; ++c) gWp[m * d + c] = scalar_t(acc[c]);
+      }
+    });
+    at::parallel_for(0, d, 64, [&](int64_t c0, int64_t c1) {  // grad_b = g.sum(0)
+      std::vector<A> acc(c1 - c0, A(0));
+      for (int64_t r = 0; r < N; ++r)
+        for (int64_t c = c0; c < c1; ++c) acc[c - c0] += A(gp[r * d + c]);
+      for (int64_t c = c0; c < c1; ++c) gbp[c] = scalar_t(acc[c - c0]);
+    });
+  });
+  return {gv, gW, gb};
+}
+
+// ------------------------------------------------------------------------------------- gather encode
+
+Tensor gather_encode_cpu(const Tensor& x, const Tensor& W_enc, const Tensor& b_enc, const Tensor& b_dec,
+                         const Tensor& indices) {
+  TORCH_CHECK(x.dim() == 2 && indices.dim() == 2 && indices.size(0) == x.size(0), "gather_encode: x ", x.sizes(),
+              " must be [N, d] and indices ", indices.sizes(), " [N, k]");
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "gather_encode: indices must be int64, got ", indices.scalar_type());
+  check_encoder(x, W_enc, b_enc, b_dec, "gather_encode");
+  const int64_t N = x.size(0), d = x.size(1), k = indices.size(1), M = W_enc.size(0);
+  const Tensor xx = x.contiguous(), W = W_enc.contiguous(), be = b_enc.contiguous(), bd = b_dec.contiguous(),
+               idx = indices.contiguous();
+  check_index_range(idx, M, "gather_encode");
+  Tensor out = at::empty({N, k}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "saeuron_gather_encode_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* xp = xx.const_data_ptr<scalar_t>();
+    const scalar_t* wp = W.const_data_ptr<scalar_t>();
+    const scalar_t* bep = be.const_data_ptr<scalar_t>();
+    const scalar_t* bdp = bd.const_data_ptr<scalar_t>();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, N, grain(k * d), [&](int64_t r0, int64_t r1) {
+      std::vector<A> xc(d);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = 0; c < d; ++c) xc[c] = A(xp[r * d + c]) - A(bdp[c]);
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t m = ip[r * k + j];
+          const scalar_t* w = wp + m * d;
+          A s = A(0);
+          for (int64_t c = 0; c < d; ++c) s += xc[c] * A(w[c]);
+          op[r * k + j] = scalar_t(relu_keep_nan(s + A(bep[m])));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gather_encode_bwd_cpu(const Tensor& grad_values, const Tensor& x,
+                                                                 const Tensor& W_enc, const Tensor& b_dec,
+                                                                 const Tensor& indices, const Tensor& values) {
+  TORCH_CHECK(x.dim() == 2 && indices.dim() == 2 && indices.size(0) == x.size(0) &&
+                  grad_values.sizes() == indices.sizes() && values.sizes() == indices.sizes(),
+              "gather_encode_bwd: x ", x.sizes(), " must be [N, d]; grad_values ", grad_values.sizes(), ", values ",
+              values.sizes(), " and indices ", indices.sizes(), " [N, k]");
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "gather_encode_bwd: indices must be int64");
+  check_float_dtype(x, "gather_encode_bwd");
+  TORCH_CHECK(W_enc.dim() == 2 && W_enc.size(1) == x.size(1) && b_dec.dim() == 1 && b_dec.size(0) == x.size(1),
+              "gather_encode_bwd: W_enc ", W_enc.sizes(), " and b_dec ", b_dec.sizes(), " do not fit x ", x.sizes());
+  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&W_enc, "W_enc"}, {&b_dec, "b_dec"},
+                         {&grad_values, "grad_values"}, {&values, "values"}})
+    check_dtype(*t, x.scalar_type(), name, "gather_encode_bwd");
+  const int64_t N = x.size(0), d = x.size(1), k = indices.size(1), M = W_enc.size(0);
+  const Tensor xx = x.contiguous(), W = W_enc.contiguous(), bd = b_dec.contiguous(), idx = indices.contiguous(),
+               gvals = grad_values.contiguous(), vals = values.contiguous();
+  check_index_range(idx, M, "gather_encode_bwd");
+  const auto a = acc_type(x.scalar_type());
+  Tensor gx = at::empty({N, d}, x.options().dtype(a)), gW = at::empty({M, d}, W.options()),
+         gbe = at::empty({M}, W.options()), gbd = at::empty({d}, x.options().dtype(a));
+  const Csr csr = build_csr(idx.const_data_ptr<int64_t>(), N * k, M);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "saeuron_gather_encode_bwd_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    const scalar_t* xp = xx.const_data_ptr<scalar_t>();
+    const scalar_t* wp = W.const_data_ptr<scalar_t>();
+    const scalar_t* bdp = bd.const_data_ptr<scalar_t>();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    const scalar_t* gvp = gvals.const_data_ptr<scalar_t>();
+    const scalar_t* vp = vals.const_data_ptr<scalar_t>();
+    std::vector<A> g(N * k);  // ReLU-gated gradient, exactly grad * (values > 0)
+    for (int64_t p = 0; p < N * k; ++p) g[p] = A(gvp[p]) * A(A(vp[p]) > A(0) ? 1 : 0);
+    A* gxp = gx.data_ptr<A>();
+    at::parallel_for(0, N, grain(k * d), [&](int64_t r0, int64_t r1) {  // grad_x[r] = sum_j g W[idx]
+      for (int64_t r = r0; r < r1; ++r) {
+        A* o = gxp + r * d;
+        std::fill(o, o + d, A(0));
+        for (int64_t j = 0; j < k; ++j) {
+          const A gj = g[r * k + j];
+          const scalar_t* w = wp + ip[r * k + j] * d;
+          for (int64_t c = 0; c < d; ++c) o[c] += gj * A(w[c]);
+        }
+      }
+    });
+    scalar_t* gWp = gW.data_ptr<scalar_t>();
+    scalar_t* gbep = gbe.data_ptr<scalar_t>();
+    at::parallel_for(0, M, grain(d * std::max<int64_t>(1, N * k / std::max<int64_t>(M, 1))), [&](int64_t m0, int64_t m1) {
+      std::vector<A> acc(d);
+      for (int64_t m = m0; m < m1; ++m) {  // grad_W[m] = sum over uses of g * (x - b_dec); grad_b_enc[m] = sum g
+        std::fill(acc.begin(), acc.end(), A(0));
+        A sb = A(0);
+        for (int64_t q = csr.start[m]; q < csr.start[m + 1]; ++q) {
+          const int64_t p = csr.order[q];
+          const A gp = g[p];
+          sb += gp;
+          const scalar_t* xr = xp + (p / k) * d;
+          for (int64_t c = 0; c < d; ++c) acc[c] += gp * (A(xr[c]) - A(bdp[c]));
+        }
+        for (int64_t c = 0; c < d; ++c) gWp[m * d + c] = scalar_t(acc[c]);
+        gbep[m] = scalar_t(sb);
+      }
+    });
+    A* gbdp = gbd.data_ptr<A>();
+    at::parallel_for(0, d, 64, [&](int64_t c0, int64_t c1) {  // grad_b_dec = -grad_x.sum(0)
+      std::vector<A> acc(c1 - c0, A(0));
+      for (int64_t r = 0; r < N; ++r)
+        for (int64_t c = c0; c < c1; ++c) acc[c - c0] += gxp[r * d + c];
+      for (int64_t c = c0; c < c1; ++c) gbdp[c] = -acc[c - c0];
+    });
+  });
+  return {gx.to(x.scalar_type()), gW, gbe, gbd.to(b_dec.scalar_type())};
+}
+
+// ------------------------------------------------------------------------------------- edit
+
+void edit_cpu(Tensor& x, const Tensor& W_enc, const Tensor& b_enc, const Tensor& b_dec, const Tensor& W_dec, int64_t k,
+              const Tensor& feat_idx, const Tensor& tau, const Tensor& scale, int64_t rows_per_group) {
+  check_edit_args(x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale);
+  const Tensor fi = as_table(feat_idx).to(at::kLong).contiguous(), ta = as_table(tau).to(at::kFloat).contiguous(),
+               sc = as_table(scale).to(at::kFloat).contiguous();
+  const int64_t d = x.size(1), N = d ? x.numel() / d : 0, M = W_enc.size(0), G = fi.size(0), F = fi.size(1);
+  if (N == 0 || F == 0 || G == 0) return;
+  const int64_t rpg = std::max<int64_t>(rows_per_group, 1);
+  // token t = (b, h, w): offset(t) + c * s_c (see saeuron_cuda.h TokenView)
+  const bool nchw = x.dim() == 4;
+  const int64_t hw = nchw ? x.size(2) * x.size(3) : 1, wd = nchw ? x.size(3) : 1, sb = x.stride(0),
+                sh = nchw ? x.stride(2) : 0, sw = nchw ? x.stride(3) : 0, s_c = x.stride(1);
+  auto offset = [&](int64_t t) {
+    const int64_t b = t / hw, r = t - b * hw, h = r / wd;
+    return b * sb + h * sh + (r - h * wd) * sw;
+  };
+  const auto a = acc_type(x.scalar_type());
+  const Tensor Wf = W_enc.to(a).contiguous(), bef = b_enc.to(a).contiguous(), bdf = b_dec.to(a).contiguous(),
+               Wd = W_dec.contiguous();
+  const int64_t chunk = std::clamp<int64_t>((int64_t(1) << 22) / M, 1, 4096);  // pre-activations: <= 4M floats
+  Tensor xc = at::empty({std::min(chunk, N), d}, Wf.options());
+  std::vector<uint8_t> finite(std::min(chunk, N));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "saeuron_edit_cpu", [&] {
+    using A = at::opmath_type<scalar_t>;
+    scalar_t* xp = x.data_ptr<scalar_t>();
+    const A* bep = bef.const_data_ptr<A>();
+    const A* bdp = bdf.const_data_ptr<A>();
+    const scalar_t* wdp = Wd.const_data_ptr<scalar_t>();
+    const int64_t* fip = fi.const_data_ptr<int64_t>();
+    const float* tap = ta.const_data_ptr<float>();
+    const float* scp = sc.const_data_ptr<float>();
+    A* xcp = xc.data_ptr<A>();
+    for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+      const int64_t rows = std::min(chunk, N - r0);
+      at::parallel_for(0, rows, grain(d), [&](int64_t i0, int64_t i1) {  // x - b_dec, and finiteness
+        for (int64_t i = i0; i < i1; ++i) {
+          const scalar_t* xr = xp + offset(r0 + i);
+          bool fin = true;
+          for (int64_t c = 0; c < d; ++c) {
+            const A v = A(xr[c * s_c]);
+            fin = fin && std::isfinite(v);
+            xcp[i * d + c] = v - bdp[c];
+          }
+          finite[i] = fin;
+        }
+      });
+      const Tensor pre = at::matmul(xc.narrow(0, 0, rows), Wf.t()).contiguous();  // [rows, M], bias added below
+      const A* pp = pre.const_data_ptr<A>();
+      at::parallel_for(0, rows, 1, [&](int64_t i0, int64_t i1) {
+        struct Cand { int64_t m; A v, coef; };
+        std::vector<Cand> cands;
+        std::vector<A> buf, delta(d);
+        for (int64_t i = i0; i < i1; ++i) {
+          if (!finite[i]) continue;  // non-finite tokens pass through unchanged
+          const int64_t r = r0 + i, g = std::min(r / rpg, G - 1);
+          const A* p = pp + i * M;
+          auto value = [&](int64_t m) { return clean_preact(A(p[m] + bep[m])); };
+          cands.clear();
+          for (int64_t j = 0; j < F; ++j) {
+            const int64_t m = fip[g * F + j];
+            if (m < 0 || m >= M) continue;  // padding ids never fire
+            const A v = value(m), vr = A(scalar_t(v));  // the reference rounds codes to x.dtype
+            if (!(vr > A(tap[g * F + j]))) continue;
+            const A coef = A(scp[g * F + j] - 1.0f) * vr;  // (scale - 1) in fp32, as the reference
+            if (coef != A(0)) cands.push_back({m, v, coef});
+          }
+          if (cands.empty()) continue;
+          // top-k membership: v is among the k largest iff fewer than k values exceed it
+          A kth = A(0);
+          const bool use_kth = cands.size() > 2;
+          if (use_kth) {
+            buf.resize(M);
+            for (int64_t m = 0; m < M; ++m) buf[m] = value(m);
+            std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), std::greater<A>());
+            kth = buf[k - 1];
+          }
+          std::fill(delta.begin(), delta.end(), A(0));
+          for (const Cand& cd : cands) {
+            bool in_topk;
+            if (use_kth) {
+              in_topk = cd.v >= kth;
+            } else {
+              int64_t above = 0;
+              for (int64_t m = 0; m < M && above < k; ++m) above += value(m) > cd.v;
+              in_topk = above < k;
+            }
+            if (!in_topk) continue;
+            const scalar_t* w = wdp + cd.m * d;
+            for (int64_t c = 0; c < d; ++c) delta[c] += cd.coef * A(w[c]);
+          }
+          if (std::none_of(delta.begin(), delta.end(), [](A v) { return v != A(0); })) continue;
+          scalar_t* xr = xp + offset(r);
+          for (int64_t c = 0; c < d; ++c) xr[c * s_c] = scalar_t(A(xr[c * s_c]) + delta[c]);
+        }
+      });
+    }
+  });
+}
+
+}  // namespace saeuron_ext

@@ -1,0 +1,211 @@
+// Bridge from ATen tensors to the CUDA launchers (saeuron_cuda.h): checks, output and workspace
+// allocation (torch's caching allocator), the current stream. Compiled only in CUDA builds.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "ext.h"
+#include "saeuron_cuda.h"
+
+namespace saeuron_ext {
+namespace {
+
+namespace sc = saeuron_cuda;
+
+sc::DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return sc::DType::f32;
+    case at::kHalf: return sc::DType::f16;
+    case at::kBFloat16: return sc::DType::bf16;
+    case at::kDouble: return sc::DType::f64;
+    default:
+      TORCH_CHECK(false, "saeuron: dtype ", t.scalar_type(), " is not supported; valid: float32, float16, bfloat16, "
+                         "float64");
+  }
+  return sc::DType::f32;
+}
+
+void check(cudaError_t e, const char* what) {
+  TORCH_CHECK(e == cudaSuccess, "saeuron CUDA ", what, " failed: ", cudaGetErrorString(e));
+}
+
+void check_same_device(const Tensor& first, std::initializer_list<const Tensor*> others, const char* op) {
+  for (const Tensor* t : others)
+    if (t && t->defined())
+      TORCH_CHECK(t->device() == first.device(), op, ": all tensors must be on ", first.device(), ", got one on ",
+                  t->device());
+}
+
+void check_type(const Tensor& t, at::ScalarType s, const char* name, const char* op) {
+  TORCH_CHECK(t.scalar_type() == s, op, ": ", name, " has dtype ", t.scalar_type(), " but the op runs in ", s);
+}
+
+sc::TokenView token_view(const Tensor& x) {
+  if (x.dim() == 4) return {x.size(2) * x.size(3), x.size(3), x.stride(0), x.stride(2), x.stride(3), x.stride(1)};
+  return {1, 1, x.stride(0), 0, 0, x.stride(1)};
+}
+
+Tensor workspace(size_t bytes, const Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+// Whether the fused top-k handles this problem (else the dense ATen path is used).
+bool fused_topk_ok(const Tensor& x, int64_t M, int64_t k) {
+  return x.scalar_type() != at::kDouble && k <= sc::topk_max_k() && M <= int64_t(65535) * 64;
+}
+
+// Top-k of the tokens of x ([N, d] or [B, C, H, W], any strides) into fresh [N, k] tensors.
+std::tuple<Tensor, Tensor> topk_tokens(const Tensor& x, const Tensor& W, const Tensor& be, const Tensor& bd, int64_t k) {
+  const int64_t d = x.size(1), N = x.numel() / d, M = W.size(0);
+  if (!fused_topk_ok(x, M, k)) {
+    const Tensor tok = x.dim() == 4 ? x.permute({0, 2, 3, 1}).reshape({-1, d}) : x;
+    return topk_dense(tok, W, be, bd, k);
+  }
+  Tensor values = at::empty({N, k}, x.options()), indices = at::empty({N, k}, x.options().dtype(at::kLong));
+  if (N == 0) return {values, indices};
+  const int64_t chunk = sc::topk_chunk_rows(N, M, static_cast<int>(k));
+  const size_t bytes = sc::topk_workspace_bytes(chunk, M, static_cast<int>(k));
+  Tensor ws = workspace(bytes, x);
+  check(sc::topk_encode(x.data_ptr(), token_view(x), dtype_of(x), W.data_ptr(), be.data_ptr(), bd.data_ptr(), N, d, M,
+                        static_cast<int>(k), values.data_ptr(), indices.data_ptr<int64_t>(), ws.data_ptr(), bytes,
+                        c10::cuda::getCurrentCUDAStream()),
+        "topk_encode");
+  return {values, indices};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> topk_encode_cuda(const Tensor& x, const Tensor& W_enc, const Tensor& b_enc,
+                                            const Tensor& b_dec, int64_t k) {
+  TORCH_CHECK(x.dim() == 2, "topk_encode: x must be [N, d], got ", x.sizes());
+  TORCH_CHECK(W_enc.dim() == 2 && W_enc.size(1) == x.size(1), "topk_encode: activation width ", x.size(1),
+              " does not match the SAE input width d_in=", W_enc.size(-1));
+  TORCH_CHECK(k >= 1 && k <= W_enc.size(0), "topk_encode: k=", k, " must be between 1 and the number of latents ",
+              W_enc.size(0));
+  TORCH_CHECK(b_enc.numel() == W_enc.size(0) && b_dec.numel() == x.size(1), "topk_encode: bias shapes ",
+              b_enc.sizes(), ", ", b_dec.sizes(), " do not fit W_enc ", W_enc.sizes());
+  for (const Tensor* t : {&W_enc, &b_enc, &b_dec}) check_type(*t, x.scalar_type(), "weights", "topk_encode");
+  check_same_device(x, {&W_enc, &b_enc, &b_dec}, "topk_encode");
+  dtype_of(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  return topk_tokens(x, W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous(), k);
+}
+
+void edit_cuda(Tensor& x, const Tensor& W_enc, const Tensor& b_enc, const Tensor& b_dec, const Tensor& W_dec,
+               int64_t k, const Tensor& feat_idx, const Tensor& tau, const Tensor& scale, int64_t rows_per_group) {
+  check_edit_args(x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale);
+  check_same_device(x, {&W_enc, &b_enc, &b_dec, &W_dec, &feat_idx, &tau, &scale}, "edit_");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor fi = as_table(feat_idx).to(at::kLong).contiguous(), ta = as_table(tau).to(at::kFloat).contiguous(),
+               scl = as_table(scale).to(at::kFloat).contiguous();
+  const int64_t d = x.size(1), N = d ? x.numel() / d : 0, M = W_enc.size(0), G = fi.size(0), F = fi.size(1);
+  if (N == 0 || F == 0 || G == 0) return;
+  const Tensor Wd = W_dec.contiguous();
+  auto [values, indices] = topk_tokens(x, W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous(), k);
+  values = values.contiguous();
+  indices = indices.contiguous();
+  check(sc::edit_apply(x.data_ptr(), token_view(x), dtype_of(x), Wd.data_ptr(), N, d, M, values.data_ptr(),
+                       indices.data_ptr<int64_t>(), static_cast<int>(k), fi.data_ptr<int64_t>(), ta.data_ptr<float>(),
+                       scl.data_ptr<float>(), G, F, rows_per_group, c10::cuda::getCurrentCUDAStream()),
+        "edit_");
+}
+
+Tensor sparse_decode_cuda(const Tensor& values, const Tensor& indices, const Tensor& W_dec, const OptTensor& b_dec,
+                          const OptTensor& residual) {
+  check_sae_code(values, indices, W_dec, "sparse_decode");
+  const int64_t N = values.size(0), k = values.size(1), M = W_dec.size(0), d = W_dec.size(1);
+  Tensor b, res;
+  if (b_dec.has_value() && b_dec->defined()) {
+    TORCH_CHECK(b_dec->numel() == d, "sparse_decode: b_dec ", b_dec->sizes(), " must be [", d, "]");
+    check_type(*b_dec, W_dec.scalar_type(), "b_dec", "sparse_decode");
+    b = b_dec->contiguous();
+  }
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == N && residual->size(1) == d, "sparse_decode: residual ",
+                residual->sizes(), " must be [", N, ", ", d, "]");
+    check_type(*residual, W_dec.scalar_type(), "residual", "sparse_decode");
+    res = residual->contiguous();
+  }
+  check_same_device(values, {&indices, &W_dec, &b, &res}, "sparse_decode");
+  const c10::cuda::CUDAGuard guard(values.device());
+  const Tensor v = values.contiguous(), idx = indices.contiguous(), W = W_dec.contiguous();
+  Tensor out = at::empty({N, d}, W.options());
+  check(sc::sparse_decode(v.data_ptr(), idx.data_ptr<int64_t>(), W.data_ptr(), ptr_or_null(b), ptr_or_null(res),
+                          out.data_ptr(), N, static_cast<int>(k), d, M, dtype_of(W), c10::cuda::getCurrentCUDAStream()),
+        "sparse_decode");
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> sparse_decode_bwd_cuda(const Tensor& grad_out, const Tensor& values,
+                                                          const Tensor& indices, const Tensor& W_dec) {
+  check_sae_code(values, indices, W_dec, "sparse_decode_bwd");
+  const int64_t N = values.size(0), k = values.size(1), M = W_dec.size(0), d = W_dec.size(1);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == N && grad_out.size(1) == d, "sparse_decode_bwd: grad_out ",
+              grad_out.sizes(), " must be [", N, ", ", d, "]");
+  check_type(grad_out, W_dec.scalar_type(), "grad_out", "sparse_decode_bwd");
+  check_same_device(grad_out, {&values, &indices, &W_dec}, "sparse_decode_bwd");
+  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const Tensor g = grad_out.contiguous(), v = values.contiguous(), idx = indices.contiguous(), W = W_dec.contiguous();
+  Tensor gv = at::empty({N, k}, v.options()), gW = at::empty({M, d}, W.options()), gb = at::empty({d}, W.options());
+  const size_t bytes = sc::sparse_decode_bwd_workspace_bytes(N, d, M, dtype_of(W));
+  Tensor ws = workspace(bytes, W);
+  check(sc::sparse_decode_bwd(g.data_ptr(), v.data_ptr(), idx.data_ptr<int64_t>(), W.data_ptr(), gv.data_ptr(),
+                              gW.data_ptr(), gb.data_ptr(), N, static_cast<int>(k), d, M, dtype_of(W), ws.data_ptr(),
+                              bytes, c10::cuda::getCurrentCUDAStream()),
+        "sparse_decode_bwd");
+  return {gv, gW, gb};
+}
+
+Tensor gather_encode_cuda(const Tensor& x, const Tensor& W_enc, const Tensor& b_enc, const Tensor& b_dec,
+                          const Tensor& indices) {
+  TORCH_CHECK(x.dim() == 2 && indices.dim() == 2 && indices.size(0) == x.size(0), "gather_encode: x ", x.sizes(),
+              " must be [N, d] and indices ", indices.sizes(), " [N, k]");
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "gather_encode: indices must be int64");
+  TORCH_CHECK(W_enc.dim() == 2 && W_enc.size(1) == x.size(1) && b_enc.numel() == W_enc.size(0) &&
+                  b_dec.numel() == x.size(1),
+              "gather_encode: W_enc ", W_enc.sizes(), ", b_enc ", b_enc.sizes(), ", b_dec ", b_dec.sizes(),
+              " do not fit x ", x.sizes());
+  for (const Tensor* t : {&W_enc, &b_enc, &b_dec}) check_type(*t, x.scalar_type(), "weights", "gather_encode");
+  check_same_device(x, {&W_enc, &b_enc, &b_dec, &indices}, "gather_encode");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor xx = x.contiguous(), W = W_enc.contiguous(), be = b_enc.contiguous(), bd = b_dec.contiguous(),
+               idx = indices.contiguous();
+  const int64_t N = x.size(0), d = x.size(1), k = indices.size(1), M = W.size(0);
+  Tensor out = at::empty({N, k}, x.options());
+  check(sc::gather_encode(xx.data_ptr(), W.data_ptr(), be.data_ptr(), bd.data_ptr(), idx.data_ptr<int64_t>(),
+                          out.data_ptr(), N, static_cast<int>(k), d, M, dtype_of(x), c10::cuda::getCurrentCUDAStream()),
+        "gather_encode");
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gather_encode_bwd_cuda(const Tensor& grad_values, const Tensor& x,
+                                                                  const Tensor& W_enc, const Tensor& b_dec,
+                                                                  const Tensor& indices, const Tensor& values) {
+  TORCH_CHECK(x.dim() == 2 && indices.dim() == 2 && indices.size(0) == x.size(0) &&
+                  grad_values.sizes() == indices.sizes() && values.sizes() == indices.sizes(),
+              "gather_encode_bwd: x ", x.sizes(), " must be [N, d]; grad_values, values and indices [N, k]");
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "gather_encode_bwd: indices must be int64");
+  TORCH_CHECK(W_enc.dim() == 2 && W_enc.size(1) == x.size(1) && b_dec.numel() == x.size(1),
+              "gather_encode_bwd: W_enc ", W_enc.sizes(), " and b_dec ", b_dec.sizes(), " do not fit x ", x.sizes());
+  for (const Tensor* t : {&W_enc, &b_dec, &grad_values, &values})
+    check_type(*t, x.scalar_type(), "an input", "gather_encode_bwd");
+  check_same_device(x, {&grad_values, &W_enc, &b_dec, &indices, &values}, "gather_encode_bwd");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Tensor gvals = grad_values.contiguous(), xx = x.contiguous(), W = W_enc.contiguous(), bd = b_dec.contiguous(),
+               idx = indices.contiguous(), vals = values.contiguous();
+  const int64_t N = x.size(0), d = x.size(1), k = indices.size(1), M = W.size(0);
+  Tensor gx = at::empty({N, d}, x.options()), gW = at::empty({M, d}, W.options()), gbe = at::empty({M}, W.options()),
+         gbd = at::empty({d}, bd.options());
+  const size_t bytes = sc::gather_encode_bwd_workspace_bytes(N, d, M, dtype_of(x));
+  Tensor ws = workspace(bytes, x);
+  check(sc::gather_encode_bwd(gvals.data_ptr(), xx.data_ptr(), W.data_ptr(), bd.data_ptr(), idx.data_ptr<int64_t>(),
+                              vals.data_ptr(), gx.data_ptr(), gW.data_ptr(), gbe.data_ptr(), gbd.data_ptr(), N,
+                              static_cast<int>(k), d, M, dtype_of(x), ws.data_ptr(), bytes,
+                              c10::cuda::getCurrentCUDAStream()),
+        "gather_encode_bwd");
+  return {gx, gW, gbe, gbd};
+}
+
+}  // namespace saeuron_ext
