@@ -1,0 +1,180 @@
+"""Per-concept hyperparameter sweep: selection rule (percentile or top_n) x multiplier, maximising (UA + IRA) / 2.
+
+The sweep scores every grid point on *tuning* seeds disjoint from the evaluation seeds (method.md
+section 4: "a per-class sweep over percentile {99.99, 99.995, 99.999} x multiplier {-1, -5, ..., -30},
+maximising (UA + IRA)/2"), then writes each concept's best point into the concept file's per-concept
+defaults (``table.defaults[c]``) and the whole grid into ``table.metadata["sweep"][c]``, so a later
+``patch``/evaluation uses them without arguments. Ties keep the first grid point in grid order
+(rules in the order given, then multipliers in the order given: mildest first by default).
+
+Small dictionaries: a percentile of a few thousand scores selects at most one feature whatever the
+percentile, so ``rule="auto"`` sweeps ``top_n`` {1, 2, 4, 8} unless the percentile grid can select
+at least two features per timestep.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+from tqdm.auto import tqdm
+
+from ..concepts import ConceptTable
+from ..patch import patched
+from .common import EVAL_SEEDS, check_patch_kwargs, judge, resolve_assets, sample_images
+from .metrics import DOMAINS, Record, target_metrics
+
+MULTIPLIERS = (-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
+PERCENTILES = (99.99, 99.995, 99.999)
+TOP_NS = (1, 2, 4, 8)
+TUNING_SEEDS = (1, 2)
+RULES = ("auto", "percentile", "top_n")
+
+
+def choose_rule(table, percentiles=PERCENTILES) -> str:
+    """"percentile" when the loosest percentile keeps >= 2 of the smallest dictionary's features, else "top_n"."""
+    m = min(table.num_latents(h) for h in table.hookpoints)
+    return "percentile" if m * (100 - min(percentiles)) / 100 >= 2 else "top_n"
+
+
+def grid_points(rule: str, multipliers=MULTIPLIERS, percentiles=PERCENTILES, top_ns=TOP_NS) -> list:
+    """``[(rule, value, multiplier)]`` in sweep order (rule values first, then multipliers)."""
+    if rule not in ("percentile", "top_n"):
+        raise ValueError(f"rule must be 'percentile' or 'top_n' here, got {rule!r}")
+    values = percentiles if rule == "percentile" else top_ns
+    if not values or not multipliers:
+        raise ValueError(f"empty sweep grid: {rule} values {list(values or [])}, multipliers {list(multipliers or [])}")
+    for m in multipliers:
+        if not (isinstance(m, (int, float)) and math.isfinite(m)):
+            raise ValueError(f"multipliers must be finite numbers (gamma < 0 suppresses), got {m!r}")
+    return [(rule, float(v) if rule == "percentile" else int(v), float(m)) for v in values for m in multipliers]
+
+
+def make_scorer(pipe, classifiers, saes, table, *, domain: str, seeds=TUNING_SEEDS, objects=None, styles=None,
+                templates=(0,), num_inference_steps=None, guidance_scale=None, batch_size: int = 16,
+                progress: bool = False, **patch_kwargs) -> Callable:
+    """A ``scorer(concept, rule, value, multiplier) -> {"ua", "ira", "cra", ...}`` that generates on ``seeds``.
+
+    Grid points that select exactly the same features with the same multiplier are scored once.
+    """
+    from .unlearn_eval import build_jobs
+
+    jobs = build_jobs(objects, styles, seeds, templates)
+    memo: dict = {}
+
+    def scorer(concept, rule, value, multiplier):
+        sel = {"percentile": value} if rule == "percentile" else {"top_n": value}
+        key = (concept, float(multiplier), tuple(tuple(tuple(t.tolist()) for t in table.select(h, concept, **sel))
+                                                  for h in sorted(saes)))
+        if key not in memo:
+            with patched(pipe, concept, saes=saes, table=table, multiplier=multiplier, **sel, **patch_kwargs):
+                bar = tqdm(total=len(jobs), unit="img", desc=f"{concept} {rule}={value} x{multiplier}",
+                           disable=not progress, leave=False)
+                try:
+                    images = sample_images(pipe, [j.prompt for j in jobs], [j.seed for j in jobs], bar=bar,
+                                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                           batch_size=batch_size)
+                finally:
+                    bar.close()
+            p = judge(classifiers, images)
+            recs = [Record((concept,), domain, j.object, j.style, int(o), int(s))
+                    for j, o, s in zip(jobs, p["pred_object"].tolist(), p["pred_style"].tolist())]
+            memo[key] = target_metrics(recs, (concept,), domain)
+        return dict(memo[key])
+
+    return scorer
+
+
+def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None, concepts=None,
+          domain: str = "style", seeds=TUNING_SEEDS, eval_seeds=EVAL_SEEDS, rule: str = "auto",
+          multipliers=MULTIPLIERS, percentiles=PERCENTILES, top_ns=TOP_NS, objects=None, styles=None,
+          templates=(0,), num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+          batch_size: int = 16, scorer: Optional[Callable] = None, save_to=None, resume: bool = True,
+          progress: bool = True, **patch_kwargs) -> dict:
+    """Pick each concept's best (rule value, multiplier) by (UA + IRA) / 2 and store it as its default.
+
+    ``scorer(concept, rule, value, multiplier) -> {"ua", "ira", ...}`` replaces generation (tests,
+    custom protocols); otherwise ``pipe`` and ``classifiers`` generate on ``seeds``, which must not
+    overlap ``eval_seeds``. ``concepts`` default to the concept file's MiniCanvas concepts of ``domain``.
+    The concept file is saved to ``save_to`` (default: ``checkpoint``) after every concept, and with
+    ``resume`` a concept whose stored sweep used the same grid and seeds is skipped.
+    Returns ``{concept: {"best": {...}, "grid": [...]}}``.
+    """
+    from ..minicanvas import data
+
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; valid: {', '.join(RULES)}")
+    check_patch_kwargs(patch_kwargs, exclude=("multiplier", "percentile", "top_n"))  # those are what is swept
+    seeds = [int(s) for s in seeds]
+    overlap = sorted(set(seeds) & {int(s) for s in eval_seeds})
+    if not seeds or overlap:
+        raise ValueError(f"tuning seeds {seeds} must be non-empty and disjoint from the evaluation seeds "
+                         f"{list(eval_seeds)} (shared: {overlap})")
+    if scorer is None:
+        if pipe is None or classifiers is None:
+            raise ValueError("pass pipe= and classifiers= (or a scorer=) to sweep")
+        saes, table = resolve_assets(checkpoint, saes, table)
+        scorer = make_scorer(pipe, classifiers, saes, table, domain=domain, seeds=seeds, objects=objects,
+                             styles=styles, templates=templates, num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, batch_size=batch_size, **patch_kwargs)
+    elif table is None:
+        if checkpoint is None:
+            raise ValueError("pass checkpoint= or table= so the sweep has a concept file to write into")
+        table = ConceptTable.load(checkpoint)
+    labels = data.STYLES if domain == "style" else data.OBJECTS
+    concepts = [c for c in labels if c in table.names] if concepts is None else (
+        [concepts] if isinstance(concepts, str) else list(concepts))
+    if not concepts:
+        raise ValueError(f"no {domain} concepts to sweep; the concept file has: {', '.join(table.names)}")
+    for c in concepts:
+        table.index(c)
+    kind = choose_rule(table, percentiles) if rule == "auto" else rule
+    points = grid_points(kind, multipliers, percentiles, top_ns)
+    spec = {"rule": kind, "seeds": seeds, "domain": domain,
+            "grid": [[r, v, m] for r, v, m in points]}
+    save_to = save_to if save_to is not None else checkpoint
+    stored = table.metadata.setdefault("sweep", {})
+    out = {}
+    bar = tqdm(total=len(concepts) * len(points), desc="sweep", unit="point", disable=not progress)
+    for c in concepts:
+        prev = stored.get(c)
+        if resume and isinstance(prev, dict) and prev.get("spec") == spec:
+            out[c] = prev
+            bar.update(len(points))
+            continue
+        rows, best = [], None
+        for r, v, m in points:
+            bar.set_postfix_str(f"{c} {r}={v} x{m}")
+            s = scorer(c, r, v, m)
+            ua, ira = s.get("ua"), s.get("ira")
+            score = None if ua is None or ira is None else (ua + ira) / 2
+            rows.append({"rule": r, "value": v, "multiplier": m, **{k: s.get(k) for k in ("ua", "ira", "cra")},
+                         "score": score})
+            if score is not None and (best is None or score > best["score"]):
+                best = rows[-1]
+            bar.update()
+        if best is None:
+            raise ValueError(f"the sweep of {c!r} produced no score: UA or IRA is undefined (no target or no "
+                             "other images among the prompts)")
+        table.defaults[c] = {"multiplier": best["multiplier"],
+                             "percentile": best["value"] if best["rule"] == "percentile" else None,
+                             "top_n": best["value"] if best["rule"] == "top_n" else None}
+        stored[c] = out[c] = {"best": best, "grid": rows, "spec": spec}
+        if save_to is not None:
+            table.save(save_to)
+    bar.close()
+    if progress:
+        print(sweep_table(out))
+    return out
+
+
+def sweep_table(result: dict) -> str:
+    """The best point of every concept as a markdown table (percents)."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    lines = ["| concept | rule | value | multiplier | UA | IRA | CRA | (UA+IRA)/2 |", "|---" * 8 + "|"]
+    for c, r in result.items():
+        b = r["best"]
+        lines.append(f"| {c} | {b['rule']} | {b['value']} | {b['multiplier']:g} | {pct(b['ua'])} | {pct(b['ira'])} "
+                     f"| {pct(b.get('cra'))} | {pct(b['score'])} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,311 @@
+"""The MiniCanvas UnlearnCanvas protocol: unlearn each target in turn, generate every prompt x seed, judge, score.
+
+For every run (one target, or several unlearned at once with ``multi``) the pipeline is patched, every
+prompt "An image of {object} in {style} style." (plus unstyled, and the paraphrase templates when
+asked) is generated for every seed, both classifiers judge the images, and :mod:`.metrics` gives UA,
+IRA and CRA. The unedited baseline is generated once and cached; each run's Frechet distance on
+classifier features compares its images with the baseline's. Every run is cached in
+``out_dir/runs/<run>.json`` with the configuration it was computed under, so a rerun skips runs that
+are done (and redoes those whose configuration, e.g. a concept's swept defaults, changed).
+
+Outputs: ``out_dir/results.json`` and ``out_dir/results.md`` (written atomically), ``out_dir/grids/<run>.png``
+(rows = a few prompts, columns = original | unlearned), ``out_dir/baseline.safetensors``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..hookpoints import get_unet
+from ..images import image_grid, save_png
+from ..minicanvas import data
+from ..patch import get_patch, patched
+from ..utils import _atomic, atomic_save_file, atomic_write_json
+from .common import (EVAL_SEEDS, check_classifiers, check_patch_kwargs, judge, resolve_assets, sample_images, slug,
+                     to_pil)
+from .metrics import DOMAINS, METRICS, Record, frechet_distance, mean_metrics, run_key, target_metrics
+
+BASELINE_FILE = "baseline.safetensors"
+RESULTS_FILE = "results.json"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to generate: its prompt, what the prompt holds, the seed and the template index."""
+
+    prompt: str
+    object: int
+    style: Optional[int]  # None = unstyled
+    seed: int
+    template: int
+
+
+def build_jobs(objects=None, styles=None, seeds=EVAL_SEEDS, templates=(0,)) -> list:
+    """Every (template, style, object, seed) job; ``styles`` may hold None for the unstyled prompts."""
+    objects = data.OBJECTS if objects is None else objects
+    styles = data.STYLES + (None,) if styles is None else styles
+    oids = [data.object_id(o) for o in objects]
+    sids = [None if data.style_id(s) == len(data.STYLES) else data.style_id(s) for s in styles]
+    seeds, templates = [int(s) for s in seeds], [int(t) for t in templates]
+    if not (oids and sids and seeds and templates):
+        raise ValueError(f"need at least one object, style, seed and template; got {len(oids)}, {len(sids)}, "
+                         f"{len(seeds)}, {len(templates)}")
+    return [Job(data.caption(o, s, t), o, s, seed, t) for t in templates for s in sids for o in oids for seed in seeds]
+
+
+def _norm(obj):
+    """``obj`` as it reads back from JSON (tuples -> lists), for comparing cached configurations."""
+    return json.loads(json.dumps(obj))
+
+
+def _checksum(module) -> float:
+    """A cheap checksum of a module's weights (sum of all parameters), to tell cached results of other weights."""
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum().cpu() for p in module.parameters()))
+
+
+def _fingerprint(saes: dict, table) -> dict:
+    """Checksums of the SAEs and concept statistics, so cached runs of other weights are not reused."""
+    return {hp: [float(table.mu[hp].double().sum()), _checksum(saes[hp])] for hp in sorted(saes)}
+
+
+def edit_signature(table, concepts, patch_kwargs: dict) -> dict:
+    """The effective edit rule of every concept of a run (explicit patch arguments, else the concept's defaults)."""
+    def pick(v, c):
+        return v.get(c) if isinstance(v, dict) else v
+
+    out = {}
+    for c in concepts:
+        kind, val = table.rule(c, pick(patch_kwargs.get("percentile"), c), pick(patch_kwargs.get("top_n"), c))
+        mult = pick(patch_kwargs.get("multiplier"), c)
+        out[c] = {"rule": kind, "value": val,
+                  "multiplier": float(table.defaults[c]["multiplier"] if mult is None else mult)}
+    rest = {k: v for k, v in patch_kwargs.items() if k not in ("percentile", "top_n", "multiplier")}
+    return {"concepts": out, "patch": _norm(rest)}
+
+
+def _domain_targets(domain, targets, table, jobs) -> list:
+    labels = data.STYLES if domain == "style" else data.OBJECTS
+    if targets is None:
+        targets = [c for c in labels if c in table.names]
+        if not targets:
+            raise ValueError(f"the concept file has no {domain} concepts (its concepts: {', '.join(table.names)}; "
+                             f"{domain}s: {', '.join(labels)})")
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    held = {j.style if domain == "style" else j.object for j in jobs}
+    for t in targets:
+        if t not in labels:
+            raise ValueError(f"target {t!r} is not a MiniCanvas {domain}; valid: {', '.join(labels)}")
+        table.index(t)  # unknown concept -> error with the known ones
+        if labels.index(t) not in held:
+            raise ValueError(f"no prompt holds the target {t!r}: add it to the evaluated {domain}s")
+    return targets
+
+
+def _groups(targets: list, multi) -> list:
+    """Multi-concept runs: an int n -> the first 1..n targets at once; or a list of target lists."""
+    if multi is None:
+        return []
+    if isinstance(multi, int) and not isinstance(multi, bool):
+        if not 1 <= multi <= len(targets):
+            raise ValueError(f"multi={multi} must lie in 1..{len(targets)} (the number of targets)")
+        return [tuple(targets[:n]) for n in range(1, multi + 1)]
+    groups = [tuple([g] if isinstance(g, str) else g) for g in multi]
+    for g in groups:
+        bad = [t for t in g if t not in targets]
+        if not g or bad:
+            raise ValueError(f"multi group {list(g)} must be a non-empty list of targets from {targets}")
+    return groups
+
+
+def _load_cached(path: Path, config) -> Optional[dict]:
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return cached.get("result") if cached.get("config") == _norm(config) else None
+
+
+def _baseline(pipe, classifiers, jobs, out: Path, config: dict, sampling: dict, resume: bool, progress: bool) -> dict:
+    """Unedited images, predictions and features: read from ``out/baseline.safetensors`` or generated once."""
+    from safetensors import safe_open
+
+    path = out / BASELINE_FILE
+    if resume and path.is_file():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("config") == json.dumps(_norm(config)):
+                    base = {k: f.get_tensor(k) for k in f.keys()}
+                    base["images"] = base["images"].float() / 255
+                    return base
+        except Exception:
+            pass  # unreadable cache: regenerate
+    prev = get_patch(pipe)
+    if prev is not None:
+        prev.remove()
+    bar = tqdm(total=len(jobs), unit="img", desc="baseline", disable=not progress, leave=False)
+    try:
+        images = sample_images(pipe, [j.prompt for j in jobs], [j.seed for j in jobs], bar=bar, **sampling)
+    finally:
+        bar.close()
+        if prev is not None:
+            prev.install()
+    base = {"images": images, **judge(classifiers, images)}
+    atomic_save_file({**{k: v for k, v in base.items() if k != "images"},
+                      "images": data.to_uint8(images)}, path, metadata={"config": json.dumps(_norm(config))})
+    return base
+
+
+def _grid(jobs, group, domain, base_images, images, path: Path, rows: int) -> str:
+    """Save a few prompts (first seed and template; target prompts first) as rows of original | unlearned."""
+    first = [i for i, j in enumerate(jobs) if j.seed == jobs[0].seed and j.template == jobs[0].template]
+    tid = set(_group_ids(group, domain))
+    hit = [i for i in first if (jobs[i].style if domain == "style" else jobs[i].object) in tid]
+    miss = [i for i in first if i not in set(hit)]
+    pick = hit[:(rows + 1) // 2]
+    pick += miss[:rows - len(pick)]
+    pick += [i for i in hit if i not in pick][:rows - len(pick)]
+    grid = image_grid([[to_pil(base_images[i], 96), to_pil(images[i], 96)] for i in pick],
+                      row_labels=[f"{jobs[i].prompt} (seed {jobs[i].seed})" for i in pick],
+                      col_labels=["original", "unlearned: " + ", ".join(group)])
+    return str(save_png(grid, path))
+
+
+def _group_ids(group, domain) -> list:
+    """Label ids of a run's targets (style ids or object ids)."""
+    return [data.STYLES.index(t) if domain == "style" else data.OBJECTS.index(t) for t in group]
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def markdown_table(results: dict) -> str:
+    """The results of :func:`evaluate_unlearning` as a markdown table (percents; FD = Frechet distance on classifier features)."""
+    head = "| run | UA | IRA | CRA | CRA (rest) | FD obj. feats | FD style feats | UA unedited |\n" + "|---" * 8 + "|\n"
+    lines = []
+    for section in ("per_target", "multi"):
+        if section == "multi" and results.get("multi"):
+            lines.append("| *several at once* |" + " |" * 7)
+        for key, m in results.get(section, {}).items():
+            b = results["baseline"]["per_run"].get(key, {})
+            lines.append(f"| {key} | " + " | ".join(_pct(m.get(k)) for k in METRICS)
+                         + f" | {_num(m.get('frechet_object'))} | {_num(m.get('frechet_style'))} | {_pct(b.get('ua'))} |")
+        if section == "per_target" and results.get("mean"):
+            mean = results["mean"]
+            lines.append("| **mean** | " + " | ".join(_pct(mean.get(k)) for k in METRICS)
+                         + f" | {_num(mean.get('frechet_object'))} | {_num(mean.get('frechet_style'))} | "
+                         + f"{_pct(results['baseline']['mean'].get('ua'))} |")
+    b = results["baseline"]
+    foot = f"\nUnedited accuracy: object {_pct(b['object_acc'])}, style {_pct(b['style_acc'])} ({b['images']} images)\n"
+    return head + "\n".join(lines) + "\n" + foot
+
+
+def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, table=None, targets=None,
+                        domain: str = "style", seeds=EVAL_SEEDS, templates=(0,), objects=None, styles=None,
+                        num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                        batch_size: int = 16, multi=None, out_dir="minicanvas_eval", grid_rows: int = 6,
+                        progress: bool = True, resume: bool = True, **patch_kwargs) -> dict:
+    """Run the UnlearnCanvas protocol on a MiniCanvas pipeline; returns (and writes) the results.
+
+    ``classifiers``: ``{"object": SmallCNN, "style": SmallCNN}``. ``checkpoint`` (SAE folders + concept
+    file) or ``saes``/``table``. ``targets``: concepts of ``domain`` to unlearn one at a time (default:
+    every concept of the file in that domain). ``objects``/``styles``: the prompt grid (default: all
+    objects; all styles plus None, the unstyled prompt). ``templates``: caption template ids (0 =
+    training form, 1-2 paraphrases). ``multi``: also unlearn several targets at once: an int n (the
+    first 1..n targets) or a list of target lists. ``num_inference_steps``/``guidance_scale``: None
+    keeps the pipeline's defaults. ``patch_kwargs`` go to :func:`saeuron.patch.patch` (multiplier,
+    percentile, top_n, halves, error_term). ``progress`` shows bars and prints the markdown table.
+
+    Returns ``{"config", "baseline": {"object_acc", "style_acc", "images", "per_run", "mean"},
+    "per_target": {target: metrics}, "mean": metrics, "multi": {run: metrics}, "table", "files"}``;
+    metrics hold ua, ira, cra, cra_rest (fractions), n_target, n_rest, frechet_object, frechet_style, grid.
+    """
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
+    check_classifiers(classifiers)
+    check_patch_kwargs(patch_kwargs)
+    saes, table = resolve_assets(checkpoint, saes, table)
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    templates = [templates] if isinstance(templates, int) else list(templates)
+    jobs = build_jobs(objects, styles, seeds, templates)
+    targets = _domain_targets(domain, targets, table, jobs)
+    groups = [(t,) for t in targets]
+    multi_groups = _groups(targets, multi)
+    out = Path(out_dir)
+    sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size)
+    base_cfg = {"model": getattr(pipe, "name_or_path", None) or type(pipe).__name__,
+                "weights": {"unet": _checksum(get_unet(pipe)),
+                            **{k: _checksum(classifiers[k]) for k in ("object", "style")}},
+                "jobs": [[j.prompt, j.seed] for j in jobs], "steps": num_inference_steps, "guidance": guidance_scale}
+    base = _baseline(pipe, classifiers, jobs, out, base_cfg, sampling, resume, progress)
+
+    def records(group, pred_o, pred_s):
+        return [Record(tuple(group), domain, j.object, j.style, int(o), int(s)) for j, o, s in zip(jobs, pred_o, pred_s)]
+
+    def fd(feats, kind):
+        ok = len(feats) >= 2
+        return frechet_distance(feats, base[f"feat_{kind}"]) if ok else None
+
+    fp = _fingerprint(saes, table)
+    done: dict = {}
+    all_groups = list(dict.fromkeys(groups + multi_groups))
+    bar_runs = tqdm(all_groups, desc=f"unlearn {domain}", unit="run", disable=not progress)
+    for group in bar_runs:
+        key = run_key(group)
+        bar_runs.set_postfix_str(key)
+        cfg = {**base_cfg, "domain": domain, "targets": list(group), "edit": edit_signature(table, group, patch_kwargs),
+               "fingerprint": fp, "grid_rows": grid_rows}
+        path = out / "runs" / f"{slug(key)}.json"
+        res = _load_cached(path, cfg) if resume else None
+        if res is None:
+            bar = tqdm(total=len(jobs), unit="img", desc=key, disable=not progress, leave=False)
+            try:
+                with patched(pipe, list(group), saes=saes, table=table, **patch_kwargs):
+                    images = sample_images(pipe, [j.prompt for j in jobs], [j.seed for j in jobs], bar=bar, **sampling)
+            finally:
+                bar.close()
+            j = judge(classifiers, images)
+            m = target_metrics(records(group, j["pred_object"].tolist(), j["pred_style"].tolist()), group, domain)
+            m.update(frechet_object=fd(j["feat_object"], "object"), frechet_style=fd(j["feat_style"], "style"))
+            m["grid"] = _grid(jobs, group, domain, base["images"], images, out / "grids" / f"{slug(key)}.png", grid_rows)
+            res = {"metrics": m, "pred_object": j["pred_object"].tolist(), "pred_style": j["pred_style"].tolist()}
+            atomic_write_json({"config": _norm(cfg), "result": res}, path)
+        done[group] = res["metrics"]
+    bar_runs.close()
+
+    bpo, bps = base["pred_object"].tolist(), base["pred_style"].tolist()
+    per_run_base = {run_key(g): target_metrics(records(g, bpo, bps), g, domain) for g in all_groups}
+    n = len(jobs)
+    extra = ("frechet_object", "frechet_style")
+    results = {
+        "config": {"domain": domain, "targets": targets, "seeds": seeds, "templates": templates,
+                   "objects": list(dict.fromkeys(j.object for j in jobs)),
+                   "styles": list(dict.fromkeys(j.style for j in jobs)), "num_images_per_run": n,
+                   "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                   "checkpoint": None if checkpoint is None else str(checkpoint), "patch": _norm(patch_kwargs),
+                   "cra": "other-domain classifier accuracy on all images of the run (cra_rest: non-target images)"},
+        "baseline": {"object_acc": sum(int(p == j.object) for p, j in zip(bpo, jobs)) / n,
+                     "style_acc": sum(int(p == data.style_id(j.style)) for p, j in zip(bps, jobs)) / n, "images": n,
+                     "per_run": per_run_base, "mean": mean_metrics({k: per_run_base[k] for k in map(run_key, groups)})},
+        "per_target": {run_key(g): done[g] for g in groups},
+        "multi": {run_key(g): {**done[g], "n": len(g)} for g in multi_groups},
+    }
+    results["mean"] = mean_metrics(results["per_target"], METRICS + extra)
+    results["table"] = markdown_table(results)
+    results["files"] = {"json": str(out / RESULTS_FILE), "markdown": str(out / "results.md"),
+                        "baseline": str(out / BASELINE_FILE)}
+    atomic_write_json(results, out / RESULTS_FILE)
+    _atomic(out / "results.md", lambda tmp: Path(tmp).write_text(results["table"]))
+    if progress:
+        print(results["table"])
+    return results

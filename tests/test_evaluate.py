@@ -1,0 +1,271 @@
+"""The evaluation layer: UnlearnCanvas metrics, Frechet distance, the MiniCanvas protocol, the sweep, explain."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_sae
+from saeuron.concepts import ConceptTable
+from saeuron.evaluate.explain import explain
+from saeuron.evaluate.metrics import (Record, frechet_distance, frechet_distance_gaussians, target_metrics,
+                                      unlearning_metrics)
+from saeuron.evaluate.sweep import choose_rule, sweep
+from saeuron.evaluate.unlearn_eval import build_jobs, evaluate_unlearning
+from saeuron.minicanvas import build_classifier, data
+from saeuron.patch import get_patch
+
+UP = "up_blocks.1.attentions.1"  # 32 channels in the tiny pipeline
+TS = [667.0, 334.0, 1.0]
+
+
+# ---------------------------------------------------------------- metrics (numbers worked out by hand)
+
+def _records(targets, domain):
+    rows = [  # object, style, pred_object, pred_style
+        (0, 0, 0, 0),      # circle/stripes: style kept, object right
+        (1, 0, 1, 3),      # ring/stripes: style gone, object right
+        (0, 1, 2, 1),      # circle/checker: style right, object wrong
+        (1, None, 1, 10),  # ring/unstyled: "unstyled" (id 10) right, object right
+        (2, 1, 2, 0),      # square/checker: style wrong, object right
+    ]
+    return [Record(tuple(targets), domain, *r) for r in rows]
+
+
+def test_metrics_by_hand():
+    m = target_metrics(_records(["stripes"], "style"))
+    assert m["ua"] == pytest.approx(1 - 1 / 2)      # target images 1, 2: one still stripes
+    assert m["ira"] == pytest.approx(2 / 3)          # images 3, 4 right, 5 wrong
+    assert m["cra"] == pytest.approx(4 / 5)          # object right on all but image 3
+    assert m["cra_rest"] == pytest.approx(2 / 3)     # images 3, 4, 5
+    assert (m["n_target"], m["n_rest"]) == (2, 3)
+    o = target_metrics(_records(["ring"], "object"))
+    assert o["ua"] == 0.0                            # images 2, 4: both still rings
+    assert o["ira"] == pytest.approx(2 / 3)          # images 1, 5 right, 3 wrong
+    assert o["cra"] == pytest.approx(3 / 5)          # style right on images 1, 3, 4
+    multi = target_metrics(_records(["stripes", "checker"], "style"))
+    assert multi["ua"] == pytest.approx(0.5) and multi["ira"] == 1.0 and multi["n_target"] == 4
+    res = unlearning_metrics(_records(["stripes"], "style") + _records([1], "object"))
+    assert set(res["per_target"]) == {"stripes", "1"}
+    assert res["mean"]["ua"] == pytest.approx(0.25) and res["mean"]["cra"] == pytest.approx(0.7)
+    assert target_metrics(_records(["neon"], "style"))["ua"] is None  # no image of the target
+    with pytest.raises(ValueError, match="unknown domain"):
+        target_metrics(_records(["stripes"], "colour"))
+    with pytest.raises(ValueError, match="unknown style"):
+        target_metrics(_records(["vangogh"], "style"))
+
+
+def test_frechet_distance_closed_forms():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    shift = torch.randn(6, generator=g, dtype=torch.float64)
+    assert frechet_distance(a, a + shift) == pytest.approx(float(shift.double().pow(2).sum()), rel=1e-9)
+    b = torch.randn(40, 6, generator=g) * 2 + 1
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(b, a), rel=1e-9)
+    # 1-D: (m1 - m2)^2 + (s1 - s2)^2 with unbiased variances 5/3 and 10
+    x, y = torch.tensor([[1.0], [2.0], [3.0], [4.0]]), torch.tensor([[0.0], [2.0], [4.0], [6.0], [8.0]])
+    assert frechet_distance(x, y) == pytest.approx(1.5 ** 2 + ((5 / 3) ** 0.5 - 10 ** 0.5) ** 2, rel=1e-12)
+    # diagonal covariances: sum (sqrt(a) - sqrt(b))^2
+    va, vb = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 1.0, 16.0])
+    mu = torch.tensor([1.0, 0.0, -1.0])
+    assert frechet_distance_gaussians(mu, torch.diag(va), torch.zeros(3), torch.diag(vb)) == pytest.approx(2 + 3)
+    # general SPD: tr sqrt(S1 S2) from the (real, positive) eigenvalues of S1 S2
+    A, B = torch.randn(5, 5, generator=g).double(), torch.randn(5, 5, generator=g).double()
+    s1, s2 = A @ A.T + 0.1 * torch.eye(5, dtype=torch.float64), B @ B.T + 0.1 * torch.eye(5, dtype=torch.float64)
+    expect = float(s1.trace() + s2.trace() - 2 * torch.linalg.eigvals(s1 @ s2).real.sqrt().sum())
+    assert frechet_distance_gaussians(torch.zeros(5), s1, torch.zeros(5), s2) == pytest.approx(expect, rel=1e-8)
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance(a[:1], a)
+    with pytest.raises(ValueError, match="same d"):
+        frechet_distance(a, a[:, :3])
+
+
+# ---------------------------------------------------------------- the protocol on a tiny random pipeline
+
+@pytest.fixture(scope="module")
+def mc_pipe():
+    from saeuron.toy import tiny_pipeline
+
+    return tiny_pipeline(words=data.vocabulary())
+
+
+def _classifiers():
+    torch.manual_seed(5)
+    return {"object": build_classifier(len(data.OBJECTS), width=2, kind="object").eval(),
+            "style": build_classifier(len(data.STYLE_LABELS), width=2, kind="style").eval()}
+
+
+def _table(names, m=128, seed=0, **defaults):
+    g = torch.Generator().manual_seed(seed)
+    mu = {UP: torch.rand(len(names), len(TS), m, generator=g) * 1e-3}  # tiny thresholds: selected features fire
+    return ConceptTable(names, [3] * len(names), TS, mu, defaults=defaults or {"top_n": 16, "multiplier": -5.0})
+
+
+def _count_unet_calls(pipe):
+    calls = []
+    handle = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    return calls, handle
+
+
+def test_evaluate_unlearning_end_to_end_and_resume(mc_pipe, tmp_path):
+    saes, table = {UP: make_sae(32, 128, 4, seed=1)}, _table(["stripes", "checker"])
+    clfs = _classifiers()
+    kw = dict(saes=saes, table=table, domain="style", seeds=(188,), objects=["circle", "ring"],
+              styles=["stripes", "checker"], num_inference_steps=2, guidance_scale=5.0, batch_size=4, multi=2,
+              out_dir=tmp_path, progress=False)
+    res = evaluate_unlearning(mc_pipe, clfs, **kw)
+    assert list(res["per_target"]) == ["stripes", "checker"] and list(res["multi"]) == ["stripes", "stripes+checker"]
+    for m in list(res["per_target"].values()) + list(res["multi"].values()):
+        assert all(m[k] is None if m["n_rest"] == 0 and k in ("ira", "cra_rest") else 0.0 <= m[k] <= 1.0
+                   for k in ("ua", "ira", "cra", "cra_rest"))
+        assert m["frechet_object"] >= 0 and m["frechet_style"] >= 0
+        assert Image.open(m["grid"]).size[0] > 2 * 96
+    assert (res["per_target"]["stripes"]["n_target"], res["per_target"]["stripes"]["n_rest"]) == (2, 2)
+    assert (res["multi"]["stripes+checker"]["n_target"], res["multi"]["stripes+checker"]["n_rest"]) == (4, 0)
+    assert res["multi"]["stripes"]["n"] == 1 and res["multi"]["stripes+checker"]["n"] == 2
+    assert res["mean"]["ua"] == pytest.approx((res["per_target"]["stripes"]["ua"] + res["per_target"]["checker"]["ua"]) / 2)
+    assert 0 <= res["baseline"]["object_acc"] <= 1 and res["baseline"]["images"] == 4
+    assert res["per_target"]["stripes"]["frechet_object"] > 0  # the edit changed the images
+    run = json.loads((tmp_path / "runs" / "checker.json").read_text())["result"]  # wiring: predictions -> metrics
+    jobs = build_jobs(["circle", "ring"], ["stripes", "checker"], seeds=(188,))
+    recs = [Record(("checker",), "style", j.object, j.style, o, s)
+            for j, o, s in zip(jobs, run["pred_object"], run["pred_style"])]
+    assert {k: v for k, v in target_metrics(recs).items()} == {k: res["per_target"]["checker"][k] for k in
+                                                                ("ua", "ira", "cra", "cra_rest", "n_target", "n_rest")}
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["per_target"] == json.loads(json.dumps(res["per_target"]))
+    assert "| stripes |" in (tmp_path / "results.md").read_text()
+    assert get_patch(mc_pipe) is None
+
+    calls, h = _count_unet_calls(mc_pipe)
+    try:
+        again = evaluate_unlearning(mc_pipe, clfs, **kw)  # everything cached: no sampling at all
+        assert calls == [] and again["per_target"] == json.loads(json.dumps(res["per_target"]))
+        table.defaults["checker"]["multiplier"] = -10.0  # a changed default invalidates checker's runs only
+        evaluate_unlearning(mc_pipe, clfs, **kw)
+        assert len(calls) == 2 * 2  # 2 runs x 1 batch x 2 steps (CFG in the same call)
+    finally:
+        h.remove()
+    with pytest.raises(ValueError, match="no prompt holds the target"):
+        evaluate_unlearning(mc_pipe, clfs, **{**kw, "targets": ["stripes"], "styles": ["checker"]})
+    with pytest.raises(ValueError, match="not a MiniCanvas style"):
+        evaluate_unlearning(mc_pipe, clfs, **{**kw, "targets": ["circle"]})
+    with pytest.raises(TypeError, match="patch options"):
+        evaluate_unlearning(mc_pipe, clfs, **kw, multiplyer=-5)
+    with pytest.raises(ValueError, match="classifiers must be a dict"):
+        evaluate_unlearning(mc_pipe, {"object": clfs["object"]}, **kw)
+
+
+def test_build_jobs_templates_and_unstyled():
+    jobs = build_jobs(["circle"], ["stripes", None], seeds=(1, 2), templates=(0, 1))
+    assert len(jobs) == 2 * 2 * 2
+    assert {j.prompt for j in jobs} == {data.caption("circle", "stripes", 0), data.caption("circle", None, 0),
+                                        data.caption("circle", "stripes", 1), data.caption("circle", None, 1)}
+
+
+# ---------------------------------------------------------------- sweep
+
+def test_sweep_picks_best_and_writes_defaults(tmp_path):
+    table = _table(["stripes", "checker", "dots"])
+    table.save(tmp_path)
+    assert choose_rule(table) == "top_n"  # 128 latents: a 99.99 percentile keeps < 2 features
+    best = {"stripes": (4, -10.0), "checker": (1, -1.0)}
+    calls = []
+
+    def scorer(concept, rule, value, multiplier):
+        calls.append((concept, rule, value, multiplier))
+        hit = best.get(concept) == (value, multiplier)
+        return {"ua": 0.9 if hit else 0.5, "ira": 0.8 if hit else 0.5, "cra": 0.7}
+
+    res = sweep(checkpoint=tmp_path, concepts=["stripes", "checker"], scorer=scorer, progress=False)
+    assert len(calls) == 2 * 4 * 7
+    assert res["stripes"]["best"]["value"] == 4 and res["stripes"]["best"]["multiplier"] == -10.0
+    assert res["stripes"]["best"]["score"] == pytest.approx(0.85)
+    loaded = ConceptTable.load(tmp_path)
+    assert loaded.defaults["stripes"] == {"multiplier": -10.0, "percentile": None, "top_n": 4}
+    assert loaded.defaults["checker"] == {"multiplier": -1.0, "percentile": None, "top_n": 1}
+    assert loaded.defaults["dots"]["top_n"] == 16  # not swept: unchanged
+    assert len(loaded.metadata["sweep"]["stripes"]["grid"]) == 28
+    assert loaded.select(UP, "stripes")[0].numel() <= 4  # the stored default is what selection now uses
+
+    calls.clear()
+    sweep(checkpoint=tmp_path, concepts=["stripes", "checker"], scorer=scorer, progress=False)
+    assert calls == []  # same grid and seeds: resumed from the concept file
+    tie = sweep(table=_table(["stripes"]), scorer=lambda *a: {"ua": 0.5, "ira": 0.5}, rule="percentile",
+                multipliers=(-1, -5), progress=False)
+    assert (tie["stripes"]["best"]["value"], tie["stripes"]["best"]["multiplier"]) == (99.99, -1.0)  # ties: first
+    with pytest.raises(ValueError, match="disjoint"):
+        sweep(checkpoint=tmp_path, scorer=scorer, seeds=(1, 188), progress=False)
+
+
+def test_sweep_default_scorer_on_tiny_pipeline(mc_pipe):
+    table = _table(["stripes", "checker"])
+    res = sweep(mc_pipe, _classifiers(), saes={UP: make_sae(32, 128, 4, seed=1)}, table=table, concepts="stripes",
+                seeds=(1,), multipliers=(-1.0, -5.0), top_ns=(1,), objects=["circle"], styles=["stripes", "checker"],
+                num_inference_steps=2, guidance_scale=5.0, progress=False)
+    grid = res["stripes"]["grid"]
+    assert [(r["value"], r["multiplier"]) for r in grid] == [(1, -1.0), (1, -5.0)]
+    assert all(r["ua"] in (0.0, 1.0) and r["ira"] in (0.0, 1.0) for r in grid)  # one target and one other image
+    assert table.defaults["stripes"]["top_n"] == 1 and get_patch(mc_pipe) is None
+
+
+# ---------------------------------------------------------------- explain
+
+def test_explain_writes_png_and_html(tiny_pipe, tmp_path):
+    table = ConceptTable(["cat", "dog"], [2, 2], TS, {UP: torch.rand(2, len(TS), 128) * 1e-3},
+                         defaults={"top_n": 3, "multiplier": -5.0})
+    res = explain(tiny_pipe, None, "cat", tmp_path, saes={UP: make_sae(32, 128, 4, seed=1)}, table=table,
+                  prompts=["a cat", "a cat in cartoon style"], other_prompts=["a dog"], seeds=(0,),
+                  top_features=2, top_images=2, num_inference_steps=2, guidance_scale=5.0, progress=False)
+    im = Image.open(res["png"])
+    assert im.size[0] >= 600 and im.size[1] >= 400
+    assert len(res["features"]) == 2 and res["num_selected"] >= 3
+    for f in res["features"]:
+        acts = [t["activation"] for t in f["top_images"]]
+        assert len(acts) == 2 and acts == sorted(acts, reverse=True) and f["effect"] >= 0
+        assert f["steps_selected"] >= 1
+    assert res["effect_all"] > 0  # the full edit changes the concept's images
+    html = (tmp_path / "index.html").read_text()
+    assert "explain_cat.png" in html and all(Image.open(p).size[0] > 0 for p in res["feature_pngs"])
+    assert json.loads((tmp_path / "explain_cat.json").read_text())["concept"] == "cat"
+    assert get_patch(tiny_pipe) is None
+    with pytest.raises(ValueError, match="not a MiniCanvas object or style"):
+        explain(tiny_pipe, None, "dog", tmp_path, saes={UP: make_sae(32, 128, 4, seed=1)}, table=table)
+
+
+# ---------------------------------------------------------------- command line
+
+@pytest.mark.parametrize("argv", [["explain"], ["sweep"], ["minicanvas", "eval"]])
+def test_cli_help(argv, capsys):
+    from saeuron.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0 and "usage: saeuron " + " ".join(argv) in capsys.readouterr().out
+
+
+def test_cli_explain_sweep_and_minicanvas_eval(mc_pipe, tmp_path, capsys):
+    from saeuron.cli import main
+    from saeuron.minicanvas import save_classifier
+
+    model, ckpt, clf = tmp_path / "model", tmp_path / "ckpt", tmp_path / "clf"
+    mc_pipe.save_pretrained(model)
+    make_sae(32, 128, 4, seed=1).save(ckpt / UP)
+    _table(["stripes", "checker"]).save(ckpt)
+    for kind, m in _classifiers().items():
+        save_classifier(m, clf / kind)
+    common = ["--model", str(model), "--checkpoint", str(ckpt), "--steps", "2", "--guidance", "5", "--device", "cpu"]
+    main(["explain", *common, "--concept", "stripes", "--out", str(tmp_path / "ex"), "--top-features", "1",
+          "--top-images", "1"])
+    assert (tmp_path / "ex" / "explain_stripes.png").is_file() and "explanation:" in capsys.readouterr().out
+    main(["sweep", *common, "--classifiers", str(clf), "--concepts", "checker", "--seeds", "3", "--objects", "circle",
+          "--styles", "stripes", "checker", "--multipliers", "-2", "--top-ns", "2"])
+    assert "| checker | top_n | 2 | -2 |" in capsys.readouterr().out
+    assert ConceptTable.load(ckpt).defaults["checker"] == {"multiplier": -2.0, "percentile": None, "top_n": 2}
+
+    main(["minicanvas", "eval", *common, "--classifiers", str(clf), "--targets", "checker", "--seeds", "188",
+          "--objects", "circle", "--styles", "checker", "unstyled", "--out", str(tmp_path / "ev")])
+    res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert res["per_target"]["checker"]["n_target"] == 1 and res["per_target"]["checker"]["n_rest"] == 1
+    assert res["config"]["targets"] == ["checker"] and "| checker |" in capsys.readouterr().out
