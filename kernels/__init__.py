@@ -1,0 +1,14 @@
+"""Triton backend for :mod:`saeuron.ops`: fused encoder top-k, sparse decode, the in-place edit, training ops.
+
+Runs compiled on GPUs, or on the CPU through Triton's interpreter when ``TRITON_INTERPRET=1`` is set
+before import (slow; for tests). Same signatures and semantics as :mod:`saeuron.reference`.
+One file per op; this module only re-exports.
+"""
+from ._common import INTERPRET, supports
+from .edit import edit_
+from .sparse_decode import sparse_decode
+from .topk_encode import topk_encode
+from .training import gather_encode, gather_encode_bwd, sparse_decode_bwd
+
+__all__ = ["INTERPRET", "supports", "topk_encode", "sparse_decode", "edit_", "gather_encode", "gather_encode_bwd",
+           "sparse_decode_bwd"]
