@@ -104,6 +104,48 @@ def _warn_once(key, msg):
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
+def _selfcheck(fn, op: str, device: torch.device) -> Optional[str]:
+    """Run ``fn`` once on small random fp16 inputs and compare with the reference; the reason if it differs.
+
+    Run once per backend, op and GPU before a compiled kernel is trusted with real work, so a kernel that
+    is wrong on this device (driver, architecture) falls back instead of silently corrupting images.
+    """
+    g = torch.Generator().manual_seed(1234)
+    n, d, m, k, dt = 37, 64, 384, 8, torch.float16
+    r = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).to(device, dt)  # noqa: E731
+    x, W_enc, b_enc, b_dec, W_dec = r(n, d), r(m, d, sc=d ** -0.5), r(m, sc=0.1), r(d, sc=0.1), r(m, d, sc=0.2)
+    _, idx = reference.topk_encode(x, W_enc, b_enc, b_dec, k)
+    vals = reference.gather_encode(x, W_enc, b_enc, b_dec, idx)
+    gv = r(n, k)
+    feat = idx[:3, 0][None]
+    tau, scale = torch.zeros(1, 3, device=device), torch.full((1, 3), -2.0, device=device)
+    cases = {
+        "topk_encode": lambda f: (f(x, W_enc, b_enc, b_dec, k)[0], reference.topk_encode(x, W_enc, b_enc, b_dec, k)[0]),
+        "sparse_decode": lambda f: (f(vals, idx, W_dec, b_dec, x), reference.sparse_decode(vals, idx, W_dec, b_dec, x)),
+        "gather_encode": lambda f: (f(x, W_enc, b_enc, b_dec, idx), vals),
+        "gather_encode_bwd": lambda f: (torch.cat([t.float().flatten() for t in f(gv, x, W_enc, b_dec, idx, vals)]),
+                                        torch.cat([t.float().flatten() for t in reference.gather_encode_backward(
+                                            gv, x, W_enc, b_dec, idx, vals)])),
+        "sparse_decode_bwd": lambda f: (torch.cat([t.float().flatten() for t in f(x, vals, idx, W_dec)]),
+                                        torch.cat([t.float().flatten() for t in reference.sparse_decode_backward(
+                                            x, vals, idx, W_dec)])),
+        "edit_": lambda f: (_run_edit(f, x, W_enc, b_enc, b_dec, W_dec, k, feat, tau, scale),
+                            _run_edit(reference.edit_, x, W_enc, b_enc, b_dec, W_dec, k, feat, tau, scale)),
+    }
+    try:
+        got, want = cases[op](fn)
+        err = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-6))
+        return None if err < 2e-2 else f"self-check against the reference failed (relative error {err:.3g})"
+    except Exception as e:  # noqa: BLE001  any failure means: do not use this kernel here
+        return f"self-check raised {type(e).__name__}: {e}"
+
+
+def _run_edit(fn, x, *args):
+    y = x.clone()
+    fn(y, *args, x.shape[0])
+    return y
+
+
 def backend_for(op: str, device: torch.device) -> str:
     """Name of the backend that runs ``op`` for tensors on ``device``."""
     key = (op, device.type, requested_backend())
@@ -113,6 +155,11 @@ def backend_for(op: str, device: torch.device) -> str:
     for i, name in enumerate(cands):
         mod = _load(name)
         if mod is not None and hasattr(mod, op) and mod.supports(op, device):
+            if device.type == "cuda" and name != "torch":
+                why = _selfcheck(getattr(mod, op), op, device)
+                if why is not None:
+                    _load_errors[name] = f"{op}: {why}"
+                    continue
             if i > 0:
                 why = "; ".join(f"{c}: {_load_errors.get(c, 'does not implement ' + op + ' on ' + device.type)}" for c in cands[:i])
                 _warn_once(("fallback",) + cands[:i] + (device.type,),

@@ -117,3 +117,40 @@ def test_backend_override(monkeypatch):
     monkeypatch.setenv("SAEURON_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="valid: cuda, triton, torch"):
         ops.backend_for("edit_", torch.device("cpu"))
+
+
+def test_gpu_selfcheck_accepts_reference_and_rejects_wrong_kernels():
+    """The first-use check that guards compiled kernels on GPUs (run here on CPU tensors)."""
+    cpu = torch.device("cpu")
+    impls = {"topk_encode": reference.topk_encode, "sparse_decode": reference.sparse_decode,
+             "gather_encode": reference.gather_encode, "gather_encode_bwd": reference.gather_encode_backward,
+             "sparse_decode_bwd": reference.sparse_decode_backward, "edit_": reference.edit_}
+    for op, fn in impls.items():
+        assert ops._selfcheck(fn, op, cpu) is None, op
+
+    def wrong_decode(values, indices, W_dec, b_dec=None, residual=None):
+        return reference.sparse_decode(values, indices, W_dec, b_dec, residual) * 1.1
+
+    def broken_edit(x, *args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    assert "relative error" in ops._selfcheck(wrong_decode, "sparse_decode", cpu)
+    assert "no kernel image" in ops._selfcheck(broken_edit, "edit_", cpu)
+
+
+def test_ops_trace_into_one_graph_under_torch_compile():
+    """Custom ops with fake implementations: fullgraph capture works (aot_eager keeps it fast on CPU)."""
+    d, m, k = 16, 64, 4
+    W_enc, b_enc, b_dec, W_dec = _weights(d, m)
+    x = torch.randn(2, d, 3, 5)
+    feat, tau, scale = torch.tensor([[1, 5, 9]]), torch.zeros(1, 3), torch.full((1, 3), -2.0)
+
+    def step(x):
+        y = ops.edit(x, W_enc, b_enc, b_dec, W_dec, k, feat, tau, scale, 15)
+        vals, idx = ops.topk_encode(reference.as_tokens(y), W_enc, b_enc, b_dec, k)
+        return y, ops.sparse_decode(vals, idx, W_dec, b_dec)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for got, want in zip(compiled(x), step(x)):
+        torch.testing.assert_close(got, want)
