@@ -50,9 +50,30 @@ def _check_domain(domain: str) -> str:
     return domain
 
 
-def target_ids(targets, domain: str) -> tuple:
+def label_id_fn(domain: str, labels=None):
+    """A name/id -> label id function for ``domain``, over MiniCanvas labels or ``labels`` (another benchmark's).
+
+    ``labels``: None (MiniCanvas) or ``{"style": names, "object": names}``, e.g. UnlearnCanvas' classes in
+    the order of the classifier heads; a style of None (unstyled) is then ``len(labels["style"])``.
+    """
+    if labels is None:
+        return data.style_id if _check_domain(domain) == "style" else data.object_id
+    names = list(labels[_check_domain(domain)])
+
+    def conv(x):
+        if x is None and domain == "style":
+            return len(names)
+        if isinstance(x, int) and not isinstance(x, bool) and 0 <= x < len(names):
+            return x
+        if isinstance(x, str) and x in names:
+            return names.index(x)
+        raise ValueError(f"unknown {domain} {x!r}; valid: {', '.join(names)} (or 0..{len(names) - 1})")
+    return conv
+
+
+def target_ids(targets, domain: str, labels=None) -> tuple:
     """Label ids of target names/ids in ``domain`` (styles map ``None``/"unstyled" to ``len(STYLES)``)."""
-    conv = data.style_id if _check_domain(domain) == "style" else data.object_id
+    conv = label_id_fn(domain, labels)
     targets = (targets,) if isinstance(targets, (str, int)) else tuple(targets)
     if not targets:
         raise ValueError("a run needs at least one target")
@@ -69,10 +90,11 @@ def _acc(pred: list, true: list) -> Optional[float]:
     return sum(int(p == t) for p, t in zip(pred, true)) / len(true) if true else None
 
 
-def target_metrics(records, targets=None, domain: Optional[str] = None) -> dict:
+def target_metrics(records, targets=None, domain: Optional[str] = None, labels=None) -> dict:
     """UA, IRA, CRA and cra_rest (see the module docstring) of one run's records, plus the image counts.
 
-    ``targets``/``domain`` default to those of the records, which must then all agree.
+    ``targets``/``domain`` default to those of the records, which must then all agree. ``labels``:
+    None for MiniCanvas ids, or ``{"style": names, "object": names}`` (see :func:`label_id_fn`).
     """
     records = list(records)
     if targets is None or domain is None:
@@ -81,9 +103,10 @@ def target_metrics(records, targets=None, domain: Optional[str] = None) -> dict:
             raise ValueError(f"records of {len(runs)} runs given; pass targets= and domain= or one run's records")
         t0, d0 = next(iter(runs))
         targets, domain = t0 if targets is None else targets, d0 if domain is None else domain
-    ids = set(target_ids(targets, domain))
+    ids = set(target_ids(targets, domain, labels))
     same, other = ("style", "object") if domain == "style" else ("object", "style")
-    truth = {"object": lambda r: r.object, "style": lambda r: data.style_id(r.style)}
+    sid = label_id_fn("style", labels)
+    truth = {"object": lambda r: r.object, "style": lambda r: sid(r.style)}
     pred = {"object": lambda r: r.pred_object, "style": lambda r: r.pred_style}
     hit = [truth[same](r) in ids for r in records]
     tgt = [r for r, h in zip(records, hit) if h]
@@ -105,13 +128,13 @@ def mean_metrics(per_target: dict, keys=METRICS) -> dict:
     return out
 
 
-def unlearning_metrics(records) -> dict:
+def unlearning_metrics(records, labels=None) -> dict:
     """``{"per_target": {run key: metrics}, "mean": {metric: mean over runs}}`` of records of any number of runs."""
     groups: dict = {}
     for r in records:
         _check_domain(r.domain)
         groups.setdefault((tuple(r.targets), r.domain), []).append(r)
-    per = {run_key(t): target_metrics(rs, t, d) for (t, d), rs in groups.items()}
+    per = {run_key(t): target_metrics(rs, t, d, labels) for (t, d), rs in groups.items()}
     return {"per_target": per, "mean": mean_metrics(per)}
 
 
