@@ -39,6 +39,12 @@ def load_pipeline(model: str, device=None, dtype=None):
     kw = {"torch_dtype": dtype} if dtype is not None else {}
     if Path(model).exists() and not (Path(model) / "model_index.json").is_file():
         raise SystemExit(f"{model} is not a diffusers pipeline folder (no model_index.json)")
+    index = Path(model) / "model_index.json"
+    if index.is_file() and json.loads(index.read_text()).get("_class_name") == "MiniCanvasPipeline":
+        from .minicanvas.model import load_pipeline as load_minicanvas  # not a diffusers class: load it ourselves
+
+        kw = {"dtype": dtype} if dtype is not None else {}  # default fp32, not the fp16 it ships in
+        return load_minicanvas(model, _device(device), **kw)
     pipe = DiffusionPipeline.from_pretrained(model, **kw)
     for attr in ("safety_checker",):
         if getattr(pipe, attr, None) is not None:
@@ -144,6 +150,352 @@ def cmd_demo(a):
     run_demo(a.out, quick=a.quick)
 
 
+# --------------------------------------------------------------------------- minicanvas: train, build
+
+def cmd_minicanvas_train(a):
+    from .minicanvas.train_model import train_model
+
+    train_model(a.out, a.config, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=a.device,
+                resume=not a.no_resume, cfg_dropout=a.cfg_dropout, ema=not a.no_ema, save_every=a.save_every,
+                pool_size=a.pool_size, amp=a.amp, compile=a.compile, num_threads=a.threads,
+                save_dtype=_dtype("fp16") if a.fp16 else None)
+    print(f"pipeline in {Path(a.out) / 'pipeline'}; training state in {a.out} (rerun to resume or extend --steps)")
+
+
+def cmd_minicanvas_build(a):
+    from .minicanvas.build import build_defaults, cli_command
+    from .minicanvas.defaults import assets_dir
+
+    build_defaults(a.out or assets_dir(), a.config, seed=a.seed, work_dir=a.work, device=a.device,
+                   command=cli_command(), num_threads=a.threads, stages=a.stages)
+
+
+def add_minicanvas_parser(sub):
+    """``saeuron minicanvas train|build`` (and ``eval``): the offline MiniCanvas world."""
+    mc = sub.add_parser("minicanvas", help="the offline MiniCanvas world: train its model, build the shipped defaults")
+    mcs = mc.add_subparsers(dest="minicanvas_cmd", required=True)
+    s = mcs.add_parser("train", help="train the MiniCanvas text-to-image model (resumes from --out)")
+    s.add_argument("--out", required=True, help="training folder: state, metrics.jsonl, pipeline/")
+    s.add_argument("--config", default="cpu", choices=["micro", "cpu", "gpu"], help="model size (default cpu)")
+    s.add_argument("--steps", type=int, default=None, help="total optimiser steps (default: per config)")
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None)
+    s.add_argument("--cfg-dropout", type=float, default=0.1, help="share of empty captions (for CFG)")
+    s.add_argument("--no-ema", action="store_true")
+    s.add_argument("--save-every", type=int, default=250, help="checkpoint every n steps")
+    s.add_argument("--pool-size", type=int, default=None, help="pre-rendered images on the device (0: render per step)")
+    s.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="autocast (default bf16 on CUDA)")
+    s.add_argument("--compile", action="store_true", help="torch.compile the UNet (CUDA)")
+    s.add_argument("--fp16", action="store_true", help="save the final pipeline in fp16")
+    s.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.set_defaults(fn=cmd_minicanvas_train)
+
+    s = mcs.add_parser("build", help="produce every shipped default (classifiers, model, gates, SAE, concept file)")
+    s.add_argument("--out", default=None, help="default: the package's saeuron/minicanvas/assets")
+    s.add_argument("--work", default="build/minicanvas_work", help="unshipped state (checkpoints, activations); resume")
+    s.add_argument("--config", default="cpu", choices=["micro", "cpu", "gpu"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None)
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--stages", nargs="+", default=["classifiers", "model", "gates", "collect", "sae", "concepts"],
+                   help="run only these stages (their predecessors must be done)")
+    s.set_defaults(fn=cmd_minicanvas_build)
+    add_minicanvas_eval_parser(mcs)  # `saeuron minicanvas eval` (saeuron.evaluate)
+    return mc
+
+
+# --------------------------------------------------------------------------- evaluation: explain, sweep, minicanvas eval
+
+def _eval_pipeline(model, device=None, dtype=None):
+    """The pipeline to evaluate: the shipped MiniCanvas model for None/"minicanvas", else a pipeline folder."""
+    if model in (None, "minicanvas"):
+        from .minicanvas import defaults
+
+        return defaults.load_pipeline(_device(device), _dtype(dtype))
+    return load_pipeline(model, device, _dtype(dtype))
+
+
+def _eval_checkpoint(checkpoint, model):
+    """``--checkpoint``, or the shipped MiniCanvas checkpoint when evaluating the shipped model."""
+    if checkpoint is not None:
+        return checkpoint
+    if model not in (None, "minicanvas"):
+        raise SystemExit("--checkpoint is required with a --model other than the shipped MiniCanvas one")
+    from .minicanvas import defaults
+
+    return defaults.checkpoint_dir()
+
+
+def _eval_classifiers(path, device=None):
+    """``{"object", "style"}`` MiniCanvas classifiers from ``path`` (default: the shipped ones)."""
+    from .minicanvas import defaults, load_classifiers
+
+    return defaults.load_classifiers(_device(device)) if path is None else load_classifiers(path, _device(device))
+
+
+def _prompt_list(path):
+    """A prompt file as a flat list (a {concept: [prompts]} file is flattened); None when no file is given."""
+    if not path:
+        return None
+    prompts = read_prompts(path)
+    return [p for ps in prompts.values() for p in ps] if isinstance(prompts, dict) else prompts
+
+
+def _styles(values):
+    """``--styles`` values with "unstyled"/"none" meaning the unstyled prompt."""
+    return None if values is None else [None if v.lower() in ("unstyled", "none") else v for v in values]
+
+
+def cmd_explain(a):
+    from .evaluate.explain import explain
+
+    pipe = _eval_pipeline(a.model, a.device, a.dtype)
+    res = explain(pipe, _eval_checkpoint(a.checkpoint, a.model), a.concept, a.out,
+                  prompts=_prompt_list(a.prompts), other_prompts=_prompt_list(a.other_prompts), seeds=a.seeds,
+                  hookpoint=a.hookpoint, top_features=a.top_features, top_images=a.top_images,
+                  percentile=a.percentile, top_n=a.top_n, multiplier=a.multiplier, num_inference_steps=a.steps,
+                  guidance_scale=a.guidance, batch_size=a.batch_size)
+    print(f"explanation: {res['png']} (and {res['html']})")
+
+
+def cmd_sweep(a):
+    from .evaluate.sweep import MULTIPLIERS, PERCENTILES, TOP_NS, sweep
+
+    pipe = _eval_pipeline(a.model, a.device, a.dtype)
+    sweep(pipe, _eval_classifiers(a.classifiers, a.device), _eval_checkpoint(a.checkpoint, a.model),
+          concepts=a.concepts, domain=a.domain, seeds=a.seeds, rule=a.rule, multipliers=a.multipliers or MULTIPLIERS,
+          percentiles=a.percentiles or PERCENTILES, top_ns=a.top_ns or TOP_NS, objects=a.objects,
+          styles=_styles(a.styles), num_inference_steps=a.steps, guidance_scale=a.guidance, batch_size=a.batch_size,
+          save_to=a.save_to, resume=not a.no_resume)
+
+
+def cmd_minicanvas_eval(a):
+    """``saeuron minicanvas eval``: the UnlearnCanvas protocol on a MiniCanvas pipeline (shipped defaults by default)."""
+    from .evaluate.unlearn_eval import evaluate_unlearning
+
+    pipe = _eval_pipeline(a.model, a.device, a.dtype)
+    kw = {k: v for k, v in (("multiplier", _per_concept(a.multiplier)), ("percentile", _per_concept(a.percentile)),
+                            ("top_n", a.top_n)) if v is not None}
+    res = evaluate_unlearning(pipe, _eval_classifiers(a.classifiers, a.device), _eval_checkpoint(a.checkpoint, a.model),
+                              targets=a.targets, domain=a.domain, seeds=a.seeds, templates=a.templates,
+                              objects=a.objects, styles=_styles(a.styles), num_inference_steps=a.steps,
+                              guidance_scale=a.guidance, batch_size=a.batch_size, multi=a.multi, out_dir=a.out,
+                              resume=not a.no_resume, **kw)
+    print(f"results: {res['files']['json']}")
+
+
+def _eval_model_args(s):
+    s.add_argument("--model", default="minicanvas", help="pipeline folder, or 'minicanvas' for the shipped model")
+    s.add_argument("--checkpoint", default=None, help="SAEs + concept file (default: the shipped MiniCanvas one)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: as saved)")
+    s.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    s.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    s.add_argument("--batch-size", type=int, default=16, help="prompts per pipeline call")
+
+
+def _grid_args(s, seeds):
+    s.add_argument("--classifiers", default=None, help="folder with object/ and style/ classifiers (default: shipped)")
+    s.add_argument("--domain", default="style", choices=["style", "object"])
+    s.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    s.add_argument("--objects", nargs="+", default=None, help="prompt objects (default: all)")
+    s.add_argument("--styles", nargs="+", default=None, help="prompt styles, 'unstyled' included (default: all)")
+    s.add_argument("--no-resume", action="store_true", help="recompute everything instead of reusing cached results")
+
+
+def add_explain_parser(sub):
+    """``saeuron explain``: selected features, where they fire and what editing each does, as a PNG."""
+    s = sub.add_parser("explain", help="PNG + HTML: a concept's features per timestep, activation maps, edit effects")
+    _eval_model_args(s)
+    s.add_argument("--concept", required=True)
+    s.add_argument("--out", required=True, help="folder for explain_<concept>.png and index.html")
+    s.add_argument("--prompts", default=None, help="prompt file holding the concept (default: MiniCanvas captions)")
+    s.add_argument("--other-prompts", default=None, help="prompt file without the concept")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0])
+    s.add_argument("--hookpoint", default=None, help="default: the first with an SAE and statistics")
+    s.add_argument("--top-features", type=int, default=8)
+    s.add_argument("--top-images", type=int, default=4)
+    s.add_argument("--percentile", type=float, default=None, help="default: the concept file's")
+    s.add_argument("--top-n", type=int, default=None)
+    s.add_argument("--multiplier", type=float, default=None)
+    s.set_defaults(fn=cmd_explain)
+    return s
+
+
+def add_sweep_parser(sub):
+    """``saeuron sweep``: per-concept rule x multiplier search, stored as the concept file's defaults."""
+    s = sub.add_parser("sweep", help="per-concept percentile/top_n x multiplier search maximising (UA+IRA)/2")
+    _eval_model_args(s)
+    _grid_args(s, (1, 2))
+    s.add_argument("--concepts", nargs="+", default=None, help="default: every concept of the domain")
+    s.add_argument("--rule", default="auto", choices=["auto", "percentile", "top_n"])
+    s.add_argument("--multipliers", type=float, nargs="+", default=None, help="default -1 -5 -10 ... -30")
+    s.add_argument("--percentiles", type=float, nargs="+", default=None, help="default 99.99 99.995 99.999")
+    s.add_argument("--top-ns", type=int, nargs="+", default=None, help="default 1 2 4 8")
+    s.add_argument("--save-to", default=None, help="folder for the updated concept file (default: --checkpoint)")
+    s.set_defaults(fn=cmd_sweep)
+    return s
+
+
+def add_minicanvas_eval_parser(subparsers):
+    """``eval`` under ``saeuron minicanvas``: UA/IRA/CRA, Frechet distance, grids, resumable."""
+    from .evaluate.common import EVAL_SEEDS
+
+    s = subparsers.add_parser("eval", help="UnlearnCanvas protocol: UA/IRA/CRA per target, grids, JSON + markdown")
+    _eval_model_args(s)
+    _grid_args(s, EVAL_SEEDS)
+    s.add_argument("--targets", nargs="+", default=None, help="default: every concept of the domain")
+    s.add_argument("--templates", type=int, nargs="+", default=[0], help="0 = training caption, 1 2 = paraphrases")
+    s.add_argument("--multi", type=int, default=None, help="also unlearn the first 1..n targets at once")
+    s.add_argument("--out", default="minicanvas_eval")
+    s.add_argument("--multiplier", nargs="*", default=None, help="-1 or NAME=-5 ... (default: concept file)")
+    s.add_argument("--percentile", nargs="*", default=None, help="99.99 or NAME=99.999 ...")
+    s.add_argument("--top-n", type=int, default=None)
+    s.set_defaults(fn=cmd_minicanvas_eval)
+    return s
+
+
+# --------------------------------------------------------------------------- attack (UnlearnDiffAtk-style)
+
+def cmd_attack(a):
+    """Attack the patched pipeline; write adversarial PNGs, attack.json and the prefix (safetensors)."""
+    from .evaluate.attack import attack, generate_adversarial, image_size, load_images
+    from .images import save_png
+    from .patch import patched
+    from .utils import atomic_save_file, atomic_write_json
+
+    pipe = _eval_pipeline(a.model, a.device, a.dtype)
+    images = load_images(a.target_images, image_size(pipe))
+    out = Path(a.out)
+    with patched(pipe, a.concept, _eval_checkpoint(a.checkpoint, a.model), multiplier=_per_concept(a.multiplier),
+                 percentile=_per_concept(a.percentile)):
+        res = attack(pipe, a.prompt, images, num_prefix_tokens=a.prefix_tokens, iterations=a.iterations, lr=a.lr,
+                     weight_decay=a.weight_decay, seed=a.seed, timesteps=a.timesteps, project=a.project)
+        ims = generate_adversarial(pipe, res, a.seeds, num_inference_steps=a.steps, guidance_scale=a.guidance)
+    paths = [str(save_png(im, out / f"adversarial_seed{s}.png")) for s, im in zip(a.seeds, ims)]
+    atomic_save_file({"prefix_embeddings": res.prefix_embeddings.contiguous(),
+                      "adversarial_prompt_embeds": res.adversarial_prompt_embeds.float().cpu().contiguous()},
+                     out / "adversarial_prompt.safetensors")
+    atomic_write_json(dict(res.to_json(), concept=a.concept, images=paths), out / "attack.json")
+    print(f"final loss {res.loss_history[-1]:.4f}; {len(paths)} images and attack.json in {out}")
+
+
+def add_attack_parser(sub):
+    """``saeuron attack``: optimise a 5-token prefix against the unlearned pipeline, sample with it."""
+    s = sub.add_parser("attack", help="UnlearnDiffAtk-style prefix attack on the unlearned pipeline: images + JSON")
+    s.add_argument("--model", required=True, help="pipeline folder (SD or MiniCanvas), or 'minicanvas' for the shipped one")
+    s.add_argument("--checkpoint", default=None, help="folder with SAEs and the concept file")
+    s.add_argument("--concept", nargs="+", required=True, help="concept(s) unlearned by the patch")
+    s.add_argument("--prompt", required=True, help="the prompt the prefix is prepended to")
+    s.add_argument("--target-images", required=True, help="folder or glob of images of the erased concept")
+    s.add_argument("--out", required=True)
+    s.add_argument("--prefix-tokens", type=int, default=5)
+    s.add_argument("--iterations", type=int, default=40)
+    s.add_argument("--lr", type=float, default=0.01)
+    s.add_argument("--weight-decay", type=float, default=0.1)
+    s.add_argument("--timesteps", default="train", choices=["train", "inference"], help="pool t is drawn from")
+    s.add_argument("--project", action="store_true", help="hard prompt: evaluate at the nearest vocabulary tokens")
+    s.add_argument("--seeds", type=int, nargs="+", default=[188, 288, 588, 688, 888])
+    s.add_argument("--steps", type=int, default=None, help="denoising steps for the adversarial images (default: the pipeline's)")
+    s.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    s.add_argument("--multiplier", nargs="*", default=None, help="-1 or NAME=-5 ... (default: concept file)")
+    s.add_argument("--percentile", nargs="*", default=None, help="99.99 or NAME=99.999 ...")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default=None)
+    s.add_argument("--dtype", default=None)
+    s.set_defaults(fn=cmd_attack)
+    return s
+
+
+# --------------------------------------------------------------------------- unlearncanvas: the real benchmark, staged
+
+def _uc_patch_kwargs(a) -> dict:
+    return {k: v for k, v in (("multiplier", _per_concept(a.multiplier)), ("percentile", _per_concept(a.percentile)),
+                              ("top_n", a.top_n)) if v is not None}
+
+
+def cmd_unlearncanvas_generate(a):
+    """``saeuron unlearncanvas generate``: create/check the run config, then write every missing image."""
+    from .evaluate.unlearncanvas import generate_images, init_run
+
+    cfg = init_run(a.run, model=a.model, checkpoint=a.checkpoint, labels=a.labels, domain=a.domain,
+                   targets=a.targets, seeds=a.seeds, steps=a.steps, guidance=a.guidance, height=a.height,
+                   width=a.width, **_uc_patch_kwargs(a))
+    written = generate_images(a.run, lambda: load_pipeline(cfg["model"], a.device, _dtype(a.dtype)),
+                              targets=a.targets, original=a.original, batch_size=a.batch_size, progress=not a.quiet)
+    print(f"{sum(written.values())} images written in {Path(a.run) / 'images'} ({len(written)} folders; "
+          "existing images kept)")
+
+
+def cmd_unlearncanvas_classify(a):
+    """``saeuron unlearncanvas classify``: predictions of the style and object classifiers, per target."""
+    from .evaluate.unlearncanvas import classify_run
+
+    status = classify_run(a.run, a.arch, classifier=a.classifier, style_classifier=a.style_classifier,
+                          object_classifier=a.object_classifier, device=_device(a.device), batch_size=a.batch_size,
+                          image_size=a.image_size, progress=not a.quiet)
+    for folder, st in status.items():
+        print(f"{folder}: {st}")
+
+
+def cmd_unlearncanvas_report(a):
+    """``saeuron unlearncanvas report``: the UA/IRA/CRA table (results.json, results.md)."""
+    from .evaluate.unlearncanvas import report
+
+    report(a.run, progress=not a.quiet)
+    print(f"results: {Path(a.run) / 'results.json'} and results.md")
+
+
+def add_unlearncanvas_parser(sub):
+    """``saeuron unlearncanvas generate|classify|report``: UnlearnCanvas on local files, one command per stage."""
+    uc = sub.add_parser("unlearncanvas", help="the UnlearnCanvas protocol on a local model and classifiers, by stage")
+    ucs = uc.add_subparsers(dest="unlearncanvas_cmd", required=True)
+    s = ucs.add_parser("generate", help="images of every prompt x seed with each target unlearned (resumes)")
+    s.add_argument("--run", required=True, help="run folder (config.json, images/, predictions/, results)")
+    s.add_argument("--model", default=None, help="UnlearnCanvas SD1.5 pipeline folder (new runs)")
+    s.add_argument("--checkpoint", default=None, help="SAeUron checkpoint: SAEs + concept file (new runs)")
+    s.add_argument("--labels", default=None, help='JSON {"styles": [...], "objects": [...], "template": "..."} '
+                                                  "in classifier class order (default: built-in lists)")
+    s.add_argument("--domain", default=None, choices=["style", "object"], help="what is unlearned (default style)")
+    s.add_argument("--targets", nargs="+", default=None, help="targets to generate (default: all of the run)")
+    s.add_argument("--seeds", type=int, nargs="+", default=None, help="default 188 288 588 688 888")
+    s.add_argument("--steps", type=int, default=None, help="denoising steps (default 100)")
+    s.add_argument("--guidance", type=float, default=None, help="CFG scale (default 9.0)")
+    s.add_argument("--height", type=int, default=None)
+    s.add_argument("--width", type=int, default=None)
+    s.add_argument("--multiplier", nargs="*", default=None, help="-1 or NAME=-5 ... (default: concept file)")
+    s.add_argument("--percentile", nargs="*", default=None, help="99.99 or NAME=99.999 ...")
+    s.add_argument("--top-n", type=int, default=None)
+    s.add_argument("--original", action="store_true", help="also the unedited model's images (images/_original)")
+    s.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
+    s.add_argument("--device", default=None)
+    s.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: as saved)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=cmd_unlearncanvas_generate)
+
+    s = ucs.add_parser("classify", help="style and object predictions for every complete target (resumes)")
+    s.add_argument("--run", required=True)
+    s.add_argument("--arch", default="vit_large_patch16_224", choices=["vit_large_patch16_224", "minicanvas"],
+                   help="classifier architecture (vit_large_patch16_224 needs timm; minicanvas: SmallCNN stand-ins)")
+    s.add_argument("--classifier", default=None, help="one file, shared body + style_head.* and object_head.*")
+    s.add_argument("--style-classifier", default=None, help="style classifier file (.pth/.pt/.safetensors)")
+    s.add_argument("--object-classifier", default=None, help="object classifier file (.pth/.pt/.safetensors)")
+    s.add_argument("--image-size", type=int, default=None, help="classifier input size (default: per --arch)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--device", default=None)
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=cmd_unlearncanvas_classify)
+
+    s = ucs.add_parser("report", help="UA / IRA / CRA per target and their mean: results.json + results.md")
+    s.add_argument("--run", required=True)
+    s.add_argument("--quiet", action="store_true", help="do not print the table")
+    s.set_defaults(fn=cmd_unlearncanvas_report)
+    return uc
+
+
 # --------------------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +582,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="demo_out")
     s.add_argument("--quick", action="store_true", help="smallest settings (used by the tests)")
     s.set_defaults(fn=cmd_demo)
+
+    add_explain_parser(sub)
+    add_sweep_parser(sub)
+    add_minicanvas_parser(sub)
+    add_attack_parser(sub)
+    add_unlearncanvas_parser(sub)
     return p
 
 

@@ -1,0 +1,332 @@
+"""Build every shipped MiniCanvas default with the project's own code (``saeuron minicanvas build``).
+
+Stages, in order; each is skipped when ``out_dir/BUILD.json`` records it done and its artefacts exist,
+and each resumes where a killed run stopped (classifiers are quick and simply redone):
+
+1. ``classifiers``: object and style judges (``classifiers.train_classifier``) -> ``classifiers/{object,style}``;
+2. ``model``: the text-to-image model (``train_model``, checkpoints in ``work_dir/model``) -> ``model/`` (fp16);
+3. ``gates``: held-out render accuracy of both classifiers (gate >= 99 %) and their accuracy on the
+   images the unedited model generates for every training prompt x seed (gate >= 95 %) -> ``gates.json``;
+4. ``collect``: hookpoint activations of the model over every object x style (+ unstyled) training
+   prompt (``saeuron.collect``, in ``work_dir/activations``);
+5. ``sae``: a TopK SAE per hookpoint (``saeuron.train``, state in ``work_dir/sae``) -> ``checkpoint/<hookpoint>/``;
+6. ``concepts``: the concept file over every object and every style concept (a prompt belongs to its
+   object and to its style) with a top-n-per-timestep default rule -> ``checkpoint/concepts.*``.
+
+``out_dir/BUILD.json`` records the seed, the config, the exact command, the settings, library versions,
+each stage's time and the gates. Gates are measured and reported, never enforced: a failed gate is
+printed as such and recorded with ``"pass": false``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..store import derive_seed
+from ..utils import atomic_write_json
+from . import classifiers as clf
+from . import data
+from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, model_config, save_pipeline
+
+BUILD_FILE = "BUILD.json"
+GATES_FILE = "gates.json"
+FORMAT = "saeuron-minicanvas-build"
+STAGES = ("classifiers", "model", "gates", "collect", "sae", "concepts")
+GATE_SEEDS = (188, 288, 588, 688, 888)  # the UnlearnCanvas evaluation seeds
+HELDOUT_GATE, GENERATED_GATE = 0.99, 0.95
+MAX_FILE_BYTES = 16 * 2 ** 20
+
+# per model config: every setting of every stage (``settings=`` overrides any of them)
+BUILD_DEFAULTS = {
+    "micro": dict(classifier_steps=30, classifier_batch=32, model=dict(steps=30, batch_size=16),
+                  heldout_n=64, gate_seeds=(188,), sample_steps=4, guidance=DEFAULT_GUIDANCE, sample_batch=64,
+                  collect_repeats=1, collect_batch=55, collect_dtype="fp32",
+                  sae=dict(k=4, expansion_factor=4, batch_size=256, lr=2e-3, epochs=1, dead_tokens_threshold=100_000,
+                           save_every=1000),
+                  top_n=2, multiplier=-1.0),
+    "cpu": dict(classifier_steps=2000, classifier_batch=128, model={}, heldout_n=2000, gate_seeds=GATE_SEEDS,
+                sample_steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, sample_batch=64,
+                collect_repeats=2, collect_batch=22, collect_dtype="fp16",
+                sae=dict(k=16, expansion_factor=16, batch_size=4096, lr=8e-4, epochs=4, dead_tokens_threshold=1_000_000,
+                         save_every=250),
+                top_n=5, multiplier=-1.0),
+    "gpu": dict(classifier_steps=4000, classifier_batch=256, model={}, heldout_n=5000, gate_seeds=GATE_SEEDS,
+                sample_steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, sample_batch=256,
+                collect_repeats=4, collect_batch=55, collect_dtype="fp16",
+                sae=dict(k=16, expansion_factor=16, batch_size=4096, lr=6e-4, epochs=4, dead_tokens_threshold=2_000_000,
+                         save_every=500),
+                top_n=5, multiplier=-1.0),
+}
+
+
+def build_settings(config: str = "cpu", settings: Optional[dict] = None) -> dict:
+    """The stage settings of a build: ``BUILD_DEFAULTS[config]`` updated by ``settings`` (dicts merged one level)."""
+    if config not in BUILD_DEFAULTS:
+        raise ValueError(f"unknown MiniCanvas build config {config!r}; valid: {', '.join(BUILD_DEFAULTS)}")
+    out = copy.deepcopy(BUILD_DEFAULTS[config])
+    for k, v in (settings or {}).items():
+        if k not in out:
+            raise ValueError(f"unknown build setting {k!r}; valid: {', '.join(out)}")
+        out[k] = {**out[k], **v} if isinstance(out[k], dict) and isinstance(v, dict) else v
+    return out
+
+
+def training_prompts(repeats: int = 1) -> list:
+    """Every object x style (+ unstyled) prompt in the training form, style-major, ``repeats`` times over."""
+    return data.all_captions((0,), unstyled=True) * repeats
+
+
+def concept_prompts() -> dict:
+    """``{concept: [prompts]}``: each object with its prompts in every style (+ unstyled), each style with its
+    prompts of every object. A prompt belongs to one object and (unless unstyled) one style concept."""
+    out = {o: [data.caption(o, s, 0) for s in list(data.STYLES) + [None]] for o in data.OBJECTS}
+    out.update({s: [data.caption(o, s, 0) for o in data.OBJECTS] for s in data.STYLES})
+    return out
+
+
+# ---------------------------------------------------------------- gates
+
+@torch.no_grad()
+def generated_accuracy(pipe, classifiers: dict, seeds=GATE_SEEDS, num_inference_steps: int = DEFAULT_STEPS,
+                       guidance_scale: float = DEFAULT_GUIDANCE, batch_size: int = 64, progress: bool = True,
+                       return_images: bool = False) -> dict:
+    """Accuracy of the object and style classifiers on the model's images for every training prompt x seed.
+
+    One CPU generator per image (seeded by its seed), so batching never changes an image. Returns
+    ``{"object": acc, "style": acc, "n": images, "per_object": {...}, "per_style": {...}}`` (and
+    ``"images"`` [N, 3, H, W] in [0, 1] plus ``"jobs"`` [(object id, style id, seed)] when asked).
+    """
+    from tqdm.auto import tqdm
+
+    jobs = [(o, s, int(seed)) for s in range(len(data.STYLE_LABELS)) for o in range(len(data.OBJECTS))
+            for seed in seeds]
+    if not jobs:
+        raise ValueError("need at least one seed")
+    images = []
+    for i in tqdm(range(0, len(jobs), batch_size), desc="gate: generate", disable=not progress):
+        chunk = jobs[i:i + batch_size]
+        out = pipe([data.caption(o, s, 0) for o, s, _ in chunk], num_inference_steps=num_inference_steps,
+                   guidance_scale=guidance_scale, output_type="pt",
+                   generator=[torch.Generator().manual_seed(seed) for *_, seed in chunk])
+        images.append(out.images.float().cpu())
+    images = torch.cat(images)
+    oid = torch.tensor([o for o, _, _ in jobs])
+    sid = torch.tensor([s for _, s, _ in jobs])
+    pred = clf.classify(classifiers, images)
+    ok = {"object": pred["object"] == oid, "style": pred["style"] == sid}
+    res = {"object": ok["object"].float().mean().item(), "style": ok["style"].float().mean().item(), "n": len(jobs),
+           "per_object": {name: {k: ok[k][oid == i].float().mean().item() for k in ok}
+                          for i, name in enumerate(data.OBJECTS)},
+           "per_style": {name: {k: ok[k][sid == i].float().mean().item() for k in ok}
+                         for i, name in enumerate(data.STYLE_LABELS)}}
+    if return_images:
+        res.update(images=images, jobs=jobs)
+    return res
+
+
+def _sample_grid(images: torch.Tensor, jobs: list, path: Path) -> Path:
+    """A PNG grid of the first seed's images: rows = styles (+ unstyled), columns = objects."""
+    from PIL import Image
+
+    from ..images import image_grid, save_png
+
+    first = jobs[0][2]
+    cells = {(o, s): img for (o, s, seed), img in zip(jobs, images) if seed == first}
+    scale = max(1, 64 // images.shape[-1])
+
+    def pil(x):
+        arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        im = Image.fromarray(arr)
+        return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+
+    rows = [[pil(cells[(o, s)]) for o in range(len(data.OBJECTS))] for s in range(len(data.STYLE_LABELS))]
+    return save_png(image_grid(rows, row_labels=list(data.STYLE_LABELS), col_labels=list(data.OBJECTS),
+                               label_width=80), path)
+
+
+# ---------------------------------------------------------------- the build
+
+def _versions() -> dict:
+    import diffusers
+    import transformers
+
+    from .. import __version__ as saeuron_version
+
+    return {"saeuron": saeuron_version, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "python": sys.version.split()[0]}
+
+
+def _files(out_dir: Path) -> dict:
+    return {str(p.relative_to(out_dir)): p.stat().st_size for p in sorted(out_dir.rglob("*"))
+            if p.is_file() and not p.name.startswith(".")}
+
+
+def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, device=None, progress: bool = True,
+                   settings: Optional[dict] = None, command: Optional[str] = None, num_threads: Optional[int] = None,
+                   stages=STAGES) -> dict:
+    """Produce every shipped default into ``out_dir`` (see the module docstring); returns the BUILD.json record.
+
+    ``work_dir`` (default ``<out_dir>.work`` beside it) holds what is not shipped: the model's training
+    checkpoint, the activation store, the SAE trainer state and a sample grid; keep it to resume.
+    ``settings`` overrides entries of ``BUILD_DEFAULTS[config]``; ``stages`` limits the run to some stages
+    (their predecessors must be done). ``command`` is recorded as given (the CLI passes its command line).
+    """
+    from ..collect import collect
+    from ..concepts import build_concept_file
+    from ..sae import SparseAutoencoder
+    from ..store import ActivationStore
+    from ..train import TrainConfig, train
+    from .train_model import train_model
+
+    st = build_settings(config, settings)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown build stages {unknown}; valid: {', '.join(STAGES)}")
+    if num_threads is not None:
+        torch.set_num_threads(int(num_threads))
+    out_dir = Path(out_dir)
+    work = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".work")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = model_config(config)
+    size, hookpoints = cfg["size"], list(cfg["hookpoints"])
+    if command is None:
+        command = f"python -c \"from saeuron.minicanvas.build import build_defaults; build_defaults(" \
+                  f"{str(out_dir)!r}, config={config!r}, seed={seed}, settings={settings!r})\""
+    record_path = out_dir / BUILD_FILE
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if record and (record.get("config") != config or record.get("seed") != seed
+                   or json.loads(json.dumps(record.get("settings"))) != json.loads(json.dumps(st))):
+        raise ValueError(f"{out_dir} was built with config={record.get('config')!r}, seed={record.get('seed')!r} and "
+                         f"other settings; use another out_dir (or delete {record_path} to rebuild everything)")
+    record.update(format=FORMAT, config=config, seed=seed, settings=st, hookpoints=hookpoints,
+                  command=record.get("command", command), versions=_versions(), device=str(device))
+    record.setdefault("stages", {})
+    record.setdefault("commands", [])
+    if not record["commands"] or record["commands"][-1] != command:
+        record["commands"].append(command)
+    paths = dict(classifiers=out_dir / "classifiers", model=out_dir / "model", checkpoint=out_dir / "checkpoint",
+                 model_work=work / "model", activations=work / "activations", sae_work=work / "sae")
+    artefacts = {
+        "classifiers": [paths["classifiers"] / k / clf.WEIGHTS_FILE for k in clf.KINDS],
+        "model": [paths["model"] / "model_index.json"],
+        "gates": [out_dir / GATES_FILE],
+        "collect": [paths["activations"] / "store.json"],
+        "sae": [paths["checkpoint"] / hp / "sae.safetensors" for hp in hookpoints],
+        "concepts": [paths["checkpoint"] / "concepts.json"],
+    }
+
+    def done(name):
+        return record["stages"].get(name, {}).get("done") and all(p.is_file() for p in artefacts[name])
+
+    def finish(name, t0, **info):
+        record["stages"][name] = {"done": True, "seconds": round(time.time() - t0, 1), **info}
+        record["files"] = _files(out_dir)
+        big = {f: n for f, n in record["files"].items() if n >= MAX_FILE_BYTES}
+        record["oversize_files"] = big
+        atomic_write_json(record, record_path)
+        print(f"[build] {name} done in {record['stages'][name]['seconds']}s", flush=True)
+
+    def say(msg):
+        print(f"[build] {msg}", flush=True)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record, record_path)
+    classifiers = pipe = None
+    wanted = [s for s in STAGES if s in stages]
+    for name in wanted:
+        if done(name):
+            say(f"{name}: already done, skipped")
+            continue
+        missing = [s for s in STAGES[:STAGES.index(name)] if not done(s)]
+        if missing:
+            raise RuntimeError(f"build stage {name!r} needs stages {missing} first (run them, e.g. without --stages)")
+        t0 = time.time()
+        say(f"{name} ...")
+        if name == "classifiers":
+            loss = {}
+            for kind in clf.KINDS:
+                m = clf.train_classifier(kind, steps=st["classifier_steps"], batch_size=st["classifier_batch"],
+                                         size=size, seed=seed, device=device, progress=progress)
+                clf.save_classifier(m.cpu(), paths["classifiers"] / kind)
+                loss[kind] = round(m.history["loss"][-1], 5)
+            finish(name, t0, final_loss=loss)
+        elif name == "model":
+            pipe = train_model(paths["model_work"], config, seed=seed, device=device, progress=progress,
+                               **st["model"])
+            info = json.loads((paths["model_work"] / "pipeline" / "minicanvas.json").read_text())
+            save_pipeline(pipe, paths["model"], dtype=torch.float16, extra={**info, "seed": seed})
+            pipe = None
+            finish(name, t0, steps=info["steps"], final_loss=info["final_loss"])
+        elif name == "gates":
+            classifiers = clf.load_classifiers(paths["classifiers"], device)
+            pipe = load_pipeline(paths["model"], device)
+            held = {k: clf.heldout_accuracy(classifiers[k], n=st["heldout_n"], seed=derive_seed(seed, "heldout"))
+                    for k in clf.KINDS}
+            gen = generated_accuracy(pipe, classifiers, st["gate_seeds"], st["sample_steps"], st["guidance"],
+                                     st["sample_batch"], progress, return_images=True)
+            grid = _sample_grid(gen.pop("images"), gen.pop("jobs"), work / "samples.png")
+            gates = {
+                "heldout": {k: {"accuracy": v, "gate": HELDOUT_GATE, "pass": v >= HELDOUT_GATE}
+                            for k, v in held.items()},
+                "generated": {k: {"accuracy": gen[k], "gate": GENERATED_GATE, "pass": gen[k] >= GENERATED_GATE}
+                              for k in clf.KINDS},
+                "generated_detail": gen,
+                "sampling": {"num_inference_steps": st["sample_steps"], "guidance_scale": st["guidance"],
+                             "seeds": list(st["gate_seeds"])},
+                "samples": str(grid)}
+            gates["pass"] = all(g["pass"] for part in ("heldout", "generated") for g in gates[part].values())
+            atomic_write_json(gates, out_dir / GATES_FILE)
+            for part in ("heldout", "generated"):
+                for k, g in gates[part].items():
+                    say(f"gate {part} {k}: {100 * g['accuracy']:.1f} % (gate {100 * g['gate']:.0f} %) "
+                        f"{'PASS' if g['pass'] else 'FAIL'}")
+            say(f"sample grid: {grid}")
+            finish(name, t0, **{p: {k: g["accuracy"] for k, g in gates[p].items()} for p in ("heldout", "generated")},
+                   all_pass=gates["pass"])
+        elif name == "collect":
+            pipe = pipe or load_pipeline(paths["model"], device)
+            store = collect(pipe, training_prompts(st["collect_repeats"]), paths["activations"], hookpoints,
+                            batch_size=st["collect_batch"], num_inference_steps=st["sample_steps"],
+                            guidance_scale=st["guidance"], halves="cond", seed=seed, dtype=st["collect_dtype"],
+                            progress=progress)
+            finish(name, t0, rows={hp: store.num_rows(hp) for hp in hookpoints})
+        elif name == "sae":
+            store = ActivationStore(paths["activations"])
+            fvu = {}
+            for hp in hookpoints:
+                tc = TrainConfig(seed=seed, **st["sae"])
+                sae = train(store, paths["sae_work"], hp, tc, device=device, progress=progress)
+                sae.cpu().save(paths["checkpoint"] / hp)
+                x = store.read_shard(hp, 0)["x"].float()
+                fvu[hp] = round(SparseAutoencoder.load(paths["checkpoint"] / hp).fvu(x), 5)
+                say(f"SAE {hp}: {sae.num_latents} latents, k={sae.cfg.k}, FVU on shard 0 {fvu[hp]:.4f}")
+            finish(name, t0, fvu_shard0=fvu)
+        elif name == "concepts":
+            store = ActivationStore(paths["activations"])
+            table = build_concept_file(store, paths["checkpoint"], hookpoints=hookpoints, concepts=concept_prompts(),
+                                       multiplier=st["multiplier"], percentile=None, top_n=st["top_n"], device=device,
+                                       progress=progress)
+            finish(name, t0, concepts=table.names, timesteps=len(table.timesteps))
+    record = json.loads(record_path.read_text())
+    if record.get("oversize_files"):
+        say(f"WARNING: files of 16 MiB or more: {record['oversize_files']}")
+    say(f"done: {out_dir} (record in {record_path})")
+    return record
+
+
+def cli_command(argv=None) -> str:
+    """The command line of this process as one shell-quoted string (for BUILD.json)."""
+    argv = list(sys.argv if argv is None else argv)
+    prog = "saeuron" if argv and Path(argv[0]).name in ("saeuron", "__main__.py", "cli.py") else argv[0]
+    return " ".join([prog] + [shlex.quote(a) for a in argv[1:]])
+
+
+__all__ = ["build_defaults", "build_settings", "BUILD_DEFAULTS", "STAGES", "concept_prompts", "training_prompts",
+           "generated_accuracy", "cli_command"]

@@ -1,0 +1,336 @@
+"""Train the MiniCanvas text-to-image model from scratch (``saeuron minicanvas train``).
+
+Every step draws a fresh batch of train-split renders (or samples a pre-rendered pool held on the
+device, re-rendered every ``pool_refresh`` steps: the GPU path), captions them with the training
+template only ("An image of {object} in {style} style." / "An image of {object}."), replaces a
+``cfg_dropout`` share of the captions with the empty prompt (for classifier-free guidance), and
+trains the UNet and the text encoder jointly on the v-prediction objective of the pipeline's DDIM
+schedule (uniform timesteps, MSE) with AdamW, gradient clipping, linear warmup then a constant
+learning rate, and an EMA of the weights (the EMA weights are what gets saved).
+
+All randomness of step ``s`` comes from generators seeded by ``(seed, s)``, so a run resumed from a
+checkpoint continues exactly like an uninterrupted one. ``out_dir`` holds::
+
+    train_state.safetensors   weights, EMA weights and AdamW moments (tensors) + step and settings (metadata)
+    train_state.json          a readable copy of the metadata
+    metrics.jsonl             loss, learning rate and speed every ``log_every`` steps
+    pipeline/                 the final MiniCanvasPipeline (save_pretrained; EMA weights)
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..store import derive_seed
+from ..utils import atomic_save_file, atomic_write_json
+from . import data
+from .model import build_pipeline, model_config, save_pipeline
+
+STATE_FILE = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+METRICS_FILE = "metrics.jsonl"
+PIPELINE_DIR = "pipeline"
+FORMAT = "saeuron-minicanvas-train-state"
+
+# per model config: the settings `saeuron minicanvas train --config NAME` uses unless told otherwise
+TRAIN_DEFAULTS = {
+    "micro": dict(steps=40, batch_size=16, lr=2e-3, warmup=5, ema_decay=0.9, pool_size=0, pool_refresh=0),
+    "cpu": dict(steps=3000, batch_size=48, lr=1e-3, warmup=100, ema_decay=0.999, pool_size=0, pool_refresh=0),
+    "gpu": dict(steps=40000, batch_size=512, lr=5e-4, warmup=1000, ema_decay=0.9995, pool_size=1 << 17,
+                pool_refresh=4000),
+}
+# a resumed run must agree with the saved one on these, or it is a different run
+RESUME_KEYS = ("model", "batch_size", "seed", "cfg_dropout", "pool_size", "pool_refresh", "ema", "ema_decay")
+
+
+# ---------------------------------------------------------------- data
+
+def caption_table(tokenizer) -> torch.Tensor:
+    """Token ids of every training caption, row ``o * (len(STYLES) + 1) + s`` (s = len(STYLES): unstyled),
+    and the empty prompt as the last row."""
+    n_s = len(data.STYLES) + 1
+    caps = [data.caption(o, s, 0) for o in range(len(data.OBJECTS)) for s in range(n_s)] + [""]
+    return tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+class _Pool:
+    """Pre-rendered train-split images (uint8, on the device) and their caption rows; generation ``g``
+    is a pure function of ``(seed, g)``."""
+
+    def __init__(self, size: int, n: int, seed: int, device, progress: bool):
+        self.size, self.n, self.seed, self.device, self.progress = size, n, seed, device, progress
+        self.gen, self.images, self.caps = None, None, None
+
+    def get(self, generation: int):
+        if generation != self.gen:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "pool", generation))
+            imgs, caps = [], []
+            for i in tqdm(range(0, self.n, 1024), desc=f"render pool {generation}", disable=not self.progress,
+                          leave=False):
+                x, o, s, _ = data.sample_batch(min(1024, self.n - i), g, "train", self.size)
+                imgs.append(data.to_uint8(x).to(self.device))
+                caps.append((o * (len(data.STYLES) + 1) + s).to(self.device))
+            self.images, self.caps, self.gen = None, None, None  # free the old pool first
+            self.images, self.caps, self.gen = torch.cat(imgs), torch.cat(caps), generation
+        return self.images, self.caps
+
+
+# ---------------------------------------------------------------- state
+
+def _save_state(out_dir: Path, named: dict, ema: Optional[list], opt, meta: dict) -> None:
+    tensors = {f"model.{n}": p.detach().cpu() for n, p in named.items()}
+    if ema is not None:
+        tensors.update({f"ema.{n}": e.detach().cpu() for n, e in zip(named, ema)})
+    for n, p in named.items():
+        for key, v in opt.state.get(p, {}).items():
+            tensors[f"adam.{n}.{key}"] = torch.as_tensor(v).detach().cpu()
+    atomic_save_file(tensors, out_dir / STATE_FILE, metadata={"format": FORMAT, "state": json.dumps(meta)})
+    atomic_write_json(meta, out_dir / STATE_JSON)
+
+
+def _load_state(out_dir: Path, named: dict, ema: Optional[list], opt) -> dict:
+    from safetensors import safe_open
+
+    path = out_dir / STATE_FILE
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            md = f.metadata() or {}
+            if md.get("format") != FORMAT:
+                raise ValueError(f"format {md.get('format')!r}, expected {FORMAT!r}")
+            meta = json.loads(md["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"corrupt training state {path} ({type(e).__name__}: {e}); delete it or pass "
+                         f"resume=False") from None
+    missing = [n for n in named if f"model.{n}" not in tensors] + \
+              ([n for n in named if f"ema.{n}" not in tensors] if ema is not None else [])
+    if missing:
+        raise ValueError(f"training state {path} lacks {len(missing)} tensors (e.g. {missing[:3]}): it was "
+                         f"written for another model; delete it or pass resume=False")
+    with torch.no_grad():
+        for i, (n, p) in enumerate(named.items()):
+            p.copy_(tensors[f"model.{n}"])
+            if ema is not None:
+                ema[i].copy_(tensors[f"ema.{n}"])
+    state = {}
+    for i, n in enumerate(named):
+        st = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"adam.{n}.")}
+        if st:
+            state[i] = st
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return meta
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed (they will be written again)."""
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        tmp.replace(path)
+
+
+# ---------------------------------------------------------------- the loop
+
+def _check_int(name, v, lo):
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
+        raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+
+
+def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: Optional[int] = None,
+                lr: Optional[float] = None, size: Optional[int] = None, seed: int = 0, device=None,
+                resume: bool = True, progress: bool = True, cfg_dropout: float = 0.1, ema: bool = True,
+                ema_decay: Optional[float] = None, warmup: Optional[int] = None, weight_decay: float = 0.01,
+                grad_clip: float = 1.0, save_every: int = 250, log_every: int = 10, pool_size: Optional[int] = None,
+                pool_refresh: Optional[int] = None, amp: Optional[str] = None, compile: bool = False,
+                save_dtype: Optional[torch.dtype] = None, num_threads: Optional[int] = None):
+    """Train (or resume) a MiniCanvas model in ``out_dir``; returns the trained pipeline (EMA weights, eval mode).
+
+    ``config``: a name in ``MODEL_CONFIGS`` (its ``TRAIN_DEFAULTS`` fill every ``None`` setting) or a
+    config dict. ``pool_size`` > 0 samples batches from a device-resident pool of that many renders,
+    re-rendered every ``pool_refresh`` steps (the GPU path); 0 renders every batch on the fly. ``amp``:
+    "bf16"/"fp16" autocast (CUDA; default bf16 there). ``compile``: ``torch.compile`` the UNet (CUDA).
+    ``save_dtype``: dtype of the saved pipeline's weights (e.g. ``torch.float16`` for shipping).
+    """
+    name = config if isinstance(config, str) else "custom"
+    cfg = model_config(config)
+    dflt = TRAIN_DEFAULTS.get(name, TRAIN_DEFAULTS["cpu"])
+    steps = dflt["steps"] if steps is None else steps
+    batch_size = dflt["batch_size"] if batch_size is None else batch_size
+    lr = dflt["lr"] if lr is None else float(lr)
+    warmup = dflt["warmup"] if warmup is None else warmup
+    ema_decay = dflt["ema_decay"] if ema_decay is None else float(ema_decay)
+    pool_size = dflt["pool_size"] if pool_size is None else pool_size
+    pool_refresh = dflt["pool_refresh"] if pool_refresh is None else pool_refresh
+    if size is not None:
+        cfg["size"] = size
+    for n, v, lo in (("steps", steps, 1), ("batch_size", batch_size, 2), ("warmup", warmup, 0),
+                     ("save_every", save_every, 1), ("log_every", log_every, 1), ("pool_size", pool_size, 0),
+                     ("pool_refresh", pool_refresh, 0), ("seed", seed, 0)):
+        _check_int(n, v, lo)
+    if pool_size and not pool_refresh:
+        pool_refresh = steps  # one pool for the whole run
+    if not (lr > 0 and 0 <= cfg_dropout < 1 and 0 <= ema_decay < 1 and grad_clip > 0 and weight_decay >= 0):
+        raise ValueError(f"need lr > 0, 0 <= cfg_dropout < 1, 0 <= ema_decay < 1, grad_clip > 0, weight_decay >= 0; "
+                         f"got lr={lr}, cfg_dropout={cfg_dropout}, ema_decay={ema_decay}, grad_clip={grad_clip}, "
+                         f"weight_decay={weight_decay}")
+    if num_threads is not None:
+        torch.set_num_threads(int(num_threads))
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    amp = ("bf16" if cuda else None) if amp is None else (None if amp in ("none", "fp32") else amp)
+    if amp not in (None, "bf16", "fp16"):
+        raise ValueError(f"amp={amp!r}; valid: 'bf16', 'fp16', 'none'")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[amp]
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe = build_pipeline(cfg, seed=seed).to(device)
+    unet, text = pipe.unet, pipe.text_encoder
+    unet.train()
+    text.train()
+    named = {f"unet.{n}": p for n, p in unet.named_parameters()}
+    named.update({f"text_encoder.{n}": p for n, p in text.named_parameters()})
+    params = list(named.values())
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay, fused=True if cuda else None)
+    ema_params = [p.detach().clone().float() for p in params] if ema else None
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    hparams = dict(model=cfg, config_name=name, batch_size=batch_size, seed=seed, cfg_dropout=cfg_dropout,
+                   pool_size=pool_size, pool_refresh=pool_refresh, ema=ema, ema_decay=ema_decay, lr=lr,
+                   warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, prediction="v_prediction",
+                   amp=amp)
+    step = 0
+    if resume and (out_dir / STATE_FILE).is_file():
+        meta = _load_state(out_dir, named, ema_params, opt)
+        old = json.loads(json.dumps(meta.get("hparams", {})))
+        now = json.loads(json.dumps(hparams))
+        bad = [f"{k}: saved {old.get(k)!r}, now {now[k]!r}" for k in RESUME_KEYS if old.get(k) != now[k]]
+        if bad:
+            raise ValueError(f"cannot resume from {out_dir / STATE_FILE}: the run differs ({'; '.join(bad)}); use "
+                             f"the same settings, another out_dir, or resume=False")
+        step = int(meta["step"])
+        _trim_metrics(out_dir / METRICS_FILE, step)
+    elif (out_dir / METRICS_FILE).exists():
+        (out_dir / METRICS_FILE).unlink()
+
+    sched = pipe.scheduler
+    T = sched.config.num_train_timesteps
+    ac = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
+    caps = caption_table(pipe.tokenizer).to(device)
+    empty = caps.shape[0] - 1
+    n_s = len(data.STYLES) + 1
+    S = cfg["size"]
+    pool = _Pool(S, pool_size, seed, device, progress) if pool_size else None
+    fwd_unet = unet
+    if compile:
+        fwd_unet = torch.compile(unet)  # the wrapper shares the parameters; state_dict keys stay those of `unet`
+
+    def batch(s):
+        g = torch.Generator().manual_seed(derive_seed(seed, "batch", s))
+        if pool is not None:
+            images, rows = pool.get(s // pool_refresh)
+            idx = torch.randint(len(images), (batch_size,), generator=g).to(device)
+            x0 = images[idx].float() / 127.5 - 1
+            rows = rows[idx]
+        else:
+            images, o, st, _ = data.sample_batch(batch_size, g, "train", S)
+            x0 = images.to(device) * 2 - 1
+            rows = (o * n_s + st).to(device)
+        drop = (torch.rand(batch_size, generator=g) < cfg_dropout).to(device)
+        rows = torch.where(drop, torch.full_like(rows, empty), rows)
+        gd = torch.Generator(device).manual_seed(derive_seed(seed, "noise", s))
+        t = torch.randint(0, T, (batch_size,), generator=gd, device=device)
+        noise = torch.randn(x0.shape, generator=gd, device=device)
+        return x0, caps[rows], t, noise
+
+    def lr_at(s):
+        return lr * min(1.0, (s + 1) / warmup) if warmup else lr
+
+    def save():
+        _save_state(out_dir, named, ema_params, opt, {"format": FORMAT, "step": step, "steps": steps,
+                                                      "hparams": hparams})
+
+    bar = tqdm(total=steps, initial=min(step, steps), desc=f"train minicanvas ({name})", disable=not progress,
+               dynamic_ncols=True)
+    loss_sum, n_sum, t_log = torch.zeros((), device=device), 0, time.time()
+    while step < steps:
+        x0, ids, t, noise = batch(step)
+        a = ac[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            emb = text(ids)[0]
+            pred = fwd_unet(xt, t, encoder_hidden_states=emb, return_dict=False)[0]
+        loss = F.mse_loss(pred.float(), target)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower lr (now {lr}) or check the data")
+        for gr in opt.param_groups:
+            gr["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        if ema_params is not None:
+            d = min(ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, [p.detach().float() for p in params], 1 - d)
+        step += 1
+        loss_sum += loss.detach()
+        n_sum += 1
+        if step % log_every == 0 or step == steps:
+            now = time.time()
+            rec = {"step": step, "loss": loss_sum.item() / n_sum, "lr": lr_at(step - 1),
+                   "steps_per_s": n_sum / max(now - t_log, 1e-9)}
+            with open(out_dir / METRICS_FILE, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", it_s=f"{rec['steps_per_s']:.2f}")
+            loss_sum.zero_()
+            n_sum, t_log = 0, now
+        bar.update(1)
+        if step % save_every == 0 and step < steps:
+            save()
+    bar.close()
+    save()
+
+    if ema_params is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema_params):
+                p.copy_(e)
+    unet.eval()
+    text.eval()
+    pipe.set_progress_bar_config(disable=True)
+    info = {"config": name, "model": cfg, "steps": step, "hparams": hparams, "weights": "ema" if ema else "raw",
+            "final_loss": _last_loss(out_dir / METRICS_FILE)}
+    save_pipeline(pipe, out_dir / PIPELINE_DIR, dtype=save_dtype, extra=info)
+    return pipe
+
+
+def _last_loss(path: Path) -> Optional[float]:
+    if not path.is_file():
+        return None
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    return json.loads(lines[-1])["loss"] if lines else None
+
+
+def read_metrics(out_dir) -> list:
+    """The ``metrics.jsonl`` records of a training folder (step, loss, lr, steps_per_s)."""
+    path = Path(out_dir) / METRICS_FILE
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+__all__ = ["train_model", "TRAIN_DEFAULTS", "caption_table", "read_metrics"]

@@ -1,0 +1,244 @@
+"""MiniCanvas model: the pipeline (shapes, determinism, CFG layout, save/load), patch and collect on it,
+training (loss, exact resume), the defaults build end to end and the CLI, all on the micro config."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import make_sae
+from saeuron.collect import collect
+from saeuron.concepts import ConceptTable
+from saeuron.hookpoints import list_hookpoints
+from saeuron.minicanvas import data
+from saeuron.minicanvas.model import (MODEL_CONFIGS, MiniCanvasPipeline, build_pipeline, load_pipeline,
+                                      num_parameters, save_pipeline)
+from saeuron.minicanvas.train_model import STATE_FILE, read_metrics, train_model
+from saeuron.patch import get_patch, patch, unpatch
+
+HP = MODEL_CONFIGS["micro"]["hookpoints"][0]  # up_blocks.0.attentions.1: 32 channels at 8x8
+PROMPTS = ["An image of circle in stripes style.", "An image of ring.", "An image of star in neon style."]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_pipeline("micro", seed=0)
+
+
+def _run(pipe, prompts=PROMPTS, seed=0, **kw):
+    kw = {"num_inference_steps": 3, "output_type": "pt", **kw}
+    return pipe(prompts, generator=torch.Generator().manual_seed(seed), **kw).images
+
+
+def test_configs_hookpoints_and_sizes():
+    for name, cfg in MODEL_CONFIGS.items():
+        p = build_pipeline(name)
+        hps = list_hookpoints(p)
+        assert all(h in hps for h in cfg["hookpoints"]), (name, list(hps))
+        n = num_parameters(p)
+        assert 2 * max(n.values()) < 16 * 2 ** 20, (name, n)  # each fp16 weight file stays under 16 MiB
+    assert 6e6 <= num_parameters(build_pipeline("gpu"))["unet"] <= 24e6
+    with pytest.raises(ValueError, match="valid: micro, cpu, gpu"):
+        build_pipeline("huge")
+
+
+def test_call_shapes_types_and_determinism(pipe):
+    a = _run(pipe)
+    assert a.shape == (3, 3, 16, 16) and a.min() >= 0 and a.max() <= 1 and a.std() > 0.01
+    assert torch.equal(a, _run(pipe))  # same generator seed, same images
+    assert not torch.equal(a, _run(pipe, seed=1))
+    lat = _run(pipe, output_type="latent")
+    torch.testing.assert_close((lat / 2 + 0.5).clamp(0, 1), a)
+    np_img = _run(pipe, output_type="np")
+    assert np_img.shape == (3, 16, 16, 3)
+    pil = _run(pipe, output_type="pil")
+    assert len(pil) == 3 and pil[0].size == (16, 16)
+    # one generator per image: an image does not depend on its batch
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    batch = pipe(PROMPTS, generator=gens, num_inference_steps=3, output_type="pt").images
+    alone = pipe(PROMPTS[1:2], generator=[torch.Generator().manual_seed(6)], num_inference_steps=3,
+                 output_type="pt").images
+    torch.testing.assert_close(batch[1:2], alone, rtol=1e-5, atol=1e-5)
+    many = _run(pipe, PROMPTS[0], num_images_per_prompt=2, height=32, width=32)
+    assert many.shape == (2, 3, 32, 32)
+    out = pipe(PROMPTS, generator=torch.Generator().manual_seed(0), num_inference_steps=3, output_type="pt",
+               return_dict=False)
+    assert isinstance(out, tuple) and torch.equal(out[0], a)
+    with pytest.raises(ValueError, match="output_type"):
+        _run(pipe, output_type="jpeg")
+    with pytest.raises(ValueError, match="negative_prompt has 2 entries for 3 prompts"):
+        _run(pipe, negative_prompt=["a", "b"])
+    with pytest.raises(ValueError, match="multiples of 2"):
+        _run(pipe, height=15)
+
+
+def test_cfg_layout_matches_stable_diffusion(pipe):
+    seen = []
+    h = pipe.unet.register_forward_pre_hook(
+        lambda m, args, kw: seen.append((args[0].shape[0], kw["encoder_hidden_states"].clone())), with_kwargs=True)
+    try:
+        _run(pipe, guidance_scale=3.0, negative_prompt="An image of heart.")
+        assert pipe.do_classifier_free_guidance and len(seen) == 3
+        b, ehs = seen[0]
+        assert b == 6  # [uncond, cond] along the batch
+        with torch.no_grad():
+            torch.testing.assert_close(ehs[:3], pipe.encode_prompt(["An image of heart."] * 3))
+            torch.testing.assert_close(ehs[3:], pipe.encode_prompt(PROMPTS))
+        seen.clear()
+        no_cfg = _run(pipe, guidance_scale=1.0)
+        assert not pipe.do_classifier_free_guidance and seen[0][0] == 3
+    finally:
+        h.remove()
+    assert not torch.equal(no_cfg, _run(pipe, guidance_scale=3.0))
+    assert not torch.equal(_run(pipe, negative_prompt="An image of heart."), _run(pipe))
+
+
+def test_save_load_round_trip(pipe, tmp_path):
+    from saeuron.cli import load_pipeline as cli_load
+
+    want = _run(pipe)
+    save_pipeline(pipe, tmp_path / "fp32")
+    got = MiniCanvasPipeline.from_pretrained(tmp_path / "fp32")
+    assert type(got) is MiniCanvasPipeline and got.tokenizer.model_max_length == 16
+    assert got.tokenizer(PROMPTS[0]).input_ids == pipe.tokenizer(PROMPTS[0]).input_ids
+    assert torch.equal(_run(got), want)
+    assert json.loads((tmp_path / "fp32" / "model_index.json").read_text())["_class_name"] == "MiniCanvasPipeline"
+    save_pipeline(pipe, tmp_path / "fp16", dtype=torch.float16, extra={"note": "x"})
+    assert pipe.unet.dtype == torch.float32  # the source pipeline is untouched
+    with safe_open(str(tmp_path / "fp16" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    half = cli_load(str(tmp_path / "fp16"), "cpu")  # `saeuron collect/generate --model` load it too
+    assert isinstance(half, MiniCanvasPipeline) and half.unet.dtype == torch.float32
+    assert (_run(half) - want).abs().max() < 0.05
+    save_pipeline(pipe, tmp_path / "fp16")  # overwriting an existing folder
+    assert torch.equal(_run(load_pipeline(tmp_path / "fp16")), want)
+    assert not list(tmp_path.glob(".*"))  # no temporary folders left behind
+    with pytest.raises(FileNotFoundError, match="no model_index.json"):
+        load_pipeline(tmp_path / "missing")
+
+
+def _table(pipe, steps=3, seed=0):
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sched.set_timesteps(steps)
+    ts = [float(t) for t in sched.timesteps]
+    g = torch.Generator().manual_seed(seed)
+    mu = {HP: torch.rand(2, len(ts), 128, generator=g) * 1e-3}
+    return ConceptTable(["circle", "stripes"], [3, 4], ts, mu, defaults={"top_n": 24, "multiplier": -1.0})
+
+
+def test_patch_and_unpatch(pipe):
+    saes, table = {HP: make_sae(32, 128, 4, seed=1)}, _table(pipe)
+    base = _run(pipe, output_type="latent")
+    try:
+        h = patch(pipe, "circle", saes=saes, table=table)
+        edited = _run(pipe, output_type="latent")
+        assert (edited - base).abs().max() > 1e-3
+        assert h.last_index.tolist() == [2]  # the last call's timestep is the table's last one
+        patch(pipe, "circle", saes=saes, table=table, halves="cond")
+        assert pipe.do_classifier_free_guidance
+        cond = _run(pipe, output_type="latent")
+        assert (cond - edited).abs().max() > 1e-4 and (cond - base).abs().max() > 1e-3
+        patch(pipe, "circle", saes=saes, table=table, halves="uncond")
+        assert torch.equal(_run(pipe, output_type="latent", guidance_scale=1.0),
+                           _run_plain(pipe))  # no CFG: nothing is unconditional
+    finally:
+        assert unpatch(pipe) and get_patch(pipe) is None
+    assert torch.equal(_run(pipe, output_type="latent"), base)
+
+
+def _run_plain(pipe):
+    h = get_patch(pipe)
+    h.remove()
+    try:
+        return _run(pipe, output_type="latent", guidance_scale=1.0)
+    finally:
+        h.install()
+
+
+def test_collect_on_minicanvas(pipe, tmp_path):
+    prompts = {"circle": PROMPTS[:1], "neon": PROMPTS[2:]}
+    store = collect(pipe, prompts, tmp_path, [HP], batch_size=2, num_inference_steps=2, guidance_scale=3.0,
+                    progress=False)
+    rows = store.read_shard(HP, 0)
+    assert store.num_rows(HP) == 2 * 2 * 8 * 8 and rows["x"].shape[1] == 32  # prompts x steps x 8x8 tokens
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sched.set_timesteps(2)
+    assert sorted(set(rows["timestep"].tolist())) == sorted(float(t) for t in sched.timesteps)
+    assert store.labels == ["circle", "neon"]
+
+
+def test_train_lowers_loss_and_resumes_exactly(tmp_path):
+    kw = dict(config="micro", batch_size=8, progress=False, save_every=4, log_every=1)
+    full = train_model(tmp_path / "full", steps=24, **kw)
+    loss = [r["loss"] for r in read_metrics(tmp_path / "full")]
+    assert len(loss) == 24 and all(map(torch.isfinite, torch.tensor(loss)))
+    assert sum(loss[-6:]) / 6 < 0.85 * sum(loss[:6]) / 6, loss
+    train_model(tmp_path / "cut", steps=10, **kw)  # "killed" after 10 steps (last checkpoint: step 10)
+    with safe_open(str(tmp_path / "cut" / STATE_FILE), "pt") as f:
+        assert json.loads(f.metadata()["state"])["step"] == 10
+        assert any(k.endswith("exp_avg_sq") for k in f.keys()) and any(k.startswith("ema.") for k in f.keys())
+    resumed = train_model(tmp_path / "cut", steps=24, **kw)
+    for a, b in zip(full.components["unet"].state_dict().values(), resumed.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    for a, b in zip(full.text_encoder.parameters(), resumed.text_encoder.parameters()):
+        assert torch.equal(a, b)
+    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == list(range(1, 25))
+    assert not [p for p in (tmp_path / "cut").rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
+    saved = load_pipeline(tmp_path / "cut" / "pipeline")
+    assert torch.equal(_run(saved), _run(resumed))
+    with pytest.raises(ValueError, match="batch_size: saved 8, now 4"):
+        train_model(tmp_path / "cut", steps=30, **{**kw, "batch_size": 4})
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        train_model(tmp_path / "bad", config="micro", steps=0)
+
+
+def test_build_defaults_micro_end_to_end(tmp_path, monkeypatch, capsys):
+    from saeuron.minicanvas import defaults
+    from saeuron.minicanvas.build import STAGES, build_defaults
+
+    monkeypatch.setattr(defaults, "assets_dir", lambda: tmp_path / "assets")
+    with pytest.raises(FileNotFoundError, match="saeuron minicanvas build"):
+        defaults.load_pipeline()
+    rec = build_defaults(tmp_path / "assets", "micro", seed=3, progress=False, command="saeuron minicanvas build x")
+    out = tmp_path / "assets"
+    assert rec["seed"] == 3 and rec["config"] == "micro" and rec["command"] == "saeuron minicanvas build x"
+    assert all(rec["stages"][s]["done"] for s in STAGES)
+    assert json.loads((out / "BUILD.json").read_text())["stages"].keys() == set(STAGES)
+    gates = json.loads((out / "gates.json").read_text())
+    for part in ("heldout", "generated"):
+        for kind in ("object", "style"):
+            g = gates[part][kind]
+            assert 0 <= g["accuracy"] <= 1 and g["pass"] == (g["accuracy"] >= g["gate"])
+    assert Path(gates["samples"]).is_file() and out not in Path(gates["samples"]).parents
+    assert all(n < 16 * 2 ** 20 for n in rec["files"].values())
+    assert not [p for p in out.rglob("*") if "train_state" in p.name or "shard_" in p.name]  # work files stay out
+    pipe = defaults.load_pipeline()
+    assert isinstance(pipe, MiniCanvasPipeline) and pipe.unet.dtype == torch.float32
+    clfs = defaults.load_classifiers()
+    assert set(clfs) == {"object", "style"}
+    table = ConceptTable.load(defaults.checkpoint_dir())
+    assert table.names == list(data.OBJECTS) + list(data.STYLES) and table.hookpoints == [HP]
+    assert table.defaults["circle"]["top_n"] == 2
+    base = _run(pipe, output_type="latent", num_inference_steps=4)
+    with patch(pipe, ["stripes"], checkpoint=defaults.checkpoint_dir()) as h:
+        assert h.tables[HP][0].shape[1] > 0
+        _run(pipe, output_type="latent", num_inference_steps=4)
+    assert torch.equal(_run(pipe, output_type="latent", num_inference_steps=4), base)
+    capsys.readouterr()
+    build_defaults(out, "micro", seed=3, progress=False)  # everything done: every stage skipped
+    assert capsys.readouterr().out.count("already done, skipped") == len(STAGES)
+    with pytest.raises(ValueError, match="was built with config='micro', seed=3"):
+        build_defaults(out, "micro", seed=4, progress=False)
+
+
+def test_cli_minicanvas_train(tmp_path):
+    from saeuron.cli import main
+
+    main(["minicanvas", "train", "--out", str(tmp_path), "--config", "micro", "--steps", "3", "--batch-size", "4",
+          "--fp16", "--threads", "1"])
+    assert (tmp_path / "pipeline" / "model_index.json").is_file() and (tmp_path / STATE_FILE).is_file()
+    with safe_open(str(tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_slice(next(iter(f.keys()))).get_dtype() == "F16"
+    with pytest.raises(SystemExit):
+        main(["minicanvas", "train", "--out", str(tmp_path), "--config", "huge"])
