@@ -60,7 +60,7 @@ def build_jobs(objects=None, styles=None, seeds=EVAL_SEEDS, templates=(0,)) -> l
 
 def _norm(obj):
     """``obj`` as it reads back from JSON (tuples -> lists), for comparing cached configurations."""
-    return json.loads(json.dumps(obj))
+    return json.loads(json.dumps(obj, default=str))
 
 
 def _checksum(module) -> float:

@@ -11,14 +11,22 @@ They live in ``saeuron/minicanvas/assets/`` (package data), written by ``saeuron
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 BUILD_HINT = "run `saeuron minicanvas build` (see docs) to produce them"
 
 
 def assets_dir() -> Path:
-    """The folder of the shipped defaults (``saeuron/minicanvas/assets``; it may not exist yet)."""
-    return Path(__file__).resolve().parent / "assets"
+    """The folder of the shipped defaults: ``$SAEURON_MINICANVAS_ASSETS`` if set, else ``saeuron/minicanvas/assets``."""
+    override = os.environ.get("SAEURON_MINICANVAS_ASSETS")
+    return Path(override) if override else Path(__file__).resolve().parent / "assets"
+
+
+def available() -> bool:
+    """Whether the shipped defaults (model, classifiers, checkpoint) are all there."""
+    root = assets_dir()
+    return all((root / p).exists() for p in ("model/model_index.json", "classifiers", "checkpoint/concepts.json"))
 
 
 def _require(path: Path, what: str) -> Path:
@@ -63,4 +71,4 @@ def gates() -> dict:
     return json.loads(_require(assets_dir() / "gates.json", "gate report").read_text())
 
 
-__all__ = ["assets_dir", "model_dir", "checkpoint_dir", "load_pipeline", "load_classifiers", "build_info", "gates"]
+__all__ = ["assets_dir", "available", "model_dir", "checkpoint_dir", "load_pipeline", "load_classifiers", "build_info", "gates"]

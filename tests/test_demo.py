@@ -1,0 +1,36 @@
+"""`make demo`'s command: the MiniCanvas path (on micro assets built here) and the random-toy fallback."""
+from pathlib import Path
+
+import pytest
+
+from saeuron.cli import main
+
+
+@pytest.fixture(scope="module")
+def micro_assets(tmp_path_factory):
+    from saeuron.minicanvas.build import build_defaults
+
+    out = tmp_path_factory.mktemp("mc") / "assets"
+    build_defaults(out, "micro", seed=0, progress=False)
+    return out
+
+
+def test_demo_on_minicanvas_defaults(micro_assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SAEURON_MINICANVAS_ASSETS", str(micro_assets))
+    main(["demo", "--out", str(tmp_path / "demo"), "--quick"])
+    printed = capsys.readouterr().out
+    for stage in ("1/3", "2/3", "3/3", "collect:", "train:", "select:", "| stripes |", "| star |"):
+        assert stage in printed
+    grids = sorted(p.name for p in (tmp_path / "demo").glob("unlearn_*/grids/*.png"))
+    assert grids == ["star.png", "stripes.png"]
+    assert "UA" in (tmp_path / "demo" / "metrics.md").read_text()
+    assert (tmp_path / "demo" / "small_scale" / "checkpoint" / "concepts.json").is_file()
+
+
+def test_demo_falls_back_to_a_toy_pipeline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SAEURON_MINICANVAS_ASSETS", str(tmp_path / "nothing"))
+    main(["demo", "--out", str(tmp_path / "demo"), "--quick"])
+    printed = capsys.readouterr().out
+    assert "not built" in printed and "saeuron minicanvas build" in printed
+    assert Path(tmp_path / "demo" / "images" / "grid.png").is_file()
+    assert "holds the target" in (tmp_path / "demo" / "metrics.md").read_text()
