@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from saeuron import SparseAutoencoder
-from saeuron import train as train_mod
+import importlib
+
+train_mod = importlib.import_module("saeuron.train")  # `saeuron.train` the attribute is the function
 from saeuron.train import TrainConfig, batch_topk_select, lr_at, sae_step_loss, train
 
 ROOT = Path(__file__).resolve().parents[1]
