@@ -204,6 +204,7 @@ def add_minicanvas_parser(sub):
                    help="run only these stages (their predecessors must be done)")
     s.set_defaults(fn=cmd_minicanvas_build)
     add_minicanvas_eval_parser(mcs)  # `saeuron minicanvas eval` (saeuron.evaluate)
+    add_minicanvas_compare_parser(mcs)  # `saeuron minicanvas compare` (saeuron.evaluate.compare)
     return mc
 
 
@@ -355,6 +356,46 @@ def add_minicanvas_eval_parser(subparsers):
     s.add_argument("--percentile", nargs="*", default=None, help="99.99 or NAME=99.999 ...")
     s.add_argument("--top-n", type=int, default=None)
     s.set_defaults(fn=cmd_minicanvas_eval)
+    return s
+
+
+def cmd_minicanvas_compare(a):
+    """``saeuron minicanvas compare``: SAeUron, UCE and ESD on the same MiniCanvas protocol and attack, one table."""
+    from .evaluate.compare import compare_methods
+
+    pipe = _eval_pipeline(a.model, a.device, a.dtype)
+    ckpt = _eval_checkpoint(a.checkpoint, a.model) if "saeuron" in a.methods else a.checkpoint
+    res = compare_methods(pipe, _eval_classifiers(a.classifiers, a.device), ckpt, methods=a.methods,
+                          style_targets=a.style_targets, object_targets=a.object_targets, seeds=a.seeds,
+                          objects=a.objects, styles=_styles(a.styles), attack=not a.no_attack,
+                          attack_iterations=a.attack_iterations, attack_prompts=a.attack_prompts,
+                          esd_iterations=a.esd_iterations, num_inference_steps=a.steps, guidance_scale=a.guidance,
+                          batch_size=a.batch_size, out_dir=a.out, resume=not a.no_resume)
+    print(f"comparison: {res['files']['json']} and {res['files']['markdown']}")
+
+
+def add_minicanvas_compare_parser(subparsers):
+    """``compare`` under ``saeuron minicanvas``: methods x (style/object UA/IRA/CRA, UA under attack, time, memory)."""
+    from .evaluate.compare import METHODS
+
+    s = subparsers.add_parser("compare", help="SAeUron vs UCE vs ESD: same targets, metrics and attack; one table")
+    _eval_model_args(s)
+    s.add_argument("--classifiers", default=None, help="folder with object/ and style/ classifiers (default: shipped)")
+    s.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    s.add_argument("--style-targets", "--styles-targets", nargs="*", default=None,
+                   help="styles to unlearn, one at a time (default: all of the grid; none given: no style target)")
+    s.add_argument("--object-targets", nargs="*", default=None, help="objects to unlearn (default: all of the grid)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[188])
+    s.add_argument("--objects", nargs="+", default=None, help="prompt objects (default: all)")
+    s.add_argument("--styles", nargs="+", default=None, help="prompt styles, 'unstyled' included (default: all)")
+    s.add_argument("--no-attack", action="store_true", help="skip the UnlearnDiffAtk-style attack")
+    s.add_argument("--attack-iterations", type=int, default=40)
+    s.add_argument("--attack-prompts", type=int, default=None,
+                   help="attack the first n prompts per target (default: all)")
+    s.add_argument("--esd-iterations", type=int, default=1000)
+    s.add_argument("--out", default="minicanvas_compare")
+    s.add_argument("--no-resume", action="store_true", help="recompute everything instead of reusing cached runs")
+    s.set_defaults(fn=cmd_minicanvas_compare)
     return s
 
 

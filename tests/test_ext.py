@@ -375,6 +375,8 @@ def test_cuda_sources_compile(ext, tmp_path):
     """nvcc compiles every .cu (sm_90 SASS + compute_75 PTX, torch's half flags); g++ compiles the
     ATen bridge of CUDA builds, and every function the bindings call is defined."""
     nvcc = _build.nvcc_path()
+    if nvcc is None and not os.environ.get("CI"):  # CI machines have nvcc: there a missing one is a failure
+        pytest.skip("nvcc not found: install the CUDA toolkit to compile-check the CUDA kernels")
     assert nvcc is not None, "nvcc not found: install the CUDA toolkit (needed to check the CUDA kernels)"
     csrc = _build.source_dir()
     cu = sorted(str(p) for p in csrc.glob("*.cu"))

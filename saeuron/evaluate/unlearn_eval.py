@@ -210,6 +210,41 @@ def markdown_table(results: dict) -> str:
     return head + "\n".join(lines) + "\n" + foot
 
 
+def _records(jobs, group, domain, pred_o, pred_s) -> list:
+    """One :class:`Record` per job of a run (``group`` unlearned in ``domain``) from both classifiers' predictions."""
+    return [Record(tuple(group), domain, j.object, j.style, int(o), int(s)) for j, o, s in zip(jobs, pred_o, pred_s)]
+
+
+def baseline_config(pipe, classifiers: dict, jobs, num_inference_steps=None, guidance_scale=None) -> dict:
+    """The cache key of the unedited baseline of ``jobs``: model, weight checksums, prompts x seeds, sampling."""
+    return {"model": getattr(pipe, "name_or_path", None) or type(pipe).__name__,
+            "weights": {"unet": _checksum(get_unet(pipe)),
+                        **{k: _checksum(classifiers[k]) for k in ("object", "style")}},
+            "jobs": [[j.prompt, j.seed] for j in jobs], "steps": num_inference_steps, "guidance": guidance_scale}
+
+
+def evaluate_run(pipe, classifiers: dict, jobs, group, domain: str, base: dict, *, sampling: Optional[dict] = None,
+                 grid_path=None, grid_rows: int = 6, progress: bool = True) -> dict:
+    """Generate every job with ``pipe`` as it is now (the caller has unlearned ``group``), judge and score one run.
+
+    ``base``: the unedited baseline of the same jobs (images, features), for the Frechet distances and the
+    grid (saved to ``grid_path`` when given). Returns ``{"metrics", "pred_object", "pred_style"}``.
+    """
+    bar = tqdm(total=len(jobs), unit="img", desc=run_key(group), disable=not progress, leave=False)
+    try:
+        images = sample_images(pipe, [j.prompt for j in jobs], [j.seed for j in jobs], bar=bar, **(sampling or {}))
+    finally:
+        bar.close()
+    j = judge(classifiers, images)
+    po, ps = j["pred_object"].tolist(), j["pred_style"].tolist()
+    m = target_metrics(_records(jobs, group, domain, po, ps), group, domain)
+    for kind in ("object", "style"):
+        m[f"frechet_{kind}"] = frechet_distance(j[f"feat_{kind}"], base[f"feat_{kind}"]) if len(jobs) >= 2 else None
+    if grid_path is not None:
+        m["grid"] = _grid(jobs, group, domain, base["images"], images, Path(grid_path), grid_rows)
+    return {"metrics": m, "pred_object": po, "pred_style": ps}
+
+
 def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, table=None, targets=None,
                         domain: str = "style", seeds=EVAL_SEEDS, templates=(0,), objects=None, styles=None,
                         num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
@@ -243,18 +278,11 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
     multi_groups = _groups(targets, multi)
     out = Path(out_dir)
     sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size)
-    base_cfg = {"model": getattr(pipe, "name_or_path", None) or type(pipe).__name__,
-                "weights": {"unet": _checksum(get_unet(pipe)),
-                            **{k: _checksum(classifiers[k]) for k in ("object", "style")}},
-                "jobs": [[j.prompt, j.seed] for j in jobs], "steps": num_inference_steps, "guidance": guidance_scale}
+    base_cfg = baseline_config(pipe, classifiers, jobs, num_inference_steps, guidance_scale)
     base = _baseline(pipe, classifiers, jobs, out, base_cfg, sampling, resume, progress)
 
     def records(group, pred_o, pred_s):
-        return [Record(tuple(group), domain, j.object, j.style, int(o), int(s)) for j, o, s in zip(jobs, pred_o, pred_s)]
-
-    def fd(feats, kind):
-        ok = len(feats) >= 2
-        return frechet_distance(feats, base[f"feat_{kind}"]) if ok else None
+        return _records(jobs, group, domain, pred_o, pred_s)
 
     fp = _fingerprint(saes, table)
     done: dict = {}
@@ -268,17 +296,9 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
         path = out / "runs" / f"{slug(key)}.json"
         res = _load_cached(path, cfg) if resume else None
         if res is None:
-            bar = tqdm(total=len(jobs), unit="img", desc=key, disable=not progress, leave=False)
-            try:
-                with patched(pipe, list(group), saes=saes, table=table, **patch_kwargs):
-                    images = sample_images(pipe, [j.prompt for j in jobs], [j.seed for j in jobs], bar=bar, **sampling)
-            finally:
-                bar.close()
-            j = judge(classifiers, images)
-            m = target_metrics(records(group, j["pred_object"].tolist(), j["pred_style"].tolist()), group, domain)
-            m.update(frechet_object=fd(j["feat_object"], "object"), frechet_style=fd(j["feat_style"], "style"))
-            m["grid"] = _grid(jobs, group, domain, base["images"], images, out / "grids" / f"{slug(key)}.png", grid_rows)
-            res = {"metrics": m, "pred_object": j["pred_object"].tolist(), "pred_style": j["pred_style"].tolist()}
+            with patched(pipe, list(group), saes=saes, table=table, **patch_kwargs):
+                res = evaluate_run(pipe, classifiers, jobs, group, domain, base, sampling=sampling,
+                                   grid_path=out / "grids" / f"{slug(key)}.png", grid_rows=grid_rows, progress=progress)
             atomic_write_json({"config": _norm(cfg), "result": res}, path)
         done[group] = res["metrics"]
     bar_runs.close()

@@ -1,0 +1,411 @@
+"""SAeUron, UCE and ESD side by side on MiniCanvas: one protocol, one table (``saeuron minicanvas compare``).
+
+For every method and every target (styles and objects, one at a time) the method is applied to the
+pipeline, every prompt x seed of the grid is generated and judged by both classifiers
+(:func:`.unlearn_eval.evaluate_run`, the same code as ``saeuron minicanvas eval``), UA/IRA/CRA come from
+:mod:`.metrics`, and then, with the edit still in place, an UnlearnDiffAtk-style attack (:mod:`.attack`)
+runs on each prompt of the grid that holds the target: its target images are the *unedited* model's
+images of that prompt (the cached baseline, as uint8), the adversarial prompt is sampled with the same
+seeds, and "UA after attack" is the target classifier's UA on those images ("UA before attack": on the
+same prompts and seeds without the prefix). Afterwards the edit is undone (SAE patch removed, UCE/ESD
+weights restored bit-exactly, which is checked).
+
+How each method is applied to target T:
+
+- ``saeuron``: ``patch(pipe, T, saes=..., table=...)`` (the concept file's defaults unless
+  ``patch_kwargs`` say otherwise); time = installing the patch (the SAE and the concept file are built
+  beforehand, once for every concept);
+- ``uce``: :func:`.baselines.uce_edit` erasing T towards the unconditional "" (as published for
+  unconditional erasure) with the concept in every training-form caption of the grid (``templates``:
+  "An image of {object} in {} style." per object for a style; "An image of {} in {style} style." per
+  style and "An image of {}." for an object), preserving the other concepts of T's domain in the same
+  captions (:func:`uce_arguments`); closed form, time = the solve;
+- ``esd``: :func:`.baselines.esd_train` on the phrase of T (:func:`concept_phrase`: "{style} style",
+  "An image of {object}.") with ESD-x (cross-attention) for styles and ESD-u (everything but
+  cross-attention) for objects, as published; ``ddim_steps`` defaults to the evaluation's sampling
+  steps; time = the training.
+
+``uce_kwargs``/``esd_kwargs`` override any argument of those calls. Memory: the peak while applying
+the method (CUDA ``max_memory_allocated``, else the process RSS, as :mod:`.baselines` measures it) and
+its increase over the memory before.
+
+Every (method, target) run is cached in ``out_dir/runs/<method>/<domain>_<target>.json`` with the
+configuration it was computed under, so a rerun skips what is done. The unedited baseline is
+``out_dir/baseline.safetensors`` (the same file and key as ``evaluate_unlearning``'s). Outputs:
+``comparison.json`` (fractions) and ``comparison.md`` (percents): one table, rows = methods (plus the
+unedited model for reference), columns = style UA/IRA/CRA, object UA/IRA/CRA, UA before and after the
+attack, time and memory, with the per-target detail below it; grids in ``out_dir/grids/<method>/``.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from ..minicanvas import classifiers as clf
+from ..minicanvas import data
+from ..patch import get_patch, patch
+from ..utils import _atomic, atomic_write_json
+from .attack import attack as run_attack
+from .attack import generate_adversarial
+from .baselines import _device, _PeakMemory, _rss, esd_train, uce_edit
+from .common import check_classifiers, check_patch_kwargs, resolve_assets, slug
+from .metrics import DOMAINS, mean_metrics, target_metrics
+from .unlearn_eval import (_baseline, _fingerprint, _load_cached, _norm, _records, baseline_config, build_jobs,
+                           edit_signature, evaluate_run)
+
+METHODS = ("saeuron", "uce", "esd")
+METHOD_NAMES = {"saeuron": "SAeUron", "uce": "UCE", "esd": "ESD"}
+ESD_VARIANT = {"style": "xattn", "object": "noxattn"}  # ESD-x for styles, ESD-u for objects (as published)
+PHRASES = {"style": "{} style", "object": "An image of {}."}
+COMPARISON_FILE = "comparison.json"
+ATTACK_BAR = 5.0  # points: the SAE edit's averaged UA may drop at most this much under the attack
+COLUMNS = ("style_ua", "style_ira", "style_cra", "object_ua", "object_ira", "object_cra", "ua_before_attack",
+           "ua_after_attack")
+MiB = 2 ** 20
+
+
+def concept_phrase(name: str, domain: str) -> str:
+    """The short caption-ish phrase of a concept that ESD trains on: "{style} style" or "An image of {object}."."""
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
+    return PHRASES[domain].format(name)
+
+
+def uce_arguments(target: str, domain: str, objects, styles) -> dict:
+    """``uce_edit`` arguments erasing ``target`` in every training-form caption of the grid (see the module docstring).
+
+    ``objects``/``styles``: names in the prompt grid (``None`` in ``styles`` = the unstyled caption).
+    """
+    if domain == "style":
+        others = [s for s in styles if s is not None and s != target]
+        templates = [f"An image of {o} in {{}} style." for o in objects]
+    elif domain == "object":
+        others = [o for o in objects if o != target]
+        templates = [f"An image of {{}} in {s} style." for s in styles if s is not None]
+        templates += ["An image of {}."] if None in styles else []
+    else:
+        raise ValueError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
+    return dict(erase=[target], guide="", preserve=others, templates=templates)
+
+
+def _memory_now(dev) -> int:
+    """Memory in use now, measured as :class:`.baselines._PeakMemory` does (CUDA allocated, else the process RSS)."""
+    return int(torch.cuda.memory_allocated(dev)) if dev.type == "cuda" else _rss()
+
+
+def _default_steps(pipe) -> int:
+    """The pipeline's own default number of sampling steps (50 when its ``__call__`` does not say)."""
+    p = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+    return int(p.default) if p is not None and isinstance(p.default, int) else 50
+
+
+@contextmanager
+def applied(pipe, method: str, target: str, domain: str, *, saes=None, table=None, patch_kwargs=None,
+            uce_kwargs=None, esd_kwargs=None):
+    """Within the block ``pipe`` has ``target`` unlearned by ``method``; yields the edit record (time, memory, config).
+
+    On exit the SAE patch is removed, or the UCE/ESD weights are restored (and checked to be bit-exact).
+    """
+    dev = _device(pipe)
+    before = _memory_now(dev)
+    if method == "saeuron":
+        with _PeakMemory(dev) as mem:
+            t0 = time.perf_counter()
+            handle = patch(pipe, target, saes=saes, table=table, **(patch_kwargs or {}))
+            seconds = time.perf_counter() - t0
+        info = dict(seconds=seconds, peak_memory_bytes=mem.peak, memory_kind=mem.kind,
+                    config=edit_signature(table, [target], patch_kwargs or {}))
+        restore = handle.remove
+    elif method in ("uce", "esd"):
+        if method == "uce":
+            edit = uce_edit(pipe, **(uce_kwargs or {}))
+        else:
+            edit = esd_train(pipe, **(esd_kwargs or {}))
+        info = {k: v for k, v in edit.to_json().items() if k != "method"}
+        info["method"] = edit.method
+
+        def restore():
+            edit.restore()
+            if edit.changed():
+                raise RuntimeError(f"{method}: restoring the original weights failed for {edit.changed()[:3]}")
+    else:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+    info["added_memory_bytes"] = max(0, int(info["peak_memory_bytes"]) - before)
+    try:
+        yield info
+    finally:
+        restore()
+
+
+def attack_target(pipe, classifiers: dict, jobs, run: dict, base_images: torch.Tensor, target: str, domain: str, *,
+                  prompts: Optional[int] = None, iterations: int = 40, sampling: Optional[dict] = None,
+                  attack_kwargs: Optional[dict] = None) -> dict:
+    """UA before/after the prefix attack on each prompt of ``jobs`` holding ``target`` (``pipe`` as it is: edited).
+
+    ``run``: the evaluation of the same jobs under the edit (its predictions give "before");
+    ``base_images``: the unedited images of the jobs ([N, 3, H, W] in [0, 1]): the attack's targets.
+    ``prompts``: attack only the first n such prompts (None: all of the first template).
+    """
+    tid = data.style_id(target) if domain == "style" else data.object_id(target)
+    truth = (lambda j: data.style_id(j.style)) if domain == "style" else (lambda j: j.object)
+    held = [i for i, j in enumerate(jobs) if truth(j) == tid and j.template == jobs[0].template]
+    chosen = list(dict.fromkeys(jobs[i].prompt for i in held))[:prompts]
+    if not chosen:
+        raise ValueError(f"no prompt of the grid holds the target {target!r}")
+    sampling = dict(sampling or {})
+    gen = dict(num_inference_steps=sampling.get("num_inference_steps"), guidance_scale=sampling.get("guidance_scale"),
+               batch_size=sampling.get("batch_size", 16))
+    before_pred, rows, after_all = run[f"pred_{domain}"], [], []
+    for k, prompt in enumerate(chosen):
+        idx = [i for i in held if jobs[i].prompt == prompt]
+        seeds = [jobs[i].seed for i in idx]
+        images = data.to_uint8(base_images[idx]).float() / 127.5 - 1  # as cached: fresh and resumed runs agree
+        t0 = time.perf_counter()
+        res = run_attack(pipe, prompt, images, iterations=iterations, seed=k, progress=False, **(attack_kwargs or {}))
+        adv = torch.stack(generate_adversarial(pipe, res, seeds, output_type="pt", **gen))
+        after = clf.predict(classifiers[domain], adv.float().cpu()).tolist()
+        before = [before_pred[i] for i in idx]
+        after_all += after
+        rows.append(dict(prompt=prompt, seeds=seeds, ua_before=1 - sum(p == tid for p in before) / len(before),
+                         ua_after=1 - sum(p == tid for p in after) / len(after), pred_after=after,
+                         final_loss=res.loss_history[-1], seconds=time.perf_counter() - t0))
+    before_all = [before_pred[i] for i in held if jobs[i].prompt in set(chosen)]
+    return dict(ua_before=1 - sum(p == tid for p in before_all) / len(before_all),
+                ua_after=1 - sum(p == tid for p in after_all) / len(after_all), prompts=rows)
+
+
+def _targets(domain: str, given, jobs, table, need_table: bool) -> list:
+    """The targets of a domain: ``given`` checked against the grid (and the concept file), or the grid's concepts."""
+    labels = data.STYLES if domain == "style" else data.OBJECTS
+    held = {data.STYLES[j.style] if domain == "style" else data.OBJECTS[j.object] for j in jobs
+            if domain == "object" or j.style is not None}
+    if given is None:
+        given = [c for c in labels if c in held and (not need_table or c in table.names)]
+    given = [given] if isinstance(given, str) else list(given)
+    for t in given:
+        if t not in labels:
+            raise ValueError(f"target {t!r} is not a MiniCanvas {domain}; valid: {', '.join(labels)}")
+        if t not in held:
+            raise ValueError(f"no prompt holds the target {t!r}: add it to the evaluated {domain}s")
+        if need_table:
+            table.index(t)  # unknown concept -> error naming the known ones
+    return list(dict.fromkeys(given))
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _mib(v) -> str:
+    return "-" if v is None else f"{v / MiB:.1f}"
+
+
+def _secs(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def summarise(runs: dict, methods) -> dict:
+    """Per method: mean style/object UA, IRA, CRA, mean UA before/after the attack, mean time, max memory."""
+    out = {}
+    for m in methods:
+        per = runs.get(m, {})
+        row = {}
+        for d in DOMAINS:
+            mean = mean_metrics({t: r["metrics"] for t, r in per.get(d, {}).items()}, ("ua", "ira", "cra"))
+            row.update({f"{d}_{k}": v for k, v in mean.items()})
+        flat = [r for d in DOMAINS for r in per.get(d, {}).values()]
+        atk = [r["attack"] for r in flat if r.get("attack")]
+        row["ua_before_attack"] = sum(a["ua_before"] for a in atk) / len(atk) if atk else None
+        row["ua_after_attack"] = sum(a["ua_after"] for a in atk) / len(atk) if atk else None
+        row["attack_drop_points"] = (None if not atk else 100 * (row["ua_before_attack"] - row["ua_after_attack"]))
+        edits = [r["edit"] for r in flat if r.get("edit")]
+        row["seconds"] = sum(e["seconds"] for e in edits) / len(edits) if edits else None
+        row["peak_memory_bytes"] = max((e["peak_memory_bytes"] for e in edits), default=None)
+        row["added_memory_bytes"] = max((e["added_memory_bytes"] for e in edits), default=None)
+        row["memory_kind"] = edits[0]["memory_kind"] if edits else None
+        row["targets"] = len(flat)
+        out[m] = row
+    return out
+
+
+def markdown(result: dict) -> str:
+    """The comparison as markdown: one table (rows = methods, percents), notes, then the per-target detail."""
+    head = ("| method | style UA | style IRA | style CRA | object UA | object IRA | object CRA | UA before attack "
+            "| UA after attack | time (s) | peak memory (MiB) | added memory (MiB) |\n" + "|---" * 12 + "|\n")
+    lines = []
+    for m, row in {**result["summary"], "unedited": result["unedited"]["summary"]}.items():
+        name = METHOD_NAMES.get(m, m) if m != "unedited" else "*(unedited)*"
+        lines.append(f"| {name} | " + " | ".join(_pct(row.get(k)) for k in COLUMNS)
+                     + f" | {_secs(row.get('seconds'))} | {_mib(row.get('peak_memory_bytes'))}"
+                     + f" | {_mib(row.get('added_memory_bytes'))} |")
+    c = result["config"]
+    kinds = sorted({r["memory_kind"] for r in result["summary"].values() if r.get("memory_kind")})
+    notes = [f"UA/IRA/CRA in percent, averaged over {len(c['style_targets'])} style and {len(c['object_targets'])} "
+             f"object targets; {c['num_images_per_run']} images per run (seeds {c['seeds']}, "
+             f"steps {c['num_inference_steps'] or 'default'}, guidance {c['guidance_scale'] or 'default'})."]
+    if c["attack"]:
+        which = "every prompt" if c["attack_prompts"] is None else f"the first {c['attack_prompts']} prompt(s)"
+        notes.append(f"Attack: UnlearnDiffAtk-style prefix, {c['attack_iterations']} iterations, on {which} holding "
+                     "each target, targets = the unedited model's images; UA before = the same prompts and seeds "
+                     "without the prefix; both averaged over all targets.")
+    notes.append(f"Time: seconds to apply the method, mean per target. Memory ({', '.join(kinds) or '-'}): peak while "
+                 "applying it (max over targets) and its increase over the memory in use before.")
+    s = result["summary"].get("saeuron", {})
+    if s.get("attack_drop_points") is not None:
+        ok = s["attack_drop_points"] <= ATTACK_BAR
+        notes.append(f"SAeUron's UA drops by {s['attack_drop_points']:.1f} points under the attack "
+                     f"(bar: at most {ATTACK_BAR:g}): {'PASS' if ok else 'FAIL'}.")
+    detail = ["| method | domain | target | UA | IRA | CRA | UA before attack | UA after attack | time (s) "
+              "| peak memory (MiB) |", "|---" * 10 + "|"]
+    for m, per in result["per_target"].items():
+        for d in DOMAINS:
+            for t, r in per.get(d, {}).items():
+                mt, a, e = r["metrics"], r.get("attack") or {}, r.get("edit") or {}
+                detail.append(f"| {METHOD_NAMES.get(m, m)} | {d} | {t} | {_pct(mt['ua'])} | {_pct(mt['ira'])} | "
+                              f"{_pct(mt['cra'])} | {_pct(a.get('ua_before'))} | {_pct(a.get('ua_after'))} | "
+                              f"{_secs(e.get('seconds'))} | {_mib(e.get('peak_memory_bytes'))} |")
+    return (head + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n### Per target\n\n"
+            + "\n".join(detail) + "\n")
+
+
+def compare_methods(pipe, classifiers: dict, checkpoint=None, *, saes=None, table=None, methods=METHODS,
+                    style_targets=None, object_targets=None, seeds=(188,), objects=None, styles=None, templates=(0,),
+                    attack: bool = True, attack_iterations: int = 40, attack_prompts: Optional[int] = None,
+                    attack_kwargs: Optional[dict] = None, esd_iterations: int = 1000, esd_kwargs: Optional[dict] = None,
+                    uce_kwargs: Optional[dict] = None, patch_kwargs: Optional[dict] = None,
+                    num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                    batch_size: int = 16, out_dir="minicanvas_compare", grid_rows: int = 6, resume: bool = True,
+                    progress: bool = True) -> dict:
+    """Apply each method to each target, evaluate UA/IRA/CRA and UA under the attack; write and return one table.
+
+    ``classifiers``: ``{"object", "style"}`` judges. ``checkpoint`` (or ``saes``/``table``): the SAEs and
+    concept file, needed for the "saeuron" method. ``style_targets``/``object_targets``: None = every
+    concept of that domain in the grid (and the concept file); ``[]`` skips the domain. ``objects``/
+    ``styles``/``seeds``/``templates``: the prompt grid, as in ``evaluate_unlearning`` (default all objects,
+    all styles + unstyled). ``attack_prompts``: attack the first n prompts per target (None: all).
+    ``esd_kwargs``/``uce_kwargs``/``patch_kwargs``/``attack_kwargs`` override the methods' and the attack's
+    arguments. ``num_inference_steps``/``guidance_scale``: None keeps the pipeline's defaults.
+
+    Returns ``{"config", "summary": {method: row}, "per_target": {method: {domain: {target: run}}},
+    "unedited", "table", "files"}``; rows hold fractions (style_ua ... ua_after_attack), attack_drop_points,
+    seconds, peak/added memory bytes; a run holds metrics, edit (time, memory, config) and attack.
+    """
+    methods = list(dict.fromkeys([methods] if isinstance(methods, str) else methods))
+    bad = [m for m in methods if m not in METHODS]
+    if not methods or bad:
+        raise ValueError(f"unknown methods {bad or methods}; valid: {', '.join(METHODS)}")
+    check_classifiers(classifiers)
+    check_patch_kwargs(patch_kwargs or {})
+    if attack and attack_iterations < 1:
+        raise ValueError(f"attack_iterations must be >= 1, got {attack_iterations}")
+    if attack_prompts is not None and attack_prompts < 1:
+        raise ValueError(f"attack_prompts must be None (all) or >= 1, got {attack_prompts}")
+    if "esd" in methods and esd_iterations < 1:
+        raise ValueError(f"esd_iterations must be >= 1, got {esd_iterations}")
+    need_table = "saeuron" in methods
+    if need_table or checkpoint is not None or table is not None:
+        saes, table = resolve_assets(checkpoint, saes, table)
+    seeds = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
+    templates = [templates] if isinstance(templates, int) else list(templates)
+    jobs = build_jobs(objects, styles, seeds, templates)
+    grid_objects = [data.OBJECTS[o] for o in dict.fromkeys(j.object for j in jobs)]
+    grid_styles = [None if s is None else data.STYLES[s] for s in dict.fromkeys(j.style for j in jobs)]
+    targets = {"style": _targets("style", style_targets, jobs, table, need_table),
+               "object": _targets("object", object_targets, jobs, table, need_table)}
+    if not targets["style"] and not targets["object"]:
+        raise ValueError("no target to unlearn: give style_targets and/or object_targets")
+    out = Path(out_dir)
+    sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size)
+    base_cfg = baseline_config(pipe, classifiers, jobs, num_inference_steps, guidance_scale)
+    prev = get_patch(pipe)  # the methods must start from the unedited model
+    if prev is not None:
+        prev.remove()
+    try:
+        base = _baseline(pipe, classifiers, jobs, out, base_cfg, sampling, resume, progress)
+        runs = _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out, dict(
+            saes=saes, table=table, patch_kwargs=patch_kwargs or {}, uce_kwargs=uce_kwargs or {},
+            esd_kwargs=esd_kwargs or {}, esd_iterations=esd_iterations,
+            steps=num_inference_steps or _default_steps(pipe),
+            grid=(grid_objects, grid_styles), attack=attack, attack_iterations=attack_iterations,
+            attack_prompts=attack_prompts, attack_kwargs=attack_kwargs or {}, sampling=sampling, grid_rows=grid_rows),
+            resume, progress)
+    finally:
+        if prev is not None:
+            prev.install()
+
+    bpo, bps = base["pred_object"].tolist(), base["pred_style"].tolist()
+    unedited = {d: {t: {"metrics": target_metrics(_records(jobs, (t,), d, bpo, bps), (t,), d)} for t in targets[d]}
+                for d in DOMAINS}
+    result = {
+        "config": {"methods": methods, "style_targets": targets["style"], "object_targets": targets["object"],
+                   "seeds": seeds, "templates": templates, "objects": grid_objects, "styles": grid_styles,
+                   "num_images_per_run": len(jobs), "num_inference_steps": num_inference_steps,
+                   "guidance_scale": guidance_scale, "attack": attack, "attack_iterations": attack_iterations,
+                   "attack_prompts": attack_prompts, "esd_iterations": esd_iterations,
+                   "checkpoint": None if checkpoint is None else str(checkpoint),
+                   "units": "metrics are fractions; seconds per target; memory in bytes"},
+        "summary": summarise(runs, methods),
+        "per_target": runs,
+        "unedited": {"summary": summarise({"unedited": unedited}, ["unedited"])["unedited"], "per_target": unedited},
+    }
+    result["table"] = markdown(result)
+    result["files"] = {"json": str(out / COMPARISON_FILE), "markdown": str(out / "comparison.md")}
+    atomic_write_json(result, out / COMPARISON_FILE)
+    _atomic(out / "comparison.md", lambda tmp: Path(tmp).write_text(result["table"]))
+    if progress:
+        print(result["table"])
+    return result
+
+
+def _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out: Path, o: dict, resume, progress) -> dict:
+    """Every (method, target) run: read from its cache file, or apply, evaluate, attack, restore and cache it."""
+    todo = [(m, d, t) for m in methods for d in DOMAINS for t in targets[d]]
+    runs: dict = {m: {d: {} for d in DOMAINS if targets[d]} for m in methods}
+    fp = _fingerprint(o["saes"], o["table"]) if "saeuron" in methods else None
+    bar = tqdm(todo, desc="compare", unit="run", disable=not progress)
+    for method, domain, target in bar:
+        bar.set_postfix_str(f"{method} {target}")
+        kw = {}
+        if method == "saeuron":
+            edit_cfg = {"edit": edit_signature(o["table"], [target], o["patch_kwargs"]), "fingerprint": fp}
+        elif method == "uce":
+            kw["uce_kwargs"] = {**uce_arguments(target, domain, *o["grid"]), **o["uce_kwargs"]}
+            edit_cfg = kw["uce_kwargs"]
+        else:
+            kw["esd_kwargs"] = {"concept": concept_phrase(target, domain), "method": ESD_VARIANT[domain],
+                                "iterations": o["esd_iterations"], "ddim_steps": o["steps"], "progress": False,
+                                **o["esd_kwargs"]}
+            edit_cfg = {k: v for k, v in kw["esd_kwargs"].items() if k != "progress"}
+        atk_cfg = ({"iterations": o["attack_iterations"], "prompts": o["attack_prompts"], **o["attack_kwargs"]}
+                   if o["attack"] else None)
+        cfg = {"baseline": base_cfg, "method": method, "domain": domain, "target": target, "edit": edit_cfg,
+               "attack": atk_cfg, "grid_rows": o["grid_rows"]}
+        path = out / "runs" / method / f"{domain}_{slug(target)}.json"
+        res = _load_cached(path, cfg) if resume else None
+        if res is None:
+            with applied(pipe, method, target, domain, saes=o["saes"], table=o["table"],
+                         patch_kwargs=o["patch_kwargs"], **kw) as info:
+                t0 = time.perf_counter()
+                run = evaluate_run(pipe, classifiers, jobs, (target,), domain, base, sampling=o["sampling"],
+                                   grid_path=out / "grids" / method / f"{domain}_{slug(target)}.png",
+                                   grid_rows=o["grid_rows"], progress=progress)
+                run["eval_seconds"] = time.perf_counter() - t0
+                if o["attack"]:
+                    run["attack"] = attack_target(pipe, classifiers, jobs, run, base["images"], target, domain,
+                                                  prompts=o["attack_prompts"], iterations=o["attack_iterations"],
+                                                  sampling=o["sampling"], attack_kwargs=o["attack_kwargs"])
+            res = {**run, "edit": info}
+            atomic_write_json({"config": _norm(cfg), "result": res}, path)
+        runs[method][domain][target] = res
+    bar.close()
+    return runs
+
+
+__all__ = ["compare_methods", "applied", "attack_target", "concept_phrase", "uce_arguments", "summarise", "markdown",
+           "METHODS"]

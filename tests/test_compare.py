@@ -1,0 +1,107 @@
+"""SAeUron vs UCE vs ESD side by side (saeuron.evaluate.compare) on micro MiniCanvas assets built here."""
+import json
+import re
+
+import pytest
+import torch
+
+from saeuron.evaluate.compare import COLUMNS, METHODS, compare_methods, uce_arguments
+from saeuron.patch import get_patch
+
+GRID = dict(objects=["circle", "ring"], styles=["stripes", "checker"], seeds=(188,))
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    from saeuron.minicanvas import load_classifiers
+    from saeuron.minicanvas.build import build_defaults
+    from saeuron.minicanvas.model import load_pipeline
+
+    out = tmp_path_factory.mktemp("mc") / "assets"
+    build_defaults(out, "micro", seed=0, progress=False)
+    pipe = load_pipeline(out / "model", "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return out, pipe, load_classifiers(out / "classifiers", "cpu")
+
+
+def _table_rows(md: str) -> dict:
+    """{method: [cells]} of the first markdown table."""
+    head = md.split("\n\n")[0].splitlines()
+    return {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in head[2:]}
+
+
+def test_compare_table_resume_and_exact_restore(micro, tmp_path):
+    assets, pipe, clfs = micro
+    before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    kw = dict(style_targets=["stripes"], object_targets=["circle"], **GRID, attack_iterations=2, esd_iterations=2,
+              esd_kwargs={"lr": 1e-2}, num_inference_steps=2, batch_size=8, out_dir=tmp_path, progress=False)
+    res = compare_methods(pipe, clfs, assets / "checkpoint", **kw)
+
+    # UCE and ESD changed the model while they were applied, and left it exactly as it was
+    assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters()) and get_patch(pipe) is None
+    per = res["per_target"]
+    for m in ("uce", "esd"):
+        for d, t in (("style", "stripes"), ("object", "circle")):
+            assert per[m][d][t]["edit"]["num_parameters_edited"] > 0 and per[m][d][t]["metrics"]["frechet_style"] > 0
+    assert per["esd"]["style"]["stripes"]["edit"]["config"]["method"] == "xattn"
+    assert per["esd"]["object"]["circle"]["edit"]["config"]["method"] == "noxattn"
+    assert len(per["esd"]["object"]["circle"]["edit"]["loss_history"]) == 2
+
+    # one row per method (+ the unedited reference) with every column; percents in [0, 100]
+    rows = _table_rows(res["table"])
+    assert list(rows) == ["SAeUron", "UCE", "ESD", "*(unedited)*"] and all(len(c) == 11 for c in rows.values())
+    for name in ("SAeUron", "UCE", "ESD"):
+        cells = rows[name]
+        assert all(0 <= float(c) <= 100 for c in cells[:8]) and float(cells[8]) >= 0 and float(cells[9]) > 0
+    for m in METHODS:
+        s = res["summary"][m]
+        assert all(0 <= s[k] <= 1 for k in COLUMNS) and s["targets"] == 2 and s["seconds"] >= 0
+        atk = [per[m][d][t]["attack"] for d, t in (("style", "stripes"), ("object", "circle"))]
+        assert s["ua_after_attack"] == pytest.approx(sum(a["ua_after"] for a in atk) / 2)
+        # the attacked prompts: the grid's captions holding the target, each with its seed
+        assert [p["prompt"] for p in atk[0]["prompts"]] == ["An image of circle in stripes style.",
+                                                            "An image of ring in stripes style."]
+        assert s["style_ua"] == per[m]["style"]["stripes"]["metrics"]["ua"]
+    assert "### Per target" in res["table"] and re.search(r"\| UCE \| object \| circle \|", res["table"])
+    on_disk = json.loads((tmp_path / "comparison.json").read_text())
+    assert on_disk["summary"] == json.loads(json.dumps(res["summary"]))
+    assert (tmp_path / "comparison.md").read_text() == res["table"]
+    assert (tmp_path / "runs" / "esd" / "object_circle.json").is_file()
+
+    calls = []
+    h = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        again = compare_methods(pipe, clfs, assets / "checkpoint", **kw)  # every run cached: no UNet call at all
+    finally:
+        h.remove()
+    assert calls == [] and again["summary"] == json.loads(json.dumps(res["summary"]))
+
+    with pytest.raises(ValueError, match="valid: saeuron, uce, esd"):
+        compare_methods(pipe, clfs, assets / "checkpoint", **{**kw, "methods": ["salun"]})
+    with pytest.raises(ValueError, match="no prompt holds the target"):
+        compare_methods(pipe, clfs, assets / "checkpoint", **{**kw, "style_targets": ["neon"]})
+
+
+def test_uce_arguments_are_the_grid_captions():
+    a = uce_arguments("stripes", "style", ["circle", "ring"], ["stripes", "checker", None])
+    assert a["erase"] == ["stripes"] and a["preserve"] == ["checker"] and a["guide"] == ""
+    assert [t.format("stripes") for t in a["templates"]] == ["An image of circle in stripes style.",
+                                                             "An image of ring in stripes style."]
+    o = uce_arguments("ring", "object", ["circle", "ring"], ["stripes", None])
+    assert o["preserve"] == ["circle"] and [t.format("ring") for t in o["templates"]] == [
+        "An image of ring in stripes style.", "An image of ring."]
+
+
+def test_cli_compare(micro, tmp_path, monkeypatch, capsys):
+    from saeuron.cli import main
+
+    assets, _, _ = micro
+    monkeypatch.setenv("SAEURON_MINICANVAS_ASSETS", str(assets))
+    main(["minicanvas", "compare", "--methods", "uce", "--style-targets", "--object-targets", "ring", "--objects",
+          "circle", "ring", "--styles", "stripes", "--no-attack", "--steps", "2", "--device", "cpu", "--out",
+          str(tmp_path)])
+    printed = capsys.readouterr().out
+    res = json.loads((tmp_path / "comparison.json").read_text())
+    assert res["config"]["object_targets"] == ["ring"] and res["config"]["style_targets"] == []
+    assert res["summary"]["uce"]["ua_after_attack"] is None and res["summary"]["uce"]["style_ua"] is None
+    assert "| UCE |" in printed and "comparison:" in printed
