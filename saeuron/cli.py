@@ -33,9 +33,13 @@ def _device(name):
 
 
 def load_pipeline(model: str, device=None, dtype=None):
-    """A diffusers pipeline from a local folder (or a hub id where a network exists)."""
+    """A pipeline from a local folder, ``minicanvas`` (the shipped MiniCanvas model) or a hub id."""
     from diffusers import DiffusionPipeline
 
+    if model in (None, "minicanvas"):
+        from .minicanvas import defaults
+
+        return defaults.load_pipeline(_device(device), dtype)
     kw = {"torch_dtype": dtype} if dtype is not None else {}
     if Path(model).exists() and not (Path(model) / "model_index.json").is_file():
         raise SystemExit(f"{model} is not a diffusers pipeline folder (no model_index.json)")
@@ -210,15 +214,6 @@ def add_minicanvas_parser(sub):
 
 # --------------------------------------------------------------------------- evaluation: explain, sweep, minicanvas eval
 
-def _eval_pipeline(model, device=None, dtype=None):
-    """The pipeline to evaluate: the shipped MiniCanvas model for None/"minicanvas", else a pipeline folder."""
-    if model in (None, "minicanvas"):
-        from .minicanvas import defaults
-
-        return defaults.load_pipeline(_device(device), _dtype(dtype))
-    return load_pipeline(model, device, _dtype(dtype))
-
-
 def _eval_checkpoint(checkpoint, model):
     """``--checkpoint``, or the shipped MiniCanvas checkpoint when evaluating the shipped model."""
     if checkpoint is not None:
@@ -253,7 +248,7 @@ def _styles(values):
 def cmd_explain(a):
     from .evaluate.explain import explain
 
-    pipe = _eval_pipeline(a.model, a.device, a.dtype)
+    pipe = load_pipeline(a.model, a.device, _dtype(a.dtype))
     res = explain(pipe, _eval_checkpoint(a.checkpoint, a.model), a.concept, a.out,
                   prompts=_prompt_list(a.prompts), other_prompts=_prompt_list(a.other_prompts), seeds=a.seeds,
                   hookpoint=a.hookpoint, top_features=a.top_features, top_images=a.top_images,
@@ -265,7 +260,7 @@ def cmd_explain(a):
 def cmd_sweep(a):
     from .evaluate.sweep import MULTIPLIERS, PERCENTILES, TOP_NS, sweep
 
-    pipe = _eval_pipeline(a.model, a.device, a.dtype)
+    pipe = load_pipeline(a.model, a.device, _dtype(a.dtype))
     sweep(pipe, _eval_classifiers(a.classifiers, a.device), _eval_checkpoint(a.checkpoint, a.model),
           concepts=a.concepts, domain=a.domain, seeds=a.seeds, rule=a.rule, multipliers=a.multipliers or MULTIPLIERS,
           percentiles=a.percentiles or PERCENTILES, top_ns=a.top_ns or TOP_NS, objects=a.objects,
@@ -277,7 +272,7 @@ def cmd_minicanvas_eval(a):
     """``saeuron minicanvas eval``: the UnlearnCanvas protocol on a MiniCanvas pipeline (shipped defaults by default)."""
     from .evaluate.unlearn_eval import evaluate_unlearning
 
-    pipe = _eval_pipeline(a.model, a.device, a.dtype)
+    pipe = load_pipeline(a.model, a.device, _dtype(a.dtype))
     kw = {k: v for k, v in (("multiplier", _per_concept(a.multiplier)), ("percentile", _per_concept(a.percentile)),
                             ("top_n", a.top_n)) if v is not None}
     res = evaluate_unlearning(pipe, _eval_classifiers(a.classifiers, a.device), _eval_checkpoint(a.checkpoint, a.model),
@@ -363,7 +358,7 @@ def cmd_minicanvas_compare(a):
     """``saeuron minicanvas compare``: SAeUron, UCE and ESD on the same MiniCanvas protocol and attack, one table."""
     from .evaluate.compare import compare_methods
 
-    pipe = _eval_pipeline(a.model, a.device, a.dtype)
+    pipe = load_pipeline(a.model, a.device, _dtype(a.dtype))
     ckpt = _eval_checkpoint(a.checkpoint, a.model) if "saeuron" in a.methods else a.checkpoint
     res = compare_methods(pipe, _eval_classifiers(a.classifiers, a.device), ckpt, methods=a.methods,
                           style_targets=a.style_targets, object_targets=a.object_targets, seeds=a.seeds,
@@ -408,7 +403,7 @@ def cmd_attack(a):
     from .patch import patched
     from .utils import atomic_save_file, atomic_write_json
 
-    pipe = _eval_pipeline(a.model, a.device, a.dtype)
+    pipe = load_pipeline(a.model, a.device, _dtype(a.dtype))
     images = load_images(a.target_images, image_size(pipe))
     out = Path(a.out)
     with patched(pipe, a.concept, _eval_checkpoint(a.checkpoint, a.model), multiplier=_per_concept(a.multiplier),
@@ -544,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="stage", required=True)
 
     def model_args(s, dtype=True):
-        s.add_argument("--model", required=True, help="diffusers pipeline folder (or hub id where a network exists)")
+        s.add_argument("--model", required=True, help="pipeline folder, 'minicanvas' (the shipped model), or a hub id")
         s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
         if dtype:
             s.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: as saved)")
