@@ -100,8 +100,9 @@ def _minicanvas_demo(out: Path, quick: bool) -> dict:
     _small_scale(pipe, prompts, hp, out / "small_scale", steps, quick, DEFAULT_GUIDANCE)
 
     t = _stage(f"3/3 unlearn with the shipped SAE: style {STYLE_TARGET!r} and object {OBJECT_TARGET!r}")
-    eval_objs = list(data.OBJECTS) if not quick else [OBJECT_TARGET, "circle", "square"]
-    eval_styles = (list(data.STYLES) + [None]) if not quick else [STYLE_TARGET, "dots", None]
+    # the targets, their near neighbours (checker shares stripes' palette; ring/circle/hexagon are alike) and others
+    eval_objs = [OBJECT_TARGET, "circle", "ring", "hexagon", "square"][:3 if quick else 5]
+    eval_styles = [STYLE_TARGET, "checker", "dots", "gradient", "sketch"][:2 if quick else 5] + [None]
     results = {}
     for domain, target in (("style", STYLE_TARGET), ("object", OBJECT_TARGET)):
         results[domain] = evaluate_unlearning(
