@@ -11,14 +11,6 @@ from saeuron.store import ActivationStore
 HP = "up_blocks.1.attentions.1"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is many times faster on a busy machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def _table(C=3, T=2, M=16, seed=0, counts=(2, 3, 5)):
     g = torch.Generator().manual_seed(seed)
     mu = torch.rand(C, T, M, generator=g)

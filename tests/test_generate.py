@@ -15,10 +15,7 @@ UP = "up_blocks.1.attentions.1"
 
 @pytest.fixture(scope="module")
 def pipe(tiny_pipe_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is many times faster on a busy machine
-    yield tiny_pipe_factory()
-    torch.set_num_threads(threads)
+    return tiny_pipe_factory()  # conftest runs tests on one thread: tiny tensors are faster that way
 
 
 def _checkpoint(path):

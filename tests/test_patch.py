@@ -13,10 +13,7 @@ TS = [667.0, 334.0, 1.0]  # the tiny pipeline's DDIM timesteps at 3 steps
 
 @pytest.fixture(scope="module")
 def pipe(tiny_pipe_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: one thread is many times faster on a busy machine
-    yield tiny_pipe_factory()
-    torch.set_num_threads(threads)
+    return tiny_pipe_factory()  # conftest runs tests on one thread: tiny tensors are faster that way
 
 
 @pytest.fixture(autouse=True)
