@@ -193,9 +193,19 @@ def test_train_lowers_loss_and_resumes_exactly(tmp_path):
         train_model(tmp_path / "bad", config="micro", steps=0)
 
 
+def test_lr_warmup_constant_then_linear_decay(tmp_path):
+    train_model(tmp_path / "run", config="micro", steps=12, batch_size=4, lr=1e-3, warmup=2, lr_decay=0.5,
+                progress=False, log_every=1, save_every=100)
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run")]  # the rate used at steps 0..11
+    want = [5e-4] + [1e-3] * 5 + [1e-3 * (12 - s) / 6 for s in range(6, 12)]
+    assert lrs == pytest.approx(want), lrs
+    with pytest.raises(ValueError, match="lr_decay <= 1"):
+        train_model(tmp_path / "bad", config="micro", steps=4, lr_decay=1.5, progress=False)
+
+
 def test_build_defaults_micro_end_to_end(tmp_path, monkeypatch, capsys):
     from saeuron.minicanvas import defaults
-    from saeuron.minicanvas.build import STAGES, build_defaults
+    from saeuron.minicanvas.build import STAGES, build_defaults, dependents
 
     monkeypatch.setattr(defaults, "assets_dir", lambda: tmp_path / "assets")
     with pytest.raises(FileNotFoundError, match="saeuron minicanvas build"):
@@ -228,6 +238,20 @@ def test_build_defaults_micro_end_to_end(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     build_defaults(out, "micro", seed=3, progress=False)  # everything done: every stage skipped
     assert capsys.readouterr().out.count("already done, skipped") == len(STAGES)
+    # a model that is built again makes the activations, the SAE and the concept file stale
+    record = json.loads((out / "BUILD.json").read_text())
+    del record["stages"]["model"]
+    (out / "BUILD.json").write_text(json.dumps(record))
+    marker = tmp_path / "assets.work" / "activations" / "stale-marker"
+    marker.write_text("from the old model")
+    rec = build_defaults(out, "micro", seed=3, progress=False)
+    said = capsys.readouterr().out
+    for s in ("gates", "collect", "sae", "concepts"):
+        assert f"{s}: built from the old model, will be redone" in said and f"[build] {s} done" in said
+    assert "classifiers: already done, skipped" in said and not marker.exists()
+    assert all(rec["stages"][s]["done"] for s in STAGES)
+    assert dependents("classifiers") == ["gates"] and dependents("collect") == ["sae", "concepts"]
+    assert dependents("concepts") == []
     with pytest.raises(ValueError, match="was built with config='micro', seed=3"):
         build_defaults(out, "micro", seed=4, progress=False)
 

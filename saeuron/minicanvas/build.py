@@ -13,6 +13,10 @@ and each resumes where a killed run stopped (classifiers are quick and simply re
 6. ``concepts``: the concept file over every object and every style concept (a prompt belongs to its
    object and to its style) with a top-n-per-timestep default rule -> ``checkpoint/concepts.*``.
 
+A stage that runs makes everything built from it stale: the stages that depend on it (``DEPENDS``,
+transitively) are marked not done and their resumable work state (activation store, SAE trainer
+state) is deleted, so a retrained model is never paired with the old model's activations or SAE.
+
 ``out_dir/BUILD.json`` records the seed, the config, the exact command, the settings, library versions,
 each stage's time and the gates. Gates are measured and reported, never enforced: a failed gate is
 printed as such and recorded with ``"pass": false``.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,6 +44,9 @@ BUILD_FILE = "BUILD.json"
 GATES_FILE = "gates.json"
 FORMAT = "saeuron-minicanvas-build"
 STAGES = ("classifiers", "model", "gates", "collect", "sae", "concepts")
+# what each stage is built from: rerunning a stage invalidates its dependents, transitively
+DEPENDS = {"classifiers": (), "model": (), "gates": ("classifiers", "model"), "collect": ("model",),
+           "sae": ("collect",), "concepts": ("collect", "sae")}
 GATE_SEEDS = (188, 288, 588, 688, 888)  # the UnlearnCanvas evaluation seeds
 HELDOUT_GATE, GENERATED_GATE = 0.99, 0.95
 MAX_FILE_BYTES = 16 * 2 ** 20
@@ -222,8 +230,18 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
         "concepts": [paths["checkpoint"] / "concepts.json"],
     }
 
+    work_state = {"model": paths["model_work"], "collect": paths["activations"], "sae": paths["sae_work"]}
+
     def done(name):
         return record["stages"].get(name, {}).get("done") and all(p.is_file() for p in artefacts[name])
+
+    def invalidate_dependents(name):
+        for s in dependents(name):
+            if record["stages"].pop(s, None) is not None:
+                say(f"{s}: built from the old {name}, will be redone")
+            if s in work_state and work_state[s].exists():
+                shutil.rmtree(work_state[s])
+        atomic_write_json(record, record_path)
 
     def finish(name, t0, **info):
         record["stages"][name] = {"done": True, "seconds": round(time.time() - t0, 1), **info}
@@ -247,6 +265,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
         missing = [s for s in STAGES[:STAGES.index(name)] if not done(s)]
         if missing:
             raise RuntimeError(f"build stage {name!r} needs stages {missing} first (run them, e.g. without --stages)")
+        invalidate_dependents(name)
         t0 = time.time()
         say(f"{name} ...")
         if name == "classifiers":
@@ -321,6 +340,15 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
     return record
 
 
+def dependents(name: str) -> list:
+    """Every stage built, directly or not, from stage ``name`` (in build order)."""
+    out = set()
+    for s in STAGES:  # DEPENDS only points backwards, so one pass in build order closes it
+        if any(d == name or d in out for d in DEPENDS[s]):
+            out.add(s)
+    return [s for s in STAGES if s in out]
+
+
 def cli_command(argv=None) -> str:
     """The command line of this process as one shell-quoted string (for BUILD.json)."""
     argv = list(sys.argv if argv is None else argv)
@@ -328,5 +356,5 @@ def cli_command(argv=None) -> str:
     return " ".join([prog] + [shlex.quote(a) for a in argv[1:]])
 
 
-__all__ = ["build_defaults", "build_settings", "BUILD_DEFAULTS", "STAGES", "concept_prompts", "training_prompts",
+__all__ = ["build_defaults", "build_settings", "dependents", "BUILD_DEFAULTS", "DEPENDS", "STAGES", "concept_prompts", "training_prompts",
            "generated_accuracy", "cli_command"]

@@ -5,8 +5,11 @@ device, re-rendered every ``pool_refresh`` steps: the GPU path), captions them w
 template only ("An image of {object} in {style} style." / "An image of {object}."), replaces a
 ``cfg_dropout`` share of the captions with the empty prompt (for classifier-free guidance), and
 trains the UNet and the text encoder jointly on the v-prediction objective of the pipeline's DDIM
-schedule (uniform timesteps, MSE) with AdamW, gradient clipping, linear warmup then a constant
-learning rate, and an EMA of the weights (the EMA weights are what gets saved).
+schedule (uniform timesteps, MSE) with AdamW, gradient clipping, linear warmup, a constant learning
+rate, a linear decay to zero over the last ``lr_decay`` share of the steps, and an EMA of the weights
+(the EMA weights are what gets saved). The decay only touches the final steps, so a run resumed with a
+larger ``steps`` continues exactly like an uninterrupted run of that length as long as the decay had not
+begun when it stopped.
 
 All randomness of step ``s`` comes from generators seeded by ``(seed, s)``, so a run resumed from a
 checkpoint continues exactly like an uninterrupted one. ``out_dir`` holds::
@@ -40,10 +43,12 @@ FORMAT = "saeuron-minicanvas-train-state"
 
 # per model config: the settings `saeuron minicanvas train --config NAME` uses unless told otherwise
 TRAIN_DEFAULTS = {
-    "micro": dict(steps=40, batch_size=16, lr=2e-3, warmup=5, ema_decay=0.9, pool_size=0, pool_refresh=0),
-    "cpu": dict(steps=3000, batch_size=48, lr=1e-3, warmup=100, ema_decay=0.999, pool_size=0, pool_refresh=0),
-    "gpu": dict(steps=40000, batch_size=512, lr=5e-4, warmup=1000, ema_decay=0.9995, pool_size=1 << 17,
-                pool_refresh=4000),
+    "micro": dict(steps=40, batch_size=16, lr=2e-3, warmup=5, lr_decay=0.0, ema_decay=0.9, pool_size=0,
+                  pool_refresh=0),
+    "cpu": dict(steps=8000, batch_size=48, lr=1e-3, warmup=100, lr_decay=0.25, ema_decay=0.999, pool_size=0,
+                pool_refresh=0),
+    "gpu": dict(steps=40000, batch_size=512, lr=5e-4, warmup=1000, lr_decay=0.2, ema_decay=0.9995,
+                pool_size=1 << 17, pool_refresh=4000),
 }
 # a resumed run must agree with the saved one on these, or it is a different run
 RESUME_KEYS = ("model", "batch_size", "seed", "cfg_dropout", "pool_size", "pool_refresh", "ema", "ema_decay")
@@ -147,7 +152,8 @@ def _check_int(name, v, lo):
 
 
 def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: Optional[int] = None,
-                lr: Optional[float] = None, size: Optional[int] = None, seed: int = 0, device=None,
+                lr: Optional[float] = None, lr_decay: Optional[float] = None, size: Optional[int] = None,
+                seed: int = 0, device=None,
                 resume: bool = True, progress: bool = True, cfg_dropout: float = 0.1, ema: bool = True,
                 ema_decay: Optional[float] = None, warmup: Optional[int] = None, weight_decay: float = 0.01,
                 grad_clip: float = 1.0, save_every: int = 250, log_every: int = 10, pool_size: Optional[int] = None,
@@ -160,6 +166,7 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
     re-rendered every ``pool_refresh`` steps (the GPU path); 0 renders every batch on the fly. ``amp``:
     "bf16"/"fp16" autocast (CUDA; default bf16 there). ``compile``: ``torch.compile`` the UNet (CUDA).
     ``save_dtype``: dtype of the saved pipeline's weights (e.g. ``torch.float16`` for shipping).
+    ``lr_decay``: the share of final steps over which the learning rate falls linearly to zero.
     """
     name = config if isinstance(config, str) else "custom"
     cfg = model_config(config)
@@ -168,6 +175,7 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
     batch_size = dflt["batch_size"] if batch_size is None else batch_size
     lr = dflt["lr"] if lr is None else float(lr)
     warmup = dflt["warmup"] if warmup is None else warmup
+    lr_decay = dflt["lr_decay"] if lr_decay is None else float(lr_decay)
     ema_decay = dflt["ema_decay"] if ema_decay is None else float(ema_decay)
     pool_size = dflt["pool_size"] if pool_size is None else pool_size
     pool_refresh = dflt["pool_refresh"] if pool_refresh is None else pool_refresh
@@ -179,10 +187,11 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
         _check_int(n, v, lo)
     if pool_size and not pool_refresh:
         pool_refresh = steps  # one pool for the whole run
-    if not (lr > 0 and 0 <= cfg_dropout < 1 and 0 <= ema_decay < 1 and grad_clip > 0 and weight_decay >= 0):
-        raise ValueError(f"need lr > 0, 0 <= cfg_dropout < 1, 0 <= ema_decay < 1, grad_clip > 0, weight_decay >= 0; "
-                         f"got lr={lr}, cfg_dropout={cfg_dropout}, ema_decay={ema_decay}, grad_clip={grad_clip}, "
-                         f"weight_decay={weight_decay}")
+    if not (lr > 0 and 0 <= lr_decay <= 1 and 0 <= cfg_dropout < 1 and 0 <= ema_decay < 1 and grad_clip > 0
+            and weight_decay >= 0):
+        raise ValueError(f"need lr > 0, 0 <= lr_decay <= 1, 0 <= cfg_dropout < 1, 0 <= ema_decay < 1, grad_clip > 0, "
+                         f"weight_decay >= 0; got lr={lr}, lr_decay={lr_decay}, cfg_dropout={cfg_dropout}, "
+                         f"ema_decay={ema_decay}, grad_clip={grad_clip}, weight_decay={weight_decay}")
     if num_threads is not None:
         torch.set_num_threads(int(num_threads))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -210,8 +219,8 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
 
     hparams = dict(model=cfg, config_name=name, batch_size=batch_size, seed=seed, cfg_dropout=cfg_dropout,
                    pool_size=pool_size, pool_refresh=pool_refresh, ema=ema, ema_decay=ema_decay, lr=lr,
-                   warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, prediction="v_prediction",
-                   amp=amp)
+                   warmup=warmup, lr_decay=lr_decay, weight_decay=weight_decay, grad_clip=grad_clip,
+                   prediction="v_prediction", amp=amp)
     step = 0
     if resume and (out_dir / STATE_FILE).is_file():
         meta = _load_state(out_dir, named, ema_params, opt)
@@ -256,8 +265,13 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
         noise = torch.randn(x0.shape, generator=gd, device=device)
         return x0, caps[rows], t, noise
 
+    decay_start = steps - round(lr_decay * steps)
+
     def lr_at(s):
-        return lr * min(1.0, (s + 1) / warmup) if warmup else lr
+        f = min(1.0, (s + 1) / warmup) if warmup else 1.0
+        if s >= decay_start:
+            f = min(f, (steps - s) / (steps - decay_start))
+        return lr * f
 
     def save():
         _save_state(out_dir, named, ema_params, opt, {"format": FORMAT, "step": step, "steps": steps,
