@@ -108,6 +108,30 @@ def _count_unet_calls(pipe):
     return calls, handle
 
 
+def test_evaluate_unlearning_reports_each_template(mc_pipe, tmp_path):
+    saes, table = {UP: make_sae(32, 128, 4, seed=1)}, _table(["stripes", "checker"])
+    kw = dict(saes=saes, table=table, domain="style", seeds=(188,), objects=["circle", "ring"],
+              styles=["stripes", "checker"], num_inference_steps=2, guidance_scale=5.0, batch_size=8,
+              out_dir=tmp_path, progress=False)
+    res = evaluate_unlearning(mc_pipe, _classifiers(), templates=(0, 1), **kw)
+    per = res["per_template"]
+    assert list(per) == ["0", "1"] and all(per[t]["images"] == 4 for t in per)
+    jobs = build_jobs(["circle", "ring"], ["stripes", "checker"], seeds=(188,), templates=(0, 1))
+    for target in ("stripes", "checker"):
+        run = json.loads((tmp_path / "runs" / f"{target}.json").read_text())["result"]
+        for t in ("0", "1"):
+            recs = [Record((target,), "style", j.object, j.style, o, s)
+                    for j, o, s in zip(jobs, run["pred_object"], run["pred_style"]) if j.template == int(t)]
+            want = target_metrics(recs)
+            assert {k: per[t]["per_target"][target][k] for k in want} == want
+        # both templates hold as many target images, so the pooled UA is the mean of the two
+        assert res["per_target"][target]["ua"] == pytest.approx(
+            (per["0"]["per_target"][target]["ua"] + per["1"]["per_target"][target]["ua"]) / 2)
+    assert "Per caption template" in (tmp_path / "results.md").read_text()
+    single = evaluate_unlearning(mc_pipe, _classifiers(), **{**kw, "out_dir": tmp_path / "one"})
+    assert "per_template" not in single
+
+
 def test_evaluate_unlearning_end_to_end_and_resume(mc_pipe, tmp_path):
     saes, table = {UP: make_sae(32, 128, 4, seed=1)}, _table(["stripes", "checker"])
     clfs = _classifiers()

@@ -259,8 +259,10 @@ def markdown(result: dict) -> str:
     s = result["summary"].get("saeuron", {})
     if s.get("attack_drop_points") is not None:
         ok = s["attack_drop_points"] <= ATTACK_BAR
-        notes.append(f"SAeUron's UA drops by {s['attack_drop_points']:.1f} points under the attack "
-                     f"(bar: at most {ATTACK_BAR:g}): {'PASS' if ok else 'FAIL'}.")
+        d = s["attack_drop_points"]
+        how = f"drops by {d:.1f} points" if d > 0 else f"does not drop (changes by {-d:+.1f} points)"
+        notes.append(f"SAeUron's UA {how} under the attack (bar: a drop of at most {ATTACK_BAR:g}): "
+                     f"{'PASS' if ok else 'FAIL'}.")
     detail = ["| method | domain | target | UA | IRA | CRA | UA before attack | UA after attack | time (s) "
               "| peak memory (MiB) |", "|---" * 10 + "|"]
     for m, per in result["per_target"].items():

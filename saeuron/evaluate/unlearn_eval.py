@@ -207,7 +207,32 @@ def markdown_table(results: dict) -> str:
                          + f"{_pct(results['baseline']['mean'].get('ua'))} |")
     b = results["baseline"]
     foot = f"\nUnedited accuracy: object {_pct(b['object_acc'])}, style {_pct(b['style_acc'])} ({b['images']} images)\n"
+    if results.get("per_template"):
+        foot += ("\nPer caption template (0 = training form, 1-2 = paraphrases kept for evaluation), mean over "
+                 "the single-target runs:\n\n| template | UA | IRA | CRA | CRA (rest) | UA unedited | images/run |\n"
+                 + "|---" * 7 + "|\n")
+        for t, r in results["per_template"].items():
+            foot += (f"| {t} | " + " | ".join(_pct(r["mean"].get(k)) for k in METRICS)
+                     + f" | {_pct(r['baseline_mean'].get('ua'))} | {r['images']} |\n")
     return head + "\n".join(lines) + "\n" + foot
+
+
+def _per_template(jobs, groups, domain, preds: dict, base_preds) -> dict:
+    """UA/IRA/CRA of each caption template on its own (training form vs paraphrases), from the per-image
+    predictions of every single-target run: ``{template: {"mean", "baseline_mean", "per_target"}}``."""
+    out = {}
+    for t in sorted({j.template for j in jobs}):
+        idx = [i for i, j in enumerate(jobs) if j.template == t]
+        sub = [jobs[i] for i in idx]
+
+        def pick(po, ps):
+            return [po[i] for i in idx], [ps[i] for i in idx]
+
+        per = {run_key(g): target_metrics(_records(sub, g, domain, *pick(*preds[g])), g, domain) for g in groups}
+        base = {run_key(g): target_metrics(_records(sub, g, domain, *pick(*base_preds)), g, domain) for g in groups}
+        out[str(t)] = {"mean": mean_metrics(per), "baseline_mean": mean_metrics(base), "per_target": per,
+                       "images": len(idx)}
+    return out
 
 
 def _records(jobs, group, domain, pred_o, pred_s) -> list:
@@ -262,7 +287,8 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
     percentile, top_n, halves, error_term). ``progress`` shows bars and prints the markdown table.
 
     Returns ``{"config", "baseline": {"object_acc", "style_acc", "images", "per_run", "mean"},
-    "per_target": {target: metrics}, "mean": metrics, "multi": {run: metrics}, "table", "files"}``;
+    "per_target": {target: metrics}, "mean": metrics, "multi": {run: metrics}, "table", "files"}`` (and
+    "per_template": {template: {"mean", "baseline_mean", "per_target", "images"}} when several templates run);
     metrics hold ua, ira, cra, cra_rest (fractions), n_target, n_rest, frechet_object, frechet_style, grid.
     """
     if domain not in DOMAINS:
@@ -285,7 +311,7 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
         return _records(jobs, group, domain, pred_o, pred_s)
 
     fp = _fingerprint(saes, table)
-    done: dict = {}
+    done, preds = {}, {}
     all_groups = list(dict.fromkeys(groups + multi_groups))
     bar_runs = tqdm(all_groups, desc=f"unlearn {domain}", unit="run", disable=not progress)
     for group in bar_runs:
@@ -301,6 +327,7 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
                                    grid_path=out / "grids" / f"{slug(key)}.png", grid_rows=grid_rows, progress=progress)
             atomic_write_json({"config": _norm(cfg), "result": res}, path)
         done[group] = res["metrics"]
+        preds[group] = (res["pred_object"], res["pred_style"])
     bar_runs.close()
 
     bpo, bps = base["pred_object"].tolist(), base["pred_style"].tolist()
@@ -321,6 +348,8 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
         "multi": {run_key(g): {**done[g], "n": len(g)} for g in multi_groups},
     }
     results["mean"] = mean_metrics(results["per_target"], METRICS + extra)
+    if len(templates) > 1:
+        results["per_template"] = _per_template(jobs, groups, domain, preds, (bpo, bps))
     results["table"] = markdown_table(results)
     results["files"] = {"json": str(out / RESULTS_FILE), "markdown": str(out / "results.md"),
                         "baseline": str(out / BASELINE_FILE)}
