@@ -230,7 +230,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
         "concepts": [paths["checkpoint"] / "concepts.json"],
     }
 
-    work_state = {"model": paths["model_work"], "collect": paths["activations"], "sae": paths["sae_work"]}
+    work_state = {"collect": paths["activations"], "sae": paths["sae_work"]}  # resumable state of dependent stages
 
     def done(name):
         return record["stages"].get(name, {}).get("done") and all(p.is_file() for p in artefacts[name])
@@ -356,5 +356,5 @@ def cli_command(argv=None) -> str:
     return " ".join([prog] + [shlex.quote(a) for a in argv[1:]])
 
 
-__all__ = ["build_defaults", "build_settings", "dependents", "BUILD_DEFAULTS", "DEPENDS", "STAGES", "concept_prompts", "training_prompts",
-           "generated_accuracy", "cli_command"]
+__all__ = ["build_defaults", "build_settings", "dependents", "BUILD_DEFAULTS", "DEPENDS", "STAGES", "concept_prompts",
+           "training_prompts", "generated_accuracy", "cli_command"]
