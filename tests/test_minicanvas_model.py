@@ -14,7 +14,7 @@ from saeuron.hookpoints import list_hookpoints
 from saeuron.minicanvas import data
 from saeuron.minicanvas.model import (MODEL_CONFIGS, MiniCanvasPipeline, build_pipeline, load_pipeline,
                                       num_parameters, save_pipeline)
-from saeuron.minicanvas.train_model import STATE_FILE, read_metrics, train_model
+from saeuron.minicanvas.train_model import STATE_FILE, read_metrics, train_model, train_seconds
 from saeuron.patch import get_patch, patch, unpatch
 
 HP = MODEL_CONFIGS["micro"]["hookpoints"][0]  # up_blocks.0.attentions.1: 32 channels at 8x8
@@ -184,6 +184,11 @@ def test_train_lowers_loss_and_resumes_exactly(tmp_path):
     for a, b in zip(full.text_encoder.parameters(), resumed.text_encoder.parameters()):
         assert torch.equal(a, b)
     assert [r["step"] for r in read_metrics(tmp_path / "cut")] == list(range(1, 25))
+    # training time adds up over both runs: every step's 1/speed, nothing counted twice
+    want = sum(1 / r["steps_per_s"] for r in read_metrics(tmp_path / "cut"))
+    assert train_seconds(tmp_path / "cut") == pytest.approx(want, abs=0.06) and want > 0
+    info = json.loads((tmp_path / "cut" / "pipeline" / "minicanvas.json").read_text())
+    assert info["train_seconds"] == train_seconds(tmp_path / "cut")
     assert not [p for p in (tmp_path / "cut").rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
     saved = load_pipeline(tmp_path / "cut" / "pipeline")
     assert torch.equal(_run(saved), _run(resumed))

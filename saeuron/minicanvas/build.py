@@ -282,7 +282,8 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
             info = json.loads((paths["model_work"] / "pipeline" / "minicanvas.json").read_text())
             save_pipeline(pipe, paths["model"], dtype=torch.float16, extra={**info, "seed": seed})
             pipe = None
-            finish(name, t0, steps=info["steps"], final_loss=info["final_loss"])
+            finish(name, t0, steps=info["steps"], final_loss=info["final_loss"],
+                   train_seconds=info.get("train_seconds"))  # over every resumed run; ``seconds`` is this one
         elif name == "gates":
             classifiers = clf.load_classifiers(paths["classifiers"], device)
             pipe = load_pipeline(paths["model"], device)

@@ -45,7 +45,7 @@ FORMAT = "saeuron-minicanvas-train-state"
 TRAIN_DEFAULTS = {
     "micro": dict(steps=40, batch_size=16, lr=2e-3, warmup=5, lr_decay=0.0, ema_decay=0.9, pool_size=0,
                   pool_refresh=0),
-    "cpu": dict(steps=8000, batch_size=48, lr=1e-3, warmup=100, lr_decay=0.25, ema_decay=0.999, pool_size=0,
+    "cpu": dict(steps=12000, batch_size=48, lr=1e-3, warmup=100, lr_decay=0.25, ema_decay=0.999, pool_size=0,
                 pool_refresh=0),
     "gpu": dict(steps=40000, batch_size=512, lr=5e-4, warmup=1000, lr_decay=0.2, ema_decay=0.9995,
                 pool_size=1 << 17, pool_refresh=4000),
@@ -329,7 +329,7 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
     text.eval()
     pipe.set_progress_bar_config(disable=True)
     info = {"config": name, "model": cfg, "steps": step, "hparams": hparams, "weights": "ema" if ema else "raw",
-            "final_loss": _last_loss(out_dir / METRICS_FILE)}
+            "final_loss": _last_loss(out_dir / METRICS_FILE), "train_seconds": train_seconds(out_dir)}
     save_pipeline(pipe, out_dir / PIPELINE_DIR, dtype=save_dtype, extra=info)
     return pipe
 
@@ -341,10 +341,19 @@ def _last_loss(path: Path) -> Optional[float]:
     return json.loads(lines[-1])["loss"] if lines else None
 
 
+def train_seconds(out_dir) -> float:
+    """Seconds spent on optimiser steps over every run (resumes included) of a training folder, from its metrics."""
+    total, prev = 0.0, 0
+    for rec in read_metrics(out_dir):
+        total += (rec["step"] - prev) / rec["steps_per_s"]
+        prev = rec["step"]
+    return round(total, 1)
+
+
 def read_metrics(out_dir) -> list:
     """The ``metrics.jsonl`` records of a training folder (step, loss, lr, steps_per_s)."""
     path = Path(out_dir) / METRICS_FILE
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
 
-__all__ = ["train_model", "TRAIN_DEFAULTS", "caption_table", "read_metrics"]
+__all__ = ["train_model", "TRAIN_DEFAULTS", "caption_table", "read_metrics", "train_seconds"]
