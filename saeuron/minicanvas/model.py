@@ -44,7 +44,7 @@ MODEL_CONFIGS = {
                   attention_head_dim=2, norm_num_groups=8),
         text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
         hookpoints=("up_blocks.0.attentions.1",)),
-    "cpu": dict(  # ~1.8M parameters: 12000 steps take about 2.6 hours on two CPU cores
+    "cpu": dict(  # ~1.8M parameters: 12000 steps take 2.2-2.6 hours on two CPU cores
         size=32,
         unet=dict(block_out_channels=(32, 64, 64), layers_per_block=1, attention_levels=(1, 2),
                   cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16),

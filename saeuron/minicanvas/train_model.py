@@ -329,16 +329,11 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
     text.eval()
     pipe.set_progress_bar_config(disable=True)
     info = {"config": name, "model": cfg, "steps": step, "hparams": hparams, "weights": "ema" if ema else "raw",
-            "final_loss": _last_loss(out_dir / METRICS_FILE), "train_seconds": train_seconds(out_dir)}
+            "final_loss": (read_metrics(out_dir) or [{}])[-1].get("loss"), "train_seconds": train_seconds(out_dir)}
     save_pipeline(pipe, out_dir / PIPELINE_DIR, dtype=save_dtype, extra=info)
     return pipe
 
 
-def _last_loss(path: Path) -> Optional[float]:
-    if not path.is_file():
-        return None
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    return json.loads(lines[-1])["loss"] if lines else None
 
 
 def train_seconds(out_dir) -> float:
