@@ -160,8 +160,8 @@ def cmd_minicanvas_train(a):
     from .minicanvas.train_model import train_model
 
     train_model(a.out, a.config, steps=a.steps, batch_size=a.batch_size, lr=a.lr, lr_decay=a.lr_decay, seed=a.seed,
-                device=a.device, resume=not a.no_resume, cfg_dropout=a.cfg_dropout, ema=not a.no_ema, save_every=a.save_every,
-                pool_size=a.pool_size, amp=a.amp, compile=a.compile, num_threads=a.threads,
+                device=a.device, resume=not a.no_resume, cfg_dropout=a.cfg_dropout, ema=not a.no_ema,
+                save_every=a.save_every, pool_size=a.pool_size, amp=a.amp, compile=a.compile, num_threads=a.threads,
                 save_dtype=_dtype("fp16") if a.fp16 else None)
     print(f"pipeline in {Path(a.out) / 'pipeline'}; training state in {a.out} (rerun to resume or extend --steps)")
 
@@ -185,7 +185,8 @@ def add_minicanvas_parser(sub):
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--lr", type=float, default=None)
     s.add_argument("--lr-decay", type=float, default=None,
-                   help="share of the final steps over which the learning rate falls linearly to 0 (default: per config)")
+                   help="share of the final steps over which the learning rate falls linearly to 0 "
+                        "(default: per config)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default=None)
     s.add_argument("--cfg-dropout", type=float, default=0.1, help="share of empty captions (for CFG)")

@@ -153,8 +153,7 @@ def _check_int(name, v, lo):
 
 def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: Optional[int] = None,
                 lr: Optional[float] = None, lr_decay: Optional[float] = None, size: Optional[int] = None,
-                seed: int = 0, device=None,
-                resume: bool = True, progress: bool = True, cfg_dropout: float = 0.1, ema: bool = True,
+                seed: int = 0, device=None, resume: bool = True, progress: bool = True, cfg_dropout: float = 0.1, ema: bool = True,
                 ema_decay: Optional[float] = None, warmup: Optional[int] = None, weight_decay: float = 0.01,
                 grad_clip: float = 1.0, save_every: int = 250, log_every: int = 10, pool_size: Optional[int] = None,
                 pool_refresh: Optional[int] = None, amp: Optional[str] = None, compile: bool = False,
@@ -328,18 +327,18 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
     unet.eval()
     text.eval()
     pipe.set_progress_bar_config(disable=True)
+    log = read_metrics(out_dir)
     info = {"config": name, "model": cfg, "steps": step, "hparams": hparams, "weights": "ema" if ema else "raw",
-            "final_loss": (read_metrics(out_dir) or [{}])[-1].get("loss"), "train_seconds": train_seconds(out_dir)}
+            "final_loss": log[-1]["loss"] if log else None, "train_seconds": train_seconds(log)}
     save_pipeline(pipe, out_dir / PIPELINE_DIR, dtype=save_dtype, extra=info)
     return pipe
 
 
-
-
-def train_seconds(out_dir) -> float:
-    """Seconds spent on optimiser steps over every run (resumes included) of a training folder, from its metrics."""
+def train_seconds(metrics) -> float:
+    """Seconds spent on optimiser steps over every run (resumes included) of a training folder, from its metrics
+    (the folder, or its :func:`read_metrics` records)."""
     total, prev = 0.0, 0
-    for rec in read_metrics(out_dir):
+    for rec in read_metrics(metrics) if isinstance(metrics, (str, Path)) else metrics:
         total += (rec["step"] - prev) / rec["steps_per_s"]
         prev = rec["step"]
     return round(total, 1)
