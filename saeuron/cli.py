@@ -387,11 +387,13 @@ def add_minicanvas_compare_parser(subparsers):
     s.add_argument("--objects", nargs="+", default=None, help="prompt objects (default: all)")
     s.add_argument("--styles", nargs="+", default=None, help="prompt styles, 'unstyled' included (default: all)")
     s.add_argument("--no-attack", action="store_true", help="skip the UnlearnDiffAtk-style attack")
-    s.add_argument("--attack-iterations", type=int, default=40)
+    s.add_argument("--attack-iterations", type=int, default=40, help="Adam iterations of the attack (default: 40)")
     s.add_argument("--attack-prompts", type=int, default=None,
                    help="attack the first n prompts per target (default: all)")
-    s.add_argument("--esd-iterations", type=int, default=1000)
-    s.add_argument("--out", default="minicanvas_compare")
+    s.add_argument("--esd-iterations", type=int, default=1000,
+                   help="ESD fine-tuning iterations per target (default: 1000, as published)")
+    s.add_argument("--out", default="minicanvas_compare",
+                   help="output folder; finished runs are cached there and reused (default: minicanvas_compare)")
     s.add_argument("--no-resume", action="store_true", help="recompute everything instead of reusing cached runs")
     s.set_defaults(fn=cmd_minicanvas_compare)
     return s

@@ -294,6 +294,30 @@ def test_esd_x_trains_only_cross_attention_and_restores(pipe):
     assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())
 
 
+def test_esd_prompt_list_is_used_in_turn(pipe):
+    """A list of prompts: iteration i trains on prompt i mod n (one prompt repeated = that prompt alone)."""
+    unet = pipe.unet
+
+    def trained(concept, iterations):
+        res = esd_train(pipe, concept, iterations=iterations, ddim_steps=2, lr=1e-3, progress=False, seed=3)
+        params = dict(unet.named_parameters())
+        after = {n: params[n].detach().clone() for n in res.original}
+        res.restore()
+        return after, res
+
+    one, res = trained("cartoon", 2)
+    same, res_list = trained(["cartoon", "cartoon"], 2)
+    assert all(torch.equal(one[n], same[n]) for n in one)
+    assert res.config["concept"] == "cartoon" and res_list.config["concept"] == ["cartoon", "cartoon"]
+    first_only, _ = trained(["cartoon", "photo of a dog"], 1)  # iteration 0 uses the first prompt
+    assert all(torch.equal(first_only[n], trained("cartoon", 1)[0][n]) for n in first_only)
+    mixed, _ = trained(["cartoon", "photo of a dog"], 2)  # iteration 1 the second
+    assert any(not torch.equal(mixed[n], one[n]) for n in one)
+    for bad in ([], [""], ["cartoon", 3]):
+        with pytest.raises(ValueError, match="concept must be"):
+            esd_train(pipe, bad, iterations=1, progress=False)
+
+
 def test_esd_u_with_noised_images_leaves_cross_attention_alone(pipe):
     unet = pipe.unet
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}

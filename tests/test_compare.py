@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from saeuron.evaluate.compare import COLUMNS, METHODS, compare_methods, uce_arguments
+from saeuron.evaluate.compare import COLUMNS, METHODS, compare_methods, esd_prompts, uce_arguments
 from saeuron.patch import get_patch
 
 GRID = dict(objects=["circle", "ring"], styles=["stripes", "checker"], seeds=(188,))
@@ -46,6 +46,8 @@ def test_compare_table_resume_and_exact_restore(micro, tmp_path):
     assert per["esd"]["style"]["stripes"]["edit"]["config"]["method"] == "xattn"
     assert per["esd"]["object"]["circle"]["edit"]["config"]["method"] == "noxattn"
     assert len(per["esd"]["object"]["circle"]["edit"]["loss_history"]) == 2
+    assert per["esd"]["style"]["stripes"]["edit"]["config"]["concept"] == [
+        "An image of circle in stripes style.", "An image of ring in stripes style."]
 
     # one row per method (+ the unedited reference) with every column; percents in [0, 100]
     rows = _table_rows(res["table"])
@@ -90,6 +92,11 @@ def test_uce_arguments_are_the_grid_captions():
     o = uce_arguments("ring", "object", ["circle", "ring"], ["stripes", None])
     assert o["preserve"] == ["circle"] and [t.format("ring") for t in o["templates"]] == [
         "An image of ring in stripes style.", "An image of ring."]
+    assert esd_prompts("ring", "object", ["circle", "ring"], ["stripes", None]) == [
+        "An image of ring in stripes style.", "An image of ring."]
+    assert esd_prompts("checker", "style", ["circle"], ["stripes", "checker"]) == ["An image of circle in checker style."]
+    with pytest.raises(ValueError, match="unknown domain 'colour'"):
+        esd_prompts("red", "colour", ["circle"], [None])
 
 
 def test_cli_compare(micro, tmp_path, monkeypatch, capsys):

@@ -30,7 +30,8 @@ so that its prediction for the concept follows negative guidance of the frozen m
 
     eps_theta(x_t, c, t) <- eps_0(x_t, "", t) - eta (eps_0(x_t, c, t) - eps_0(x_t, "", t)),  eta = 1,
 
-with Adam, lr 1e-5, 1000 iterations. ``method``: "xattn" (ESD-x, cross-attention parameters only: the
+with Adam, lr 1e-5, 1000 iterations, on a prompt c (published: one phrase; here also a list of prompts
+taken in turn, one per iteration). ``method``: "xattn" (ESD-x, cross-attention parameters only: the
 published choice for styles), "noxattn" (ESD-u: everything but cross-attention, the time embedding and
 the output layers: for objects), "selfattn", "full". As published, x_t comes from sampling the model
 being trained (no grad, CFG ``start_guidance`` 3, DDIM with ``ddim_steps`` 50) from noise, conditioned
@@ -273,13 +274,15 @@ def _sample_xt(pipe, sched, emb_c, emb_0, shape, start_guidance, g, dev, dtype):
     return x, sched.timesteps[i]
 
 
-def esd_train(pipe, concept: str, *, method: str = "xattn", iterations: int = 1000, lr: float = 1e-5,
+def esd_train(pipe, concept, *, method: str = "xattn", iterations: int = 1000, lr: float = 1e-5,
               negative_guidance: float = 1.0, start_guidance: float = 3.0, ddim_steps: int = 50, xt: str = "sample",
               images: Optional[Tensor] = None, seed: int = 0, progress: bool = True) -> EditResult:
     """ESD: fine-tune ``pipe``'s UNet in place so ``concept`` is erased by negative guidance (see the module docstring).
 
-    ``xt="sample"`` (published) draws x_t by partial DDIM sampling; ``xt="noise"`` noises ``images``
-    ([B, 3, H, W] in [-1, 1], images of the concept) instead. ``EditResult.restore()`` undoes it.
+    ``concept``: the prompt c (published: one phrase), or a list of prompts used in turn, iteration i on
+    prompt i mod n (for a model that only understands full captions). ``xt="sample"`` (published) draws
+    x_t by partial DDIM sampling; ``xt="noise"`` noises ``images`` ([B, 3, H, W] in [-1, 1], images of
+    the concept) instead. ``EditResult.restore()`` undoes it.
     """
     from torch.func import functional_call
     from tqdm.auto import tqdm
@@ -291,6 +294,9 @@ def esd_train(pipe, concept: str, *, method: str = "xattn", iterations: int = 10
         raise ValueError('xt="noise" needs images= of the concept ([B, 3, H, W] in [-1, 1])')
     if iterations < 1 or ddim_steps < 1:
         raise ValueError(f"iterations ({iterations}) and ddim_steps ({ddim_steps}) must be >= 1")
+    prompts = [concept] if isinstance(concept, str) else list(concept)
+    if not prompts or not all(isinstance(c, str) and c.strip() for c in prompts):
+        raise ValueError(f"concept must be a non-empty prompt or a non-empty list of them, got {concept!r}")
     unet = get_unet(pipe)
     pred_type = _check_scheduler(pipe.scheduler)
     p0 = next(unet.parameters())
@@ -300,7 +306,7 @@ def esd_train(pipe, concept: str, *, method: str = "xattn", iterations: int = 10
     g = torch.Generator().manual_seed(seed)
     sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
     sched.set_timesteps(ddim_steps)
-    emb_c, emb_0 = (encode_prompts(pipe, p).to(dev, dtype) for p in (concept, ""))
+    emb_cs, emb_0 = (encode_prompts(pipe, p).to(dev, dtype) for p in (prompts, ""))
     cfg = unet.config
     shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
     latents = to_latents(pipe, images) if xt == "noise" else None
@@ -311,7 +317,9 @@ def esd_train(pipe, concept: str, *, method: str = "xattn", iterations: int = 10
             p.requires_grad_(True)
         try:
             opt = torch.optim.Adam(list(train.values()), lr=lr)
-            for it in tqdm(range(iterations), desc=ESD_NAMES[ESD_METHODS[method]], disable=not progress):
+            for it in tqdm(range(iterations), desc=ESD_NAMES[ESD_METHODS[method]], disable=not progress,
+                           leave=False):
+                emb_c = emb_cs[it % len(prompts)].unsqueeze(0)
                 with torch.no_grad():
                     if xt == "sample":
                         x, t = _sample_xt(pipe, sched, emb_c, emb_0, shape, start_guidance, g, dev, dtype)
@@ -338,7 +346,7 @@ def esd_train(pipe, concept: str, *, method: str = "xattn", iterations: int = 10
             raise
         for p in train.values():
             p.grad = None
-    cfg_out = dict(concept=concept, method=ESD_METHODS[method], iterations=iterations, lr=lr,
+    cfg_out = dict(concept=concept if isinstance(concept, str) else prompts, method=ESD_METHODS[method], iterations=iterations, lr=lr,
                    negative_guidance=negative_guidance, start_guidance=start_guidance, ddim_steps=ddim_steps, xt=xt,
                    seed=seed, prediction_type=pred_type)
     return EditResult(pipe, ESD_NAMES[ESD_METHODS[method]], original, time.perf_counter() - t0, mem.peak, mem.kind,

@@ -20,10 +20,12 @@ How each method is applied to target T:
   "An image of {object} in {} style." per object for a style; "An image of {} in {style} style." per
   style and "An image of {}." for an object), preserving the other concepts of T's domain in the same
   captions (:func:`uce_arguments`); closed form, time = the solve;
-- ``esd``: :func:`.baselines.esd_train` on the phrase of T (:func:`concept_phrase`: "{style} style",
-  "An image of {object}.") with ESD-x (cross-attention) for styles and ESD-u (everything but
-  cross-attention) for objects, as published; ``ddim_steps`` defaults to the evaluation's sampling
-  steps; time = the training.
+- ``esd``: :func:`.baselines.esd_train` with its published settings (lr 1e-5, 1000 iterations, eta 1,
+  start guidance 3), ESD-x (cross-attention) for styles and ESD-u (everything but cross-attention) for
+  objects, as published, on the same training-form captions holding T, one per iteration in turn
+  (:func:`esd_prompts`): the published short phrase ("mosaic style") is a prompt this model never saw,
+  its conditional and unconditional predictions hardly differ, and ESD then has nothing to learn;
+  ``ddim_steps`` defaults to the evaluation's sampling steps; time = the training.
 
 ``uce_kwargs``/``esd_kwargs`` override any argument of those calls. Memory: the peak while applying
 the method (CUDA ``max_memory_allocated``, else the process RSS, as :mod:`.baselines` measures it) and
@@ -62,7 +64,6 @@ from .unlearn_eval import (_baseline, _fingerprint, _load_cached, _norm, _record
 METHODS = ("saeuron", "uce", "esd")
 METHOD_NAMES = {"saeuron": "SAeUron", "uce": "UCE", "esd": "ESD"}
 ESD_VARIANT = {"style": "xattn", "object": "noxattn"}  # ESD-x for styles, ESD-u for objects (as published)
-PHRASES = {"style": "{} style", "object": "An image of {}."}
 COMPARISON_FILE = "comparison.json"
 ATTACK_BAR = 5.0  # points: the SAE edit's averaged UA may drop at most this much under the attack
 COLUMNS = ("style_ua", "style_ira", "style_cra", "object_ua", "object_ira", "object_cra", "ua_before_attack",
@@ -70,11 +71,23 @@ COLUMNS = ("style_ua", "style_ira", "style_cra", "object_ua", "object_ira", "obj
 MiB = 2 ** 20
 
 
-def concept_phrase(name: str, domain: str) -> str:
-    """The short caption-ish phrase of a concept that ESD trains on: "{style} style" or "An image of {object}."."""
-    if domain not in DOMAINS:
-        raise ValueError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
-    return PHRASES[domain].format(name)
+def caption_templates(domain: str, objects, styles) -> list:
+    """The grid's training-form captions with ``{}`` where a concept of ``domain`` goes.
+
+    Style: "An image of {object} in {} style." per object; object: "An image of {} in {style} style." per
+    style, and "An image of {}." when the unstyled variant (``None`` in ``styles``) is in the grid.
+    """
+    if domain == "style":
+        return [f"An image of {o} in {{}} style." for o in objects]
+    if domain == "object":
+        return ([f"An image of {{}} in {s} style." for s in styles if s is not None]
+                + (["An image of {}."] if None in styles else []))
+    raise ValueError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
+
+
+def esd_prompts(target: str, domain: str, objects, styles) -> list:
+    """ESD's prompts for ``target``: every training-form caption of the grid holding it (used in turn)."""
+    return [t.format(target) for t in caption_templates(domain, objects, styles)]
 
 
 def uce_arguments(target: str, domain: str, objects, styles) -> dict:
@@ -82,15 +95,9 @@ def uce_arguments(target: str, domain: str, objects, styles) -> dict:
 
     ``objects``/``styles``: names in the prompt grid (``None`` in ``styles`` = the unstyled caption).
     """
-    if domain == "style":
-        others = [s for s in styles if s is not None and s != target]
-        templates = [f"An image of {o} in {{}} style." for o in objects]
-    elif domain == "object":
-        others = [o for o in objects if o != target]
-        templates = [f"An image of {{}} in {s} style." for s in styles if s is not None]
-        templates += ["An image of {}."] if None in styles else []
-    else:
-        raise ValueError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
+    templates = caption_templates(domain, objects, styles)
+    pool = styles if domain == "style" else objects
+    others = [c for c in pool if c is not None and c != target]
     return dict(erase=[target], guide="", preserve=others, templates=templates)
 
 
@@ -380,8 +387,8 @@ def _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out: Pat
             kw["uce_kwargs"] = {**uce_arguments(target, domain, *o["grid"]), **o["uce_kwargs"]}
             edit_cfg = kw["uce_kwargs"]
         else:
-            kw["esd_kwargs"] = {"concept": concept_phrase(target, domain), "method": ESD_VARIANT[domain],
-                                "iterations": o["esd_iterations"], "ddim_steps": o["steps"], "progress": False,
+            kw["esd_kwargs"] = {"concept": esd_prompts(target, domain, *o["grid"]), "method": ESD_VARIANT[domain],
+                                "iterations": o["esd_iterations"], "ddim_steps": o["steps"], "progress": progress,
                                 **o["esd_kwargs"]}
             edit_cfg = {k: v for k, v in kw["esd_kwargs"].items() if k != "progress"}
         atk_cfg = ({"iterations": o["attack_iterations"], "prompts": o["attack_prompts"], **o["attack_kwargs"]}
@@ -409,5 +416,5 @@ def _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out: Pat
     return runs
 
 
-__all__ = ["compare_methods", "applied", "attack_target", "concept_phrase", "uce_arguments", "summarise", "markdown",
+__all__ = ["compare_methods", "applied", "attack_target", "caption_templates", "esd_prompts", "uce_arguments", "summarise", "markdown",
            "METHODS"]
