@@ -367,7 +367,8 @@ def cmd_minicanvas_compare(a):
                           style_targets=a.style_targets, object_targets=a.object_targets, seeds=a.seeds,
                           objects=a.objects, styles=_styles(a.styles), attack=not a.no_attack,
                           attack_iterations=a.attack_iterations, attack_prompts=a.attack_prompts,
-                          esd_iterations=a.esd_iterations, num_inference_steps=a.steps, guidance_scale=a.guidance,
+                          esd_iterations=a.esd_iterations, esd_kwargs=None if a.esd_lr is None else {"lr": a.esd_lr},
+                          num_inference_steps=a.steps, guidance_scale=a.guidance,
                           batch_size=a.batch_size, out_dir=a.out, resume=not a.no_resume)
     print(f"comparison: {res['files']['json']} and {res['files']['markdown']}")
 
@@ -392,6 +393,7 @@ def add_minicanvas_compare_parser(subparsers):
                    help="attack the first n prompts per target (default: all)")
     s.add_argument("--esd-iterations", type=int, default=1000,
                    help="ESD fine-tuning iterations per target (default: 1000, as published)")
+    s.add_argument("--esd-lr", type=float, default=None, help="ESD learning rate (default: 1e-5, as published)")
     s.add_argument("--out", default="minicanvas_compare",
                    help="output folder; finished runs are cached there and reused (default: minicanvas_compare)")
     s.add_argument("--no-resume", action="store_true", help="recompute everything instead of reusing cached runs")

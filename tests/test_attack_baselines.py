@@ -316,6 +316,8 @@ def test_esd_prompt_list_is_used_in_turn(pipe):
     for bad in ([], [""], ["cartoon", 3]):
         with pytest.raises(ValueError, match="concept must be"):
             esd_train(pipe, bad, iterations=1, progress=False)
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        esd_train(pipe, "cartoon", lr=0.0, iterations=1, progress=False)
 
 
 def test_esd_u_with_noised_images_leaves_cross_attention_alone(pipe):

@@ -112,3 +112,10 @@ def test_cli_compare(micro, tmp_path, monkeypatch, capsys):
     assert res["config"]["object_targets"] == ["ring"] and res["config"]["style_targets"] == []
     assert res["summary"]["uce"]["ua_after_attack"] is None and res["summary"]["uce"]["style_ua"] is None
     assert "| UCE |" in printed and "comparison:" in printed
+
+    main(["minicanvas", "compare", "--methods", "esd", "--esd-iterations", "2", "--esd-lr", "0.01", "--style-targets",
+          "--object-targets", "ring", "--objects", "circle", "ring", "--styles", "stripes", "--no-attack", "--steps", "2",
+          "--device", "cpu", "--out", str(tmp_path / "esd")])
+    run = json.loads((tmp_path / "esd" / "runs" / "esd" / "object_ring.json").read_text())["result"]["edit"]
+    assert run["config"]["lr"] == 0.01 and run["config"]["iterations"] == 2 and len(run["loss_history"]) == 2
+    assert run["config"]["concept"] == ["An image of ring in stripes style."]

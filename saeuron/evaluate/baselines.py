@@ -294,6 +294,8 @@ def esd_train(pipe, concept, *, method: str = "xattn", iterations: int = 1000, l
         raise ValueError('xt="noise" needs images= of the concept ([B, 3, H, W] in [-1, 1])')
     if iterations < 1 or ddim_steps < 1:
         raise ValueError(f"iterations ({iterations}) and ddim_steps ({ddim_steps}) must be >= 1")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
     prompts = [concept] if isinstance(concept, str) else list(concept)
     if not prompts or not all(isinstance(c, str) and c.strip() for c in prompts):
         raise ValueError(f"concept must be a non-empty prompt or a non-empty list of them, got {concept!r}")
