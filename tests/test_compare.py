@@ -94,7 +94,8 @@ def test_uce_arguments_are_the_grid_captions():
         "An image of ring in stripes style.", "An image of ring."]
     assert esd_prompts("ring", "object", ["circle", "ring"], ["stripes", None]) == [
         "An image of ring in stripes style.", "An image of ring."]
-    assert esd_prompts("checker", "style", ["circle"], ["stripes", "checker"]) == ["An image of circle in checker style."]
+    assert esd_prompts("checker", "style", ["circle"], ["stripes", "checker"]) == [
+        "An image of circle in checker style."]
     with pytest.raises(ValueError, match="unknown domain 'colour'"):
         esd_prompts("red", "colour", ["circle"], [None])
 
@@ -114,8 +115,8 @@ def test_cli_compare(micro, tmp_path, monkeypatch, capsys):
     assert "| UCE |" in printed and "comparison:" in printed
 
     main(["minicanvas", "compare", "--methods", "esd", "--esd-iterations", "2", "--esd-lr", "0.01", "--style-targets",
-          "--object-targets", "ring", "--objects", "circle", "ring", "--styles", "stripes", "--no-attack", "--steps", "2",
-          "--device", "cpu", "--out", str(tmp_path / "esd")])
+          "--object-targets", "ring", "--objects", "circle", "ring", "--styles", "stripes", "--no-attack",
+          "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "esd")])
     run = json.loads((tmp_path / "esd" / "runs" / "esd" / "object_ring.json").read_text())["result"]["edit"]
     assert run["config"]["lr"] == 0.01 and run["config"]["iterations"] == 2 and len(run["loss_history"]) == 2
     assert run["config"]["concept"] == ["An image of ring in stripes style."]

@@ -348,8 +348,8 @@ def esd_train(pipe, concept, *, method: str = "xattn", iterations: int = 1000, l
             raise
         for p in train.values():
             p.grad = None
-    cfg_out = dict(concept=concept if isinstance(concept, str) else prompts, method=ESD_METHODS[method], iterations=iterations, lr=lr,
-                   negative_guidance=negative_guidance, start_guidance=start_guidance, ddim_steps=ddim_steps, xt=xt,
-                   seed=seed, prediction_type=pred_type)
+    cfg_out = dict(concept=concept if isinstance(concept, str) else prompts, method=ESD_METHODS[method],
+                   iterations=iterations, lr=lr, negative_guidance=negative_guidance, start_guidance=start_guidance,
+                   ddim_steps=ddim_steps, xt=xt, seed=seed, prediction_type=pred_type)
     return EditResult(pipe, ESD_NAMES[ESD_METHODS[method]], original, time.perf_counter() - t0, mem.peak, mem.kind,
                       losses, cfg_out)

@@ -416,5 +416,5 @@ def _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out: Pat
     return runs
 
 
-__all__ = ["compare_methods", "applied", "attack_target", "caption_templates", "esd_prompts", "uce_arguments", "summarise", "markdown",
-           "METHODS"]
+__all__ = ["compare_methods", "applied", "attack_target", "caption_templates", "esd_prompts", "uce_arguments",
+           "summarise", "markdown", "METHODS"]
