@@ -186,9 +186,9 @@ def test_train_lowers_loss_and_resumes_exactly(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "cut")] == list(range(1, 25))
     # training time adds up over both runs: every step's 1/speed, nothing counted twice
     want = sum(1 / r["steps_per_s"] for r in read_metrics(tmp_path / "cut"))
-    assert train_seconds(tmp_path / "cut") == pytest.approx(want, abs=0.06) and want > 0
+    assert train_seconds(read_metrics(tmp_path / "cut")) == pytest.approx(want, abs=0.06) and want > 0
     info = json.loads((tmp_path / "cut" / "pipeline" / "minicanvas.json").read_text())
-    assert info["train_seconds"] == train_seconds(tmp_path / "cut")
+    assert info["train_seconds"] == train_seconds(read_metrics(tmp_path / "cut"))
     assert not [p for p in (tmp_path / "cut").rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
     saved = load_pipeline(tmp_path / "cut" / "pipeline")
     assert torch.equal(_run(saved), _run(resumed))

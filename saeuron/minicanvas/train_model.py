@@ -153,11 +153,11 @@ def _check_int(name, v, lo):
 
 def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: Optional[int] = None,
                 lr: Optional[float] = None, lr_decay: Optional[float] = None, size: Optional[int] = None,
-                seed: int = 0, device=None, resume: bool = True, progress: bool = True, cfg_dropout: float = 0.1, ema: bool = True,
-                ema_decay: Optional[float] = None, warmup: Optional[int] = None, weight_decay: float = 0.01,
-                grad_clip: float = 1.0, save_every: int = 250, log_every: int = 10, pool_size: Optional[int] = None,
-                pool_refresh: Optional[int] = None, amp: Optional[str] = None, compile: bool = False,
-                save_dtype: Optional[torch.dtype] = None, num_threads: Optional[int] = None):
+                seed: int = 0, device=None, resume: bool = True, progress: bool = True, cfg_dropout: float = 0.1,
+                ema: bool = True, ema_decay: Optional[float] = None, warmup: Optional[int] = None,
+                weight_decay: float = 0.01, grad_clip: float = 1.0, save_every: int = 250, log_every: int = 10,
+                pool_size: Optional[int] = None, pool_refresh: Optional[int] = None, amp: Optional[str] = None,
+                compile: bool = False, save_dtype: Optional[torch.dtype] = None, num_threads: Optional[int] = None):
     """Train (or resume) a MiniCanvas model in ``out_dir``; returns the trained pipeline (EMA weights, eval mode).
 
     ``config``: a name in ``MODEL_CONFIGS`` (its ``TRAIN_DEFAULTS`` fill every ``None`` setting) or a
@@ -334,11 +334,10 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
     return pipe
 
 
-def train_seconds(metrics) -> float:
-    """Seconds spent on optimiser steps over every run (resumes included) of a training folder, from its metrics
-    (the folder, or its :func:`read_metrics` records)."""
+def train_seconds(records) -> float:
+    """Seconds spent on optimiser steps over every run (resumes included), from a folder's :func:`read_metrics`."""
     total, prev = 0.0, 0
-    for rec in read_metrics(metrics) if isinstance(metrics, (str, Path)) else metrics:
+    for rec in records:
         total += (rec["step"] - prev) / rec["steps_per_s"]
         prev = rec["step"]
     return round(total, 1)
