@@ -42,6 +42,7 @@ def run(rank: int, world: int, out: str) -> None:
         sae = train(store, os.path.join(out, f"store_rank{rank}"), hookpoint="hp", cfg=cfg, progress=False)
         save_file({k: v.contiguous() for k, v in sae.state_for_disk().items()},
                   os.path.join(out, f"store_weights{rank}.safetensors"))
+        dist.barrier()  # neither rank tears gloo down while the other still talks (an abort at exit otherwise, rarely)
     finally:
         dist.destroy_process_group()
 
