@@ -367,6 +367,7 @@ def cmd_minicanvas_compare(a):
                           style_targets=a.style_targets, object_targets=a.object_targets, seeds=a.seeds,
                           objects=a.objects, styles=_styles(a.styles), attack=not a.no_attack,
                           attack_iterations=a.attack_iterations, attack_prompts=a.attack_prompts,
+                          attack_kwargs=None if a.attack_placement is None else {"placement": a.attack_placement},
                           esd_iterations=a.esd_iterations, esd_kwargs=None if a.esd_lr is None else {"lr": a.esd_lr},
                           num_inference_steps=a.steps, guidance_scale=a.guidance,
                           batch_size=a.batch_size, out_dir=a.out, resume=not a.no_resume)
@@ -387,8 +388,13 @@ def add_minicanvas_compare_parser(subparsers):
     s.add_argument("--seeds", type=int, nargs="+", default=[188])
     s.add_argument("--objects", nargs="+", default=None, help="prompt objects (default: all)")
     s.add_argument("--styles", nargs="+", default=None, help="prompt styles, 'unstyled' included (default: all)")
-    s.add_argument("--no-attack", action="store_true", help="skip the UnlearnDiffAtk-style attack")
+    s.add_argument("--no-attack", action="store_true",
+                   help="skip the UnlearnDiffAtk-style attack (run on every method and, as a control, on the unedited "
+                        "model)")
     s.add_argument("--attack-iterations", type=int, default=40, help="Adam iterations of the attack (default: 40)")
+    s.add_argument("--attack-placement", default=None, choices=["prefix", "suffix"],
+                   help="where the 5 adversarial tokens go: after BOS (default, as published) or after the caption's "
+                        "EOS, leaving the caption's positions as trained")
     s.add_argument("--attack-prompts", type=int, default=None,
                    help="attack the first n prompts per target (default: all)")
     s.add_argument("--esd-iterations", type=int, default=1000,
@@ -416,13 +422,15 @@ def cmd_attack(a):
     with patched(pipe, a.concept, _eval_checkpoint(a.checkpoint, a.model), multiplier=_per_concept(a.multiplier),
                  percentile=_per_concept(a.percentile)):
         res = attack(pipe, a.prompt, images, num_prefix_tokens=a.prefix_tokens, iterations=a.iterations, lr=a.lr,
-                     weight_decay=a.weight_decay, seed=a.seed, timesteps=a.timesteps, project=a.project)
+                     weight_decay=a.weight_decay, seed=a.seed, timesteps=a.timesteps, project=a.project,
+                     init_exclude=a.init_exclude, placement=a.placement)
         ims = generate_adversarial(pipe, res, a.seeds, num_inference_steps=a.steps, guidance_scale=a.guidance)
     paths = [str(save_png(im, out / f"adversarial_seed{s}.png")) for s, im in zip(a.seeds, ims)]
     atomic_save_file({"prefix_embeddings": res.prefix_embeddings.contiguous(),
                       "adversarial_prompt_embeds": res.adversarial_prompt_embeds.float().cpu().contiguous()},
                      out / "adversarial_prompt.safetensors")
-    atomic_write_json(dict(res.to_json(), concept=a.concept, images=paths), out / "attack.json")
+    atomic_write_json(dict(res.to_json(), concept=a.concept, images=paths, placement=a.placement,
+                           init_exclude=a.init_exclude), out / "attack.json")
     print(f"final loss {res.loss_history[-1]:.4f}; {len(paths)} images and attack.json in {out}")
 
 
@@ -441,6 +449,11 @@ def add_attack_parser(sub):
     s.add_argument("--weight-decay", type=float, default=0.1)
     s.add_argument("--timesteps", default="train", choices=["train", "inference"], help="pool t is drawn from")
     s.add_argument("--project", action="store_true", help="hard prompt: evaluate at the nearest vocabulary tokens")
+    s.add_argument("--placement", default="prefix", choices=["prefix", "suffix"],
+                   help="adversarial tokens after BOS (default, UnlearnDiffAtk) or after the prompt's EOS")
+    s.add_argument("--init-exclude", nargs="*", default=[], metavar="WORD",
+                   help="words the random prefix must not start from (e.g. the benchmark's concept words; "
+                        "'minicanvas compare' excludes all MiniCanvas objects and styles)")
     s.add_argument("--seeds", type=int, nargs="+", default=[188, 288, 588, 688, 888])
     s.add_argument("--steps", type=int, default=None, help="denoising steps for the adversarial images (default: the pipeline's)")
     s.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")

@@ -68,6 +68,17 @@ def test_prefix_slots_follow_bos_and_splice_only_there(pipe):
         a, b = encode(pipe, ids, prefix, start), encode(pipe, ids)
     assert torch.equal(a[:, 0], b[:, 0])  # causal: BOS does not see the prefix
     assert (a[:, 1:] - b[:, 1:]).abs().amax() > 1e-3
+    # suffix: the slots take the padding after EOS; every prompt token keeps its position and hidden state
+    sids, sstart = prefixed_ids(pipe.tokenizer, PROMPT, 5, "suffix")
+    assert sstart == len(plain) and sids[0, :sstart].tolist() == plain and sids.shape == ids.shape
+    with torch.no_grad():
+        c, d = encode(pipe, sids, prefix, sstart), encode(pipe, sids)
+    torch.testing.assert_close(c[:, :sstart], d[:, :sstart], rtol=0, atol=1e-6)
+    assert (c[:, sstart:] - d[:, sstart:]).abs().amax() > 1e-3
+    long_ids, _ = prefixed_ids(pipe.tokenizer, " ".join(["cat"] * 200), 5, "suffix")  # truncated, EOS kept
+    assert long_ids.shape == ids.shape and long_ids[0, -6] == pipe.tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="valid: prefix, suffix"):
+        prefixed_ids(pipe.tokenizer, PROMPT, 5, "middle")
 
 
 def test_attack_moves_prefix_and_lowers_fixed_batch_loss(pipe):
@@ -189,6 +200,33 @@ def test_minicanvas_pixel_space_v_prediction_without_prompt_embeds():
     torch.testing.assert_close(neg, encode_prompts(mc, ""))
 
 
+def test_prefix_starts_only_from_words_not_excluded():
+    """On MiniCanvas's word-level vocabulary the random start avoids the concept words it is told to avoid."""
+    from saeuron.minicanvas import data
+    from saeuron.minicanvas.model import build_pipeline
+
+    mc = build_pipeline("micro")
+    tok, table = mc.tokenizer, mc.text_encoder.get_input_embeddings().weight.detach()
+    words = list(data.OBJECTS + data.STYLES)
+    banned = {i for w in words for i in tok(w, add_special_tokens=False).input_ids}
+    banned |= {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id}
+    imgs, started = _images(1)[:, :, :16, :16], set()
+    for seed in range(8):
+        res = attack(mc, "an image of a circle", imgs, iterations=1, lr=0.0, seed=seed, init_exclude=words,
+                     progress=False)  # lr 0: the prefix is still its start
+        rows = torch.cdist(res.prefix_embeddings, table.float()).argmin(-1).tolist()
+        torch.testing.assert_close(res.prefix_embeddings, table[rows].float())
+        started |= set(rows)
+    assert started and not started & banned and len(started) > 3
+    free = attack(mc, "an image of a circle", imgs, iterations=1, lr=0.0, seed=0, progress=False)
+    assert set(torch.cdist(free.prefix_embeddings, table.float()).argmin(-1).tolist()) & banned  # 20 of 31 words
+    with pytest.raises(ValueError, match="does not know.*zebra"):
+        attack(mc, "an image of a circle", imgs, iterations=1, init_exclude=["zebra"], progress=False)
+    everything = [t for t in tok.get_vocab() if t not in tok.all_special_tokens]
+    with pytest.raises(ValueError, match="leaves no token"):
+        attack(mc, "an image of a circle", imgs, iterations=1, init_exclude=everything, progress=False)
+
+
 def test_cli_attack_writes_images_and_json(tmp_path, pipe):
     import json
 
@@ -207,9 +245,10 @@ def test_cli_attack_writes_images_and_json(tmp_path, pipe):
         Image.fromarray(x.numpy()).save(targets / f"{i}.png")
     main(["attack", "--model", str(model), "--checkpoint", str(ckpt), "--concept", "cat", "--prompt", PROMPT,
           "--target-images", str(targets), "--out", str(tmp_path / "out"), "--iterations", "2", "--seeds", "1", "2",
-          "--steps", "1", "--device", "cpu"])
+          "--steps", "1", "--device", "cpu", "--placement", "suffix", "--init-exclude", "cat"])
     out = json.loads((tmp_path / "out" / "attack.json").read_text())
     assert len(out["loss_history"]) == 2 and out["concept"] == ["cat"] and len(out["images"]) == 2
+    assert out["placement"] == "suffix" and out["init_exclude"] == ["cat"]
     assert all((tmp_path / "out" / f"adversarial_seed{s}.png").is_file() for s in (1, 2))
     assert (tmp_path / "out" / "adversarial_prompt.safetensors").is_file()
 

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from saeuron.evaluate.compare import COLUMNS, METHODS, compare_methods, esd_prompts, uce_arguments
+from saeuron.evaluate.compare import COLUMNS, METHODS, attack_target, compare_methods, esd_prompts, uce_arguments
 from saeuron.patch import get_patch
 
 GRID = dict(objects=["circle", "ring"], styles=["stripes", "checker"], seeds=(188,))
@@ -30,12 +30,24 @@ def _table_rows(md: str) -> dict:
     return {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in head[2:]}
 
 
-def test_compare_table_resume_and_exact_restore(micro, tmp_path):
+def test_compare_table_resume_and_exact_restore(micro, tmp_path, monkeypatch):
+    import saeuron.evaluate.compare as cmp
+
     assets, pipe, clfs = micro
     before = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
+    attacked = []  # per attack: (patched?, weights as before?)
+
+    def spy(*a, **k):
+        same = all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters())
+        attacked.append((get_patch(pipe) is not None, same))
+        return attack_target(*a, **k)
+
+    monkeypatch.setattr(cmp, "attack_target", spy)
     kw = dict(style_targets=["stripes"], object_targets=["circle"], **GRID, attack_iterations=2, esd_iterations=2,
               esd_kwargs={"lr": 1e-2}, num_inference_steps=2, batch_size=8, out_dir=tmp_path, progress=False)
     res = compare_methods(pipe, clfs, assets / "checkpoint", **kw)
+    # the control on the untouched model, SAeUron under its patch, UCE/ESD on their edited weights
+    assert attacked == [(False, True)] * 2 + [(True, True)] * 2 + [(False, False)] * 4
 
     # UCE and ESD changed the model while they were applied, and left it exactly as it was
     assert all(torch.equal(p, before[n]) for n, p in pipe.unet.named_parameters()) and get_patch(pipe) is None
@@ -52,6 +64,15 @@ def test_compare_table_resume_and_exact_restore(micro, tmp_path):
     # one row per method (+ the unedited reference) with every column; percents in [0, 100]
     rows = _table_rows(res["table"])
     assert list(rows) == ["SAeUron", "UCE", "ESD", "*(unedited)*"] and all(len(c) == 11 for c in rows.values())
+    # the control: the attack on the unedited model, every prompt holding the target, so "before" is its plain UA
+    ctrl = res["unedited"]["per_target"]
+    for d, t in (("style", "stripes"), ("object", "circle")):
+        assert ctrl[d][t]["attack"]["ua_before"] == pytest.approx(ctrl[d][t]["metrics"]["ua"])
+        assert (tmp_path / "runs" / "unedited" / f"{d}_{t}.json").is_file()
+    assert all(0 <= float(c) <= 100 for c in rows["*(unedited)*"][6:8])
+    assert res["unedited"]["summary"]["ua_after_attack"] == pytest.approx(
+        (ctrl["style"]["stripes"]["attack"]["ua_after"] + ctrl["object"]["circle"]["attack"]["ua_after"]) / 2)
+    assert re.search(r"\| \*\(unedited\)\* \| style \| stripes \|", res["table"])
     for name in ("SAeUron", "UCE", "ESD"):
         cells = rows[name]
         assert all(0 <= float(c) <= 100 for c in cells[:8]) and float(cells[8]) >= 0 and float(cells[9]) > 0
@@ -120,3 +141,11 @@ def test_cli_compare(micro, tmp_path, monkeypatch, capsys):
     run = json.loads((tmp_path / "esd" / "runs" / "esd" / "object_ring.json").read_text())["result"]["edit"]
     assert run["config"]["lr"] == 0.01 and run["config"]["iterations"] == 2 and len(run["loss_history"]) == 2
     assert run["config"]["concept"] == ["An image of ring in stripes style."]
+
+    main(["minicanvas", "compare", "--methods", "uce", "--style-targets", "--object-targets", "ring", "--objects",
+          "circle", "ring", "--styles", "stripes", "--attack-iterations", "1", "--attack-prompts", "1",
+          "--attack-placement", "suffix", "--steps", "2", "--device", "cpu", "--out", str(tmp_path / "atk")])
+    for who in ("uce", "unedited"):
+        cfg = json.loads((tmp_path / "atk" / "runs" / who / "object_ring.json").read_text())["config"]["attack"]
+        assert cfg["placement"] == "suffix" and cfg["prompts"] == 1 and cfg["iterations"] == 1
+        assert {"circle", "ring", "stripes", "neon"} <= set(cfg["init_exclude"])  # the prefix starts from no concept

@@ -36,6 +36,7 @@ from ..patch import get_patch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TIMESTEP_POOLS = ("train", "inference")
+PLACEMENTS = ("prefix", "suffix")
 DEFAULT_SEEDS = (188, 288, 588, 688, 888)
 
 
@@ -119,19 +120,28 @@ def _check_text_parts(pipe):
                             "text_encoder, unet and scheduler")
 
 
-def prefixed_ids(tokenizer, prompt: str, num_prefix_tokens: int) -> tuple:
-    """``(input_ids [1, L], start)``: the padded prompt with ``num_prefix_tokens`` placeholders after BOS.
+def prefixed_ids(tokenizer, prompt: str, num_prefix_tokens: int, placement: str = "prefix") -> tuple:
+    """``(input_ids [1, L], start)``: the padded prompt with ``num_prefix_tokens`` placeholder slots at ``start``.
 
-    A prompt too long for the slots is truncated, keeping its final (EOS) token, as the pipelines truncate.
+    ``placement``: "prefix" puts the slots right after BOS (UnlearnDiffAtk); "suffix" right after the
+    prompt's EOS, where padding was, so every prompt token keeps its position. A prompt too long for the
+    slots is truncated, keeping its final (EOS) token, as the pipelines truncate.
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement={placement!r}; valid: {', '.join(PLACEMENTS)}")
     L = int(tokenizer.model_max_length)
+    if num_prefix_tokens >= L - 1:
+        raise ValueError(f"{num_prefix_tokens} adversarial tokens do not fit a {L}-token prompt with BOS and EOS")
     ids = list(tokenizer(prompt, truncation=False).input_ids)
-    start = 1 if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else 0
+    if len(ids) + num_prefix_tokens > L:
+        ids = ids[:L - num_prefix_tokens - 1] + ids[-1:]
     specials = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id}
     placeholder = next(i for i in range(len(tokenizer)) if i not in specials)  # any ordinary id; replaced
+    if placement == "prefix":
+        start = 1 if ids and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id else 0
+    else:
+        start = len(ids)
     ids = ids[:start] + [placeholder] * num_prefix_tokens + ids[start:]
-    if len(ids) > L:
-        ids = ids[:L - 1] + ids[-1:]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = ids + [pad] * (L - len(ids))
     return torch.tensor([ids]), start
@@ -251,17 +261,40 @@ def denoising_loss(pipe, prompt_embeds: Tensor, latents: Tensor, t: Tensor, nois
     return F.mse_loss(pred.float(), target.float())
 
 
+def _start_tokens(tok, vocab_size: int, exclude: Sequence[str]) -> Tensor:
+    """Mask [vocab_size] of the token ids a random prefix may start from: no special token, no token of ``exclude``.
+
+    ``exclude``: words or phrases, tokenised as the tokenizer does (every token of each is excluded).
+    """
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+    ids = {w: list(tok(w, add_special_tokens=False).input_ids) for w in exclude}
+    unknown = [w for w, i in ids.items() if not i or (tok.unk_token_id is not None and tok.unk_token_id in i)]
+    if unknown:
+        raise ValueError(f"init_exclude holds words the tokenizer does not know: {unknown}")
+    specials = [i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) if i is not None]
+    ok = torch.ones(vocab_size, dtype=torch.bool)
+    ok[torch.tensor(specials + [i for v in ids.values() for i in v], dtype=torch.long)] = False
+    if not ok.any():
+        raise ValueError("init_exclude leaves no token to start the prefix from")
+    return ok
+
+
 def attack(pipe, prompt: str, target_images: Tensor, *, num_prefix_tokens: int = 5, iterations: int = 40,
            lr: float = 0.01, weight_decay: float = 0.1, seed: int = 0, timesteps: str = "train",
            num_inference_steps: int = 50, project: bool = False, init: Optional[Tensor] = None,
-           fixed_noise: bool = False, callback: Optional[Callable] = None, progress: bool = True) -> AttackResult:
+           init_exclude: Sequence[str] = (), placement: str = "prefix", fixed_noise: bool = False,
+           callback: Optional[Callable] = None, progress: bool = True) -> AttackResult:
     """Optimise a prefix of token embeddings so the (patched) pipeline denoises ``target_images`` under ``prompt``.
 
     ``target_images``: [B, 3, H, W] in [-1, 1], images of the erased concept.
 
     Every iteration uses all target images, one timestep drawn from ``timesteps`` ("train": uniform over
     ``num_train_timesteps``; "inference": the scheduler's timesteps at ``num_inference_steps``) and fresh
-    noise. The prefix starts from the embeddings of random vocabulary tokens (or ``init`` [n, d]).
+    noise. The prefix starts from the embeddings of random vocabulary tokens (or ``init`` [n, d]), never
+    the special tokens nor those named in ``init_exclude``: on a small vocabulary such as MiniCanvas's,
+    where most words are concepts, a random start would otherwise put other concepts into the prompt.
+    ``placement="suffix"`` puts the tokens after the prompt's EOS instead of after BOS, leaving every prompt
+    token at its position: for text encoders that only ever saw their captions at fixed positions.
     ``project=True`` evaluates the loss at the nearest vocabulary embeddings (straight-through, as hard
     prompt attacks do) and reports those tokens. ``fixed_noise=True`` draws the noise once (with a
     one-timestep pool, a fixed batch: for tests and ablations). ``callback(iteration, t, loss)`` runs
@@ -276,13 +309,11 @@ def attack(pipe, prompt: str, target_images: Tensor, *, num_prefix_tokens: int =
     unet, te, tok = get_unet(pipe), pipe.text_encoder, pipe.tokenizer
     _check_scheduler(pipe.scheduler)
     latents = to_latents(pipe, target_images)
-    ids, start = prefixed_ids(tok, prompt, num_prefix_tokens)
+    ids, start = prefixed_ids(tok, prompt, num_prefix_tokens, placement)
     table = _embedding_layer(te).weight
     g = torch.Generator().manual_seed(seed)
     if init is None:
-        specials = torch.tensor([i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None])
-        ok = torch.ones(table.shape[0], dtype=torch.bool)
-        ok[specials] = False
+        ok = _start_tokens(tok, table.shape[0], init_exclude)
         choice = ok.nonzero().flatten()[torch.randint(int(ok.sum()), (num_prefix_tokens,), generator=g)]
         init = table.detach()[choice.to(table.device)]
     elif tuple(init.shape) != (num_prefix_tokens, table.shape[1]):

@@ -7,8 +7,12 @@ pipeline, every prompt x seed of the grid is generated and judged by both classi
 runs on each prompt of the grid that holds the target: its target images are the *unedited* model's
 images of that prompt (the cached baseline, as uint8), the adversarial prompt is sampled with the same
 seeds, and "UA after attack" is the target classifier's UA on those images ("UA before attack": on the
-same prompts and seeds without the prefix). Afterwards the edit is undone (SAE patch removed, UCE/ESD
-weights restored bit-exactly, which is checked).
+same prompts and seeds without the prefix). The prefix starts from random words that name no concept
+(``init_exclude``: 20 of MiniCanvas's 31 ordinary words are objects or styles, and a prefix starting at
+"blur star" would ask for other concepts by itself). Afterwards the edit is undone (SAE patch removed, UCE/ESD
+weights restored bit-exactly, which is checked). The same attack also runs on the unedited model, as a
+control: on a small model the optimised prefix can by itself stop the concept being drawn, and the
+unedited row's "UA after attack" shows how much of any method's "after" is the prefix rather than the edit.
 
 How each method is applied to target T:
 
@@ -31,8 +35,9 @@ How each method is applied to target T:
 the method (CUDA ``max_memory_allocated``, else the process RSS, as :mod:`.baselines` measures it) and
 its increase over the memory before.
 
-Every (method, target) run is cached in ``out_dir/runs/<method>/<domain>_<target>.json`` with the
-configuration it was computed under, so a rerun skips what is done. The unedited baseline is
+Every (method, target) run, and the control's attacks, are cached in
+``out_dir/runs/<method or "unedited">/<domain>_<target>.json`` with the configuration they were computed
+under, so a rerun skips what is done. The unedited baseline is
 ``out_dir/baseline.safetensors`` (the same file and key as ``evaluate_unlearning``'s). Outputs:
 ``comparison.json`` (fractions) and ``comparison.md`` (percents): one table, rows = methods (plus the
 unedited model for reference), columns = style UA/IRA/CRA, object UA/IRA/CRA, UA before and after the
@@ -260,7 +265,8 @@ def markdown(result: dict) -> str:
         which = "every prompt" if c["attack_prompts"] is None else f"the first {c['attack_prompts']} prompt(s)"
         notes.append(f"Attack: UnlearnDiffAtk-style prefix, {c['attack_iterations']} iterations, on {which} holding "
                      "each target, targets = the unedited model's images; UA before = the same prompts and seeds "
-                     "without the prefix; both averaged over all targets.")
+                     "without the prefix; both averaged over all targets. The unedited row's attack is the control: "
+                     "the same attack on the model no method touched, i.e. what the prefix does by itself.")
     notes.append(f"Time: seconds to apply the method, mean per target. Memory ({', '.join(kinds) or '-'}): peak while "
                  "applying it (max over targets) and its increase over the memory in use before.")
     s = result["summary"].get("saeuron", {})
@@ -272,12 +278,13 @@ def markdown(result: dict) -> str:
                      f"{'PASS' if ok else 'FAIL'}.")
     detail = ["| method | domain | target | UA | IRA | CRA | UA before attack | UA after attack | time (s) "
               "| peak memory (MiB) |", "|---" * 10 + "|"]
-    for m, per in result["per_target"].items():
+    for m, per in {**result["per_target"], "unedited": result["unedited"]["per_target"]}.items():
         for d in DOMAINS:
             for t, r in per.get(d, {}).items():
                 mt, a, e = r["metrics"], r.get("attack") or {}, r.get("edit") or {}
-                detail.append(f"| {METHOD_NAMES.get(m, m)} | {d} | {t} | {_pct(mt['ua'])} | {_pct(mt['ira'])} | "
-                              f"{_pct(mt['cra'])} | {_pct(a.get('ua_before'))} | {_pct(a.get('ua_after'))} | "
+                name = METHOD_NAMES.get(m, "*(unedited)*")
+                detail.append(f"| {name} | {d} | {t} | {_pct(mt['ua'])} | {_pct(mt['ira'])} | {_pct(mt['cra'])} | "
+                              f"{_pct(a.get('ua_before'))} | {_pct(a.get('ua_after'))} | "
                               f"{_secs(e.get('seconds'))} | {_mib(e.get('peak_memory_bytes'))} |")
     return (head + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n### Per target\n\n"
             + "\n".join(detail) + "\n")
@@ -332,25 +339,27 @@ def compare_methods(pipe, classifiers: dict, checkpoint=None, *, saes=None, tabl
     out = Path(out_dir)
     sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size)
     base_cfg = baseline_config(pipe, classifiers, jobs, num_inference_steps, guidance_scale)
+    opts = dict(saes=saes, table=table, patch_kwargs=patch_kwargs or {}, uce_kwargs=uce_kwargs or {},
+                esd_kwargs=esd_kwargs or {}, esd_iterations=esd_iterations,
+                steps=num_inference_steps or _default_steps(pipe), grid=(grid_objects, grid_styles), attack=attack,
+                attack_iterations=attack_iterations, attack_prompts=attack_prompts,
+                attack_kwargs={"init_exclude": list(data.OBJECTS + data.STYLES), **(attack_kwargs or {})},
+                sampling=sampling, grid_rows=grid_rows)
     prev = get_patch(pipe)  # the methods must start from the unedited model
     if prev is not None:
         prev.remove()
     try:
         base = _baseline(pipe, classifiers, jobs, out, base_cfg, sampling, resume, progress)
-        runs = _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out, dict(
-            saes=saes, table=table, patch_kwargs=patch_kwargs or {}, uce_kwargs=uce_kwargs or {},
-            esd_kwargs=esd_kwargs or {}, esd_iterations=esd_iterations,
-            steps=num_inference_steps or _default_steps(pipe),
-            grid=(grid_objects, grid_styles), attack=attack, attack_iterations=attack_iterations,
-            attack_prompts=attack_prompts, attack_kwargs=attack_kwargs or {}, sampling=sampling, grid_rows=grid_rows),
-            resume, progress)
+        control = (_attack_unedited(pipe, classifiers, jobs, targets, base, base_cfg, out, opts, resume, progress)
+                   if attack else {})
+        runs = _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out, opts, resume, progress)
     finally:
         if prev is not None:
             prev.install()
 
     bpo, bps = base["pred_object"].tolist(), base["pred_style"].tolist()
-    unedited = {d: {t: {"metrics": target_metrics(_records(jobs, (t,), d, bpo, bps), (t,), d)} for t in targets[d]}
-                for d in DOMAINS}
+    unedited = {d: {t: {"metrics": target_metrics(_records(jobs, (t,), d, bpo, bps), (t,), d),
+                        **({"attack": control[d][t]} if control else {})} for t in targets[d]} for d in DOMAINS}
     result = {
         "config": {"methods": methods, "style_targets": targets["style"], "object_targets": targets["object"],
                    "seeds": seeds, "templates": templates, "objects": grid_objects, "styles": grid_styles,
@@ -391,10 +400,8 @@ def _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out: Pat
                                 "iterations": o["esd_iterations"], "ddim_steps": o["steps"], "progress": progress,
                                 **o["esd_kwargs"]}
             edit_cfg = {k: v for k, v in kw["esd_kwargs"].items() if k != "progress"}
-        atk_cfg = ({"iterations": o["attack_iterations"], "prompts": o["attack_prompts"], **o["attack_kwargs"]}
-                   if o["attack"] else None)
         cfg = {"baseline": base_cfg, "method": method, "domain": domain, "target": target, "edit": edit_cfg,
-               "attack": atk_cfg, "grid_rows": o["grid_rows"]}
+               "attack": _attack_config(o), "grid_rows": o["grid_rows"]}
         path = out / "runs" / method / f"{domain}_{slug(target)}.json"
         res = _load_cached(path, cfg) if resume else None
         if res is None:
@@ -406,14 +413,42 @@ def _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out: Pat
                                    grid_rows=o["grid_rows"], progress=progress)
                 run["eval_seconds"] = time.perf_counter() - t0
                 if o["attack"]:
-                    run["attack"] = attack_target(pipe, classifiers, jobs, run, base["images"], target, domain,
-                                                  prompts=o["attack_prompts"], iterations=o["attack_iterations"],
-                                                  sampling=o["sampling"], attack_kwargs=o["attack_kwargs"])
+                    run["attack"] = _attack(pipe, classifiers, jobs, run, base, target, domain, o)
             res = {**run, "edit": info}
             atomic_write_json({"config": _norm(cfg), "result": res}, path)
         runs[method][domain][target] = res
     bar.close()
     return runs
+
+
+def _attack_config(o: dict) -> Optional[dict]:
+    """The attack's settings as they key the cache (None: no attack)."""
+    if not o["attack"]:
+        return None
+    return {"iterations": o["attack_iterations"], "prompts": o["attack_prompts"], **o["attack_kwargs"]}
+
+
+def _attack(pipe, classifiers, jobs, run: dict, base: dict, target: str, domain: str, o: dict) -> dict:
+    """:func:`attack_target` on ``pipe`` as it is, with the comparison's attack settings."""
+    return attack_target(pipe, classifiers, jobs, run, base["images"], target, domain, prompts=o["attack_prompts"],
+                         iterations=o["attack_iterations"], sampling=o["sampling"], attack_kwargs=o["attack_kwargs"])
+
+
+def _attack_unedited(pipe, classifiers, jobs, targets, base, base_cfg, out: Path, o: dict, resume, progress) -> dict:
+    """The attack on the unedited model for every target (cached like the runs): the control for the prefix alone."""
+    run = {"pred_object": base["pred_object"].tolist(), "pred_style": base["pred_style"].tolist()}
+    found: dict = {d: {} for d in DOMAINS}
+    todo = [(d, t) for d in DOMAINS for t in targets[d]]
+    for domain, target in tqdm(todo, desc="attack, unedited", unit="target", disable=not progress):
+        cfg = {"baseline": base_cfg, "method": "unedited", "domain": domain, "target": target,
+               "attack": _attack_config(o)}
+        path = out / "runs" / "unedited" / f"{domain}_{slug(target)}.json"
+        res = _load_cached(path, cfg) if resume else None
+        if res is None:
+            res = _attack(pipe, classifiers, jobs, run, base, target, domain, o)
+            atomic_write_json({"config": _norm(cfg), "result": res}, path)
+        found[domain][target] = res
+    return found
 
 
 __all__ = ["compare_methods", "applied", "attack_target", "caption_templates", "esd_prompts", "uce_arguments",
