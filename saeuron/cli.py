@@ -171,7 +171,21 @@ def cmd_minicanvas_build(a):
     from .minicanvas.defaults import assets_dir
 
     build_defaults(a.out or assets_dir(), a.config, seed=a.seed, work_dir=a.work, device=a.device,
-                   command=cli_command(), num_threads=a.threads, stages=a.stages)
+                   command=cli_command(), num_threads=a.threads, stages=a.stages, settings=_key_values(a.set))
+
+
+def _key_values(items) -> dict:
+    """``["guidance=2", 'sae={"k": 8}']`` -> ``{"guidance": 2, "sae": {"k": 8}}`` (values read as JSON, else text)."""
+    out = {}
+    for item in items or ():
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"--set takes KEY=VALUE (VALUE as JSON), got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def add_minicanvas_parser(sub):
@@ -209,6 +223,10 @@ def add_minicanvas_parser(sub):
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.add_argument("--stages", nargs="+", default=["classifiers", "model", "gates", "collect", "sae", "concepts"],
                    help="run only these stages (their predecessors must be done)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a build setting (VALUE as JSON; dicts merge), e.g. --set guidance=2 "
+                        "--set 'sae={\"k\": 8}'; a changed setting redoes the stages that read it, and a later "
+                        "build without it goes back to the config's default")
     s.set_defaults(fn=cmd_minicanvas_build)
     add_minicanvas_eval_parser(mcs)  # `saeuron minicanvas eval` (saeuron.evaluate)
     add_minicanvas_compare_parser(mcs)  # `saeuron minicanvas compare` (saeuron.evaluate.compare)

@@ -181,6 +181,22 @@ def test_evaluate_unlearning_end_to_end_and_resume(mc_pipe, tmp_path):
         evaluate_unlearning(mc_pipe, {"object": clfs["object"]}, **kw)
 
 
+def test_resolve_sampling_names_the_pipelines_defaults(mc_pipe):
+    from saeuron.evaluate.common import resolve_sampling
+    from saeuron.minicanvas.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, build_pipeline, model_config
+
+    class Pipe:
+        def __call__(self, prompt, num_inference_steps=10, guidance_scale=4):
+            return prompt
+
+    mini = build_pipeline(model_config("micro"))
+    assert resolve_sampling(mini) == (DEFAULT_STEPS, DEFAULT_GUIDANCE)
+    assert resolve_sampling(mini, 3, 2) == (3, 2.0) and resolve_sampling(mini, None, 2)[0] == DEFAULT_STEPS
+    assert resolve_sampling(mc_pipe) == (50, 7.5)  # a StableDiffusionPipeline's own defaults
+    assert resolve_sampling(Pipe()) == (10, 4.0) and isinstance(resolve_sampling(Pipe())[1], float)
+    assert resolve_sampling(lambda prompt: None) == (50, 7.5)  # diffusers' usual defaults when the call says nothing
+
+
 def test_build_jobs_templates_and_unstyled():
     jobs = build_jobs(["circle"], ["stripes", None], seeds=(1, 2), templates=(0, 1))
     assert len(jobs) == 2 * 2 * 2

@@ -259,6 +259,35 @@ def test_build_defaults_micro_end_to_end(tmp_path, monkeypatch, capsys):
     assert dependents("concepts") == []
     with pytest.raises(ValueError, match="was built with config='micro', seed=3"):
         build_defaults(out, "micro", seed=4, progress=False)
+    # a changed setting redoes the stages that read it, and what is built from them, nothing else
+    capsys.readouterr()
+    rec = build_defaults(out, "micro", seed=3, progress=False, settings={"multiplier": -2.0})
+    said = capsys.readouterr().out
+    assert "concepts: its settings changed, will be redone" in said and "[build] concepts done" in said
+    assert all(f"{s}: already done, skipped" in said for s in STAGES if s != "concepts")
+    assert rec["settings"]["multiplier"] == -2.0 and ConceptTable.load(out / "checkpoint").defaults["circle"][
+        "multiplier"] == -2.0
+    rec = build_defaults(out, "micro", seed=3, progress=False, settings={"multiplier": -2.0, "guidance": 2.0})
+    said = capsys.readouterr().out
+    assert "gates: its settings changed" in said and "collect: its settings changed" in said
+    assert all(f"{s}: built from the old collect, will be redone" in said for s in ("sae", "concepts"))
+    assert all(f"{s}: already done, skipped" in said for s in ("classifiers", "model"))
+    assert json.loads((out / "gates.json").read_text())["sampling"]["guidance_scale"] == 2.0
+    assert all(rec["stages"][s]["done"] for s in STAGES)
+
+
+def test_every_build_setting_is_read_by_a_stage():
+    from saeuron.minicanvas.build import BUILD_DEFAULTS, STAGE_SETTINGS, STAGES, _changed_stages
+
+    assert set(STAGE_SETTINGS) == set(STAGES)
+    for cfg in BUILD_DEFAULTS.values():
+        assert set(cfg) == set().union(*STAGE_SETTINGS.values())
+    st = BUILD_DEFAULTS["cpu"]
+    assert _changed_stages(st, dict(st)) == []
+    assert _changed_stages(st, {**st, "guidance": 9.0}) == ["gates", "collect"]
+    assert _changed_stages(st, {**st, "sae": {**st["sae"], "k": 8}}) == ["sae"]
+    assert _changed_stages(st, {**st, "gate_seeds": [188]}) == ["gates"]
+    assert _changed_stages(st, {**st, "gate_seeds": list(st["gate_seeds"])}) == []  # JSON round trip: tuple == list
 
 
 def test_cli_minicanvas_train(tmp_path):
@@ -271,3 +300,22 @@ def test_cli_minicanvas_train(tmp_path):
         assert f.get_slice(next(iter(f.keys()))).get_dtype() == "F16"
     with pytest.raises(SystemExit):
         main(["minicanvas", "train", "--out", str(tmp_path), "--config", "huge"])
+
+
+def test_cli_minicanvas_build_set(tmp_path, capsys):
+    from saeuron.cli import main
+
+    out, work = tmp_path / "assets", tmp_path / "work"
+    base = ["minicanvas", "build", "--config", "micro", "--out", str(out), "--work", str(work), "--threads", "1"]
+    main(base + ["--set", "multiplier=-2.5", "--set", 'sae={"k": 2}', "--set", "gate_seeds=[188]"])
+    rec = json.loads((out / "BUILD.json").read_text())
+    assert rec["settings"]["multiplier"] == -2.5 and rec["settings"]["sae"]["k"] == 2
+    assert rec["settings"]["sae"]["expansion_factor"] == 4  # dicts merge with the config's defaults
+    assert ConceptTable.load(out / "checkpoint").defaults["circle"]["multiplier"] == -2.5
+    capsys.readouterr()
+    main(base + ["--set", "multiplier=-2.5", "--set", 'sae={"k": 2}', "--set", "gate_seeds=[188]"])
+    assert capsys.readouterr().out.count("already done, skipped") == 6
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(base + ["--set", "multiplier"])
+    with pytest.raises(ValueError, match="unknown build setting 'guidence'; valid: .*guidance"):
+        main(base + ["--set", "guidence=2"])

@@ -1,6 +1,7 @@
 """Shared pieces of the evaluation layer: the SAEs and concept table to patch with, batched sampling, judging."""
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -66,6 +67,24 @@ def as_image_tensor(images) -> torch.Tensor:
         arr = np.stack([np.asarray(im.convert("RGB")) for im in images])
         return torch.from_numpy(arr).float().permute(0, 3, 1, 2) / 255
     raise TypeError(f"cannot read pipeline images of type {type(images).__name__}; expected a tensor, an array or PIL")
+
+
+def resolve_sampling(pipe, num_inference_steps=None, guidance_scale=None) -> tuple:
+    """``(steps, guidance)``: each ``None`` replaced by the pipeline's own default (its ``__call__``'s; diffusers'
+    usual 50 and 7.5 where it does not say), so cache keys and reports record what ran, not "default"."""
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        params = {}
+
+    def default(name, fallback):
+        p = params.get(name)
+        v = getattr(p, "default", None)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else fallback
+
+    steps = default("num_inference_steps", 50) if num_inference_steps is None else num_inference_steps
+    guidance = default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+    return int(steps), float(guidance)
 
 
 def sample_images(pipe, prompts, seeds, *, num_inference_steps=None, guidance_scale=None, batch_size: int = 16,

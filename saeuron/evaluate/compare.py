@@ -45,7 +45,6 @@ attack, time and memory, with the per-target detail below it; grids in ``out_dir
 """
 from __future__ import annotations
 
-import inspect
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,7 +60,7 @@ from ..utils import _atomic, atomic_write_json
 from .attack import attack as run_attack
 from .attack import generate_adversarial
 from .baselines import _device, _PeakMemory, _rss, esd_train, uce_edit
-from .common import check_classifiers, check_patch_kwargs, resolve_assets, slug
+from .common import check_classifiers, check_patch_kwargs, resolve_assets, resolve_sampling, slug
 from .metrics import DOMAINS, mean_metrics, target_metrics
 from .unlearn_eval import (_baseline, _fingerprint, _load_cached, _norm, _records, baseline_config, build_jobs,
                            edit_signature, evaluate_run)
@@ -109,12 +108,6 @@ def uce_arguments(target: str, domain: str, objects, styles) -> dict:
 def _memory_now(dev) -> int:
     """Memory in use now, measured as :class:`.baselines._PeakMemory` does (CUDA allocated, else the process RSS)."""
     return int(torch.cuda.memory_allocated(dev)) if dev.type == "cuda" else _rss()
-
-
-def _default_steps(pipe) -> int:
-    """The pipeline's own default number of sampling steps (50 when its ``__call__`` does not say)."""
-    p = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
-    return int(p.default) if p is not None and isinstance(p.default, int) else 50
 
 
 @contextmanager
@@ -260,7 +253,7 @@ def markdown(result: dict) -> str:
     kinds = sorted({r["memory_kind"] for r in result["summary"].values() if r.get("memory_kind")})
     notes = [f"UA/IRA/CRA in percent, averaged over {len(c['style_targets'])} style and {len(c['object_targets'])} "
              f"object targets; {c['num_images_per_run']} images per run (seeds {c['seeds']}, "
-             f"steps {c['num_inference_steps'] or 'default'}, guidance {c['guidance_scale'] or 'default'})."]
+             f"steps {c['num_inference_steps']}, guidance {c['guidance_scale']})."]
     if c["attack"]:
         which = "every prompt" if c["attack_prompts"] is None else f"the first {c['attack_prompts']} prompt(s)"
         notes.append(f"Attack: UnlearnDiffAtk-style prefix, {c['attack_iterations']} iterations, on {which} holding "
@@ -337,11 +330,12 @@ def compare_methods(pipe, classifiers: dict, checkpoint=None, *, saes=None, tabl
     if not targets["style"] and not targets["object"]:
         raise ValueError("no target to unlearn: give style_targets and/or object_targets")
     out = Path(out_dir)
+    num_inference_steps, guidance_scale = resolve_sampling(pipe, num_inference_steps, guidance_scale)
     sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size)
     base_cfg = baseline_config(pipe, classifiers, jobs, num_inference_steps, guidance_scale)
     opts = dict(saes=saes, table=table, patch_kwargs=patch_kwargs or {}, uce_kwargs=uce_kwargs or {},
                 esd_kwargs=esd_kwargs or {}, esd_iterations=esd_iterations,
-                steps=num_inference_steps or _default_steps(pipe), grid=(grid_objects, grid_styles), attack=attack,
+                steps=num_inference_steps, grid=(grid_objects, grid_styles), attack=attack,
                 attack_iterations=attack_iterations, attack_prompts=attack_prompts,
                 attack_kwargs={"init_exclude": list(data.OBJECTS + data.STYLES), **(attack_kwargs or {})},
                 sampling=sampling, grid_rows=grid_rows)

@@ -26,8 +26,8 @@ from ..images import image_grid, save_png
 from ..minicanvas import data
 from ..patch import get_patch, patched
 from ..utils import _atomic, atomic_save_file, atomic_write_json
-from .common import (EVAL_SEEDS, check_classifiers, check_patch_kwargs, judge, resolve_assets, sample_images, slug,
-                     to_pil)
+from .common import (EVAL_SEEDS, check_classifiers, check_patch_kwargs, judge, resolve_assets, resolve_sampling,
+                     sample_images, slug, to_pil)
 from .metrics import DOMAINS, METRICS, Record, frechet_distance, mean_metrics, run_key, target_metrics
 
 BASELINE_FILE = "baseline.safetensors"
@@ -303,6 +303,7 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
     groups = [(t,) for t in targets]
     multi_groups = _groups(targets, multi)
     out = Path(out_dir)
+    num_inference_steps, guidance_scale = resolve_sampling(pipe, num_inference_steps, guidance_scale)
     sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size)
     base_cfg = baseline_config(pipe, classifiers, jobs, num_inference_steps, guidance_scale)
     base = _baseline(pipe, classifiers, jobs, out, base_cfg, sampling, resume, progress)

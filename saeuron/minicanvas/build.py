@@ -16,6 +16,9 @@ and each resumes where a killed run stopped (classifiers are quick and simply re
 A stage that runs makes everything built from it stale: the stages that depend on it (``DEPENDS``,
 transitively) are marked not done and their resumable work state (activation store, SAE trainer
 state) is deleted, so a retrained model is never paired with the old model's activations or SAE.
+A build whose settings differ from the recorded ones redoes the stages that read a changed setting
+(``STAGE_SETTINGS``) the same way, e.g. a new ``guidance`` redoes gates and collection (then SAE and
+concept file) but keeps the classifiers and the trained model.
 
 ``out_dir/BUILD.json`` records the seed, the config, the exact command, the settings, library versions,
 each stage's time and the gates. Gates are measured and reported, never enforced: a failed gate is
@@ -47,6 +50,11 @@ STAGES = ("classifiers", "model", "gates", "collect", "sae", "concepts")
 # what each stage is built from: rerunning a stage invalidates its dependents, transitively
 DEPENDS = {"classifiers": (), "model": (), "gates": ("classifiers", "model"), "collect": ("model",),
            "sae": ("collect",), "concepts": ("collect", "sae")}
+# the settings each stage reads: changing one redoes that stage (and its dependents) on the next build
+STAGE_SETTINGS = {"classifiers": ("classifier_steps", "classifier_batch"), "model": ("model",),
+                  "gates": ("heldout_n", "gate_seeds", "sample_steps", "guidance", "sample_batch"),
+                  "collect": ("collect_repeats", "collect_batch", "collect_dtype", "sample_steps", "guidance"),
+                  "sae": ("sae",), "concepts": ("top_n", "multiplier")}
 GATE_SEEDS = (188, 288, 588, 688, 888)  # the UnlearnCanvas evaluation seeds
 HELDOUT_GATE, GENERATED_GATE = 0.99, 0.95
 MAX_FILE_BYTES = 16 * 2 ** 20
@@ -209,10 +217,10 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
                   f"{str(out_dir)!r}, config={config!r}, seed={seed}, settings={settings!r})\""
     record_path = out_dir / BUILD_FILE
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    if record and (record.get("config") != config or record.get("seed") != seed
-                   or json.loads(json.dumps(record.get("settings"))) != json.loads(json.dumps(st))):
-        raise ValueError(f"{out_dir} was built with config={record.get('config')!r}, seed={record.get('seed')!r} and "
-                         f"other settings; use another out_dir (or delete {record_path} to rebuild everything)")
+    if record and (record.get("config") != config or record.get("seed") != seed):
+        raise ValueError(f"{out_dir} was built with config={record.get('config')!r}, seed={record.get('seed')!r}; "
+                         f"use another out_dir (or delete {record_path} to rebuild everything)")
+    changed = _changed_stages(record.get("settings"), st) if record else []
     record.update(format=FORMAT, config=config, seed=seed, settings=st, hookpoints=hookpoints,
                   command=record.get("command", command), versions=_versions(), device=str(device))
     record.setdefault("stages", {})
@@ -255,6 +263,12 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
         print(f"[build] {msg}", flush=True)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in changed:  # a stage whose settings changed is redone, and so is everything built from it
+        if record["stages"].pop(name, None) is not None:
+            say(f"{name}: its settings changed, will be redone")
+        if name in work_state and work_state[name].exists():
+            shutil.rmtree(work_state[name])  # resumable state made with the old settings
+        invalidate_dependents(name)
     atomic_write_json(record, record_path)
     classifiers = pipe = None
     wanted = [s for s in STAGES if s in stages]
@@ -341,6 +355,12 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
     return record
 
 
+def _changed_stages(old: Optional[dict], new: dict) -> list:
+    """The stages (in build order) that read a setting whose value differs between two ``build_settings``."""
+    old, new = json.loads(json.dumps(old or {})), json.loads(json.dumps(new))
+    return [s for s in STAGES if any(old.get(k) != new.get(k) for k in STAGE_SETTINGS[s])]
+
+
 def dependents(name: str) -> list:
     """Every stage built, directly or not, from stage ``name`` (in build order)."""
     out = set()
@@ -357,5 +377,5 @@ def cli_command(argv=None) -> str:
     return " ".join([prog] + [shlex.quote(a) for a in argv[1:]])
 
 
-__all__ = ["build_defaults", "build_settings", "dependents", "BUILD_DEFAULTS", "DEPENDS", "STAGES", "concept_prompts",
-           "training_prompts", "generated_accuracy", "cli_command"]
+__all__ = ["build_defaults", "build_settings", "dependents", "BUILD_DEFAULTS", "DEPENDS", "STAGE_SETTINGS", "STAGES",
+           "concept_prompts", "training_prompts", "generated_accuracy", "cli_command"]

@@ -31,7 +31,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from . import data
 
 DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = 3.0
+# chosen on tuning seeds 1 and 2 (not the gate/evaluation seeds) with the shipped 12000-step CPU model: object
+# accuracy of its images at guidance 1.25/1.5/1.75/2/2.5/3 was 91.4/94.1/94.1/89.1/80.9/76.4 % (style 100 % up
+# to 2, 92.3 % at 3); benchmarks/RESULTS.md has the table
+DEFAULT_GUIDANCE = 1.5
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 # ``attention_levels``: resolution levels (0 = full size) whose blocks carry cross-attention transformers.
