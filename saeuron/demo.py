@@ -14,6 +14,7 @@ random weights (the pictures then show *where* the edit acts, not a concept vani
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -28,11 +29,15 @@ def _stage(name):
 
 
 def _small_scale(pipe, prompts: dict, hookpoint: str, out: Path, steps: int, quick: bool, guidance: float):
-    """Stages collect -> train -> select on a handful of prompts; returns (store, checkpoint dir, table)."""
+    """Stages collect -> train -> select on a handful of prompts; returns (store, checkpoint dir, table).
+
+    They take seconds, so ``out`` is cleared first: a rerun after an upgrade (new sampling defaults, say)
+    never resumes from activations or an SAE made by the old one."""
     from .collect import collect
     from .concepts import build_concept_file
     from .train import TrainConfig, train
 
+    shutil.rmtree(out, ignore_errors=True)
     flat = sorted({p for ps in prompts.values() for p in ps})
     t = _stage(f"collect: {hookpoint} over {len(flat)} prompts x {steps} steps (conditional half)")
     store = collect(pipe, flat, out / "activations", [hookpoint], batch_size=8, num_inference_steps=steps,

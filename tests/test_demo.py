@@ -25,6 +25,12 @@ def test_demo_on_minicanvas_defaults(micro_assets, tmp_path, monkeypatch, capsys
     assert grids == ["star.png", "stripes.png"]
     assert "UA" in (tmp_path / "demo" / "metrics.md").read_text()
     assert (tmp_path / "demo" / "small_scale" / "checkpoint" / "concepts.json").is_file()
+    # rerun into the same folder after the sampling default changed: starts the small-scale stages over
+    import saeuron.minicanvas.model as model
+
+    monkeypatch.setattr(model, "DEFAULT_GUIDANCE", model.DEFAULT_GUIDANCE + 1.0)
+    main(["demo", "--out", str(tmp_path / "demo"), "--quick"])
+    assert "| stripes |" in capsys.readouterr().out
 
 
 def test_demo_falls_back_to_a_toy_pipeline(tmp_path, monkeypatch, capsys):
