@@ -243,12 +243,16 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
     def done(name):
         return record["stages"].get(name, {}).get("done") and all(p.is_file() for p in artefacts[name])
 
+    def forget(stage, why):
+        """Mark ``stage`` not done and delete its resumable work state (made from what is now stale)."""
+        if record["stages"].pop(stage, None) is not None:
+            say(f"{stage}: {why}, will be redone")
+        if stage in work_state and work_state[stage].exists():
+            shutil.rmtree(work_state[stage])
+
     def invalidate_dependents(name):
         for s in dependents(name):
-            if record["stages"].pop(s, None) is not None:
-                say(f"{s}: built from the old {name}, will be redone")
-            if s in work_state and work_state[s].exists():
-                shutil.rmtree(work_state[s])
+            forget(s, f"built from the old {name}")
         atomic_write_json(record, record_path)
 
     def finish(name, t0, **info):
@@ -264,10 +268,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in changed:  # a stage whose settings changed is redone, and so is everything built from it
-        if record["stages"].pop(name, None) is not None:
-            say(f"{name}: its settings changed, will be redone")
-        if name in work_state and work_state[name].exists():
-            shutil.rmtree(work_state[name])  # resumable state made with the old settings
+        forget(name, "its settings changed")
         invalidate_dependents(name)
     atomic_write_json(record, record_path)
     classifiers = pipe = None
