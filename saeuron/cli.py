@@ -284,8 +284,8 @@ def cmd_sweep(a):
     pipe = load_pipeline(a.model, a.device, _dtype(a.dtype))
     sweep(pipe, _eval_classifiers(a.classifiers, a.device), _eval_checkpoint(a.checkpoint, a.model),
           concepts=a.concepts, domain=a.domain, seeds=a.seeds, rule=a.rule, multipliers=a.multipliers or MULTIPLIERS,
-          percentiles=a.percentiles or PERCENTILES, top_ns=a.top_ns or TOP_NS, objects=a.objects,
-          styles=_styles(a.styles), num_inference_steps=a.steps, guidance_scale=a.guidance, batch_size=a.batch_size,
+          percentiles=a.percentiles or PERCENTILES, top_ns=a.top_ns or TOP_NS, hookpoints=a.hookpoints,
+          objects=a.objects, styles=_styles(a.styles), num_inference_steps=a.steps, guidance_scale=a.guidance, batch_size=a.batch_size,
           save_to=a.save_to, resume=not a.no_resume)
 
 
@@ -332,7 +332,7 @@ def add_explain_parser(sub):
     s.add_argument("--prompts", default=None, help="prompt file holding the concept (default: MiniCanvas captions)")
     s.add_argument("--other-prompts", default=None, help="prompt file without the concept")
     s.add_argument("--seeds", type=int, nargs="+", default=[0])
-    s.add_argument("--hookpoint", default=None, help="default: the first with an SAE and statistics")
+    s.add_argument("--hookpoint", default=None, help="default: the concept's first own hookpoint with an SAE")
     s.add_argument("--top-features", type=int, default=8)
     s.add_argument("--top-images", type=int, default=4)
     s.add_argument("--percentile", type=float, default=None, help="default: the concept file's")
@@ -343,8 +343,9 @@ def add_explain_parser(sub):
 
 
 def add_sweep_parser(sub):
-    """``saeuron sweep``: per-concept rule x multiplier search, stored as the concept file's defaults."""
-    s = sub.add_parser("sweep", help="per-concept percentile/top_n x multiplier search maximising (UA+IRA)/2")
+    """``saeuron sweep``: per-concept hookpoints x rule x multiplier search, stored as the concept file's defaults."""
+    s = sub.add_parser("sweep", help="per-concept hookpoints x percentile/top_n x multiplier search maximising "
+                                     "(UA+IRA)/2")
     _eval_model_args(s)
     _grid_args(s, (1, 2))
     s.add_argument("--concepts", nargs="+", default=None, help="default: every concept of the domain")
@@ -352,6 +353,9 @@ def add_sweep_parser(sub):
     s.add_argument("--multipliers", type=float, nargs="+", default=None, help="default -1 -5 -10 ... -30")
     s.add_argument("--percentiles", type=float, nargs="+", default=None, help="default 99.99 99.995 99.999")
     s.add_argument("--top-ns", type=int, nargs="+", default=None, help="default 1 2 4 8")
+    s.add_argument("--hookpoints", nargs="+", default=None,
+                   help="where to try editing: each a hookpoint or a comma-joined set, e.g. up_blocks.0.attentions.0 "
+                        "up_blocks.0.attentions.0,up_blocks.1.attentions.1 (default: one choice, all hookpoints)")
     s.add_argument("--save-to", default=None, help="folder for the updated concept file (default: --checkpoint)")
     s.set_defaults(fn=cmd_sweep)
     return s

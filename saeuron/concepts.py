@@ -34,7 +34,7 @@ TENSORS_FILE = "concepts.safetensors"
 JSON_FILE = "concepts.json"
 FORMAT = "saeuron.concepts"
 VERSION = 1
-DEFAULTS = {"multiplier": -1.0, "percentile": 99.99, "top_n": None}
+DEFAULTS = {"multiplier": -1.0, "percentile": 99.99, "top_n": None, "hookpoints": None}
 EPS = 1e-8
 
 
@@ -61,7 +61,9 @@ class ConceptTable:
     """``mu[hookpoint]`` ``[C, T, M]`` for concepts ``names`` at ``timesteps``, plus per-concept defaults.
 
     ``counts[c]`` is the number of prompts the mean of concept c runs over (the weights of ``mu[~c]``).
-    ``defaults[c]`` holds ``multiplier`` (gamma < 0), ``percentile`` and ``top_n`` (top_n wins when set).
+    ``defaults[c]`` holds ``multiplier`` (gamma < 0), ``percentile`` and ``top_n`` (top_n wins when set),
+    and ``hookpoints``: where c is edited when ``patch`` is not told (None: every hookpoint of the table;
+    a sweep may pick, e.g., a coarser block for objects than for styles).
     """
 
     def __init__(self, names, counts, timesteps, mu: dict, defaults=None, metadata=None):
@@ -94,12 +96,26 @@ class ConceptTable:
     def _full_defaults(self, defaults) -> dict:
         defaults = dict(defaults or {})
         if set(defaults) <= set(DEFAULTS):  # one dict for all concepts
-            return {n: {**DEFAULTS, **defaults} for n in self.names}
-        unknown = [k for k in defaults if k not in self.names]
-        if unknown:
-            raise ValueError(f"defaults for unknown concepts {unknown}; concepts: {self.names} "
-                             f"(or give one dict with keys {list(DEFAULTS)} for all)")
-        return {n: {**DEFAULTS, **defaults.get(n, {})} for n in self.names}
+            out = {n: {**DEFAULTS, **defaults} for n in self.names}
+        else:
+            unknown = [k for k in defaults if k not in self.names]
+            if unknown:
+                raise ValueError(f"defaults for unknown concepts {unknown}; concepts: {self.names} "
+                                 f"(or give one dict with keys {list(DEFAULTS)} for all)")
+            out = {n: {**DEFAULTS, **defaults.get(n, {})} for n in self.names}
+        for n, d in out.items():
+            extra = [k for k in d if k not in DEFAULTS]
+            if extra:
+                raise ValueError(f"defaults of {n!r} have unknown keys {extra}; valid: {', '.join(DEFAULTS)}")
+            if d["hookpoints"] is not None:
+                hps = [d["hookpoints"]] if isinstance(d["hookpoints"], str) else list(d["hookpoints"])
+                for h in hps:
+                    if _norm_hp(h) not in self.mu:
+                        raise _unknown(f"hookpoint in the defaults of {n!r}", h, list(self.mu))
+                if not hps:
+                    raise ValueError(f"defaults of {n!r}: hookpoints is empty; give None (every hookpoint) or a list")
+                d["hookpoints"] = [_norm_hp(h) for h in hps]
+        return out
 
     # -- lookup
     @property
@@ -110,6 +126,12 @@ class ConceptTable:
     def num_latents(self, hp: str) -> int:
         """Dictionary size M of the SAE whose statistics ``hp`` holds."""
         return self.mu[self._hp(hp)].shape[-1]
+
+    def concept_hookpoints(self, concept: str) -> list:
+        """The hookpoints ``concept`` is edited at by default: its ``defaults["hookpoints"]``, else all of them."""
+        self.index(concept)
+        hps = self.defaults[concept]["hookpoints"]
+        return list(self.hookpoints) if hps is None else list(hps)
 
     def _hp(self, hp: str) -> str:
         name = _norm_hp(hp)

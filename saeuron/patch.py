@@ -13,6 +13,10 @@
   ``f_i > tau_t[i]``, ``f_i <- multiplier_c * mu[c,t][i] * f_i``, and
   ``out = decode(f') + (x - decode(f)) = x + sum_i (f'_i - f_i) W_dec[i]``.
 
+Each concept is edited at the hookpoints its concept-file defaults name (a sweep may put objects and
+styles at different blocks; default: every hookpoint with an SAE), or at the ``hookpoints`` given to
+``patch``; a block no concept uses gets no hook.
+
 Everything that can be done once (selection, stacking the tables per timestep) is done at patch
 time; SAE weights and tables are copied to the activations' device and dtype on first use and cached,
 so CPU offload works. The SAEs live on the handle, not on the UNet: they never appear in
@@ -274,7 +278,9 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
 
     ``checkpoint=DIR`` holds one SAE folder per hookpoint and the concept file; alternatively pass
     ``saes={hookpoint: SparseAutoencoder}`` and ``table=ConceptTable`` (given objects win over the
-    folder). ``hookpoints`` defaults to every hookpoint with both an SAE and statistics.
+    folder). ``hookpoints``: where every concept is edited; by default each concept is edited at its own
+    ``defaults["hookpoints"]`` in the concept file (all hookpoints with statistics unless a sweep chose),
+    and a hookpoint that no concept uses gets no hook at all.
     ``multiplier``/``percentile``/``top_n``: a number for all concepts or a dict per concept; unset ->
     the concept file's defaults. ``halves``: "both", "cond" or "uncond" (see the module docstring).
     ``error_term``: "correct" (``out = x + decode(f') - decode(f)``) or "reference" (the published
@@ -297,18 +303,21 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
         raise ValueError(f"no concepts to unlearn; known: {', '.join(table.names)}")
     for c in concepts:
         table.index(c)
-    if hookpoints is None:
+    if hookpoints is None:  # each concept where its defaults say, among the hookpoints with an SAE
         have = {normalize_hookpoint(h) for h in (saes or {})}
         if checkpoint is not None:
             have |= {normalize_hookpoint(h) for h in available_hookpoint_dirs(Path(checkpoint))}
-        hps = [h for h in table.hookpoints if h in have]
-        if not hps:
-            raise ValueError(f"no hookpoint has both an SAE ({sorted(have) or 'none'}) and statistics "
-                             f"({table.hookpoints})")
+        where = {c: [h for h in table.concept_hookpoints(c) if h in have] for c in concepts}
+        lost = [c for c, hs in where.items() if not hs]
+        if lost:
+            raise ValueError(f"no SAE for the hookpoints of {lost} ({[table.concept_hookpoints(c) for c in lost]}); "
+                             f"SAEs: {sorted(have) or 'none'}, statistics: {table.hookpoints}")
+        hps = [h for h in table.hookpoints if any(h in hs for hs in where.values())]
     else:
         hps = [normalize_hookpoint(h) for h in ([hookpoints] if isinstance(hookpoints, str) else hookpoints)]
-    if not hps:
-        raise ValueError(f"hookpoints is empty; hookpoints with statistics: {', '.join(table.hookpoints)}")
+        if not hps:
+            raise ValueError(f"hookpoints is empty; hookpoints with statistics: {', '.join(table.hookpoints)}")
+        where = {c: hps for c in concepts}
     modules = resolve_hookpoints(unet, hps)
     widths = list_hookpoints(unet)
     loaded, tables = {}, {}
@@ -321,7 +330,7 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
             raise ValueError(f"the SAE at {hp!r} has {sae.num_latents} latents but the concept file's statistics "
                              f"have {table.num_latents(hp)}: they come from different SAEs")
         loaded[hp] = sae
-        ts, fi, ta, sc = table.edit_tables(hp, concepts, multiplier, percentile, top_n)
+        ts, fi, ta, sc = table.edit_tables(hp, [c for c in concepts if hp in where[c]], multiplier, percentile, top_n)
         tables[hp] = (fi, ta, sc)
     handle = SaeuronPatch(unet, pipe, loaded, dict(modules), ts, tables, concepts, halves, error_term)
     return handle.install()

@@ -227,7 +227,7 @@ def test_build_concept_file_from_checkpoint_folder(tmp_path):
     tab = build_concept_file(str(store.root), tmp_path / "ck", top_n=2, multiplier=-2.0, progress=False)
     back = ConceptTable.load(tmp_path / "ck")
     assert back.hookpoints == [HP] and back.names == ["cat", "dog"]
-    assert back.defaults["cat"] == {"multiplier": -2.0, "percentile": 99.99, "top_n": 2}
+    assert back.defaults["cat"] == {"multiplier": -2.0, "percentile": 99.99, "top_n": 2, "hookpoints": None}
     assert torch.equal(back.mu[HP], tab.mu[HP])
     assert [len(x) for x in back.select(HP, "cat")] == [2, 2, 2]  # top_n default wins over percentile
     with pytest.raises(ValueError, match="no SAE"):

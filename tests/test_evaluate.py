@@ -10,12 +10,13 @@ from saeuron.concepts import ConceptTable
 from saeuron.evaluate.explain import explain
 from saeuron.evaluate.metrics import (Record, frechet_distance, frechet_distance_gaussians, target_metrics,
                                       unlearning_metrics)
-from saeuron.evaluate.sweep import choose_rule, sweep
+from saeuron.evaluate.sweep import choose_rule, sweep, sweep_table
 from saeuron.evaluate.unlearn_eval import build_jobs, evaluate_unlearning
 from saeuron.minicanvas import build_classifier, data
 from saeuron.patch import get_patch
 
 UP = "up_blocks.1.attentions.1"  # 32 channels in the tiny pipeline
+DOWN = "down_blocks.1.attentions.0"  # a second hookpoint name for concept tables (no pipeline needed)
 TS = [667.0, 334.0, 1.0]
 
 
@@ -213,18 +214,18 @@ def test_sweep_picks_best_and_writes_defaults(tmp_path):
     best = {"stripes": (4, -10.0), "checker": (1, -1.0)}
     calls = []
 
-    def scorer(concept, rule, value, multiplier):
-        calls.append((concept, rule, value, multiplier))
+    def scorer(concept, rule, value, multiplier, hookpoints):
+        calls.append((concept, rule, value, multiplier, hookpoints))
         hit = best.get(concept) == (value, multiplier)
         return {"ua": 0.9 if hit else 0.5, "ira": 0.8 if hit else 0.5, "cra": 0.7}
 
     res = sweep(checkpoint=tmp_path, concepts=["stripes", "checker"], scorer=scorer, progress=False)
-    assert len(calls) == 2 * 4 * 7
+    assert len(calls) == 2 * 4 * 7 and {c[-1] for c in calls} == {(UP,)}  # default: one choice, every hookpoint
     assert res["stripes"]["best"]["value"] == 4 and res["stripes"]["best"]["multiplier"] == -10.0
     assert res["stripes"]["best"]["score"] == pytest.approx(0.85)
     loaded = ConceptTable.load(tmp_path)
-    assert loaded.defaults["stripes"] == {"multiplier": -10.0, "percentile": None, "top_n": 4}
-    assert loaded.defaults["checker"] == {"multiplier": -1.0, "percentile": None, "top_n": 1}
+    assert loaded.defaults["stripes"] == {"multiplier": -10.0, "percentile": None, "top_n": 4, "hookpoints": [UP]}
+    assert loaded.defaults["checker"] == {"multiplier": -1.0, "percentile": None, "top_n": 1, "hookpoints": [UP]}
     assert loaded.defaults["dots"]["top_n"] == 16  # not swept: unchanged
     assert len(loaded.metadata["sweep"]["stripes"]["grid"]) == 28
     assert loaded.select(UP, "stripes")[0].numel() <= 4  # the stored default is what selection now uses
@@ -237,6 +238,34 @@ def test_sweep_picks_best_and_writes_defaults(tmp_path):
     assert (tie["stripes"]["best"]["value"], tie["stripes"]["best"]["multiplier"]) == (99.99, -1.0)  # ties: first
     with pytest.raises(ValueError, match="disjoint"):
         sweep(checkpoint=tmp_path, scorer=scorer, seeds=(1, 188), progress=False)
+
+
+def test_sweep_over_hookpoint_choices_sets_where_each_concept_is_edited(tmp_path):
+    table = _table(["stripes", "circle"])
+    g = torch.Generator().manual_seed(3)
+    table = ConceptTable.merge([table, ConceptTable(table.names, table.counts, TS,
+                                                    {DOWN: torch.rand(2, len(TS), 64, generator=g) * 1e-3},
+                                                    defaults=table.defaults)])
+    table.save(tmp_path)
+    best = {"stripes": (UP,), "circle": (DOWN,)}
+    seen = []
+
+    def scorer(concept, rule, value, multiplier, hookpoints):
+        seen.append(hookpoints)
+        hit = best[concept] == hookpoints and multiplier == -5.0
+        return {"ua": 1.0 if hit else 0.5, "ira": 1.0 if hit else 0.5}
+
+    res = sweep(checkpoint=tmp_path, concepts=["stripes", "circle"], scorer=scorer, top_ns=(2,),
+                multipliers=(-1.0, -5.0), hookpoints=[UP, DOWN, f"{DOWN}, unet.{UP}"], progress=False)
+    assert seen[:6] == [(UP,), (UP,), (DOWN,), (DOWN,), (DOWN, UP), (DOWN, UP)]  # choices outermost, names normalised
+    assert res["circle"]["best"]["hookpoints"] == [DOWN] and res["stripes"]["best"]["hookpoints"] == [UP]
+    loaded = ConceptTable.load(tmp_path)
+    assert loaded.concept_hookpoints("circle") == [DOWN] and loaded.concept_hookpoints("stripes") == [UP]
+    assert "| circle | " + DOWN + " | top_n" in sweep_table(res)
+    with pytest.raises(ValueError, match="unknown hookpoint.*did you mean"):
+        sweep(checkpoint=tmp_path, scorer=scorer, hookpoints=["up_blocks.1.attentions.9"], progress=False)
+    with pytest.raises(ValueError, match="empty hookpoint choice"):
+        sweep(checkpoint=tmp_path, scorer=scorer, hookpoints=[","], progress=False)
 
 
 def test_sweep_default_scorer_on_tiny_pipeline(mc_pipe):
@@ -300,9 +329,10 @@ def test_cli_explain_sweep_and_minicanvas_eval(mc_pipe, tmp_path, capsys):
           "--top-images", "1"])
     assert (tmp_path / "ex" / "explain_stripes.png").is_file() and "explanation:" in capsys.readouterr().out
     main(["sweep", *common, "--classifiers", str(clf), "--concepts", "checker", "--seeds", "3", "--objects", "circle",
-          "--styles", "stripes", "checker", "--multipliers", "-2", "--top-ns", "2"])
-    assert "| checker | top_n | 2 | -2 |" in capsys.readouterr().out
-    assert ConceptTable.load(ckpt).defaults["checker"] == {"multiplier": -2.0, "percentile": None, "top_n": 2}
+          "--styles", "stripes", "checker", "--multipliers", "-2", "--top-ns", "2", "--hookpoints", f"unet.{UP}"])
+    assert f"| checker | {UP} | top_n | 2 | -2 |" in capsys.readouterr().out
+    assert ConceptTable.load(ckpt).defaults["checker"] == {"multiplier": -2.0, "percentile": None, "top_n": 2,
+                                                           "hookpoints": [UP]}
 
     main(["minicanvas", "eval", *common, "--classifiers", str(clf), "--targets", "checker", "--seeds", "188",
           "--objects", "circle", "--styles", "checker", "unstyled", "--out", str(tmp_path / "ev")])

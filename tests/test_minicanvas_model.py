@@ -12,12 +12,13 @@ from saeuron.collect import collect
 from saeuron.concepts import ConceptTable
 from saeuron.hookpoints import list_hookpoints
 from saeuron.minicanvas import data
+from saeuron.minicanvas.build import BUILD_DEFAULTS
 from saeuron.minicanvas.model import (MODEL_CONFIGS, MiniCanvasPipeline, build_pipeline, load_pipeline,
                                       num_parameters, save_pipeline)
 from saeuron.minicanvas.train_model import STATE_FILE, read_metrics, train_model, train_seconds
 from saeuron.patch import get_patch, patch, unpatch
 
-HP = MODEL_CONFIGS["micro"]["hookpoints"][0]  # up_blocks.0.attentions.1: 32 channels at 8x8
+HP = BUILD_DEFAULTS["micro"]["hookpoints"][0]  # up_blocks.0.attentions.1: 32 channels at 8x8
 PROMPTS = ["An image of circle in stripes style.", "An image of ring.", "An image of star in neon style."]
 
 
@@ -35,7 +36,7 @@ def test_configs_hookpoints_and_sizes():
     for name, cfg in MODEL_CONFIGS.items():
         p = build_pipeline(name)
         hps = list_hookpoints(p)
-        assert all(h in hps for h in cfg["hookpoints"]), (name, list(hps))
+        assert all(h in hps for h in BUILD_DEFAULTS[name]["hookpoints"]), (name, list(hps))
         n = num_parameters(p)
         assert 2 * max(n.values()) < 16 * 2 ** 20, (name, n)  # each fp16 weight file stays under 16 MiB
     assert 6e6 <= num_parameters(build_pipeline("gpu"))["unet"] <= 24e6
@@ -263,17 +264,28 @@ def test_build_defaults_micro_end_to_end(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     rec = build_defaults(out, "micro", seed=3, progress=False, settings={"multiplier": -2.0})
     said = capsys.readouterr().out
-    assert "concepts: its settings changed, will be redone" in said and "[build] concepts done" in said
+    assert "concepts: its settings changed (multiplier), will be redone" in said and "[build] concepts done" in said
     assert all(f"{s}: already done, skipped" in said for s in STAGES if s != "concepts")
     assert rec["settings"]["multiplier"] == -2.0 and ConceptTable.load(out / "checkpoint").defaults["circle"][
         "multiplier"] == -2.0
     rec = build_defaults(out, "micro", seed=3, progress=False, settings={"multiplier": -2.0, "guidance": 2.0})
     said = capsys.readouterr().out
-    assert "gates: its settings changed" in said and "collect: its settings changed" in said
+    assert "gates: its settings changed (guidance)" in said and "collect: its settings changed (guidance)" in said
     assert all(f"{s}: built from the old collect, will be redone" in said for s in ("sae", "concepts"))
     assert all(f"{s}: already done, skipped" in said for s in ("classifiers", "model"))
     assert json.loads((out / "gates.json").read_text())["sampling"]["guidance_scale"] == 2.0
     assert all(rec["stages"][s]["done"] for s in STAGES)
+    # hookpoints are a collect setting: a second one gets its SAE and statistics; dropping it removes its SAE
+    mid = "mid_block.attentions.0"
+    both = {"multiplier": -2.0, "guidance": 2.0, "hookpoints": [HP, mid]}
+    rec = build_defaults(out, "micro", seed=3, progress=False, settings=both)
+    said = capsys.readouterr().out
+    assert "collect: its settings changed (hookpoints)" in said and "gates: already done, skipped" in said
+    assert rec["hookpoints"] == [HP, mid] and ConceptTable.load(out / "checkpoint").hookpoints == [HP, mid]
+    assert (out / "checkpoint" / mid / "sae.safetensors").is_file()
+    build_defaults(out, "micro", seed=3, progress=False, settings={"multiplier": -2.0, "guidance": 2.0})
+    assert f"removed the SAE of {mid}" in capsys.readouterr().out and not (out / "checkpoint" / mid).exists()
+    assert ConceptTable.load(out / "checkpoint").hookpoints == [HP]
 
 
 def test_every_build_setting_is_read_by_a_stage():
@@ -288,6 +300,7 @@ def test_every_build_setting_is_read_by_a_stage():
     assert _changed_stages(st, {**st, "sae": {**st["sae"], "k": 8}}) == ["sae"]
     assert _changed_stages(st, {**st, "gate_seeds": [188]}) == ["gates"]
     assert _changed_stages(st, {**st, "gate_seeds": list(st["gate_seeds"])}) == []  # JSON round trip: tuple == list
+    assert _changed_stages(st, {**st, "hookpoints": ["up_blocks.1.attentions.1"]}) == ["collect"]
 
 
 def test_cli_minicanvas_train(tmp_path):

@@ -107,6 +107,33 @@ def test_checkpoint_folder_equals_loaded_objects(pipe, tmp_path):
     assert not torch.equal(_run(pipe), want)
 
 
+def test_each_concept_is_edited_at_its_own_hookpoints(pipe, tmp_path):
+    saes, table = _saes(), _table()
+    table.defaults["cat"]["hookpoints"] = [UP]
+    table.defaults["dog"]["hookpoints"] = [f"unet.{MID}"]
+    table = ConceptTable(table.names, table.counts, TS, table.mu, table.defaults)  # validated and normalised
+    assert table.concept_hookpoints("cat") == [UP] and table.concept_hookpoints("dog") == [MID]
+    h = patch(pipe, "cat", saes=saes, table=table)
+    assert list(h.tables) == [UP]  # no hook at all where no concept is edited
+    cat = _run(pipe)
+    patch(pipe, "cat", saes=saes, table=table, hookpoints=[UP])
+    assert torch.equal(_run(pipe), cat)  # the default is exactly the explicit choice
+    h = patch(pipe, ["cat", "dog"], saes=saes, table=table)
+    assert sorted(h.tables) == sorted([UP, MID])
+    up_only = patch(pipe, "cat", saes=saes, table=table, hookpoints=[UP]).tables[UP]
+    assert all(torch.equal(a, b) for a, b in zip(h.tables[UP], up_only))  # dog adds nothing at UP
+    both = patch(pipe, "cat", saes=saes, table=table, hookpoints=[UP, MID])  # explicit beats the defaults
+    assert sorted(both.tables) == sorted([UP, MID])
+    with pytest.raises(ValueError, match="no SAE for the hookpoints of \\['dog'\\]"):
+        patch(pipe, ["cat", "dog"], saes={UP: saes[UP]}, table=table)
+    with pytest.raises(ValueError, match="unknown hookpoint in the defaults of 'cat'.*did you mean"):
+        ConceptTable(table.names, table.counts, TS, table.mu, {"cat": {"hookpoints": ["up_blocks.1.attentions.2"]}})
+    with pytest.raises(ValueError, match="unknown keys \\['hookpoint'\\]"):
+        ConceptTable(table.names, table.counts, TS, table.mu, {"cat": {"hookpoint": UP}})
+    table.save(tmp_path)
+    assert ConceptTable.load(tmp_path).defaults == table.defaults
+
+
 def test_no_cfg_and_other_schedulers(pipe):
     from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
@@ -250,7 +277,7 @@ def test_bad_input(pipe, tmp_path):
     with pytest.raises(FileNotFoundError, match="concepts.json"):
         patch(pipe, "cat", tmp_path)
     table.save(tmp_path)
-    with pytest.raises(ValueError, match="no hookpoint has both an SAE"):
+    with pytest.raises(ValueError, match=r"no SAE for the hookpoints of \['cat'\].*SAEs: none"):
         patch(pipe, "cat", tmp_path)
     with pytest.raises(ValueError, match=r"no SAE for hookpoint 'up_blocks.1.attentions.1'"):
         patch(pipe, "cat", tmp_path, hookpoints=[UP])

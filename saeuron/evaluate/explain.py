@@ -174,14 +174,16 @@ def explain(pipe, checkpoint=None, concept: Optional[str] = None, out_dir=".", *
     """Write ``out_dir/explain_<concept>.png`` (+ ``index.html``, per-feature PNGs, JSON) explaining ``concept``'s features.
 
     ``prompts``/``other_prompts`` default to MiniCanvas captions with and without the concept.
-    ``hookpoint`` defaults to the first hookpoint with both an SAE and statistics. ``percentile``/``top_n``/
-    ``multiplier`` override the concept file's defaults. Returns the paths and the numbers shown.
+    ``hookpoint`` defaults to the concept's first own hookpoint (concept file defaults) that has an SAE.
+    ``percentile``/``top_n``/``multiplier`` override the concept file's defaults. Returns the paths and the
+    numbers shown.
     """
     if concept is None:
         raise ValueError("explain needs concept=NAME")
     saes, table = resolve_assets(checkpoint, saes, table)
     table.index(concept)
-    hp = normalize_hookpoint(hookpoint) if hookpoint else next(h for h in table.hookpoints if h in saes)
+    mine = [h for h in table.concept_hookpoints(concept) if h in saes]
+    hp = normalize_hookpoint(hookpoint) if hookpoint else (mine or list(saes))[0]
     if hp not in saes:
         raise ValueError(f"no SAE and statistics for hookpoint {hookpoint!r}; available: {', '.join(saes)}")
     for name, v in (("top_features", top_features), ("top_images", top_images), ("batch_size", batch_size)):

@@ -1,11 +1,14 @@
-"""Per-concept hyperparameter sweep: selection rule (percentile or top_n) x multiplier, maximising (UA + IRA) / 2.
+"""Per-concept sweep: hookpoints x selection rule (percentile or top_n) x multiplier, maximising (UA + IRA) / 2.
 
 The sweep scores every grid point on *tuning* seeds disjoint from the evaluation seeds (method.md
 section 4: "a per-class sweep over percentile {99.99, 99.995, 99.999} x multiplier {-1, -5, ..., -30},
 maximising (UA + IRA)/2"), then writes each concept's best point into the concept file's per-concept
 defaults (``table.defaults[c]``) and the whole grid into ``table.metadata["sweep"][c]``, so a later
-``patch``/evaluation uses them without arguments. Ties keep the first grid point in grid order
-(rules in the order given, then multipliers in the order given: mildest first by default).
+``patch``/evaluation uses them without arguments. ``hookpoints`` lists where to try editing: each
+choice is one hookpoint or a set of them (default: one choice, every hookpoint of the concept file), so
+objects and styles may each end up at the block that carries them. Ties keep the first grid point in
+grid order (hookpoint choices, then rule values, then multipliers in the order given: mildest first by
+default).
 
 Small dictionaries: a percentile of a few thousand scores selects at most one feature whatever the
 percentile, so ``rule="auto"`` sweeps ``top_n`` {1, 2, 4, 8} unless the percentile grid can select
@@ -36,8 +39,31 @@ def choose_rule(table, percentiles=PERCENTILES) -> str:
     return "percentile" if m * (100 - min(percentiles)) / 100 >= 2 else "top_n"
 
 
-def grid_points(rule: str, multipliers=MULTIPLIERS, percentiles=PERCENTILES, top_ns=TOP_NS) -> list:
-    """``[(rule, value, multiplier)]`` in sweep order (rule values first, then multipliers)."""
+def hookpoint_choices(table, hookpoints=None) -> list:
+    """The sweep's hookpoint choices as sorted tuples of the table's hookpoints (None: one, all of them).
+
+    ``hookpoints``: a list whose entries are a hookpoint name, a comma-joined set of names or a list of names.
+    """
+    if hookpoints is None:
+        return [tuple(sorted(table.hookpoints))]
+    if isinstance(hookpoints, str):
+        hookpoints = [hookpoints]
+    out = []
+    for choice in hookpoints:
+        names = choice.split(",") if isinstance(choice, str) else list(choice)
+        hps = tuple(sorted({table._hp(h.strip()) for h in names if h.strip()}))  # unknown -> error naming the known
+        if not hps:
+            raise ValueError(f"empty hookpoint choice {choice!r}; hookpoints with statistics: {table.hookpoints}")
+        if hps not in out:
+            out.append(hps)
+    if not out:
+        raise ValueError(f"no hookpoint choices given; hookpoints with statistics: {table.hookpoints}")
+    return out
+
+
+def grid_points(rule: str, multipliers=MULTIPLIERS, percentiles=PERCENTILES, top_ns=TOP_NS,
+                hookpoints=(None,)) -> list:
+    """``[(rule, value, multiplier, hookpoints)]`` in sweep order (hookpoint choices, rule values, multipliers)."""
     if rule not in ("percentile", "top_n"):
         raise ValueError(f"rule must be 'percentile' or 'top_n' here, got {rule!r}")
     values = percentiles if rule == "percentile" else top_ns
@@ -46,13 +72,15 @@ def grid_points(rule: str, multipliers=MULTIPLIERS, percentiles=PERCENTILES, top
     for m in multipliers:
         if not (isinstance(m, (int, float)) and math.isfinite(m)):
             raise ValueError(f"multipliers must be finite numbers (gamma < 0 suppresses), got {m!r}")
-    return [(rule, float(v) if rule == "percentile" else int(v), float(m)) for v in values for m in multipliers]
+    return [(rule, float(v) if rule == "percentile" else int(v), float(m), h)
+            for h in hookpoints for v in values for m in multipliers]
 
 
 def make_scorer(pipe, classifiers, saes, table, *, domain: str, seeds=TUNING_SEEDS, objects=None, styles=None,
                 templates=(0,), num_inference_steps=None, guidance_scale=None, batch_size: int = 16,
                 progress: bool = False, **patch_kwargs) -> Callable:
-    """A ``scorer(concept, rule, value, multiplier) -> {"ua", "ira", "cra", ...}`` that generates on ``seeds``.
+    """A ``scorer(concept, rule, value, multiplier, hookpoints) -> {"ua", "ira", "cra", ...}`` that generates
+    on ``seeds``, editing at ``hookpoints`` (a tuple of names).
 
     Grid points that select exactly the same features with the same multiplier are scored once.
     """
@@ -61,12 +89,13 @@ def make_scorer(pipe, classifiers, saes, table, *, domain: str, seeds=TUNING_SEE
     jobs = build_jobs(objects, styles, seeds, templates)
     memo: dict = {}
 
-    def scorer(concept, rule, value, multiplier):
+    def scorer(concept, rule, value, multiplier, hookpoints):
         sel = {"percentile": value} if rule == "percentile" else {"top_n": value}
-        key = (concept, float(multiplier), tuple(tuple(tuple(t.tolist()) for t in table.select(h, concept, **sel))
-                                                  for h in sorted(saes)))
+        key = (concept, float(multiplier), tuple((h, tuple(tuple(t.tolist()) for t in table.select(h, concept, **sel)))
+                                                  for h in sorted(hookpoints)))
         if key not in memo:
-            with patched(pipe, concept, saes=saes, table=table, multiplier=multiplier, **sel, **patch_kwargs):
+            with patched(pipe, concept, saes=saes, table=table, multiplier=multiplier, hookpoints=list(hookpoints),
+                         **sel, **patch_kwargs):
                 bar = tqdm(total=len(jobs), unit="img", desc=f"{concept} {rule}={value} x{multiplier}",
                            disable=not progress, leave=False)
                 try:
@@ -86,13 +115,14 @@ def make_scorer(pipe, classifiers, saes, table, *, domain: str, seeds=TUNING_SEE
 
 def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None, concepts=None,
           domain: str = "style", seeds=TUNING_SEEDS, eval_seeds=EVAL_SEEDS, rule: str = "auto",
-          multipliers=MULTIPLIERS, percentiles=PERCENTILES, top_ns=TOP_NS, objects=None, styles=None,
+          multipliers=MULTIPLIERS, percentiles=PERCENTILES, top_ns=TOP_NS, hookpoints=None, objects=None, styles=None,
           templates=(0,), num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
           batch_size: int = 16, scorer: Optional[Callable] = None, save_to=None, resume: bool = True,
           progress: bool = True, **patch_kwargs) -> dict:
-    """Pick each concept's best (rule value, multiplier) by (UA + IRA) / 2 and store it as its default.
+    """Pick each concept's best (hookpoints, rule value, multiplier) by (UA + IRA) / 2 and store it as its default.
 
-    ``scorer(concept, rule, value, multiplier) -> {"ua", "ira", ...}`` replaces generation (tests,
+    ``hookpoints``: the choices of where to edit (see :func:`hookpoint_choices`; default: every hookpoint).
+    ``scorer(concept, rule, value, multiplier, hookpoints) -> {"ua", "ira", ...}`` replaces generation (tests,
     custom protocols); otherwise ``pipe`` and ``classifiers`` generate on ``seeds``, which must not
     overlap ``eval_seeds``. ``concepts`` default to the concept file's MiniCanvas concepts of ``domain``.
     The concept file is saved to ``save_to`` (default: ``checkpoint``) after every concept, and with
@@ -105,7 +135,7 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
         raise ValueError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; valid: {', '.join(RULES)}")
-    check_patch_kwargs(patch_kwargs, exclude=("multiplier", "percentile", "top_n"))  # those are what is swept
+    check_patch_kwargs(patch_kwargs, exclude=("multiplier", "percentile", "top_n", "hookpoints"))  # what is swept
     seeds = [int(s) for s in seeds]
     overlap = sorted(set(seeds) & {int(s) for s in eval_seeds})
     if not seeds or overlap:
@@ -130,9 +160,10 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
     for c in concepts:
         table.index(c)
     kind = choose_rule(table, percentiles) if rule == "auto" else rule
-    points = grid_points(kind, multipliers, percentiles, top_ns)
+    points = grid_points(kind, multipliers, percentiles, top_ns, hookpoint_choices(table, hookpoints))
     spec = {"rule": kind, "seeds": seeds, "domain": domain,
-            "grid": [[r, v, m] for r, v, m in points]}
+            "grid": [[r, v, m, list(h)] for r, v, m, h in points]}
+    several_hps = len({h for *_, h in points}) > 1
     save_to = save_to if save_to is not None else checkpoint
     stored = table.metadata.setdefault("sweep", {})
     out = {}
@@ -144,13 +175,13 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
             bar.update(len(points))
             continue
         rows, best = [], None
-        for r, v, m in points:
-            bar.set_postfix_str(f"{c} {r}={v} x{m}")
-            s = scorer(c, r, v, m)
+        for r, v, m, h in points:
+            bar.set_postfix_str(f"{c} {'+'.join(h) + ' ' if several_hps else ''}{r}={v} x{m}")
+            s = scorer(c, r, v, m, h)
             ua, ira = s.get("ua"), s.get("ira")
             score = None if ua is None or ira is None else (ua + ira) / 2
-            rows.append({"rule": r, "value": v, "multiplier": m, **{k: s.get(k) for k in ("ua", "ira", "cra")},
-                         "score": score})
+            rows.append({"hookpoints": list(h), "rule": r, "value": v, "multiplier": m,
+                         **{k: s.get(k) for k in ("ua", "ira", "cra")}, "score": score})
             if score is not None and (best is None or score > best["score"]):
                 best = rows[-1]
             bar.update()
@@ -159,7 +190,8 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
                              "other images among the prompts)")
         table.defaults[c] = {"multiplier": best["multiplier"],
                              "percentile": best["value"] if best["rule"] == "percentile" else None,
-                             "top_n": best["value"] if best["rule"] == "top_n" else None}
+                             "top_n": best["value"] if best["rule"] == "top_n" else None,
+                             "hookpoints": list(best["hookpoints"])}
         stored[c] = out[c] = {"best": best, "grid": rows, "spec": spec}
         if save_to is not None:
             table.save(save_to)
@@ -172,9 +204,10 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
 def sweep_table(result: dict) -> str:
     """The best point of every concept as a markdown table (percents)."""
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    lines = ["| concept | rule | value | multiplier | UA | IRA | CRA | (UA+IRA)/2 |", "|---" * 8 + "|"]
+    lines = ["| concept | hookpoints | rule | value | multiplier | UA | IRA | CRA | (UA+IRA)/2 |", "|---" * 9 + "|"]
     for c, r in result.items():
         b = r["best"]
-        lines.append(f"| {c} | {b['rule']} | {b['value']} | {b['multiplier']:g} | {pct(b['ua'])} | {pct(b['ira'])} "
+        hps = " + ".join(b.get("hookpoints") or ["(all)"])
+        lines.append(f"| {c} | {hps} | {b['rule']} | {b['value']} | {b['multiplier']:g} | {pct(b['ua'])} | {pct(b['ira'])} "
                      f"| {pct(b.get('cra'))} | {pct(b['score'])} |")
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..hookpoints import get_unet
+from ..hookpoints import get_unet, normalize_hookpoint
 from ..images import image_grid, save_png
 from ..minicanvas import data
 from ..patch import get_patch, patched
@@ -83,9 +83,12 @@ def edit_signature(table, concepts, patch_kwargs: dict) -> dict:
     for c in concepts:
         kind, val = table.rule(c, pick(patch_kwargs.get("percentile"), c), pick(patch_kwargs.get("top_n"), c))
         mult = pick(patch_kwargs.get("multiplier"), c)
+        hps = patch_kwargs.get("hookpoints")
+        hps = table.concept_hookpoints(c) if hps is None else [hps] if isinstance(hps, str) else list(hps)
         out[c] = {"rule": kind, "value": val,
-                  "multiplier": float(table.defaults[c]["multiplier"] if mult is None else mult)}
-    rest = {k: v for k, v in patch_kwargs.items() if k not in ("percentile", "top_n", "multiplier")}
+                  "multiplier": float(table.defaults[c]["multiplier"] if mult is None else mult),
+                  "hookpoints": sorted(normalize_hookpoint(h) for h in hps)}
+    rest = {k: v for k, v in patch_kwargs.items() if k not in ("percentile", "top_n", "multiplier", "hookpoints")}
     return {"concepts": out, "patch": _norm(rest)}
 
 

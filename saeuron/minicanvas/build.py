@@ -7,8 +7,8 @@ and each resumes where a killed run stopped (classifiers are quick and simply re
 2. ``model``: the text-to-image model (``train_model``, checkpoints in ``work_dir/model``) -> ``model/`` (fp16);
 3. ``gates``: held-out render accuracy of both classifiers (gate >= 99 %) and their accuracy on the
    images the unedited model generates for every training prompt x seed (gate >= 95 %) -> ``gates.json``;
-4. ``collect``: hookpoint activations of the model over every object x style (+ unstyled) training
-   prompt (``saeuron.collect``, in ``work_dir/activations``);
+4. ``collect``: activations at the ``hookpoints`` setting's blocks over every object x style (+ unstyled)
+   training prompt (``saeuron.collect``, in ``work_dir/activations``);
 5. ``sae``: a TopK SAE per hookpoint (``saeuron.train``, state in ``work_dir/sae``) -> ``checkpoint/<hookpoint>/``;
 6. ``concepts``: the concept file over every object and every style concept (a prompt belongs to its
    object and to its style) with a top-n-per-timestep default rule -> ``checkpoint/concepts.*``.
@@ -53,27 +53,36 @@ DEPENDS = {"classifiers": (), "model": (), "gates": ("classifiers", "model"), "c
 # the settings each stage reads: changing one redoes that stage (and its dependents) on the next build
 STAGE_SETTINGS = {"classifiers": ("classifier_steps", "classifier_batch"), "model": ("model",),
                   "gates": ("heldout_n", "gate_seeds", "sample_steps", "guidance", "sample_batch"),
-                  "collect": ("collect_repeats", "collect_batch", "collect_dtype", "sample_steps", "guidance"),
+                  "collect": ("hookpoints", "collect_repeats", "collect_batch", "collect_dtype", "sample_steps",
+                              "guidance"),
                   "sae": ("sae",), "concepts": ("top_n", "multiplier")}
 GATE_SEEDS = (188, 288, 588, 688, 888)  # the UnlearnCanvas evaluation seeds
 HELDOUT_GATE, GENERATED_GATE = 0.99, 0.95
 MAX_FILE_BYTES = 16 * 2 ** 20
 
-# per model config: every setting of every stage (``settings=`` overrides any of them)
+# per model config: every setting of every stage (``settings=`` overrides any of them).
+# ``hookpoints``: where the SAEs go. The 16x16 up-block transformer is SD1.5's up_blocks.1.attentions.1 by
+# analogy (styles are removed there); the two 8x8 up-block transformers carry the objects (an object sweep
+# on tuning seed 1 scored (UA+IRA)/2 = 77 and 72 there against 64 at 16x16; benchmarks/RESULTS.md). Each
+# concept's sweep picks its own hookpoint (``ConceptTable.defaults[c]["hookpoints"]``).
 BUILD_DEFAULTS = {
-    "micro": dict(classifier_steps=30, classifier_batch=32, model=dict(steps=30, batch_size=16),
+    "micro": dict(hookpoints=("up_blocks.0.attentions.1",), classifier_steps=30, classifier_batch=32,
+                  model=dict(steps=30, batch_size=16),
                   heldout_n=64, gate_seeds=(188,), sample_steps=4, guidance=DEFAULT_GUIDANCE, sample_batch=64,
                   collect_repeats=1, collect_batch=55, collect_dtype="fp32",
                   sae=dict(k=4, expansion_factor=4, batch_size=256, lr=2e-3, epochs=1, dead_tokens_threshold=100_000,
                            save_every=1000),
                   top_n=2, multiplier=-1.0),
-    "cpu": dict(classifier_steps=2000, classifier_batch=128, model={}, heldout_n=2000, gate_seeds=GATE_SEEDS,
+    "cpu": dict(hookpoints=("up_blocks.1.attentions.1", "up_blocks.0.attentions.0", "up_blocks.0.attentions.1"),
+                classifier_steps=2000, classifier_batch=128, model={}, heldout_n=2000, gate_seeds=GATE_SEEDS,
                 sample_steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, sample_batch=64,
                 collect_repeats=2, collect_batch=22, collect_dtype="fp16",
                 sae=dict(k=16, expansion_factor=16, batch_size=4096, lr=8e-4, epochs=4, dead_tokens_threshold=1_000_000,
                          save_every=250),
                 top_n=5, multiplier=-1.0),
-    "gpu": dict(classifier_steps=4000, classifier_batch=256, model={}, heldout_n=5000, gate_seeds=GATE_SEEDS,
+    "gpu": dict(hookpoints=("up_blocks.1.attentions.1", "up_blocks.1.attentions.2", "up_blocks.0.attentions.1",
+                            "up_blocks.0.attentions.2"),
+                classifier_steps=4000, classifier_batch=256, model={}, heldout_n=5000, gate_seeds=GATE_SEEDS,
                 sample_steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, sample_batch=256,
                 collect_repeats=4, collect_batch=55, collect_dtype="fp16",
                 sae=dict(k=16, expansion_factor=16, batch_size=4096, lr=6e-4, epochs=4, dead_tokens_threshold=2_000_000,
@@ -196,7 +205,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
     """
     from ..collect import collect
     from ..concepts import build_concept_file
-    from ..sae import SparseAutoencoder
+    from ..sae import SparseAutoencoder, available_hookpoint_dirs
     from ..store import ActivationStore
     from ..train import TrainConfig, train
     from .train_model import train_model
@@ -211,7 +220,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
     work = Path(work_dir) if work_dir is not None else out_dir.with_name(out_dir.name + ".work")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = model_config(config)
-    size, hookpoints = cfg["size"], list(cfg["hookpoints"])
+    size, hookpoints = cfg["size"], list(st["hookpoints"])
     if command is None:
         command = f"python -c \"from saeuron.minicanvas.build import build_defaults; build_defaults(" \
                   f"{str(out_dir)!r}, config={config!r}, seed={seed}, settings={settings!r})\""
@@ -220,6 +229,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
     if record and (record.get("config") != config or record.get("seed") != seed):
         raise ValueError(f"{out_dir} was built with config={record.get('config')!r}, seed={record.get('seed')!r}; "
                          f"use another out_dir (or delete {record_path} to rebuild everything)")
+    changed_keys = _changed_settings(record.get("settings"), st) if record else []
     changed = _changed_stages(record.get("settings"), st) if record else []
     record.update(format=FORMAT, config=config, seed=seed, settings=st, hookpoints=hookpoints,
                   command=record.get("command", command), versions=_versions(), device=str(device))
@@ -268,7 +278,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in changed:  # a stage whose settings changed is redone, and so is everything built from it
-        forget(name, "its settings changed")
+        forget(name, f"its settings changed ({', '.join(k for k in STAGE_SETTINGS[name] if k in changed_keys)})")
         invalidate_dependents(name)
     atomic_write_json(record, record_path)
     classifiers = pipe = None
@@ -334,6 +344,10 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
             finish(name, t0, rows={hp: store.num_rows(hp) for hp in hookpoints})
         elif name == "sae":
             store = ActivationStore(paths["activations"])
+            for old in available_hookpoint_dirs(paths["checkpoint"]):
+                if old not in hookpoints:  # an SAE of a hookpoint this build no longer uses must not ship
+                    shutil.rmtree(paths["checkpoint"] / old)
+                    say(f"removed the SAE of {old} (not among the hookpoints {hookpoints})")
             fvu = {}
             for hp in hookpoints:
                 tc = TrainConfig(seed=seed, **st["sae"])
@@ -356,10 +370,16 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
     return record
 
 
+def _changed_settings(old: Optional[dict], new: dict) -> list:
+    """The keys whose values differ between two ``build_settings`` (compared as JSON: a tuple equals a list)."""
+    old, new = json.loads(json.dumps(old or {})), json.loads(json.dumps(new))
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
 def _changed_stages(old: Optional[dict], new: dict) -> list:
     """The stages (in build order) that read a setting whose value differs between two ``build_settings``."""
-    old, new = json.loads(json.dumps(old or {})), json.loads(json.dumps(new))
-    return [s for s in STAGES if any(old.get(k) != new.get(k) for k in STAGE_SETTINGS[s])]
+    keys = _changed_settings(old, new)
+    return [s for s in STAGES if any(k in keys for k in STAGE_SETTINGS[s])]
 
 
 def dependents(name: str) -> list:

@@ -38,27 +38,23 @@ DEFAULT_GUIDANCE = 1.5
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 # ``attention_levels``: resolution levels (0 = full size) whose blocks carry cross-attention transformers.
-# ``hookpoints``: where the SAEs go, by analogy with SD1.5's up_blocks.1.attentions.1 (an up-block
-# transformer at the coarse-but-not-coarsest resolution: 16x16 of a 32x32 image here).
+# (Where the SAEs go is a build setting, ``build.BUILD_DEFAULTS[config]["hookpoints"]``, not a model property.)
 MODEL_CONFIGS = {
     "micro": dict(  # tests only: 16x16 images, seconds to train
         size=16,
         unet=dict(block_out_channels=(16, 32), layers_per_block=1, attention_levels=(1,), cross_attention_dim=32,
                   attention_head_dim=2, norm_num_groups=8),
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
-        hookpoints=("up_blocks.0.attentions.1",)),
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)),
     "cpu": dict(  # ~1.8M parameters: 12000 steps take 2.2-2.6 hours on two CPU cores
         size=32,
         unet=dict(block_out_channels=(32, 64, 64), layers_per_block=1, attention_levels=(1, 2),
                   cross_attention_dim=64, attention_head_dim=4, norm_num_groups=16),
-        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-        hookpoints=("up_blocks.1.attentions.1",)),
+        text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)),
     "gpu": dict(  # 8.3M-parameter UNet (fp16 file 15.8 MiB < 16 MiB): the full-size model, trained on a GPU
         size=32,
         unet=dict(block_out_channels=(64, 96, 128), layers_per_block=2, attention_levels=(1, 2),
                   cross_attention_dim=128, attention_head_dim=4, norm_num_groups=32),
-        text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
-        hookpoints=("up_blocks.1.attentions.1", "up_blocks.1.attentions.2")),
+        text=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)),
 }
 
 
@@ -70,7 +66,7 @@ def model_config(config: Union[str, dict]) -> dict:
         return copy.deepcopy(MODEL_CONFIGS[config])
     if not isinstance(config, dict) or not {"size", "unet", "text"} <= set(config):
         raise ValueError(f"a model config is a name ({', '.join(MODEL_CONFIGS)}) or a dict with keys size, unet, "
-                         f"text (and hookpoints); got {config!r}")
+                         f"text; got {config!r}")
     return copy.deepcopy(config)
 
 

@@ -224,6 +224,8 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
     if resume and (out_dir / STATE_FILE).is_file():
         meta = _load_state(out_dir, named, ema_params, opt)
         old = json.loads(json.dumps(meta.get("hparams", {})))
+        if isinstance(old.get("model"), dict):  # states saved while model configs still named SAE hookpoints
+            old["model"].pop("hookpoints", None)
         now = json.loads(json.dumps(hparams))
         bad = [f"{k}: saved {old.get(k)!r}, now {now[k]!r}" for k in RESUME_KEYS if old.get(k) != now[k]]
         if bad:
