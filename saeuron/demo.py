@@ -80,7 +80,7 @@ def _minicanvas_demo(out: Path, quick: bool) -> dict:
     from .minicanvas import data, defaults
     from .minicanvas.model import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
-    t = _stage("1/3 load the shipped MiniCanvas model, classifiers, SAE and concept file")
+    t = _stage("1/3 load the shipped MiniCanvas model, classifiers, SAEs and concept file")
     pipe = defaults.load_pipeline()
     pipe.set_progress_bar_config(disable=True)
     judges = defaults.load_classifiers()
@@ -104,7 +104,8 @@ def _minicanvas_demo(out: Path, quick: bool) -> dict:
     _stage("2/3 the method at small scale (fresh activations, a briefly trained SAE, feature selection)")
     _small_scale(pipe, prompts, hp, out / "small_scale", steps, quick, DEFAULT_GUIDANCE)
 
-    t = _stage(f"3/3 unlearn with the shipped SAE: style {STYLE_TARGET!r} and object {OBJECT_TARGET!r}")
+    t = _stage(f"3/3 unlearn with the shipped SAEs (each concept at its own block): style {STYLE_TARGET!r} "
+               f"and object {OBJECT_TARGET!r}")
     # the targets, their near neighbours (checker shares stripes' palette; ring/circle/hexagon are alike) and others
     eval_objs = [OBJECT_TARGET, "circle", "ring", "hexagon", "square"][:3 if quick else 5]
     eval_styles = [STYLE_TARGET, "checker", "dots", "gradient", "sketch"][:2 if quick else 5] + [None]
