@@ -285,8 +285,8 @@ def cmd_sweep(a):
     sweep(pipe, _eval_classifiers(a.classifiers, a.device), _eval_checkpoint(a.checkpoint, a.model),
           concepts=a.concepts, domain=a.domain, seeds=a.seeds, rule=a.rule, multipliers=a.multipliers or MULTIPLIERS,
           percentiles=a.percentiles or PERCENTILES, top_ns=a.top_ns or TOP_NS, hookpoints=a.hookpoints,
-          objects=a.objects, styles=_styles(a.styles), num_inference_steps=a.steps, guidance_scale=a.guidance, batch_size=a.batch_size,
-          save_to=a.save_to, resume=not a.no_resume)
+          objects=a.objects, styles=_styles(a.styles), num_inference_steps=a.steps, guidance_scale=a.guidance,
+          batch_size=a.batch_size, save_to=a.save_to, resume=not a.no_resume)
 
 
 def cmd_minicanvas_eval(a):

@@ -208,6 +208,6 @@ def sweep_table(result: dict) -> str:
     for c, r in result.items():
         b = r["best"]
         hps = " + ".join(b.get("hookpoints") or ["(all)"])
-        lines.append(f"| {c} | {hps} | {b['rule']} | {b['value']} | {b['multiplier']:g} | {pct(b['ua'])} | {pct(b['ira'])} "
-                     f"| {pct(b.get('cra'))} | {pct(b['score'])} |")
+        lines.append(f"| {c} | {hps} | {b['rule']} | {b['value']} | {b['multiplier']:g} | {pct(b['ua'])} "
+                     f"| {pct(b['ira'])} | {pct(b.get('cra'))} | {pct(b['score'])} |")
     return "\n".join(lines) + "\n"
