@@ -86,6 +86,24 @@ def _per_concept(values):
     return out
 
 
+def _patch_kwargs(a) -> dict:
+    """The edit options a command was given (``--multiplier``, ``--percentile``, ``--top-n``, ``--threshold``)."""
+    got = (("multiplier", _per_concept(getattr(a, "multiplier", None))),
+           ("percentile", _per_concept(getattr(a, "percentile", None))), ("top_n", getattr(a, "top_n", None)),
+           ("threshold", _per_concept(getattr(a, "threshold", None))))
+    return {k: v for k, v in got if v is not None}
+
+
+def _edit_args(s, top_n: bool = True):
+    """``--multiplier``, ``--percentile``, ``--threshold`` (and ``--top-n``); unset: the concept file's defaults."""
+    s.add_argument("--multiplier", nargs="*", default=None, help="-1 or NAME=-5 ... (default: concept file)")
+    s.add_argument("--percentile", nargs="*", default=None, help="99.99 or NAME=99.999 ...")
+    if top_n:
+        s.add_argument("--top-n", type=int, default=None, help="select the top n features per timestep instead")
+    s.add_argument("--threshold", nargs="*", default=None,
+                   help="factor on the edit threshold tau: 1 (the method's) or NAME=10 ... (default: concept file)")
+
+
 # --------------------------------------------------------------------------- stages
 
 def cmd_hookpoints(a):
@@ -138,7 +156,7 @@ def cmd_generate(a):
         prompts = [p for ps in prompts.values() for p in ps]
     res = generate(pipe, prompts, a.out, concepts=a.concept, checkpoint=a.checkpoint, seeds=a.seeds,
                    num_inference_steps=a.steps, guidance_scale=a.guidance, height=a.height, width=a.width,
-                   multiplier=_per_concept(a.multiplier), percentile=_per_concept(a.percentile), halves=a.halves)
+                   halves=a.halves, **_patch_kwargs(a))
     print(f"grid: {res['grid']}")
 
 
@@ -273,18 +291,20 @@ def cmd_explain(a):
     res = explain(pipe, _eval_checkpoint(a.checkpoint, a.model), a.concept, a.out,
                   prompts=_prompt_list(a.prompts), other_prompts=_prompt_list(a.other_prompts), seeds=a.seeds,
                   hookpoint=a.hookpoint, top_features=a.top_features, top_images=a.top_images,
-                  percentile=a.percentile, top_n=a.top_n, multiplier=a.multiplier, num_inference_steps=a.steps,
+                  percentile=a.percentile, top_n=a.top_n, multiplier=a.multiplier, threshold=a.threshold,
+                  num_inference_steps=a.steps,
                   guidance_scale=a.guidance, batch_size=a.batch_size)
     print(f"explanation: {res['png']} (and {res['html']})")
 
 
 def cmd_sweep(a):
-    from .evaluate.sweep import MULTIPLIERS, PERCENTILES, TOP_NS, sweep
+    from .evaluate.sweep import MULTIPLIERS, PERCENTILES, THRESHOLDS, TOP_NS, sweep
 
     pipe = load_pipeline(a.model, a.device, _dtype(a.dtype))
     sweep(pipe, _eval_classifiers(a.classifiers, a.device), _eval_checkpoint(a.checkpoint, a.model),
           concepts=a.concepts, domain=a.domain, seeds=a.seeds, rule=a.rule, multipliers=a.multipliers or MULTIPLIERS,
           percentiles=a.percentiles or PERCENTILES, top_ns=a.top_ns or TOP_NS, hookpoints=a.hookpoints,
+          thresholds=a.thresholds or THRESHOLDS,
           objects=a.objects, styles=_styles(a.styles), num_inference_steps=a.steps, guidance_scale=a.guidance,
           batch_size=a.batch_size, save_to=a.save_to, resume=not a.no_resume)
 
@@ -294,8 +314,7 @@ def cmd_minicanvas_eval(a):
     from .evaluate.unlearn_eval import evaluate_unlearning
 
     pipe = load_pipeline(a.model, a.device, _dtype(a.dtype))
-    kw = {k: v for k, v in (("multiplier", _per_concept(a.multiplier)), ("percentile", _per_concept(a.percentile)),
-                            ("top_n", a.top_n)) if v is not None}
+    kw = _patch_kwargs(a)
     res = evaluate_unlearning(pipe, _eval_classifiers(a.classifiers, a.device), _eval_checkpoint(a.checkpoint, a.model),
                               targets=a.targets, domain=a.domain, seeds=a.seeds, templates=a.templates,
                               objects=a.objects, styles=_styles(a.styles), num_inference_steps=a.steps,
@@ -338,14 +357,16 @@ def add_explain_parser(sub):
     s.add_argument("--percentile", type=float, default=None, help="default: the concept file's")
     s.add_argument("--top-n", type=int, default=None)
     s.add_argument("--multiplier", type=float, default=None)
+    s.add_argument("--threshold", type=float, default=None,
+                   help="factor on the edit threshold tau (default: concept file)")
     s.set_defaults(fn=cmd_explain)
     return s
 
 
 def add_sweep_parser(sub):
-    """``saeuron sweep``: per-concept hookpoints x rule x multiplier search, stored as the concept file's defaults."""
-    s = sub.add_parser("sweep", help="per-concept hookpoints x percentile/top_n x multiplier search maximising "
-                                     "(UA+IRA)/2")
+    """``saeuron sweep``: per-concept hookpoints x threshold x rule x multiplier search, stored as the defaults."""
+    s = sub.add_parser("sweep", help="per-concept hookpoints x threshold x percentile/top_n x multiplier search "
+                                     "maximising (UA+IRA)/2")
     _eval_model_args(s)
     _grid_args(s, (1, 2))
     s.add_argument("--concepts", nargs="+", default=None, help="default: every concept of the domain")
@@ -356,6 +377,8 @@ def add_sweep_parser(sub):
     s.add_argument("--hookpoints", nargs="+", default=None,
                    help="where to try editing: each a hookpoint or a comma-joined set, e.g. up_blocks.0.attentions.0 "
                         "up_blocks.0.attentions.0,up_blocks.1.attentions.1 (default: one choice, all hookpoints)")
+    s.add_argument("--thresholds", type=float, nargs="+", default=None,
+                   help="factors on the edit threshold tau to try, e.g. 1 10 (default: 1, the method's)")
     s.add_argument("--save-to", default=None, help="folder for the updated concept file (default: --checkpoint)")
     s.set_defaults(fn=cmd_sweep)
     return s
@@ -372,9 +395,7 @@ def add_minicanvas_eval_parser(subparsers):
     s.add_argument("--templates", type=int, nargs="+", default=[0], help="0 = training caption, 1 2 = paraphrases")
     s.add_argument("--multi", type=int, default=None, help="also unlearn the first 1..n targets at once")
     s.add_argument("--out", default="minicanvas_eval")
-    s.add_argument("--multiplier", nargs="*", default=None, help="-1 or NAME=-5 ... (default: concept file)")
-    s.add_argument("--percentile", nargs="*", default=None, help="99.99 or NAME=99.999 ...")
-    s.add_argument("--top-n", type=int, default=None)
+    _edit_args(s)
     s.set_defaults(fn=cmd_minicanvas_eval)
     return s
 
@@ -441,8 +462,7 @@ def cmd_attack(a):
     pipe = load_pipeline(a.model, a.device, _dtype(a.dtype))
     images = load_images(a.target_images, image_size(pipe))
     out = Path(a.out)
-    with patched(pipe, a.concept, _eval_checkpoint(a.checkpoint, a.model), multiplier=_per_concept(a.multiplier),
-                 percentile=_per_concept(a.percentile)):
+    with patched(pipe, a.concept, _eval_checkpoint(a.checkpoint, a.model), **_patch_kwargs(a)):
         res = attack(pipe, a.prompt, images, num_prefix_tokens=a.prefix_tokens, iterations=a.iterations, lr=a.lr,
                      weight_decay=a.weight_decay, seed=a.seed, timesteps=a.timesteps, project=a.project,
                      init_exclude=a.init_exclude, placement=a.placement)
@@ -479,8 +499,7 @@ def add_attack_parser(sub):
     s.add_argument("--seeds", type=int, nargs="+", default=[188, 288, 588, 688, 888])
     s.add_argument("--steps", type=int, default=None, help="denoising steps for the adversarial images (default: the pipeline's)")
     s.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
-    s.add_argument("--multiplier", nargs="*", default=None, help="-1 or NAME=-5 ... (default: concept file)")
-    s.add_argument("--percentile", nargs="*", default=None, help="99.99 or NAME=99.999 ...")
+    _edit_args(s, top_n=False)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default=None)
     s.add_argument("--dtype", default=None)
@@ -490,18 +509,13 @@ def add_attack_parser(sub):
 
 # --------------------------------------------------------------------------- unlearncanvas: the real benchmark, staged
 
-def _uc_patch_kwargs(a) -> dict:
-    return {k: v for k, v in (("multiplier", _per_concept(a.multiplier)), ("percentile", _per_concept(a.percentile)),
-                              ("top_n", a.top_n)) if v is not None}
-
-
 def cmd_unlearncanvas_generate(a):
     """``saeuron unlearncanvas generate``: create/check the run config, then write every missing image."""
     from .evaluate.unlearncanvas import generate_images, init_run
 
     cfg = init_run(a.run, model=a.model, checkpoint=a.checkpoint, labels=a.labels, domain=a.domain,
                    targets=a.targets, seeds=a.seeds, steps=a.steps, guidance=a.guidance, height=a.height,
-                   width=a.width, **_uc_patch_kwargs(a))
+                   width=a.width, **_patch_kwargs(a))
     written = generate_images(a.run, lambda: load_pipeline(cfg["model"], a.device, _dtype(a.dtype)),
                               targets=a.targets, original=a.original, batch_size=a.batch_size, progress=not a.quiet)
     print(f"{sum(written.values())} images written in {Path(a.run) / 'images'} ({len(written)} folders; "
@@ -544,9 +558,7 @@ def add_unlearncanvas_parser(sub):
     s.add_argument("--guidance", type=float, default=None, help="CFG scale (default 9.0)")
     s.add_argument("--height", type=int, default=None)
     s.add_argument("--width", type=int, default=None)
-    s.add_argument("--multiplier", nargs="*", default=None, help="-1 or NAME=-5 ... (default: concept file)")
-    s.add_argument("--percentile", nargs="*", default=None, help="99.99 or NAME=99.999 ...")
-    s.add_argument("--top-n", type=int, default=None)
+    _edit_args(s)
     s.add_argument("--original", action="store_true", help="also the unedited model's images (images/_original)")
     s.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
     s.add_argument("--device", default=None)
@@ -648,8 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", type=int, nargs="+", default=[188, 288, 588, 688, 888])
     s.add_argument("--out", required=True)
     sampling_args(s, steps=50, guidance=7.5)
-    s.add_argument("--multiplier", nargs="*", default=None, help="-1 or NAME=-5 ... (default: concept file)")
-    s.add_argument("--percentile", nargs="*", default=None, help="99.99 or NAME=99.999 ...")
+    _edit_args(s, top_n=False)
     s.add_argument("--halves", default="both", choices=["both", "cond", "uncond"])
     s.set_defaults(fn=cmd_generate)
 

@@ -34,7 +34,7 @@ TENSORS_FILE = "concepts.safetensors"
 JSON_FILE = "concepts.json"
 FORMAT = "saeuron.concepts"
 VERSION = 1
-DEFAULTS = {"multiplier": -1.0, "percentile": 99.99, "top_n": None, "hookpoints": None}
+DEFAULTS = {"multiplier": -1.0, "percentile": 99.99, "top_n": None, "hookpoints": None, "threshold": 1.0}
 EPS = 1e-8
 
 
@@ -50,6 +50,18 @@ def _norm_hp(name: str) -> str:
     return name[len("unet."):] if name.startswith("unet.") else name
 
 
+def _check_threshold(value, where: str) -> float:
+    """``value`` as a float if it is a finite number > 0 (a factor on tau), else a clear error."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if isinstance(value, bool) or not (v > 0 and v != float("inf")):
+        raise ValueError(f"threshold in {where} must be a finite number > 0 (a factor on the edit threshold tau; "
+                         f"1 = the method's), got {value!r}")
+    return v
+
+
 def _per_concept(value, concept):
     """``value`` if it is a scalar or None, else ``value[concept]`` (None when absent)."""
     if isinstance(value, dict):
@@ -62,8 +74,10 @@ class ConceptTable:
 
     ``counts[c]`` is the number of prompts the mean of concept c runs over (the weights of ``mu[~c]``).
     ``defaults[c]`` holds ``multiplier`` (gamma < 0), ``percentile`` and ``top_n`` (top_n wins when set),
-    and ``hookpoints``: where c is edited when ``patch`` is not told (None: every hookpoint of the table;
-    a sweep may pick, e.g., a coarser block for objects than for styles).
+    ``hookpoints``: where c is edited when ``patch`` is not told (None: every hookpoint of the table;
+    a sweep may pick, e.g., a coarser block for objects than for styles), and ``threshold``: a factor on
+    the edit threshold ``tau`` (1 = the method's; larger edits only where a feature fires strongly, which
+    spares other concepts on whose tokens it fires weakly).
     """
 
     def __init__(self, names, counts, timesteps, mu: dict, defaults=None, metadata=None):
@@ -115,6 +129,7 @@ class ConceptTable:
                 if not hps:
                     raise ValueError(f"defaults of {n!r}: hookpoints is empty; give None (every hookpoint) or a list")
                 d["hookpoints"] = [_norm_hp(h) for h in hps]
+            d["threshold"] = _check_threshold(d["threshold"], f"the defaults of {n!r}")
         return out
 
     # -- lookup
@@ -169,6 +184,13 @@ class ConceptTable:
         """Edit thresholds ``tau_t[i]`` ``[T, M]``: the mean over all concepts of ``mu[c, t][i]``."""
         return self.mu[self._hp(hp)].mean(0)
 
+    def threshold(self, concept: str, threshold=None) -> float:
+        """The factor on ``tau`` for ``concept``: ``threshold`` if given, else its default (validated)."""
+        self.index(concept)
+        if threshold is None:
+            return self.defaults[concept]["threshold"]
+        return _check_threshold(threshold, f"the edit of {concept!r}")
+
     def rule(self, concept: str, percentile=None, top_n=None) -> tuple:
         """``("top_n", n)`` or ``("percentile", p)`` for ``concept``: explicit arguments beat its defaults."""
         self.index(concept)
@@ -208,22 +230,24 @@ class ConceptTable:
                 keep &= ok
         return [row.nonzero().flatten() for row in keep]
 
-    def edit_tables(self, hp: str, concepts, multipliers=None, percentiles=None, top_ns=None) -> tuple:
+    def edit_tables(self, hp: str, concepts, multipliers=None, percentiles=None, top_ns=None,
+                    thresholds=None) -> tuple:
         """Per-timestep edit tables for unlearning ``concepts`` at ``hp``: ``(timesteps, feat_idx, tau, scale)``.
 
         ``feat_idx [T, F]`` int64 holds the union of the concepts' selected features at each timestep,
-        ``tau [T, F]`` their thresholds and ``scale [T, F] = multiplier_c * mu[c,t][i]`` (the edit sets
-        ``f_i <- scale * f_i`` where ``f_i > tau``). A feature selected by several concepts keeps the
-        smallest (most negative) scale, i.e. the strongest suppression. Rows are padded to a common F
-        with ``(0, +inf, 1.0)``, which never edits; F is 0 when nothing is selected.
-        ``multipliers``/``percentiles``/``top_ns``: a number for all concepts or a dict per concept;
-        unset values fall back to each concept's defaults.
+        ``tau [T, F] = threshold_c * tau_t[i]`` their thresholds and ``scale [T, F] = multiplier_c * mu[c,t][i]``
+        (the edit sets ``f_i <- scale * f_i`` where ``f_i > tau``). A feature selected by several concepts
+        keeps the smallest (most negative) scale and the smallest threshold, i.e. the strongest
+        suppression. Rows are padded to a common F with ``(0, +inf, 1.0)``, which never edits; F is 0
+        when nothing is selected. ``multipliers``/``percentiles``/``top_ns``/``thresholds``: a number for
+        all concepts or a dict per concept; unset values fall back to each concept's defaults.
         """
         hp = self._hp(hp)
         concepts = [concepts] if isinstance(concepts, str) else list(concepts)
         if not concepts:
             raise ValueError(f"no concepts to unlearn; known: {', '.join(self.names)}")
-        for d, what in ((multipliers, "multipliers"), (percentiles, "percentiles"), (top_ns, "top_ns")):
+        for d, what in ((multipliers, "multipliers"), (percentiles, "percentiles"), (top_ns, "top_ns"),
+                        (thresholds, "thresholds")):
             if isinstance(d, dict):
                 extra = [k for k in d if k not in self.names]
                 if extra:
@@ -232,6 +256,7 @@ class ConceptTable:
         T, M = mu.shape[1:]
         union = torch.zeros(T, M, dtype=torch.bool)
         scale = torch.full((T, M), float("inf"))
+        factor = torch.full((T, M), float("inf"))
         for c in concepts:
             ci = self.index(c)
             mult = _per_concept(multipliers, c)
@@ -241,8 +266,9 @@ class ConceptTable:
             for t, idx in enumerate(sel):
                 mask[t, idx] = True
             scale = torch.where(mask, torch.minimum(scale, mult * mu[ci]), scale)
+            factor = torch.where(mask, factor.clamp(max=self.threshold(c, _per_concept(thresholds, c))), factor)
             union |= mask
-        tau_all = self.tau(hp)
+        tau_all = self.tau(hp) * torch.where(union, factor, torch.ones_like(factor))
         F = int(union.sum(-1).max()) if T else 0
         feat_idx = torch.zeros(T, F, dtype=torch.int64)
         tau = torch.full((T, F), float("inf"))

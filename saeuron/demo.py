@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-STYLE_TARGET, OBJECT_TARGET = "stripes", "star"
+STYLE_TARGET, OBJECT_TARGET = "stripes", "triangle"
 
 
 def _stage(name):

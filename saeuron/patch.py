@@ -10,7 +10,7 @@
   count all work;
 - one forward hook per hooked ``Transformer2DModel``, which applies the edit of method.md section 5
   to the block's output (``ops.edit_``, in place): for every token and selected feature i with
-  ``f_i > tau_t[i]``, ``f_i <- multiplier_c * mu[c,t][i] * f_i``, and
+  ``f_i > threshold_c * tau_t[i]`` (``threshold`` 1 = the method), ``f_i <- multiplier_c * mu[c,t][i] * f_i``, and
   ``out = decode(f') + (x - decode(f)) = x + sum_i (f'_i - f_i) W_dec[i]``.
 
 Each concept is edited at the hookpoints its concept-file defaults name (a sweep may put objects and
@@ -272,7 +272,7 @@ def _load_sae(hp, saes, checkpoint):
 
 
 def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table: Optional[ConceptTable] = None,
-          hookpoints=None, multiplier=None, percentile=None, top_n=None, halves: str = "both",
+          hookpoints=None, multiplier=None, percentile=None, top_n=None, threshold=None, halves: str = "both",
           error_term: str = "correct") -> SaeuronPatch:
     """Unlearn ``concepts`` in ``pipe`` (a diffusers pipeline or a bare UNet) until ``unpatch``.
 
@@ -281,8 +281,9 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
     folder). ``hookpoints``: where every concept is edited; by default each concept is edited at its own
     ``defaults["hookpoints"]`` in the concept file (all hookpoints with statistics unless a sweep chose),
     and a hookpoint that no concept uses gets no hook at all.
-    ``multiplier``/``percentile``/``top_n``: a number for all concepts or a dict per concept; unset ->
-    the concept file's defaults. ``halves``: "both", "cond" or "uncond" (see the module docstring).
+    ``multiplier``/``percentile``/``top_n``/``threshold`` (a factor > 0 on the edit threshold tau, 1 = the
+    method's): a number for all concepts or a dict per concept; unset -> the concept file's defaults.
+    ``halves``: "both", "cond" or "uncond" (see the module docstring).
     ``error_term``: "correct" (``out = x + decode(f') - decode(f)``) or "reference" (the published
     code's ``decode(f') + decode(f) - x``, a compatibility option that shifts every token by twice its
     reconstruction error). Patching again replaces the previous patch.
@@ -330,7 +331,8 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
             raise ValueError(f"the SAE at {hp!r} has {sae.num_latents} latents but the concept file's statistics "
                              f"have {table.num_latents(hp)}: they come from different SAEs")
         loaded[hp] = sae
-        ts, fi, ta, sc = table.edit_tables(hp, [c for c in concepts if hp in where[c]], multiplier, percentile, top_n)
+        ts, fi, ta, sc = table.edit_tables(hp, [c for c in concepts if hp in where[c]], multiplier, percentile, top_n,
+                                           threshold)
         tables[hp] = (fi, ta, sc)
     handle = SaeuronPatch(unet, pipe, loaded, dict(modules), ts, tables, concepts, halves, error_term)
     return handle.install()

@@ -1,5 +1,6 @@
 """The command line: every stage's --help, and the whole data path through `saeuron <stage>`."""
 import json
+import os
 
 import pytest
 
@@ -45,6 +46,26 @@ def test_stages_end_to_end(tmp_path, tiny_pipe, capsys):
           "--prompt", "a cat in photo style", "--seeds", "1", "--steps", "2", "--out", str(tmp_path / "img"),
           "--device", "cpu", "--multiplier", "cat=-3"])
     assert (tmp_path / "img" / "grid.png").is_file()
+    main(["generate", "--model", str(model), "--checkpoint", str(tmp_path / "ckpt"), "--concept", "cat",
+          "--prompt", "a cat in photo style", "--seeds", "1", "--steps", "2", "--out", str(tmp_path / "img2"),
+          "--device", "cpu", "--multiplier", "cat=-3", "--threshold", "1e12"])  # tau x1e12: nothing is edited
+    out = tmp_path / "img2"
+    for name in os.listdir(out / "original"):
+        assert (out / "original" / name).read_bytes() == (out / "unlearned" / name).read_bytes()
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--model", "m", "--checkpoint", "c", "--concept", "cat", "--out", "o"],
+    ["attack", "--model", "m", "--concept", "cat", "--prompt", "p", "--target-images", "t", "--out", "o"],
+    ["unlearncanvas", "generate", "--run", "r"],
+    ["minicanvas", "eval"],
+])
+def test_edit_options_reach_patch(argv):
+    from saeuron.cli import _patch_kwargs
+
+    a = build_parser().parse_args([*argv, "--multiplier", "-2", "--threshold", "cat=10", "dog=3"])
+    assert _patch_kwargs(a) == {"multiplier": -2.0, "threshold": {"cat": 10.0, "dog": 3.0}}
+    assert _patch_kwargs(build_parser().parse_args(argv)) == {}  # unset: the concept file's defaults
 
 
 def test_unknown_dtype_and_missing_model(tmp_path):

@@ -95,6 +95,38 @@ def test_edit_tables_union_padding_most_negative():
         tab.edit_tables(HP, ["a"], multipliers={"zz": -1.0})
 
 
+def test_edit_tables_threshold_scales_tau_per_concept():
+    T, M = 2, 12
+    g = torch.Generator().manual_seed(7)
+    mu = torch.rand(3, T, M, generator=g) * 0.05  # fresh random background
+    mu[0, :, [1, 2]] += 1.0  # a: {1, 2}
+    mu[1, :, [2, 6]] += 2.0  # b: {2, 6}, 2 shared with a
+    tab = ConceptTable(["a", "b", "rest"], [1, 1, 20], [900.0, 1.0], {HP: mu}, defaults={"top_n": 2})
+    base = tab.tau(HP)
+    _, fi, tau1, sc1 = tab.edit_tables(HP, ["a", "b"])
+    assert torch.equal(tau1, torch.gather(base, 1, fi))  # threshold 1 (the default) is the method's tau, exactly
+    _, fi2, tau, sc = tab.edit_tables(HP, ["a", "b"], thresholds={"a": 4.0, "b": 10.0})
+    assert torch.equal(fi2, fi) and torch.equal(sc, sc1)  # only tau changes
+    want = {1: 4.0, 2: 4.0, 6: 10.0}  # a shared feature keeps the smaller factor (the stronger edit)
+    for t in range(T):
+        for j, f in enumerate(fi[t].tolist()):
+            torch.testing.assert_close(tau[t, j], base[t, f] * want[f])
+    _, _, tau_b, _ = tab.edit_tables(HP, "b", thresholds=3.0)  # one number for all
+    torch.testing.assert_close(tau_b, torch.gather(base, 1, tab.edit_tables(HP, "b")[1]) * 3.0)
+    # the concept's default is used when not given, and explicit beats it
+    tab.defaults["b"]["threshold"] = 10.0
+    assert torch.equal(tab.edit_tables(HP, "b")[2], tab.edit_tables(HP, "b", thresholds=10.0)[2])
+    assert torch.equal(tab.edit_tables(HP, "b", thresholds=1.0)[2], tab.edit_tables(HP, "b", thresholds={"b": 1})[2])
+    assert tab.threshold("b") == 10.0 and tab.threshold("b", 2) == 2.0
+    for bad in (0, -1.0, float("nan"), float("inf"), "x", True):
+        with pytest.raises(ValueError, match="threshold .*finite number > 0"):
+            tab.edit_tables(HP, "a", thresholds=bad)
+    with pytest.raises(ValueError, match="threshold in the defaults of 'a'"):
+        ConceptTable(["a", "b"], [1, 1], [1.0], {HP: torch.rand(2, 1, 8)}, defaults={"a": {"threshold": 0}})
+    with pytest.raises(ValueError, match="unknown concept in thresholds"):
+        tab.edit_tables(HP, "a", thresholds={"zz": 2.0})
+
+
 def _make_store(root, sae, *, unequal=False, seed=0):
     """cat prompts carry feature 7's encoder direction; dog and unlabelled prompts are noise."""
     prompts = ["a cat", "the cat", "a dog", "the dog", "a car", "one cat"]
@@ -195,6 +227,16 @@ def test_concept_file_round_trip_and_errors(tmp_path):
         assert torch.equal(back.mu[h], tab.mu[h])
     for a, b in zip(back.edit_tables(HP, ["a", "b"]), tab.edit_tables(HP, ["a", "b"])):
         assert torch.equal(a, b)
+    assert back.defaults["a"]["threshold"] == back.defaults["b"]["threshold"] == 1.0
+    tab.defaults["b"]["threshold"] = 8.0
+    tab.save(tmp_path / "ck")
+    assert load_concepts(tmp_path / "ck").defaults["b"]["threshold"] == 8.0
+    meta = json.loads((tmp_path / "ck" / "concepts.json").read_text())
+    for d in meta["defaults"].values():
+        del d["threshold"]  # a concept file from before thresholds existed
+    (tmp_path / "ck" / "concepts.json").write_text(json.dumps(meta))
+    assert load_concepts(tmp_path / "ck").defaults["b"]["threshold"] == 1.0
+    tab.save(tmp_path / "ck")
 
     with pytest.raises(FileNotFoundError, match="concepts.json"):
         ConceptTable.load(tmp_path / "nothing")
@@ -227,7 +269,8 @@ def test_build_concept_file_from_checkpoint_folder(tmp_path):
     tab = build_concept_file(str(store.root), tmp_path / "ck", top_n=2, multiplier=-2.0, progress=False)
     back = ConceptTable.load(tmp_path / "ck")
     assert back.hookpoints == [HP] and back.names == ["cat", "dog"]
-    assert back.defaults["cat"] == {"multiplier": -2.0, "percentile": 99.99, "top_n": 2, "hookpoints": None}
+    assert back.defaults["cat"] == {"multiplier": -2.0, "percentile": 99.99, "top_n": 2, "hookpoints": None,
+                                    "threshold": 1.0}
     assert torch.equal(back.mu[HP], tab.mu[HP])
     assert [len(x) for x in back.select(HP, "cat")] == [2, 2, 2]  # top_n default wins over percentile
     with pytest.raises(ValueError, match="no SAE"):

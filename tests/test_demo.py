@@ -19,10 +19,10 @@ def test_demo_on_minicanvas_defaults(micro_assets, tmp_path, monkeypatch, capsys
     monkeypatch.setenv("SAEURON_MINICANVAS_ASSETS", str(micro_assets))
     main(["demo", "--out", str(tmp_path / "demo"), "--quick"])
     printed = capsys.readouterr().out
-    for stage in ("1/3", "2/3", "3/3", "collect:", "train:", "select:", "| stripes |", "| star |"):
+    for stage in ("1/3", "2/3", "3/3", "collect:", "train:", "select:", "| stripes |", "| triangle |"):
         assert stage in printed
     grids = sorted(p.name for p in (tmp_path / "demo").glob("unlearn_*/grids/*.png"))
-    assert grids == ["star.png", "stripes.png"]
+    assert grids == ["stripes.png", "triangle.png"]
     assert "UA" in (tmp_path / "demo" / "metrics.md").read_text()
     assert (tmp_path / "demo" / "small_scale" / "checkpoint" / "concepts.json").is_file()
     # rerun into the same folder after the sampling default changed: starts the small-scale stages over

@@ -11,7 +11,7 @@ from saeuron.evaluate.explain import explain
 from saeuron.evaluate.metrics import (Record, frechet_distance, frechet_distance_gaussians, target_metrics,
                                       unlearning_metrics)
 from saeuron.evaluate.sweep import choose_rule, sweep, sweep_table
-from saeuron.evaluate.unlearn_eval import build_jobs, evaluate_unlearning
+from saeuron.evaluate.unlearn_eval import build_jobs, edit_signature, evaluate_unlearning
 from saeuron.minicanvas import build_classifier, data
 from saeuron.patch import get_patch
 
@@ -214,8 +214,9 @@ def test_sweep_picks_best_and_writes_defaults(tmp_path):
     best = {"stripes": (4, -10.0), "checker": (1, -1.0)}
     calls = []
 
-    def scorer(concept, rule, value, multiplier, hookpoints):
+    def scorer(concept, rule, value, multiplier, hookpoints, threshold):
         calls.append((concept, rule, value, multiplier, hookpoints))
+        assert threshold == 1.0  # default: the method's tau only
         hit = best.get(concept) == (value, multiplier)
         return {"ua": 0.9 if hit else 0.5, "ira": 0.8 if hit else 0.5, "cra": 0.7}
 
@@ -224,8 +225,10 @@ def test_sweep_picks_best_and_writes_defaults(tmp_path):
     assert res["stripes"]["best"]["value"] == 4 and res["stripes"]["best"]["multiplier"] == -10.0
     assert res["stripes"]["best"]["score"] == pytest.approx(0.85)
     loaded = ConceptTable.load(tmp_path)
-    assert loaded.defaults["stripes"] == {"multiplier": -10.0, "percentile": None, "top_n": 4, "hookpoints": [UP]}
-    assert loaded.defaults["checker"] == {"multiplier": -1.0, "percentile": None, "top_n": 1, "hookpoints": [UP]}
+    assert loaded.defaults["stripes"] == {"multiplier": -10.0, "percentile": None, "top_n": 4, "hookpoints": [UP],
+                                          "threshold": 1.0}
+    assert loaded.defaults["checker"] == {"multiplier": -1.0, "percentile": None, "top_n": 1, "hookpoints": [UP],
+                                          "threshold": 1.0}
     assert loaded.defaults["dots"]["top_n"] == 16  # not swept: unchanged
     assert len(loaded.metadata["sweep"]["stripes"]["grid"]) == 28
     assert loaded.select(UP, "stripes")[0].numel() <= 4  # the stored default is what selection now uses
@@ -250,7 +253,7 @@ def test_sweep_over_hookpoint_choices_sets_where_each_concept_is_edited(tmp_path
     best = {"stripes": (UP,), "circle": (DOWN,)}
     seen = []
 
-    def scorer(concept, rule, value, multiplier, hookpoints):
+    def scorer(concept, rule, value, multiplier, hookpoints, threshold):
         seen.append(hookpoints)
         hit = best[concept] == hookpoints and multiplier == -5.0
         return {"ua": 1.0 if hit else 0.5, "ira": 1.0 if hit else 0.5}
@@ -261,20 +264,52 @@ def test_sweep_over_hookpoint_choices_sets_where_each_concept_is_edited(tmp_path
     assert res["circle"]["best"]["hookpoints"] == [DOWN] and res["stripes"]["best"]["hookpoints"] == [UP]
     loaded = ConceptTable.load(tmp_path)
     assert loaded.concept_hookpoints("circle") == [DOWN] and loaded.concept_hookpoints("stripes") == [UP]
-    assert "| circle | " + DOWN + " | top_n" in sweep_table(res)
+    assert "| circle | " + DOWN + " | 1 | top_n" in sweep_table(res)
     with pytest.raises(ValueError, match="unknown hookpoint.*did you mean"):
         sweep(checkpoint=tmp_path, scorer=scorer, hookpoints=["up_blocks.1.attentions.9"], progress=False)
     with pytest.raises(ValueError, match="empty hookpoint choice"):
         sweep(checkpoint=tmp_path, scorer=scorer, hookpoints=[","], progress=False)
 
 
+def test_sweep_over_thresholds_stores_each_concepts_factor(tmp_path):
+    table = _table(["stripes", "circle"])
+    table.save(tmp_path)
+    seen = []
+
+    def scorer(concept, rule, value, multiplier, hookpoints, threshold):
+        seen.append((threshold, value, multiplier))
+        hit = threshold == (10.0 if concept == "circle" else 1.0) and multiplier == -20.0
+        return {"ua": 1.0 if hit else 0.5, "ira": 0.9 if hit else 0.5}
+
+    res = sweep(checkpoint=tmp_path, concepts=["stripes", "circle"], scorer=scorer, top_ns=(2, 8),
+                multipliers=(-5.0, -20.0), thresholds=(1, 10), progress=False)
+    assert seen[:8] == [(1.0, 2, -5.0), (1.0, 2, -20.0), (1.0, 8, -5.0), (1.0, 8, -20.0),
+                        (10.0, 2, -5.0), (10.0, 2, -20.0), (10.0, 8, -5.0), (10.0, 8, -20.0)]  # thresholds, then values
+    assert res["circle"]["best"]["threshold"] == 10.0 and res["stripes"]["best"]["threshold"] == 1.0
+    loaded = ConceptTable.load(tmp_path)
+    assert loaded.threshold("circle") == 10.0 and loaded.threshold("stripes") == 1.0
+    assert loaded.defaults["circle"]["multiplier"] == -20.0
+    assert "| circle | " + UP + " | 10 | top_n | 2 | -20 |" in sweep_table(res)
+    assert edit_signature(loaded, ["circle"], {})["concepts"]["circle"]["threshold"] == 10.0  # cache keys see it
+    assert edit_signature(loaded, ["circle"], {"threshold": {"circle": 3}})["concepts"]["circle"]["threshold"] == 3.0
+    seen.clear()
+    sweep(checkpoint=tmp_path, concepts=["stripes", "circle"], scorer=scorer, top_ns=(2, 8),
+          multipliers=(-5.0, -20.0), thresholds=(1, 10), progress=False)
+    assert seen == []  # resumed
+    for bad in ((), (0,), (-1.0,)):
+        with pytest.raises(ValueError, match="threshold"):
+            sweep(checkpoint=tmp_path, scorer=scorer, thresholds=bad, progress=False)
+
+
 def test_sweep_default_scorer_on_tiny_pipeline(mc_pipe):
     table = _table(["stripes", "checker"])
     res = sweep(mc_pipe, _classifiers(), saes={UP: make_sae(32, 128, 4, seed=1)}, table=table, concepts="stripes",
-                seeds=(1,), multipliers=(-1.0, -5.0), top_ns=(1,), objects=["circle"], styles=["stripes", "checker"],
-                num_inference_steps=2, guidance_scale=5.0, progress=False)
+                seeds=(1,), multipliers=(-1.0, -5.0), top_ns=(1,), thresholds=(1.0, 1e12), objects=["circle"],
+                styles=["stripes", "checker"], num_inference_steps=2, guidance_scale=5.0, progress=False)
     grid = res["stripes"]["grid"]
-    assert [(r["value"], r["multiplier"]) for r in grid] == [(1, -1.0), (1, -5.0)]
+    assert [(r["threshold"], r["value"], r["multiplier"]) for r in grid] == [
+        (1.0, 1, -1.0), (1.0, 1, -5.0), (1e12, 1, -1.0), (1e12, 1, -5.0)]
+    assert (grid[2]["ua"], grid[2]["ira"]) == (grid[3]["ua"], grid[3]["ira"])  # tau x1e12 edits nothing
     assert all(r["ua"] in (0.0, 1.0) and r["ira"] in (0.0, 1.0) for r in grid)  # one target and one other image
     assert table.defaults["stripes"]["top_n"] == 1 and get_patch(mc_pipe) is None
 
@@ -329,13 +364,18 @@ def test_cli_explain_sweep_and_minicanvas_eval(mc_pipe, tmp_path, capsys):
           "--top-images", "1"])
     assert (tmp_path / "ex" / "explain_stripes.png").is_file() and "explanation:" in capsys.readouterr().out
     main(["sweep", *common, "--classifiers", str(clf), "--concepts", "checker", "--seeds", "3", "--objects", "circle",
-          "--styles", "stripes", "checker", "--multipliers", "-2", "--top-ns", "2", "--hookpoints", f"unet.{UP}"])
-    assert f"| checker | {UP} | top_n | 2 | -2 |" in capsys.readouterr().out
+          "--styles", "stripes", "checker", "--multipliers", "-2", "--top-ns", "2", "--hookpoints", f"unet.{UP}",
+          "--thresholds", "4"])
+    assert f"| checker | {UP} | 4 | top_n | 2 | -2 |" in capsys.readouterr().out
     assert ConceptTable.load(ckpt).defaults["checker"] == {"multiplier": -2.0, "percentile": None, "top_n": 2,
-                                                           "hookpoints": [UP]}
+                                                           "hookpoints": [UP], "threshold": 4.0}
 
     main(["minicanvas", "eval", *common, "--classifiers", str(clf), "--targets", "checker", "--seeds", "188",
-          "--objects", "circle", "--styles", "checker", "unstyled", "--out", str(tmp_path / "ev")])
+          "--objects", "circle", "--styles", "checker", "unstyled", "--out", str(tmp_path / "ev"),
+          "--threshold", "checker=2"])
     res = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert res["config"]["patch"] == {"threshold": {"checker": 2.0}}
+    run = json.loads((tmp_path / "ev" / "runs" / "checker.json").read_text())
+    assert run["config"]["edit"]["concepts"]["checker"]["threshold"] == 2.0  # the cache key holds the factor
     assert res["per_target"]["checker"]["n_target"] == 1 and res["per_target"]["checker"]["n_rest"] == 1
     assert res["config"]["targets"] == ["checker"] and "| checker |" in capsys.readouterr().out

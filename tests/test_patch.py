@@ -134,6 +134,29 @@ def test_each_concept_is_edited_at_its_own_hookpoints(pipe, tmp_path):
     assert ConceptTable.load(tmp_path).defaults == table.defaults
 
 
+def test_threshold_factor_on_tau(pipe):
+    saes, table = _saes(), _table()
+    base = _run(pipe)
+    h = patch(pipe, "cat", saes=saes, table=table)
+    edited = _run(pipe)
+    assert (edited - base).abs().max() > 1e-3
+    patch(pipe, "cat", saes=saes, table=table, threshold=1.0)
+    assert torch.equal(_run(pipe), edited)  # factor 1 is the method's tau exactly
+    h3 = patch(pipe, "cat", saes=saes, table=table, threshold={"cat": 3.0})
+    finite = torch.isfinite(h.tables[UP][1])
+    torch.testing.assert_close(h3.tables[UP][1][finite], h.tables[UP][1][finite] * 3.0)
+    assert torch.equal(h3.tables[UP][0], h.tables[UP][0]) and torch.equal(h3.tables[UP][2], h.tables[UP][2])
+    patch(pipe, "cat", saes=saes, table=table, threshold=1e12)  # above any activation: nothing is edited
+    torch.testing.assert_close(_run(pipe), base, rtol=1e-6, atol=1e-6)
+    table.defaults["cat"]["threshold"] = 1e12  # the concept file's default is used when not given ...
+    patch(pipe, "cat", saes=saes, table=table)
+    torch.testing.assert_close(_run(pipe), base, rtol=1e-6, atol=1e-6)
+    patch(pipe, "cat", saes=saes, table=table, threshold=1)  # ... and an explicit value beats it
+    assert torch.equal(_run(pipe), edited)
+    with pytest.raises(ValueError, match="threshold in the edit of 'cat' must be a finite number > 0"):
+        patch(pipe, "cat", saes=saes, table=table, threshold=-2)
+
+
 def test_no_cfg_and_other_schedulers(pipe):
     from diffusers import EulerDiscreteScheduler, PNDMScheduler
 

@@ -14,7 +14,7 @@ from ..sae import SparseAutoencoder, available_hookpoint_dirs, resolve_hookpoint
 EVAL_SEEDS = (188, 288, 588, 688, 888)  # the UnlearnCanvas evaluation seeds (method.md section 6)
 
 
-PATCH_KEYS = ("multiplier", "percentile", "top_n", "hookpoints", "halves", "error_term")
+PATCH_KEYS = ("multiplier", "percentile", "top_n", "threshold", "hookpoints", "halves", "error_term")
 
 
 def check_patch_kwargs(kwargs: dict, exclude=()) -> dict:

@@ -168,15 +168,15 @@ def _bars(labels: list, values: list, width: int = 520):
 
 def explain(pipe, checkpoint=None, concept: Optional[str] = None, out_dir=".", *, saes=None, table=None, prompts=None,
             other_prompts=None, seeds=(0,), hookpoint: Optional[str] = None, top_features: int = 8,
-            top_images: int = 4, percentile=None, top_n=None, multiplier=None,
+            top_images: int = 4, percentile=None, top_n=None, multiplier=None, threshold=None,
             num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None, batch_size: int = 8,
             max_rows: int = 24, progress: bool = True) -> dict:
     """Write ``out_dir/explain_<concept>.png`` (+ ``index.html``, per-feature PNGs, JSON) explaining ``concept``'s features.
 
     ``prompts``/``other_prompts`` default to MiniCanvas captions with and without the concept.
     ``hookpoint`` defaults to the concept's first own hookpoint (concept file defaults) that has an SAE.
-    ``percentile``/``top_n``/``multiplier`` override the concept file's defaults. Returns the paths and the
-    numbers shown.
+    ``percentile``/``top_n``/``multiplier``/``threshold`` override the concept file's defaults. Returns the
+    paths and the numbers shown.
     """
     if concept is None:
         raise ValueError("explain needs concept=NAME")
@@ -230,7 +230,7 @@ def explain(pipe, checkpoint=None, concept: Optional[str] = None, out_dir=".", *
             maps = torch.zeros(len(jobs), 0, 1, 1)
         # (c) per-feature edit effect on the concept's images
         c_prompts, c_seeds, orig = [j[0] for j in jobs[:n_c]], [j[1] for j in jobs[:n_c]], images[:n_c]
-        ts, fi, ta, sc = table.edit_tables(hp, [concept], multiplier, percentile, top_n)
+        ts, fi, ta, sc = table.edit_tables(hp, [concept], multiplier, percentile, top_n, threshold)
         effects = []
         for f in top:
             keep = fi == f
@@ -243,7 +243,7 @@ def explain(pipe, checkpoint=None, concept: Optional[str] = None, out_dir=".", *
                 one.remove()
             effects.append(float((edited - orig).abs().mean()))
         with patched(pipe, concept, saes={hp: sae}, table=table, hookpoints=[hp], multiplier=multiplier,
-                     percentile=percentile, top_n=top_n):
+                     percentile=percentile, top_n=top_n, threshold=threshold):
             effect_all = float((sample_images(pipe, c_prompts, c_seeds, bar=bar, **sampling) - orig).abs().mean())
     finally:
         bar.close()

@@ -1,4 +1,4 @@
-"""Per-concept sweep: hookpoints x selection rule (percentile or top_n) x multiplier, maximising (UA + IRA) / 2.
+"""Per-concept sweep: hookpoints x threshold x rule (percentile or top_n) x multiplier, maximising (UA + IRA) / 2.
 
 The sweep scores every grid point on *tuning* seeds disjoint from the evaluation seeds (method.md
 section 4: "a per-class sweep over percentile {99.99, 99.995, 99.999} x multiplier {-1, -5, ..., -30},
@@ -6,9 +6,10 @@ maximising (UA + IRA)/2"), then writes each concept's best point into the concep
 defaults (``table.defaults[c]``) and the whole grid into ``table.metadata["sweep"][c]``, so a later
 ``patch``/evaluation uses them without arguments. ``hookpoints`` lists where to try editing: each
 choice is one hookpoint or a set of them (default: one choice, every hookpoint of the concept file), so
-objects and styles may each end up at the block that carries them. Ties keep the first grid point in
-grid order (hookpoint choices, then rule values, then multipliers in the order given: mildest first by
-default).
+objects and styles may each end up at the block that carries them. ``thresholds`` lists factors on the
+edit threshold tau (default: 1, the method's alone); a larger one edits only where a feature fires
+strongly. Ties keep the first grid point in grid order (hookpoint choices, thresholds, rule values,
+then multipliers, each in the order given: mildest first by default).
 
 Small dictionaries: a percentile of a few thousand scores selects at most one feature whatever the
 percentile, so ``rule="auto"`` sweeps ``top_n`` {1, 2, 4, 8} unless the percentile grid can select
@@ -21,7 +22,7 @@ from typing import Callable, Optional
 
 from tqdm.auto import tqdm
 
-from ..concepts import ConceptTable
+from ..concepts import ConceptTable, _check_threshold
 from ..patch import patched
 from .common import EVAL_SEEDS, check_patch_kwargs, judge, resolve_assets, sample_images
 from .metrics import DOMAINS, Record, target_metrics
@@ -29,6 +30,7 @@ from .metrics import DOMAINS, Record, target_metrics
 MULTIPLIERS = (-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
 PERCENTILES = (99.99, 99.995, 99.999)
 TOP_NS = (1, 2, 4, 8)
+THRESHOLDS = (1.0,)
 TUNING_SEEDS = (1, 2)
 RULES = ("auto", "percentile", "top_n")
 
@@ -62,8 +64,9 @@ def hookpoint_choices(table, hookpoints=None) -> list:
 
 
 def grid_points(rule: str, multipliers=MULTIPLIERS, percentiles=PERCENTILES, top_ns=TOP_NS,
-                hookpoints=(None,)) -> list:
-    """``[(rule, value, multiplier, hookpoints)]`` in sweep order (hookpoint choices, rule values, multipliers)."""
+                hookpoints=(None,), thresholds=THRESHOLDS) -> list:
+    """``[(rule, value, multiplier, hookpoints, threshold)]`` in sweep order (hookpoint choices, thresholds,
+    rule values, multipliers)."""
     if rule not in ("percentile", "top_n"):
         raise ValueError(f"rule must be 'percentile' or 'top_n' here, got {rule!r}")
     values = percentiles if rule == "percentile" else top_ns
@@ -72,30 +75,34 @@ def grid_points(rule: str, multipliers=MULTIPLIERS, percentiles=PERCENTILES, top
     for m in multipliers:
         if not (isinstance(m, (int, float)) and math.isfinite(m)):
             raise ValueError(f"multipliers must be finite numbers (gamma < 0 suppresses), got {m!r}")
-    return [(rule, float(v) if rule == "percentile" else int(v), float(m), h)
-            for h in hookpoints for v in values for m in multipliers]
+    if not thresholds:
+        raise ValueError("empty sweep grid: no thresholds (give 1 for the method's tau)")
+    thresholds = [_check_threshold(t, "the sweep's thresholds") for t in thresholds]
+    return [(rule, float(v) if rule == "percentile" else int(v), float(m), h, t)
+            for h in hookpoints for t in thresholds for v in values for m in multipliers]
 
 
 def make_scorer(pipe, classifiers, saes, table, *, domain: str, seeds=TUNING_SEEDS, objects=None, styles=None,
                 templates=(0,), num_inference_steps=None, guidance_scale=None, batch_size: int = 16,
                 progress: bool = False, **patch_kwargs) -> Callable:
-    """A ``scorer(concept, rule, value, multiplier, hookpoints) -> {"ua", "ira", "cra", ...}`` that generates
-    on ``seeds``, editing at ``hookpoints`` (a tuple of names).
+    """A ``scorer(concept, rule, value, multiplier, hookpoints, threshold) -> {"ua", "ira", "cra", ...}`` that
+    generates on ``seeds``, editing at ``hookpoints`` (a tuple of names) with ``threshold`` times tau.
 
-    Grid points that select exactly the same features with the same multiplier are scored once.
+    Grid points that select exactly the same features with the same multiplier and threshold are scored once.
     """
     from .unlearn_eval import build_jobs
 
     jobs = build_jobs(objects, styles, seeds, templates)
     memo: dict = {}
 
-    def scorer(concept, rule, value, multiplier, hookpoints):
+    def scorer(concept, rule, value, multiplier, hookpoints, threshold=1.0):
         sel = {"percentile": value} if rule == "percentile" else {"top_n": value}
-        key = (concept, float(multiplier), tuple((h, tuple(tuple(t.tolist()) for t in table.select(h, concept, **sel)))
-                                                  for h in sorted(hookpoints)))
+        key = (concept, float(multiplier), float(threshold),
+               tuple((h, tuple(tuple(t.tolist()) for t in table.select(h, concept, **sel)))
+                     for h in sorted(hookpoints)))
         if key not in memo:
             with patched(pipe, concept, saes=saes, table=table, multiplier=multiplier, hookpoints=list(hookpoints),
-                         **sel, **patch_kwargs):
+                         threshold=threshold, **sel, **patch_kwargs):
                 bar = tqdm(total=len(jobs), unit="img", desc=f"{concept} {rule}={value} x{multiplier}",
                            disable=not progress, leave=False)
                 try:
@@ -115,15 +122,18 @@ def make_scorer(pipe, classifiers, saes, table, *, domain: str, seeds=TUNING_SEE
 
 def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None, concepts=None,
           domain: str = "style", seeds=TUNING_SEEDS, eval_seeds=EVAL_SEEDS, rule: str = "auto",
-          multipliers=MULTIPLIERS, percentiles=PERCENTILES, top_ns=TOP_NS, hookpoints=None, objects=None, styles=None,
+          multipliers=MULTIPLIERS, percentiles=PERCENTILES, top_ns=TOP_NS, hookpoints=None, thresholds=THRESHOLDS,
+          objects=None, styles=None,
           templates=(0,), num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
           batch_size: int = 16, scorer: Optional[Callable] = None, save_to=None, resume: bool = True,
           progress: bool = True, **patch_kwargs) -> dict:
-    """Pick each concept's best (hookpoints, rule value, multiplier) by (UA + IRA) / 2 and store it as its default.
+    """Pick each concept's best (hookpoints, threshold, rule value, multiplier) by (UA + IRA) / 2 and store it as
+    its default.
 
     ``hookpoints``: the choices of where to edit (see :func:`hookpoint_choices`; default: every hookpoint).
-    ``scorer(concept, rule, value, multiplier, hookpoints) -> {"ua", "ira", ...}`` replaces generation (tests,
-    custom protocols); otherwise ``pipe`` and ``classifiers`` generate on ``seeds``, which must not
+    ``thresholds``: factors on the edit threshold tau to try (default: 1 only, the method's).
+    ``scorer(concept, rule, value, multiplier, hookpoints, threshold) -> {"ua", "ira", ...}`` replaces generation
+    (tests, custom protocols); otherwise ``pipe`` and ``classifiers`` generate on ``seeds``, which must not
     overlap ``eval_seeds``. ``concepts`` default to the concept file's MiniCanvas concepts of ``domain``.
     The concept file is saved to ``save_to`` (default: ``checkpoint``) after every concept, and with
     ``resume`` a concept whose stored sweep used the same grid and seeds is skipped.
@@ -135,7 +145,7 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
         raise ValueError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; valid: {', '.join(RULES)}")
-    check_patch_kwargs(patch_kwargs, exclude=("multiplier", "percentile", "top_n", "hookpoints"))  # what is swept
+    check_patch_kwargs(patch_kwargs, exclude=("multiplier", "percentile", "top_n", "hookpoints", "threshold"))  # swept
     seeds = [int(s) for s in seeds]
     overlap = sorted(set(seeds) & {int(s) for s in eval_seeds})
     if not seeds or overlap:
@@ -160,10 +170,10 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
     for c in concepts:
         table.index(c)
     kind = choose_rule(table, percentiles) if rule == "auto" else rule
-    points = grid_points(kind, multipliers, percentiles, top_ns, hookpoint_choices(table, hookpoints))
-    spec = {"rule": kind, "seeds": seeds, "domain": domain,
-            "grid": [[r, v, m, list(h)] for r, v, m, h in points]}
-    several_hps = len({h for *_, h in points}) > 1
+    points = grid_points(kind, multipliers, percentiles, top_ns, hookpoint_choices(table, hookpoints), thresholds)
+    spec = {"rule": kind, "seeds": seeds, "domain": domain,  # tau x1 points keep the spec of sweeps before thresholds
+            "grid": [[r, v, m, list(h)] + ([t] if t != 1 else []) for r, v, m, h, t in points]}
+    several_hps = len({p[3] for p in points}) > 1
     save_to = save_to if save_to is not None else checkpoint
     stored = table.metadata.setdefault("sweep", {})
     out = {}
@@ -175,12 +185,13 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
             bar.update(len(points))
             continue
         rows, best = [], None
-        for r, v, m, h in points:
-            bar.set_postfix_str(f"{c} {'+'.join(h) + ' ' if several_hps else ''}{r}={v} x{m}")
-            s = scorer(c, r, v, m, h)
+        for r, v, m, h, t in points:
+            bar.set_postfix_str(f"{c} {'+'.join(h) + ' ' if several_hps else ''}{f'tau x{t:g} ' if t != 1 else ''}"
+                                f"{r}={v} x{m}")
+            s = scorer(c, r, v, m, h, t)
             ua, ira = s.get("ua"), s.get("ira")
             score = None if ua is None or ira is None else (ua + ira) / 2
-            rows.append({"hookpoints": list(h), "rule": r, "value": v, "multiplier": m,
+            rows.append({"hookpoints": list(h), "threshold": t, "rule": r, "value": v, "multiplier": m,
                          **{k: s.get(k) for k in ("ua", "ira", "cra")}, "score": score})
             if score is not None and (best is None or score > best["score"]):
                 best = rows[-1]
@@ -191,7 +202,7 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
         table.defaults[c] = {"multiplier": best["multiplier"],
                              "percentile": best["value"] if best["rule"] == "percentile" else None,
                              "top_n": best["value"] if best["rule"] == "top_n" else None,
-                             "hookpoints": list(best["hookpoints"])}
+                             "hookpoints": list(best["hookpoints"]), "threshold": best["threshold"]}
         stored[c] = out[c] = {"best": best, "grid": rows, "spec": spec}
         if save_to is not None:
             table.save(save_to)
@@ -204,10 +215,11 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
 def sweep_table(result: dict) -> str:
     """The best point of every concept as a markdown table (percents)."""
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    lines = ["| concept | hookpoints | rule | value | multiplier | UA | IRA | CRA | (UA+IRA)/2 |", "|---" * 9 + "|"]
+    lines = ["| concept | hookpoints | threshold | rule | value | multiplier | UA | IRA | CRA | (UA+IRA)/2 |",
+             "|---" * 10 + "|"]
     for c, r in result.items():
         b = r["best"]
         hps = " + ".join(b.get("hookpoints") or ["(all)"])
-        lines.append(f"| {c} | {hps} | {b['rule']} | {b['value']} | {b['multiplier']:g} | {pct(b['ua'])} "
-                     f"| {pct(b['ira'])} | {pct(b.get('cra'))} | {pct(b['score'])} |")
+        lines.append(f"| {c} | {hps} | {b.get('threshold', 1.0):g} | {b['rule']} | {b['value']} | {b['multiplier']:g} "
+                     f"| {pct(b['ua'])} | {pct(b['ira'])} | {pct(b.get('cra'))} | {pct(b['score'])} |")
     return "\n".join(lines) + "\n"

@@ -87,8 +87,10 @@ def edit_signature(table, concepts, patch_kwargs: dict) -> dict:
         hps = table.concept_hookpoints(c) if hps is None else [hps] if isinstance(hps, str) else list(hps)
         out[c] = {"rule": kind, "value": val,
                   "multiplier": float(table.defaults[c]["multiplier"] if mult is None else mult),
-                  "hookpoints": sorted(normalize_hookpoint(h) for h in hps)}
-    rest = {k: v for k, v in patch_kwargs.items() if k not in ("percentile", "top_n", "multiplier", "hookpoints")}
+                  "hookpoints": sorted(normalize_hookpoint(h) for h in hps),
+                  "threshold": table.threshold(c, pick(patch_kwargs.get("threshold"), c))}
+    rest = {k: v for k, v in patch_kwargs.items()
+            if k not in ("percentile", "top_n", "multiplier", "hookpoints", "threshold")}
     return {"concepts": out, "patch": _norm(rest)}
 
 
@@ -287,7 +289,7 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
     training form, 1-2 paraphrases). ``multi``: also unlearn several targets at once: an int n (the
     first 1..n targets) or a list of target lists. ``num_inference_steps``/``guidance_scale``: None
     keeps the pipeline's defaults. ``patch_kwargs`` go to :func:`saeuron.patch.patch` (multiplier,
-    percentile, top_n, halves, error_term). ``progress`` shows bars and prints the markdown table.
+    percentile, top_n, threshold, halves, error_term). ``progress`` shows bars and prints the markdown table.
 
     Returns ``{"config", "baseline": {"object_acc", "style_acc", "images", "per_run", "mean"},
     "per_target": {target: metrics}, "mean": metrics, "multi": {run: metrics}, "table", "files"}`` (and

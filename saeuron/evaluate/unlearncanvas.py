@@ -144,7 +144,7 @@ def init_run(run, *, model=None, checkpoint=None, labels=None, domain: Optional[
     guidance 9.0 and domain "style" (check them against the numbers you compare with). ``labels``: a label
     JSON path or a dict from :func:`load_labels`. ``targets`` default to every label of ``domain`` that the concept file
     knows. On an existing run every given setting must equal the stored one (images must share them);
-    given targets not yet in the run are appended. ``patch_kwargs``: multiplier, percentile, top_n.
+    given targets not yet in the run are appended. ``patch_kwargs``: multiplier, percentile, top_n, threshold.
     """
     check_patch_kwargs(patch_kwargs, exclude=("hookpoints", "halves", "error_term"))
     run = Path(run)
