@@ -333,7 +333,13 @@ def test_explain_writes_png_and_html(tiny_pipe, tmp_path):
     html = (tmp_path / "index.html").read_text()
     assert "explain_cat.png" in html and all(Image.open(p).size[0] > 0 for p in res["feature_pngs"])
     assert json.loads((tmp_path / "explain_cat.json").read_text())["concept"] == "cat"
+    assert res["threshold"] == 1.0  # the concept file's default (the method's tau)
     assert get_patch(tiny_pipe) is None
+    high = explain(tiny_pipe, None, "cat", tmp_path / "high", saes={UP: make_sae(32, 128, 4, seed=1)}, table=table,
+                   prompts=["a cat"], other_prompts=["a dog"], seeds=(0,), top_features=1, top_images=1,
+                   num_inference_steps=2, guidance_scale=5.0, threshold=1e12, progress=False)
+    assert high["threshold"] == 1e12  # above any activation: the edit changes nothing (up to batching round-off)
+    assert high["effect_all"] < 1e-5 and high["features"][0]["effect"] < 1e-5 < res["effect_all"] / 100
     with pytest.raises(ValueError, match="not a MiniCanvas object or style"):
         explain(tiny_pipe, None, "dog", tmp_path, saes={UP: make_sae(32, 128, 4, seed=1)}, table=table)
 

@@ -254,9 +254,10 @@ def explain(pipe, checkpoint=None, concept: Optional[str] = None, out_dir=".", *
     out = Path(out_dir)
     name = slug(concept)
     rule = table.rule(concept, percentile, top_n)
+    thr = table.threshold(concept, threshold)
     width = 700
-    title = _text_image([f"explain: {concept} at {hp} ({rule[0]} {rule[1]:g}): {len(union)} features selected "
-                         f"over {T} timesteps; top {len(top)} shown"], width, 14)
+    title = _text_image([f"explain: {concept} at {hp} ({rule[0]} {rule[1]:g}, edit where f > {thr:g} x tau): "
+                         f"{len(union)} features selected over {T} timesteps; top {len(top)} shown"], width, 14)
     panels = [title, _text_image(["(a) selected features per timestep"], width), _heat_strip(
         scores, selected, rank[:max_rows], table.timesteps)]
     panels.append(_text_image(["(b) top-activating images per feature (C = concept prompt, O = other); "
@@ -281,7 +282,8 @@ def explain(pipe, checkpoint=None, concept: Optional[str] = None, out_dir=".", *
     panels.append(_text_image(["(c) mean |pixel change| on the concept's images when editing each feature alone"], width))
     panels.append(_bars([f"f{f}" for f in top] + ["all selected"], effects + [effect_all]))
     png = save_png(_stack(panels), out / f"explain_{name}.png")
-    result = {"concept": concept, "hookpoint": hp, "rule": list(rule), "num_selected": len(union), "timesteps": T,
+    result = {"concept": concept, "hookpoint": hp, "rule": list(rule), "threshold": thr, "num_selected": len(union),
+              "timesteps": T,
               "features": info, "effect_all": effect_all, "png": str(png), "feature_pngs": feature_files,
               "json": str(out / f"explain_{name}.json"), "html": str(out / "index.html")}
     atomic_write_json(result, out / f"explain_{name}.json")
