@@ -50,7 +50,7 @@ def _norm_hp(name: str) -> str:
     return name[len("unet."):] if name.startswith("unet.") else name
 
 
-def _check_threshold(value, where: str) -> float:
+def check_threshold(value, where: str) -> float:
     """``value`` as a float if it is a finite number > 0 (a factor on tau), else a clear error."""
     try:
         v = float(value)
@@ -129,7 +129,7 @@ class ConceptTable:
                 if not hps:
                     raise ValueError(f"defaults of {n!r}: hookpoints is empty; give None (every hookpoint) or a list")
                 d["hookpoints"] = [_norm_hp(h) for h in hps]
-            d["threshold"] = _check_threshold(d["threshold"], f"the defaults of {n!r}")
+            d["threshold"] = check_threshold(d["threshold"], f"the defaults of {n!r}")
         return out
 
     # -- lookup
@@ -189,7 +189,7 @@ class ConceptTable:
         self.index(concept)
         if threshold is None:
             return self.defaults[concept]["threshold"]
-        return _check_threshold(threshold, f"the edit of {concept!r}")
+        return check_threshold(threshold, f"the edit of {concept!r}")
 
     def rule(self, concept: str, percentile=None, top_n=None) -> tuple:
         """``("top_n", n)`` or ``("percentile", p)`` for ``concept``: explicit arguments beat its defaults."""

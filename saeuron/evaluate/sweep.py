@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 from tqdm.auto import tqdm
 
-from ..concepts import ConceptTable, _check_threshold
+from ..concepts import ConceptTable, check_threshold
 from ..patch import patched
 from .common import EVAL_SEEDS, check_patch_kwargs, judge, resolve_assets, sample_images
 from .metrics import DOMAINS, Record, target_metrics
@@ -77,7 +77,7 @@ def grid_points(rule: str, multipliers=MULTIPLIERS, percentiles=PERCENTILES, top
             raise ValueError(f"multipliers must be finite numbers (gamma < 0 suppresses), got {m!r}")
     if not thresholds:
         raise ValueError("empty sweep grid: no thresholds (give 1 for the method's tau)")
-    thresholds = [_check_threshold(t, "the sweep's thresholds") for t in thresholds]
+    thresholds = [check_threshold(t, "the sweep's thresholds") for t in thresholds]
     return [(rule, float(v) if rule == "percentile" else int(v), float(m), h, t)
             for h in hookpoints for t in thresholds for v in values for m in multipliers]
 
