@@ -118,7 +118,7 @@ def _minicanvas_demo(out: Path, quick: bool) -> dict:
     tables = "\n\n".join(f"### unlearning the {d} {t!r}\n\n{markdown_table(results[d])}"
                          for d, t in (("style", STYLE_TARGET), ("object", OBJECT_TARGET)))
     (out / "metrics.md").write_text(tables + "\n")
-    grids = sorted(str(p) for p in out.glob("unlearn_*/grids/*.png"))
+    grids = [results[d]["per_target"][t]["grid"] for d, t in (("style", STYLE_TARGET), ("object", OBJECT_TARGET))]
     print("\n" + tables)
     print(f"\nDone in {time.time() - t:.0f}s.\nGrids (original | unlearned):\n  " + "\n  ".join(grids)
           + f"\nMetrics: {out / 'metrics.md'}")

@@ -149,3 +149,24 @@ def test_cli_compare(micro, tmp_path, monkeypatch, capsys):
         cfg = json.loads((tmp_path / "atk" / "runs" / who / "object_ring.json").read_text())["config"]["attack"]
         assert cfg["placement"] == "suffix" and cfg["prompts"] == 1 and cfg["iterations"] == 1
         assert {"circle", "ring", "stripes", "neon"} <= set(cfg["init_exclude"])  # the prefix starts from no concept
+
+
+@pytest.mark.parametrize("before, after, note", [
+    (0.83, 0.83, "does not drop (changes by +0.0 points)"),  # float noise must not print as -0.0
+    (0.79, 0.82, "does not drop (changes by +3.0 points)"),
+    (0.90, 0.80, "drops by 10.0 points"),
+    (0.80, 0.80 - 1e-12, "does not drop (changes by +0.0 points)"),  # nor as a 0.0-point drop
+])
+def test_markdown_attack_note(before, after, note):
+    from saeuron.evaluate.compare import markdown, summarise
+
+    run = {"metrics": {"ua": 1.0, "ira": 1.0, "cra": 1.0},
+           "attack": {"ua_before": before, "ua_after": after}, "edit": None}
+    runs = {"saeuron": {"style": {"stripes": run}}}
+    result = {"summary": summarise(runs, ["saeuron"]), "per_target": runs,
+              "unedited": {"summary": {}, "per_target": {}},
+              "config": {"style_targets": ["stripes"], "object_targets": [], "num_images_per_run": 1, "seeds": [188],
+                         "num_inference_steps": 2, "guidance_scale": 1.5, "attack": False}}
+    md = markdown(result)
+    assert f"SAeUron's UA {note} under the attack" in md
+    assert ("FAIL" in md) == (100 * (before - after) > 5)

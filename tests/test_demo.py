@@ -17,12 +17,16 @@ def micro_assets(tmp_path_factory):
 
 def test_demo_on_minicanvas_defaults(micro_assets, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SAEURON_MINICANVAS_ASSETS", str(micro_assets))
+    stale = tmp_path / "demo" / "unlearn_object" / "grids" / "star.png"  # an earlier demo's target
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
     main(["demo", "--out", str(tmp_path / "demo"), "--quick"])
     printed = capsys.readouterr().out
     for stage in ("1/3", "2/3", "3/3", "collect:", "train:", "select:", "| stripes |", "| triangle |"):
         assert stage in printed
-    grids = sorted(p.name for p in (tmp_path / "demo").glob("unlearn_*/grids/*.png"))
-    assert grids == ["stripes.png", "triangle.png"]
+    listed = printed.split("Grids (original | unlearned):\n")[1].split("\nMetrics:")[0].split()
+    assert [Path(p).name for p in listed] == ["stripes.png", "triangle.png"]  # this run's grids only
+    assert all(Path(p).is_file() and Path(p).stat().st_size > 100 for p in listed)
     assert "UA" in (tmp_path / "demo" / "metrics.md").read_text()
     assert (tmp_path / "demo" / "small_scale" / "checkpoint" / "concepts.json").is_file()
     # rerun into the same folder after the sampling default changed: starts the small-scale stages over

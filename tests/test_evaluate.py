@@ -236,6 +236,13 @@ def test_sweep_picks_best_and_writes_defaults(tmp_path):
     calls.clear()
     sweep(checkpoint=tmp_path, concepts=["stripes", "checker"], scorer=scorer, progress=False)
     assert calls == []  # same grid and seeds: resumed from the concept file
+    sweep(checkpoint=tmp_path, concepts=["stripes"], scorer=scorer, styles=["stripes", None], progress=False)
+    assert len(calls) == 28  # other prompts scored: not resumed
+    assert loaded.metadata["sweep"]["stripes"]["spec"]["prompts"]["styles"] is None
+    assert ConceptTable.load(tmp_path).metadata["sweep"]["stripes"]["spec"]["prompts"]["styles"] == ["stripes", None]
+    calls.clear()
+    sweep(checkpoint=tmp_path, concepts=["stripes"], scorer=scorer, styles=("stripes", None), progress=False)
+    assert calls == []  # the same prompts again (a tuple reads back as the stored list): resumed
     tie = sweep(table=_table(["stripes"]), scorer=lambda *a: {"ua": 0.5, "ira": 0.5}, rule="percentile",
                 multipliers=(-1, -5), progress=False)
     assert (tie["stripes"]["best"]["value"], tie["stripes"]["best"]["multiplier"]) == (99.99, -1.0)  # ties: first

@@ -265,8 +265,8 @@ def markdown(result: dict) -> str:
     s = result["summary"].get("saeuron", {})
     if s.get("attack_drop_points") is not None:
         ok = s["attack_drop_points"] <= ATTACK_BAR
-        d = s["attack_drop_points"]
-        how = f"drops by {d:.1f} points" if d > 0 else f"does not drop (changes by {-d:+.1f} points)"
+        d = round(s["attack_drop_points"], 1)  # so float noise reads as 0.0, never "-0.0" or "drops by 0.0"
+        how = f"drops by {d:.1f} points" if d > 0 else f"does not drop (changes by {0.0 - d:+.1f} points)"
         notes.append(f"SAeUron's UA {how} under the attack (bar: a drop of at most {ATTACK_BAR:g}): "
                      f"{'PASS' if ok else 'FAIL'}.")
     detail = ["| method | domain | target | UA | IRA | CRA | UA before attack | UA after attack | time (s) "

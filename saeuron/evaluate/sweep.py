@@ -26,6 +26,7 @@ from ..concepts import ConceptTable, check_threshold
 from ..patch import patched
 from .common import EVAL_SEEDS, check_patch_kwargs, judge, resolve_assets, sample_images
 from .metrics import DOMAINS, Record, target_metrics
+from .unlearn_eval import _norm, build_jobs
 
 MULTIPLIERS = (-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
 PERCENTILES = (99.99, 99.995, 99.999)
@@ -90,8 +91,6 @@ def make_scorer(pipe, classifiers, saes, table, *, domain: str, seeds=TUNING_SEE
 
     Grid points that select exactly the same features with the same multiplier and threshold are scored once.
     """
-    from .unlearn_eval import build_jobs
-
     jobs = build_jobs(objects, styles, seeds, templates)
     memo: dict = {}
 
@@ -136,7 +135,8 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
     (tests, custom protocols); otherwise ``pipe`` and ``classifiers`` generate on ``seeds``, which must not
     overlap ``eval_seeds``. ``concepts`` default to the concept file's MiniCanvas concepts of ``domain``.
     The concept file is saved to ``save_to`` (default: ``checkpoint``) after every concept, and with
-    ``resume`` a concept whose stored sweep used the same grid and seeds is skipped.
+    ``resume`` a concept whose stored sweep used the same grid, seeds, prompts (objects, styles, templates),
+    sampling and patch options is skipped.
     Returns ``{concept: {"best": {...}, "grid": [...]}}``.
     """
     from ..minicanvas import data
@@ -172,7 +172,9 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
     kind = choose_rule(table, percentiles) if rule == "auto" else rule
     points = grid_points(kind, multipliers, percentiles, top_ns, hookpoint_choices(table, hookpoints), thresholds)
     spec = {"rule": kind, "seeds": seeds, "domain": domain,  # tau x1 points keep the spec of sweeps before thresholds
-            "grid": [[r, v, m, list(h)] + ([t] if t != 1 else []) for r, v, m, h, t in points]}
+            "grid": [[r, v, m, list(h)] + ([t] if t != 1 else []) for r, v, m, h, t in points],
+            "prompts": _norm({"objects": objects, "styles": styles, "templates": templates,  # what was scored
+                              "steps": num_inference_steps, "guidance": guidance_scale, "patch": patch_kwargs})}
     several_hps = len({p[3] for p in points}) > 1
     save_to = save_to if save_to is not None else checkpoint
     stored = table.metadata.setdefault("sweep", {})
