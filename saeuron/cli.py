@@ -366,7 +366,7 @@ def add_explain_parser(sub):
 def add_sweep_parser(sub):
     """``saeuron sweep``: per-concept hookpoints x threshold x rule x multiplier search, stored as the defaults."""
     s = sub.add_parser("sweep", help="per-concept hookpoints x threshold x percentile/top_n x multiplier search "
-                                     "maximising (UA+IRA)/2")
+                                     "maximising (UA+IRA)/2; points already scored the same way are reused")
     _eval_model_args(s)
     _grid_args(s, (1, 2))
     s.add_argument("--concepts", nargs="+", default=None, help="default: every concept of the domain")

@@ -250,6 +250,52 @@ def test_sweep_picks_best_and_writes_defaults(tmp_path):
         sweep(checkpoint=tmp_path, scorer=scorer, seeds=(1, 188), progress=False)
 
 
+def test_sweep_reuses_scored_points_and_resumes_an_interrupted_concept(tmp_path):
+    _table(["stripes", "checker"]).save(tmp_path)
+    calls = []
+
+    def scorer(concept, rule, value, multiplier, hookpoints, threshold):
+        calls.append((concept, value, multiplier, threshold))
+        if len(calls) == stop_after:
+            raise KeyboardInterrupt  # the sweep killed in the middle of a concept
+        good = (value, multiplier, threshold) == (2, -5.0, 10.0)
+        return {"ua": 1.0 if good else 0.1 * value, "ira": 0.9 if good else 0.5}
+
+    stop_after = 3
+    with pytest.raises(KeyboardInterrupt):
+        sweep(checkpoint=tmp_path, concepts=["stripes"], scorer=scorer, top_ns=(1, 2), multipliers=(-1.0, -5.0),
+              progress=False)
+    partial = ConceptTable.load(tmp_path).metadata["sweep"]["stripes"]
+    assert partial["partial"] and len(partial["grid"]) == 2  # the two finished points were saved
+    assert ConceptTable.load(tmp_path).defaults["stripes"]["top_n"] == 16  # defaults change only when it finishes
+    calls.clear()
+    stop_after = None
+    res = sweep(checkpoint=tmp_path, concepts=["stripes"], scorer=scorer, top_ns=(1, 2), multipliers=(-1.0, -5.0),
+                progress=False)
+    assert calls == [("stripes", 2, -1.0, 1.0), ("stripes", 2, -5.0, 1.0)]  # resumed at the third point
+    assert (res["stripes"]["best"]["value"], res["stripes"]["best"]["multiplier"]) == (2, -1.0)
+    assert "partial" not in ConceptTable.load(tmp_path).metadata["sweep"]["stripes"]
+
+    calls.clear()  # a wider grid (another threshold, another top-n) scores only its new points
+    res = sweep(checkpoint=tmp_path, concepts=["stripes"], scorer=scorer, top_ns=(1, 2, 4), multipliers=(-1.0, -5.0),
+                thresholds=(1, 10), progress=False)
+    assert len(calls) == 12 - 4 and ("stripes", 1, -1.0, 1.0) not in calls
+    assert [r["threshold"] for r in res["stripes"]["grid"]] == [1.0] * 6 + [10.0] * 6  # grid order kept
+    best = res["stripes"]["best"]
+    assert (best["value"], best["multiplier"], best["threshold"]) == (2, -5.0, 10.0)
+    assert ConceptTable.load(tmp_path).defaults["stripes"]["threshold"] == 10.0
+    calls.clear()  # a narrower grid: its best among its own points, nothing rescored
+    res = sweep(checkpoint=tmp_path, concepts=["stripes"], scorer=scorer, top_ns=(4,), multipliers=(-1.0,),
+                progress=False)
+    assert calls == [] and res["stripes"]["best"]["value"] == 4 and len(res["stripes"]["grid"]) == 1
+    sweep(checkpoint=tmp_path, concepts=["stripes"], scorer=scorer, seeds=(2,), top_ns=(4,), multipliers=(-1.0,),
+          progress=False)
+    assert calls == [("stripes", 4, -1.0, 1.0)]  # other seeds: scored again
+    calls.clear()
+    sweep(checkpoint=tmp_path, concepts=["stripes"], scorer=scorer, seeds=(2,), top_ns=(4,), multipliers=(-1.0,),
+          resume=False, progress=False)
+    assert len(calls) == 1  # resume=False rescores
+
 def test_sweep_over_hookpoint_choices_sets_where_each_concept_is_edited(tmp_path):
     table = _table(["stripes", "circle"])
     g = torch.Generator().manual_seed(3)

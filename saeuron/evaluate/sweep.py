@@ -134,9 +134,10 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
     ``scorer(concept, rule, value, multiplier, hookpoints, threshold) -> {"ua", "ira", ...}`` replaces generation
     (tests, custom protocols); otherwise ``pipe`` and ``classifiers`` generate on ``seeds``, which must not
     overlap ``eval_seeds``. ``concepts`` default to the concept file's MiniCanvas concepts of ``domain``.
-    The concept file is saved to ``save_to`` (default: ``checkpoint``) after every concept, and with
-    ``resume`` a concept whose stored sweep used the same grid, seeds, prompts (objects, styles, templates),
-    sampling and patch options is skipped.
+    The concept file is saved to ``save_to`` (default: ``checkpoint``) after every scored point. With ``resume``,
+    points the concept file already holds for the same seeds, prompts (objects, styles, templates), sampling and
+    patch options are reused, not rescored: an interrupted sweep goes on where it stopped, and a wider grid
+    scores only its new points. A concept's best is chosen among the points of this grid.
     Returns ``{concept: {"best": {...}, "grid": [...]}}``.
     """
     from ..minicanvas import data
@@ -181,22 +182,31 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
     out = {}
     bar = tqdm(total=len(concepts) * len(points), desc="sweep", unit="point", disable=not progress)
     for c in concepts:
-        prev = stored.get(c)
-        if resume and isinstance(prev, dict) and prev.get("spec") == spec:
-            out[c] = prev
-            bar.update(len(points))
-            continue
+        prev = stored.get(c) if resume else None
+        known = {}  # points already scored on the same seeds, prompts and sampling: reused, not rescored
+        if isinstance(prev, dict) and _same_scoring(prev.get("spec"), spec):
+            known = {_point_key(r): r for r in prev.get("grid") or []}
         rows, best = [], None
         for r, v, m, h, t in points:
-            bar.set_postfix_str(f"{c} {'+'.join(h) + ' ' if several_hps else ''}{f'tau x{t:g} ' if t != 1 else ''}"
-                                f"{r}={v} x{m}")
-            s = scorer(c, r, v, m, h, t)
-            ua, ira = s.get("ua"), s.get("ira")
-            score = None if ua is None or ira is None else (ua + ira) / 2
-            rows.append({"hookpoints": list(h), "threshold": t, "rule": r, "value": v, "multiplier": m,
-                         **{k: s.get(k) for k in ("ua", "ira", "cra")}, "score": score})
-            if score is not None and (best is None or score > best["score"]):
-                best = rows[-1]
+            row = known.get(_point_key({"hookpoints": h, "threshold": t, "rule": r, "value": v, "multiplier": m}))
+            if row is None:
+                bar.set_postfix_str(f"{c} {'+'.join(h) + ' ' if several_hps else ''}"
+                                    f"{f'tau x{t:g} ' if t != 1 else ''}{r}={v} x{m}")
+                s = scorer(c, r, v, m, h, t)
+                ua, ira = s.get("ua"), s.get("ira")
+                row = {"hookpoints": list(h), "threshold": t, "rule": r, "value": v, "multiplier": m,
+                       **{k: s.get(k) for k in ("ua", "ira", "cra")},
+                       "score": None if ua is None or ira is None else (ua + ira) / 2}
+                known[_point_key(row)] = row
+                if save_to is not None:  # an interrupted sweep resumes at the next point
+                    stored[c] = {**(prev if isinstance(prev, dict) else {}), "spec": {**spec, "grid": None},
+                                 "grid": list(known.values()), "partial": True}
+                    table.save(save_to)
+            else:
+                row = {"threshold": 1.0, **row}  # rows stored before thresholds were swept edited at tau x1
+            rows.append(row)
+            if row["score"] is not None and (best is None or row["score"] > best["score"]):
+                best = row
             bar.update()
         if best is None:
             raise ValueError(f"the sweep of {c!r} produced no score: UA or IRA is undefined (no target or no "
@@ -212,6 +222,18 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
     if progress:
         print(sweep_table(out))
     return out
+
+
+def _same_scoring(a, b) -> bool:
+    """Whether two sweep specs scored points the same way (seeds, domain, rule, prompts, sampling), grids aside."""
+    strip = lambda spec: {k: v for k, v in spec.items() if k != "grid"}  # noqa: E731
+    return isinstance(a, dict) and strip(a) == strip(b)
+
+
+def _point_key(row) -> tuple:
+    """A grid point's identity: (hookpoints, threshold, rule, value, multiplier), numbers as floats."""
+    return (tuple(sorted(row["hookpoints"])), float(row.get("threshold", 1.0)), row["rule"], float(row["value"]),
+            float(row["multiplier"]))
 
 
 def sweep_table(result: dict) -> str:
