@@ -180,7 +180,7 @@ def cmd_minicanvas_train(a):
     train_model(a.out, a.config, steps=a.steps, batch_size=a.batch_size, lr=a.lr, lr_decay=a.lr_decay, seed=a.seed,
                 device=a.device, resume=not a.no_resume, cfg_dropout=a.cfg_dropout, ema=not a.no_ema,
                 save_every=a.save_every, pool_size=a.pool_size, amp=a.amp, compile=a.compile, num_threads=a.threads,
-                save_dtype=_dtype("fp16") if a.fp16 else None)
+                save_dtype=_dtype("fp16") if a.fp16 else None, compact_state=a.compact_state, time_limit=a.time_limit)
     print(f"pipeline in {Path(a.out) / 'pipeline'}; training state in {a.out} (rerun to resume or extend --steps)")
 
 
@@ -230,6 +230,11 @@ def add_minicanvas_parser(sub):
     s.add_argument("--fp16", action="store_true", help="save the final pipeline in fp16")
     s.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop after this many seconds of training, state saved (run again to go on)")
+    s.add_argument("--compact-state", action="store_true",
+                   help="save the training state in bf16 without AdamW moments (1/4 of the size, to carry between "
+                        "machines; resumes approximately)")
     s.set_defaults(fn=cmd_minicanvas_train)
 
     s = mcs.add_parser("build", help="produce every shipped default (classifiers, model, gates, SAE, concept file)")

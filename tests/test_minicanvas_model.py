@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from conftest import make_sae
 from saeuron.collect import collect
@@ -15,7 +16,8 @@ from saeuron.minicanvas import data
 from saeuron.minicanvas.build import BUILD_DEFAULTS
 from saeuron.minicanvas.model import (MODEL_CONFIGS, MiniCanvasPipeline, build_pipeline, load_pipeline,
                                       num_parameters, save_pipeline)
-from saeuron.minicanvas.train_model import STATE_FILE, read_metrics, train_model, train_seconds
+from saeuron.minicanvas.train_model import (STATE_FILE, STATE_JSON, _state_files, read_metrics, train_model,
+                                            train_seconds)
 from saeuron.patch import get_patch, patch, unpatch
 
 HP = BUILD_DEFAULTS["micro"]["hookpoints"][0]  # up_blocks.0.attentions.1: 32 channels at 8x8
@@ -176,7 +178,8 @@ def test_train_lowers_loss_and_resumes_exactly(tmp_path):
     assert len(loss) == 24 and all(map(torch.isfinite, torch.tensor(loss)))
     assert sum(loss[-6:]) / 6 < 0.85 * sum(loss[:6]) / 6, loss
     train_model(tmp_path / "cut", steps=10, **kw)  # "killed" after 10 steps (last checkpoint: step 10)
-    with safe_open(str(tmp_path / "cut" / STATE_FILE), "pt") as f:
+    (state_file,) = _state_files(tmp_path / "cut")  # the micro model's state fits in one file
+    with safe_open(str(state_file), "pt") as f:
         assert json.loads(f.metadata()["state"])["step"] == 10
         assert any(k.endswith("exp_avg_sq") for k in f.keys()) and any(k.startswith("ema.") for k in f.keys())
     resumed = train_model(tmp_path / "cut", steps=24, **kw)
@@ -198,6 +201,62 @@ def test_train_lowers_loss_and_resumes_exactly(tmp_path):
     with pytest.raises(ValueError, match="steps must be an int >= 1"):
         train_model(tmp_path / "bad", config="micro", steps=0)
 
+
+def _params(pipe):
+    return [p.detach().clone() for p in list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())]
+
+
+def test_state_shards_time_limit_and_compact_state(tmp_path, capsys):
+    kw = dict(config="micro", batch_size=4, progress=False, save_every=100, log_every=2)
+    full = _params(train_model(tmp_path / "full", steps=6, **kw))
+    # a run stopped by its time limit after every step, in shards of at most 0.05 MiB, goes on exactly
+    assert train_model(tmp_path / "cut", steps=6, shard_mib=0.05, time_limit=1e-9, **kw) is None
+    assert "stopped at step 1 of 6" in capsys.readouterr().out
+    files = _state_files(tmp_path / "cut")
+    meta = json.loads((tmp_path / "cut" / STATE_JSON).read_text())
+    assert len(files) > 3 and meta["step"] == 1 and [f.name for f in files] == meta["files"]
+    biggest = max(t.numel() * t.element_size() for f in files for t in load_file(f).values())
+    assert all(f.stat().st_size <= max(0.05 * 2 ** 20, biggest) + 4096 for f in files)  # + the file header
+    while (out := train_model(tmp_path / "cut", steps=6, shard_mib=0.05, time_limit=1e-9, **kw)) is None:
+        assert sorted(tmp_path.joinpath("cut").glob("train_state*.safetensors")) == \
+            sorted(_state_files(tmp_path / "cut"))  # each save replaced the files of the one before
+    for a, b in zip(full, _params(out)):
+        assert torch.equal(a, b)
+    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [1, 2, 3, 4, 5, 6]  # every stop logged its step
+
+    # a state of shards from two saves (a crash between writes cannot make one, a hand copy can) is refused
+    other, second = tmp_path / "other", tmp_path / "second"
+    for d in (other, second):
+        train_model(d, steps=2, shard_mib=0.05, **kw)
+    _state_files(other)[0].write_bytes(_state_files(second)[0].read_bytes())
+    with pytest.raises(ValueError, match="corrupt training state.*different saves"):
+        train_model(other, steps=4, shard_mib=0.05, **kw)
+
+    # compact: a quarter of the bytes (bf16 weights and EMA, no moments); resumes with a warning, approximately
+    train_model(tmp_path / "compact", steps=3, compact_state=True, **kw)
+    size = lambda d: sum(f.stat().st_size for f in _state_files(d))  # noqa: E731
+    train_model(tmp_path / "exact", steps=3, **kw)
+    assert size(tmp_path / "compact") < 0.3 * size(tmp_path / "exact")
+    with safe_open(str(_state_files(tmp_path / "compact")[0]), "pt") as f:
+        assert not any(k.startswith("adam.") for k in f.keys())
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    with pytest.warns(UserWarning, match="compact state.*step 3"):
+        approx = _params(train_model(tmp_path / "compact", steps=6, compact_state=True, **kw))
+    assert all(torch.isfinite(p).all() for p in approx)
+    assert max((a - b).abs().max().item() for a, b in zip(full, approx)) < 0.1  # the same run, to bf16 and Adam's restart
+
+    # a state saved before shards (one train_state.safetensors, no file list) still resumes exactly
+    legacy = tmp_path / "legacy"
+    train_model(legacy, steps=3, **kw)
+    (only,) = _state_files(legacy)
+    only.rename(legacy / STATE_FILE)
+    (legacy / STATE_JSON).write_text(json.dumps({k: v for k, v in json.loads((legacy / STATE_JSON).read_text()).items()
+                                                 if k != "files"}))
+    for a, b in zip(full, _params(train_model(legacy, steps=6, **kw))):
+        assert torch.equal(a, b)
+    assert [p.name for p in legacy.glob("train_state*.safetensors")] == [_state_files(legacy)[0].name]
+    with pytest.raises(ValueError, match="time_limit"):
+        train_model(tmp_path / "bad", config="micro", steps=2, time_limit=0, progress=False)
 
 def test_lr_warmup_constant_then_linear_decay(tmp_path):
     train_model(tmp_path / "run", config="micro", steps=12, batch_size=4, lr=1e-3, warmup=2, lr_decay=0.5,
@@ -308,7 +367,7 @@ def test_cli_minicanvas_train(tmp_path):
 
     main(["minicanvas", "train", "--out", str(tmp_path), "--config", "micro", "--steps", "3", "--batch-size", "4",
           "--fp16", "--threads", "1"])
-    assert (tmp_path / "pipeline" / "model_index.json").is_file() and (tmp_path / STATE_FILE).is_file()
+    assert (tmp_path / "pipeline" / "model_index.json").is_file() and _state_files(tmp_path)
     with safe_open(str(tmp_path / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert f.get_slice(next(iter(f.keys()))).get_dtype() == "F16"
     with pytest.raises(SystemExit):

@@ -14,15 +14,23 @@ begun when it stopped.
 All randomness of step ``s`` comes from generators seeded by ``(seed, s)``, so a run resumed from a
 checkpoint continues exactly like an uninterrupted one. ``out_dir`` holds::
 
-    train_state.safetensors   weights, EMA weights and AdamW moments (tensors) + step and settings (metadata)
-    train_state.json          a readable copy of the metadata
+    train_state-*.safetensors weights, EMA weights and AdamW moments (tensors) + step and settings (metadata),
+                              in shards of at most ``shard_mib`` MiB each (a GPU machine returns files of 16 MiB)
+    train_state.json          the step and settings, and which shard files make up the state
     metrics.jsonl             loss, learning rate and speed every ``log_every`` steps
     pipeline/                 the final MiniCanvasPipeline (save_pretrained; EMA weights)
+
+A ``compact`` state stores the weights and EMA weights in bf16 without the AdamW moments (a quarter of the
+size): small enough to carry between machines, and resumed approximately (rounded weights, fresh moments).
+``time_limit`` stops a run cleanly (state saved, nothing lost) after that many seconds of training, so a
+run split over time-limited calls goes on where each one stopped.
 """
 from __future__ import annotations
 
 import json
 import time
+import uuid
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -35,8 +43,9 @@ from ..utils import atomic_save_file, atomic_write_json
 from . import data
 from .model import build_pipeline, model_config, save_pipeline
 
-STATE_FILE = "train_state.safetensors"
+STATE_FILE = "train_state.safetensors"  # the single state file of runs saved before shards (still read)
 STATE_JSON = "train_state.json"
+SHARD_MIB = 15.0
 METRICS_FILE = "metrics.jsonl"
 PIPELINE_DIR = "pipeline"
 FORMAT = "saeuron-minicanvas-train-state"
@@ -89,39 +98,75 @@ class _Pool:
 
 # ---------------------------------------------------------------- state
 
-def _save_state(out_dir: Path, named: dict, ema: Optional[list], opt, meta: dict) -> None:
-    tensors = {f"model.{n}": p.detach().cpu() for n, p in named.items()}
+def _save_state(out_dir: Path, named: dict, ema: Optional[list], opt, meta: dict, *, compact: bool = False,
+                shard_mib: float = SHARD_MIB) -> None:
+    """Write the state as new shard files, then ``train_state.json`` naming them, then delete the old files:
+    a crash at any point leaves one complete state."""
+    low = (lambda t: t.to(torch.bfloat16)) if compact else (lambda t: t)  # noqa: E731
+    tensors = {f"model.{n}": low(p.detach().cpu()) for n, p in named.items()}
     if ema is not None:
-        tensors.update({f"ema.{n}": e.detach().cpu() for n, e in zip(named, ema)})
-    for n, p in named.items():
-        for key, v in opt.state.get(p, {}).items():
-            tensors[f"adam.{n}.{key}"] = torch.as_tensor(v).detach().cpu()
-    atomic_save_file(tensors, out_dir / STATE_FILE, metadata={"format": FORMAT, "state": json.dumps(meta)})
-    atomic_write_json(meta, out_dir / STATE_JSON)
+        tensors.update({f"ema.{n}": low(e.detach().cpu()) for n, e in zip(named, ema)})
+    if not compact:
+        for n, p in named.items():
+            for key, v in opt.state.get(p, {}).items():
+                tensors[f"adam.{n}.{key}"] = torch.as_tensor(v).detach().cpu()
+    shards, size = [{}], 0
+    for k, v in tensors.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > shard_mib * 2 ** 20:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    meta = {**meta, "compact": compact, "write_id": uuid.uuid4().hex[:12]}
+    files = [f"train_state-{meta['write_id']}-{i + 1:03d}-of-{len(shards):03d}.safetensors"
+             for i in range(len(shards))]
+    for name, part in zip(files, shards):
+        atomic_save_file(part, out_dir / name, metadata={"format": FORMAT, "state": json.dumps(meta)})
+    atomic_write_json({**meta, "files": files}, out_dir / STATE_JSON)
+    for old in out_dir.glob("train_state*.safetensors"):
+        if old.name not in files:
+            old.unlink()
+
+
+def _state_files(out_dir: Path) -> list:
+    """The files of the saved state (``train_state.json``'s list, or the lone ``train_state.safetensors`` of a
+    run saved before shards); [] when there is none."""
+    try:
+        files = json.loads((out_dir / STATE_JSON).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        files = None
+    if files:
+        return [out_dir / f for f in files]
+    return [out_dir / STATE_FILE] if (out_dir / STATE_FILE).is_file() else []
 
 
 def _load_state(out_dir: Path, named: dict, ema: Optional[list], opt) -> dict:
     from safetensors import safe_open
 
-    path = out_dir / STATE_FILE
+    tensors, metas = {}, []
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            md = f.metadata() or {}
-            if md.get("format") != FORMAT:
-                raise ValueError(f"format {md.get('format')!r}, expected {FORMAT!r}")
-            meta = json.loads(md["state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for path in _state_files(out_dir):
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                md = f.metadata() or {}
+                if md.get("format") != FORMAT:
+                    raise ValueError(f"{path.name}: format {md.get('format')!r}, expected {FORMAT!r}")
+                metas.append(json.loads(md["state"]))
+                tensors.update({k: f.get_tensor(k) for k in f.keys()})
+        if len({m.get("write_id") for m in metas}) != 1:
+            raise ValueError("no state file, or shards of different saves")
     except Exception as e:
-        raise ValueError(f"corrupt training state {path} ({type(e).__name__}: {e}); delete it or pass "
-                         f"resume=False") from None
+        raise ValueError(f"corrupt training state in {out_dir} ({type(e).__name__}: {e}); delete its train_state "
+                         f"files or pass resume=False") from None
+    meta = metas[0]
     missing = [n for n in named if f"model.{n}" not in tensors] + \
               ([n for n in named if f"ema.{n}" not in tensors] if ema is not None else [])
     if missing:
-        raise ValueError(f"training state {path} lacks {len(missing)} tensors (e.g. {missing[:3]}): it was "
+        raise ValueError(f"training state in {out_dir} lacks {len(missing)} tensors (e.g. {missing[:3]}): it was "
                          f"written for another model; delete it or pass resume=False")
     with torch.no_grad():
         for i, (n, p) in enumerate(named.items()):
-            p.copy_(tensors[f"model.{n}"])
+            p.copy_(tensors[f"model.{n}"])  # a compact state's bf16 is cast back up
             if ema is not None:
                 ema[i].copy_(tensors[f"ema.{n}"])
     state = {}
@@ -157,8 +202,10 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
                 ema: bool = True, ema_decay: Optional[float] = None, warmup: Optional[int] = None,
                 weight_decay: float = 0.01, grad_clip: float = 1.0, save_every: int = 250, log_every: int = 10,
                 pool_size: Optional[int] = None, pool_refresh: Optional[int] = None, amp: Optional[str] = None,
-                compile: bool = False, save_dtype: Optional[torch.dtype] = None, num_threads: Optional[int] = None):
-    """Train (or resume) a MiniCanvas model in ``out_dir``; returns the trained pipeline (EMA weights, eval mode).
+                compile: bool = False, save_dtype: Optional[torch.dtype] = None, num_threads: Optional[int] = None,
+                compact_state: bool = False, shard_mib: float = SHARD_MIB, time_limit: Optional[float] = None):
+    """Train (or resume) a MiniCanvas model in ``out_dir``; returns the trained pipeline (EMA weights, eval mode),
+    or None when ``time_limit`` (seconds of training) stopped it first: its state is saved, call again to go on.
 
     ``config``: a name in ``MODEL_CONFIGS`` (its ``TRAIN_DEFAULTS`` fill every ``None`` setting) or a
     config dict. ``pool_size`` > 0 samples batches from a device-resident pool of that many renders,
@@ -166,6 +213,8 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
     "bf16"/"fp16" autocast (CUDA; default bf16 there). ``compile``: ``torch.compile`` the UNet (CUDA).
     ``save_dtype``: dtype of the saved pipeline's weights (e.g. ``torch.float16`` for shipping).
     ``lr_decay``: the share of final steps over which the learning rate falls linearly to zero.
+    ``compact_state``: save the state compact (bf16 weights, no AdamW moments; see the module docstring);
+    ``shard_mib``: the largest state file.
     """
     name = config if isinstance(config, str) else "custom"
     cfg = model_config(config)
@@ -184,6 +233,9 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
                      ("save_every", save_every, 1), ("log_every", log_every, 1), ("pool_size", pool_size, 0),
                      ("pool_refresh", pool_refresh, 0), ("seed", seed, 0)):
         _check_int(n, v, lo)
+    if not (shard_mib > 0 and (time_limit is None or time_limit > 0)):
+        raise ValueError(f"need shard_mib > 0 and time_limit None or > 0; got shard_mib={shard_mib}, "
+                         f"time_limit={time_limit}")
     if pool_size and not pool_refresh:
         pool_refresh = steps  # one pool for the whole run
     if not (lr > 0 and 0 <= lr_decay <= 1 and 0 <= cfg_dropout < 1 and 0 <= ema_decay < 1 and grad_clip > 0
@@ -221,15 +273,18 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
                    warmup=warmup, lr_decay=lr_decay, weight_decay=weight_decay, grad_clip=grad_clip,
                    prediction="v_prediction", amp=amp)
     step = 0
-    if resume and (out_dir / STATE_FILE).is_file():
+    if resume and _state_files(out_dir):
         meta = _load_state(out_dir, named, ema_params, opt)
+        if meta.get("compact"):
+            warnings.warn(f"resuming from the compact state in {out_dir} at step {meta['step']}: bf16 weights, "
+                          "AdamW moments start afresh (not an exact resume)", stacklevel=2)
         old = json.loads(json.dumps(meta.get("hparams", {})))
         if isinstance(old.get("model"), dict):  # states saved while model configs still named SAE hookpoints
             old["model"].pop("hookpoints", None)
         now = json.loads(json.dumps(hparams))
         bad = [f"{k}: saved {old.get(k)!r}, now {now[k]!r}" for k in RESUME_KEYS if old.get(k) != now[k]]
         if bad:
-            raise ValueError(f"cannot resume from {out_dir / STATE_FILE}: the run differs ({'; '.join(bad)}); use "
+            raise ValueError(f"cannot resume from the state in {out_dir}: the run differs ({'; '.join(bad)}); use "
                              f"the same settings, another out_dir, or resume=False")
         step = int(meta["step"])
         _trim_metrics(out_dir / METRICS_FILE, step)
@@ -276,11 +331,12 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
 
     def save():
         _save_state(out_dir, named, ema_params, opt, {"format": FORMAT, "step": step, "steps": steps,
-                                                      "hparams": hparams})
+                                                      "hparams": hparams}, compact=compact_state, shard_mib=shard_mib)
 
     bar = tqdm(total=steps, initial=min(step, steps), desc=f"train minicanvas ({name})", disable=not progress,
                dynamic_ncols=True)
     loss_sum, n_sum, t_log = torch.zeros((), device=device), 0, time.time()
+    t_start = t_log
     while step < steps:
         x0, ids, t, noise = batch(step)
         a = ac[t].view(-1, 1, 1, 1)
@@ -307,7 +363,8 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
         step += 1
         loss_sum += loss.detach()
         n_sum += 1
-        if step % log_every == 0 or step == steps:
+        stop = time_limit is not None and step < steps and time.time() - t_start >= time_limit
+        if step % log_every == 0 or step == steps or stop:
             now = time.time()
             rec = {"step": step, "loss": loss_sum.item() / n_sum, "lr": lr_at(step - 1),
                    "steps_per_s": n_sum / max(now - t_log, 1e-9)}
@@ -317,8 +374,13 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
             loss_sum.zero_()
             n_sum, t_log = 0, now
         bar.update(1)
-        if step % save_every == 0 and step < steps:
+        if (step % save_every == 0 and step < steps) or stop:
             save()
+        if stop:
+            bar.close()
+            print(f"stopped at step {step} of {steps}: time limit of {time_limit:g} s reached; the state is saved "
+                  f"in {out_dir}, run again to go on")
+            return None
     bar.close()
     save()
 
