@@ -362,7 +362,7 @@ def test_every_build_setting_is_read_by_a_stage():
     assert _changed_stages(st, {**st, "hookpoints": ["up_blocks.1.attentions.1"]}) == ["collect"]
 
 
-def test_cli_minicanvas_train(tmp_path):
+def test_cli_minicanvas_train(tmp_path, capsys):
     from saeuron.cli import main
 
     main(["minicanvas", "train", "--out", str(tmp_path), "--config", "micro", "--steps", "3", "--batch-size", "4",
@@ -372,6 +372,14 @@ def test_cli_minicanvas_train(tmp_path):
         assert f.get_slice(next(iter(f.keys()))).get_dtype() == "F16"
     with pytest.raises(SystemExit):
         main(["minicanvas", "train", "--out", str(tmp_path), "--config", "huge"])
+    capsys.readouterr()
+    main(["minicanvas", "train", "--out", str(tmp_path / "limited"), "--config", "micro", "--steps", "3",
+          "--batch-size", "4", "--time-limit", "1e-9", "--compact-state", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "stopped at step 1 of 3" in out and "pipeline in" not in out
+    assert not (tmp_path / "limited" / "pipeline").exists()
+    with safe_open(str(_state_files(tmp_path / "limited")[0]), "pt") as f:
+        assert json.loads(f.metadata()["state"])["compact"] and not any(k.startswith("adam.") for k in f.keys())
 
 
 def test_cli_minicanvas_build_set(tmp_path, capsys):
