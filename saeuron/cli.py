@@ -177,10 +177,11 @@ def cmd_demo(a):
 def cmd_minicanvas_train(a):
     from .minicanvas.train_model import train_model
 
-    pipe = train_model(a.out, a.config, steps=a.steps, batch_size=a.batch_size, lr=a.lr, lr_decay=a.lr_decay, seed=a.seed,
-                device=a.device, resume=not a.no_resume, cfg_dropout=a.cfg_dropout, ema=not a.no_ema,
-                save_every=a.save_every, pool_size=a.pool_size, amp=a.amp, compile=a.compile, num_threads=a.threads,
-                save_dtype=_dtype("fp16") if a.fp16 else None, compact_state=a.compact_state, time_limit=a.time_limit)
+    pipe = train_model(a.out, a.config, steps=a.steps, batch_size=a.batch_size, lr=a.lr, lr_decay=a.lr_decay,
+                       seed=a.seed, device=a.device, resume=not a.no_resume, cfg_dropout=a.cfg_dropout,
+                       ema=not a.no_ema, save_every=a.save_every, pool_size=a.pool_size, amp=a.amp,
+                       compile=a.compile, num_threads=a.threads, save_dtype=_dtype("fp16") if a.fp16 else None,
+                       compact_state=a.compact_state, time_limit=a.time_limit)
     if pipe is not None:  # None: stopped by --time-limit, which said so
         print(f"pipeline in {Path(a.out) / 'pipeline'}; training state in {a.out} (rerun to resume or extend --steps)")
 

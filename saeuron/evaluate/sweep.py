@@ -172,8 +172,7 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
         table.index(c)
     kind = choose_rule(table, percentiles) if rule == "auto" else rule
     points = grid_points(kind, multipliers, percentiles, top_ns, hookpoint_choices(table, hookpoints), thresholds)
-    spec = {"rule": kind, "seeds": seeds, "domain": domain,  # tau x1 points keep the spec of sweeps before thresholds
-            "grid": [[r, v, m, list(h)] + ([t] if t != 1 else []) for r, v, m, h, t in points],
+    spec = {"rule": kind, "seeds": seeds, "domain": domain,  # how points are scored; the grid is in the rows
             "prompts": _norm({"objects": objects, "styles": styles, "templates": templates,  # what was scored
                               "steps": num_inference_steps, "guidance": guidance_scale, "patch": patch_kwargs})}
     several_hps = len({p[3] for p in points}) > 1
@@ -199,7 +198,7 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
                        "score": None if ua is None or ira is None else (ua + ira) / 2}
                 known[_point_key(row)] = row
                 if save_to is not None:  # an interrupted sweep resumes at the next point
-                    stored[c] = {**(prev if isinstance(prev, dict) else {}), "spec": {**spec, "grid": None},
+                    stored[c] = {**(prev if isinstance(prev, dict) else {}), "spec": spec,
                                  "grid": list(known.values()), "partial": True}
                     table.save(save_to)
             else:
@@ -225,7 +224,8 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
 
 
 def _same_scoring(a, b) -> bool:
-    """Whether two sweep specs scored points the same way (seeds, domain, rule, prompts, sampling), grids aside."""
+    """Whether two sweep specs scored points the same way (seeds, domain, rule, prompts, sampling); the "grid"
+    that specs stored before point-wise reuse also hold is ignored."""
     strip = lambda spec: {k: v for k, v in spec.items() if k != "grid"}  # noqa: E731
     return isinstance(a, dict) and strip(a) == strip(b)
 
