@@ -37,9 +37,7 @@ def source_dir() -> Path:
     env = os.environ.get("SAEURON_CSRC_DIR")
     if env:
         return Path(env)
-    import saeuron.csrc
-
-    return Path(saeuron.csrc.__file__).parent
+    return Path(__file__).parent / "csrc"
 
 
 def sources(with_cuda: bool, folder: Optional[Path] = None) -> list[Path]:

@@ -58,7 +58,7 @@ def _load(name: str):
         if name == "torch":
             mod = _TorchBackend
         elif name == "triton":
-            from . import kernels as mod  # noqa: F811  (saeuron.kernels, installed from kernels/)
+            from .kernels import backend as mod  # noqa: F811  (saeuron.kernels: the kernels/ folder)
         elif name == "cuda":
             from . import _build
 

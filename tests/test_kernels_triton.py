@@ -9,7 +9,7 @@ import pytest
 import torch
 import triton
 
-import saeuron.kernels as K
+from saeuron.kernels import backend as K
 from saeuron import ops, reference
 
 te = importlib.import_module("saeuron.kernels.topk_encode")

@@ -1,8 +1,10 @@
-"""Triton backend for :mod:`saeuron.ops`: fused encoder top-k, sparse decode, the in-place edit, training ops.
+"""The Triton backend's interface for :mod:`saeuron.ops`: fused encoder top-k, sparse decode, the edit, training ops.
 
 Runs compiled on GPUs, or on the CPU through Triton's interpreter when ``TRITON_INTERPRET=1`` is set
 before import (slow; for tests). Same signatures and semantics as :mod:`saeuron.reference`.
-One file per op; this module only re-exports.
+One file per op; this module only gathers them under the backend interface (``supports`` + one
+function per op). ``kernels/`` has no ``__init__.py`` on purpose: run from the repository root, Python
+must never find it as a top-level ``kernels`` package (that name belongs to an installed PyPI package).
 """
 from ._common import INTERPRET, supports
 from .edit import edit_
