@@ -1,15 +1,19 @@
 # Two commands for a fresh machine: `make demo` (the built-in default, end to end) and `make test`.
-# Each creates .venv and installs what it needs. torch is pinned so a CPU machine takes the CPU wheel.
+# Each creates .venv and installs what it needs, at the exact versions of constraints.txt (the lock file;
+# pyproject.toml keeps compatible ranges). torch is pinned so a CPU machine takes the CPU wheel.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+PIP_INSTALL := $(PY) -m pip install --progress-bar on -c constraints.txt
 
-$(VENV)/.installed: setup.py pyproject.toml
+$(VENV)/.installed: setup.py pyproject.toml constraints.txt
+	@echo "== installing into $(VENV) (torch CPU wheel, then saeuron and its pinned dependencies; a few minutes)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,kernels]"
+	$(PY) -m pip install --progress-bar on --upgrade pip
+	$(PIP_INSTALL) "$(TORCH)"
+	$(PIP_INSTALL) -e ".[test,kernels]"
+	@echo "== installed: $$($(PY) -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)')"
 	touch $@
 
 install: $(VENV)/.installed

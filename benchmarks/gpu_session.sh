@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU call (device tool): install carried wheels, build, check every backend on CUDA, time everything.
+# One GPU call (device tool): install carried wheels, build, check every backend on CUDA, time everything
+# (the fire-first edit of every backend at 0/5/100 % of tokens firing, beside the cuBLAS GEMM).
 # Usage on the device machine, from the repo root, with .whl/ carried (diffusers, transformers, ... wheels):
 #   bash benchmarks/gpu_session.sh            # results and logs land in $OUT (or ./gpu_out)
 set -uo pipefail
@@ -14,7 +15,8 @@ import time, torch
 from saeuron import ops
 t = time.time(); print(ops.status()); print(f"backend selection + JIT build: {time.time() - t:.1f}s")
 PY
-python3 -m pytest tests/test_gpu.py tests/test_kernels_triton.py tests/test_ops_reference.py -q -x -p no:cacheprovider \
+python3 -m pytest tests/test_gpu.py tests/test_edit_fire_first.py tests/test_kernels_triton.py tests/test_ops_reference.py \
+  -q -x -p no:cacheprovider \
   2>&1 | tee "$OUT/tests.log" | tail -5
 python3 -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" \
   2>&1 | tee "$OUT/bench.log" | grep -E '^\||passed|failed'

@@ -48,25 +48,6 @@ static void check_encoder(const Tensor& x, const Tensor& W_enc, const Tensor& b_
   check_dtype(b_dec, x.scalar_type(), "b_dec", op);
 }
 
-Tensor as_table(const Tensor& t) {
-  TORCH_CHECK(t.dim() == 1 || t.dim() == 2, "edit_: feature tables must be [F] or [G, F], got ", t.sizes());
-  return t.dim() == 1 ? t.unsqueeze(0) : t;
-}
-
-void check_edit_args(const Tensor& x, const Tensor& W_enc, const Tensor& b_enc, const Tensor& b_dec,
-                     const Tensor& W_dec, int64_t k, const Tensor& feat_idx, const Tensor& tau, const Tensor& scale) {
-  TORCH_CHECK(x.dim() == 2 || x.dim() == 4, "edit_: x must be [N, d] tokens or a [B, C, H, W] map, got ", x.sizes());
-  check_encoder(x, W_enc, b_enc, b_dec, "edit_");
-  TORCH_CHECK(W_dec.sizes() == W_enc.sizes(), "edit_: W_dec ", W_dec.sizes(), " must have the shape of W_enc ",
-              W_enc.sizes());
-  check_dtype(W_dec, x.scalar_type(), "W_dec", "edit_");
-  TORCH_CHECK(k >= 1 && k <= W_enc.size(0), "edit_: k=", k, " must be between 1 and the number of latents ",
-              W_enc.size(0));
-  TORCH_CHECK(as_table(feat_idx).sizes() == as_table(tau).sizes() && as_table(tau).sizes() == as_table(scale).sizes(),
-              "edit_: feat_idx ", feat_idx.sizes(), ", tau ", tau.sizes(), ", scale ", scale.sizes(), " must match");
-  TORCH_CHECK(!at::isFloatingType(feat_idx.scalar_type()), "edit_: feat_idx must hold integer latent ids");
-}
-
 static void check_index_range(const Tensor& idx, int64_t M, const char* op) {
   const int64_t* p = idx.const_data_ptr<int64_t>();
   for (int64_t i = 0, n = idx.numel(); i < n; ++i)
@@ -329,14 +310,51 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gather_encode_bwd_cpu(const Tensor& g
   return {gx.to(x.scalar_type()), gW, gbe, gbd.to(b_dec.scalar_type())};
 }
 
-// ------------------------------------------------------------------------------------- edit
+// ------------------------------------------------------------------------------------- edit (fire-first)
+//
+// Arguments were validated once by saeuron/ops.py: x is [N, d] or [B, C, H, W] (any strides), the weights
+// share x's dtype, feat_idx is an int64 [G, F] table, tau and scale float32 [G, F], all contiguous.
+// 1. Gathered GEMM: for each table row g, the pre-activations of its F selected latents on its tokens.
+//    A token where no selected feature passes (value > tau with a non-zero coefficient) is done: never
+//    written, so it stays bit for bit unchanged.
+// 2. Candidate tokens only, in chunks: the dense pre-activation row (one MKL GEMM per chunk), then per
+//    row (OpenMP) the passing features are ranked (value desc, index asc) and a binary search over them,
+//    with a vectorised count of the latents that beat a value, finds those among the top k.
+// 3. x += sum over edited entries of (scale - 1) f W_dec[i], accumulated in table order.
+
+namespace {
+
+// Latents that beat (v, m) under the reference tie rule: larger value first, then lower index. p holds the raw
+// GEMM row and b the encoder bias; v > 0 (a passing value), so clean(q) > v iff q > v and q is finite, and
+// clean(q) == v iff q == v: no cleaned copy of the row is needed.
+template <typename A> int64_t beats(const A* p, const A* b, int64_t M, A v, int64_t m, int64_t k) {
+  constexpr A big = std::numeric_limits<A>::max();
+  int64_t cnt = 0;
+  constexpr int64_t B = 2048;
+  for (int64_t j0 = 0; j0 < M; j0 += B) {  // early exit between blocks once k latents beat it
+    const int64_t j1 = std::min(j0 + B, M);
+    const int64_t split = std::clamp(m, j0, j1);
+    int64_t c = 0;
+    for (int64_t j = j0; j < split; ++j) {
+      const A q = p[j] + b[j];
+      c += (q >= v) & (q <= big);
+    }
+    for (int64_t j = split; j < j1; ++j) {
+      const A q = p[j] + b[j];
+      c += (q > v) & (q <= big);
+    }
+    cnt += c;
+    if (cnt >= k) break;
+  }
+  return cnt;
+}
+
+}  // namespace
 
 void edit_cpu(Tensor& x, const Tensor& W_enc, const Tensor& b_enc, const Tensor& b_dec, const Tensor& W_dec, int64_t k,
               const Tensor& feat_idx, const Tensor& tau, const Tensor& scale, int64_t rows_per_group) {
-  check_edit_args(x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale);
-  const Tensor fi = as_table(feat_idx).to(at::kLong).contiguous(), ta = as_table(tau).to(at::kFloat).contiguous(),
-               sc = as_table(scale).to(at::kFloat).contiguous();
-  const int64_t d = x.size(1), N = d ? x.numel() / d : 0, M = W_enc.size(0), G = fi.size(0), F = fi.size(1);
+  const int64_t d = x.size(1), N = d ? x.numel() / d : 0, M = W_enc.size(0), G = feat_idx.size(0),
+                F = feat_idx.size(1);
   if (N == 0 || F == 0 || G == 0) return;
   const int64_t rpg = std::max<int64_t>(rows_per_group, 1);
   // token t = (b, h, w): offset(t) + c * s_c (see saeuron_cuda.h TokenView)
@@ -348,78 +366,124 @@ void edit_cpu(Tensor& x, const Tensor& W_enc, const Tensor& b_enc, const Tensor&
     return b * sb + h * sh + (r - h * wd) * sw;
   };
   const auto a = acc_type(x.scalar_type());
-  const Tensor Wf = W_enc.to(a).contiguous(), bef = b_enc.to(a).contiguous(), bdf = b_dec.to(a).contiguous(),
-               Wd = W_dec.contiguous();
-  const int64_t chunk = std::clamp<int64_t>((int64_t(1) << 22) / M, 1, 4096);  // pre-activations: <= 4M floats
-  Tensor xc = at::empty({std::min(chunk, N), d}, Wf.options());
-  std::vector<uint8_t> finite(std::min(chunk, N));
+  const auto fopt = x.options().dtype(a);
+  const int64_t* fip = feat_idx.const_data_ptr<int64_t>();
+  const float* tap = tau.const_data_ptr<float>();
+  const float* scp = scale.const_data_ptr<float>();
+  // table row g holds tokens [g * rpg, end(g)); the last row also takes every token beyond
+  auto row_begin = [&](int64_t g) { return std::min(g * rpg, N); };
+  auto row_end = [&](int64_t g) { return g == G - 1 ? N : std::min((g + 1) * rpg, N); };
+
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "saeuron_edit_cpu", [&] {
     using A = at::opmath_type<scalar_t>;
     scalar_t* xp = x.data_ptr<scalar_t>();
-    const A* bep = bef.const_data_ptr<A>();
+    const Tensor bdf = b_dec.to(a).contiguous(), bef = b_enc.to(a).contiguous();
     const A* bdp = bdf.const_data_ptr<A>();
-    const scalar_t* wdp = Wd.const_data_ptr<scalar_t>();
-    const int64_t* fip = fi.const_data_ptr<int64_t>();
-    const float* tap = ta.const_data_ptr<float>();
-    const float* scp = sc.const_data_ptr<float>();
+    const A* bep = bef.const_data_ptr<A>();
+    // tokens minus b_dec in the accumulation type, and which tokens are finite
+    Tensor xc = at::empty({N, d}, fopt);
     A* xcp = xc.data_ptr<A>();
-    for (int64_t r0 = 0; r0 < N; r0 += chunk) {
-      const int64_t rows = std::min(chunk, N - r0);
-      at::parallel_for(0, rows, grain(d), [&](int64_t i0, int64_t i1) {  // x - b_dec, and finiteness
-        for (int64_t i = i0; i < i1; ++i) {
-          const scalar_t* xr = xp + offset(r0 + i);
-          bool fin = true;
-          for (int64_t c = 0; c < d; ++c) {
-            const A v = A(xr[c * s_c]);
-            fin = fin && std::isfinite(v);
-            xcp[i * d + c] = v - bdp[c];
-          }
-          finite[i] = fin;
+    std::vector<uint8_t> finite(N);
+    at::parallel_for(0, N, grain(d), [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const scalar_t* xr = xp + offset(i);
+        bool fin = true;
+        for (int64_t c = 0; c < d; ++c) {
+          const A v = A(xr[c * s_c]);
+          fin = fin && std::isfinite(v);
+          xcp[i * d + c] = v - bdp[c];
         }
-      });
-      const Tensor pre = at::matmul(xc.narrow(0, 0, rows), Wf.t()).contiguous();  // [rows, M], bias added below
-      const A* pp = pre.const_data_ptr<A>();
-      at::parallel_for(0, rows, 1, [&](int64_t i0, int64_t i1) {
-        struct Cand { int64_t m; A v, coef; };
-        std::vector<Cand> cands;
-        std::vector<A> buf, delta(d);
+        finite[i] = fin;
+      }
+    });
+    // 1. gathered GEMM per table row; candidate tokens are those where a selected feature passes
+    std::vector<uint8_t> cand(N, 0);
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t r0 = row_begin(g), r1 = row_end(g);
+      if (r1 <= r0) continue;
+      std::vector<int64_t> live;  // table entries that can ever change anything
+      for (int64_t j = 0; j < F; ++j) {
+        const int64_t m = fip[g * F + j];
+        if (m >= 0 && m < M && scp[g * F + j] != 1.0f && !(tap[g * F + j] >= std::numeric_limits<float>::infinity()))
+          live.push_back(j);
+      }
+      if (live.empty()) continue;
+      const int64_t L = static_cast<int64_t>(live.size());
+      Tensor ids = at::empty({L}, x.options().dtype(at::kLong));
+      for (int64_t q = 0; q < L; ++q) ids.data_ptr<int64_t>()[q] = fip[g * F + live[q]];
+      const Tensor Ws = W_enc.index_select(0, ids).to(a);
+      const Tensor S = at::matmul(xc.narrow(0, r0, r1 - r0), Ws.t()).contiguous();  // [rows, L]
+      const A* spp = S.const_data_ptr<A>();
+      at::parallel_for(r0, r1, grain(L), [&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
           if (!finite[i]) continue;  // non-finite tokens pass through unchanged
-          const int64_t r = r0 + i, g = std::min(r / rpg, G - 1);
+          for (int64_t q = 0; q < L; ++q) {
+            const int64_t j = g * F + live[q];
+            const A v = clean_preact(A(spp[(i - r0) * L + q] + bep[fip[j]]));
+            const A vr = A(scalar_t(v));  // the reference rounds codes to x.dtype
+            if (vr > A(tap[j]) && A(scp[j] - 1.0f) * vr != A(0)) {
+              cand[i] = 1;
+              break;
+            }
+          }
+        }
+      });
+    }
+    std::vector<int64_t> rows;
+    for (int64_t i = 0; i < N; ++i)
+      if (cand[i]) rows.push_back(i);
+    if (rows.empty()) return;
+    // 2. dense pre-activation rows of the candidates (one reused buffer)
+    const Tensor Wf = W_enc.scalar_type() == a ? W_enc : W_enc.to(a);
+    const scalar_t* wdp = W_dec.const_data_ptr<scalar_t>();
+    const int64_t nc = static_cast<int64_t>(rows.size());
+    // equal chunks of at most ~16M pre-activations (64 MB fp32): one weight pass per chunk, no tiny tail GEMV
+    const int64_t cmax = std::clamp<int64_t>((int64_t(1) << 24) / std::max<int64_t>(M, 1), 1, 4096);
+    const int64_t chunk = (nc + (nc + cmax - 1) / cmax - 1) / ((nc + cmax - 1) / cmax);
+    Tensor ridx = at::empty({nc}, x.options().dtype(at::kLong));
+    std::copy(rows.begin(), rows.end(), ridx.data_ptr<int64_t>());
+    Tensor P = at::empty({chunk, M}, fopt);
+    for (int64_t c0 = 0; c0 < nc; c0 += chunk) {
+      const int64_t cn = std::min(chunk, nc - c0);
+      Tensor Pc = P.narrow(0, 0, cn);
+      const bool run = rows[c0 + cn - 1] - rows[c0] == cn - 1;  // consecutive tokens: no gather needed
+      at::mm_out(Pc, run ? xc.narrow(0, rows[c0], cn) : xc.index_select(0, ridx.narrow(0, c0, cn)),
+                 Wf.t());  // [cn, M], bias added when read
+      const A* pp = Pc.const_data_ptr<A>();
+      at::parallel_for(0, cn, 1, [&](int64_t i0, int64_t i1) {
+        struct Cand { A v; int64_t m, j; };
+        std::vector<Cand> cs;
+        std::vector<A> coef(F), delta(d);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t r = rows[c0 + i], g = std::min(r / rpg, G - 1);
           const A* p = pp + i * M;
-          auto value = [&](int64_t m) { return clean_preact(A(p[m] + bep[m])); };
-          cands.clear();
+          cs.clear();
           for (int64_t j = 0; j < F; ++j) {
+            coef[j] = A(0);
             const int64_t m = fip[g * F + j];
             if (m < 0 || m >= M) continue;  // padding ids never fire
-            const A v = value(m), vr = A(scalar_t(v));  // the reference rounds codes to x.dtype
-            if (!(vr > A(tap[g * F + j]))) continue;
-            const A coef = A(scp[g * F + j] - 1.0f) * vr;  // (scale - 1) in fp32, as the reference
-            if (coef != A(0)) cands.push_back({m, v, coef});
+            const A v = clean_preact(A(p[m] + bep[m])), vr = A(scalar_t(v));
+            if (vr > A(tap[g * F + j]) && A(scp[g * F + j] - 1.0f) * vr != A(0)) cs.push_back({v, m, j});
           }
-          if (cands.empty()) continue;
-          // top-k membership: v is among the k largest iff fewer than k values exceed it
-          A kth = A(0);
-          const bool use_kth = cands.size() > 2;
-          if (use_kth) {
-            buf.resize(M);
-            for (int64_t m = 0; m < M; ++m) buf[m] = value(m);
-            std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), std::greater<A>());
-            kth = buf[k - 1];
+          if (cs.empty()) continue;
+          // rank desc by (value, -index): membership in the top k is then a prefix; binary-search it
+          std::sort(cs.begin(), cs.end(), [](const Cand& u, const Cand& w) { return u.v > w.v || (u.v == w.v && u.m < w.m); });
+          int64_t lo = 0, hi = static_cast<int64_t>(cs.size());
+          while (lo < hi) {
+            const int64_t mid = (lo + hi) / 2;
+            if (beats(p, bep, M, cs[mid].v, cs[mid].m, k) < k) lo = mid + 1; else hi = mid;
+          }
+          if (lo == 0) continue;
+          for (int64_t q = 0; q < lo; ++q) {
+            const int64_t j = g * F + cs[q].j;
+            coef[cs[q].j] = A(scp[j] - 1.0f) * A(scalar_t(cs[q].v));  // (scale - 1) in fp32, as the reference
           }
           std::fill(delta.begin(), delta.end(), A(0));
-          for (const Cand& cd : cands) {
-            bool in_topk;
-            if (use_kth) {
-              in_topk = cd.v >= kth;
-            } else {
-              int64_t above = 0;
-              for (int64_t m = 0; m < M && above < k; ++m) above += value(m) > cd.v;
-              in_topk = above < k;
-            }
-            if (!in_topk) continue;
-            const scalar_t* w = wdp + cd.m * d;
-            for (int64_t c = 0; c < d; ++c) delta[c] += cd.coef * A(w[c]);
+          for (int64_t j = 0; j < F; ++j) {  // table order, as the reference sums
+            if (coef[j] == A(0)) continue;
+            const scalar_t* w = wdp + fip[g * F + j] * d;
+            const A cf = coef[j];
+            for (int64_t c = 0; c < d; ++c) delta[c] += cf * A(w[c]);
           }
           if (std::none_of(delta.begin(), delta.end(), [](A v) { return v != A(0); })) continue;
           scalar_t* xr = xp + offset(r);

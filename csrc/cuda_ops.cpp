@@ -56,13 +56,10 @@ bool fused_topk_ok(const Tensor& x, int64_t M, int64_t k) {
   return x.scalar_type() != at::kDouble && k <= sc::topk_max_k() && M <= int64_t(65535) * 64;
 }
 
-// Top-k of the tokens of x ([N, d] or [B, C, H, W], any strides) into fresh [N, k] tensors.
+// Top-k of the tokens x [N, d] (any strides) into fresh [N, k] tensors.
 std::tuple<Tensor, Tensor> topk_tokens(const Tensor& x, const Tensor& W, const Tensor& be, const Tensor& bd, int64_t k) {
-  const int64_t d = x.size(1), N = x.numel() / d, M = W.size(0);
-  if (!fused_topk_ok(x, M, k)) {
-    const Tensor tok = x.dim() == 4 ? x.permute({0, 2, 3, 1}).reshape({-1, d}) : x;
-    return topk_dense(tok, W, be, bd, k);
-  }
+  const int64_t d = x.size(1), N = x.size(0), M = W.size(0);
+  if (!fused_topk_ok(x, M, k)) return topk_dense(x, W, be, bd, k);
   Tensor values = at::empty({N, k}, x.options()), indices = at::empty({N, k}, x.options().dtype(at::kLong));
   if (N == 0) return {values, indices};
   const int64_t chunk = sc::topk_chunk_rows(N, M, static_cast<int>(k));
@@ -93,23 +90,45 @@ std::tuple<Tensor, Tensor> topk_encode_cuda(const Tensor& x, const Tensor& W_enc
   return topk_tokens(x, W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous(), k);
 }
 
+// Fire-first edit (arguments validated once by saeuron/ops.py): cuBLAS for the gathered GEMM [N, G*F] and
+// for the dense rows, small kernels for the decisions (edit.cu). Nothing reads device memory on the host,
+// so the edit is graph-capturable. The dense GEMM covers every token in row chunks (cuBLAS takes host
+// sizes, and compacting the candidates would need a host sync); non-candidate rows' count blocks exit at
+// once. Takes fp32, fp16 and bf16 (saeuron/ops.py runs float64 GPU edits on the reference).
 void edit_cuda(Tensor& x, const Tensor& W_enc, const Tensor& b_enc, const Tensor& b_dec, const Tensor& W_dec,
                int64_t k, const Tensor& feat_idx, const Tensor& tau, const Tensor& scale, int64_t rows_per_group) {
-  check_edit_args(x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale);
-  check_same_device(x, {&W_enc, &b_enc, &b_dec, &W_dec, &feat_idx, &tau, &scale}, "edit_");
   const c10::cuda::CUDAGuard guard(x.device());
-  const Tensor fi = as_table(feat_idx).to(at::kLong).contiguous(), ta = as_table(tau).to(at::kFloat).contiguous(),
-               scl = as_table(scale).to(at::kFloat).contiguous();
-  const int64_t d = x.size(1), N = d ? x.numel() / d : 0, M = W_enc.size(0), G = fi.size(0), F = fi.size(1);
+  const int64_t d = x.size(1), N = d ? x.numel() / d : 0, M = W_enc.size(0), G = feat_idx.size(0),
+                F = feat_idx.size(1);
   if (N == 0 || F == 0 || G == 0) return;
-  const Tensor Wd = W_dec.contiguous();
-  auto [values, indices] = topk_tokens(x, W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous(), k);
-  values = values.contiguous();
-  indices = indices.contiguous();
-  check(sc::edit_apply(x.data_ptr(), token_view(x), dtype_of(x), Wd.data_ptr(), N, d, M, values.data_ptr(),
-                       indices.data_ptr<int64_t>(), static_cast<int>(k), fi.data_ptr<int64_t>(), ta.data_ptr<float>(),
-                       scl.data_ptr<float>(), G, F, rows_per_group, c10::cuda::getCurrentCUDAStream()),
-        "edit_");
+  const auto st = x.scalar_type();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  // a [n, d] times b [m, d]^T in fp32 (tensor cores with fp32 accumulation for fp16/bf16)
+  auto gemm = [&](const Tensor& a, const Tensor& b) -> Tensor {
+    return st == at::kFloat ? at::mm(a, b.t()) : at::mm(a, b.t(), at::kFloat);
+  };
+  const Tensor xt = x.dim() == 4 ? x.permute({0, 2, 3, 1}).reshape({-1, d}) : x;  // a view when it can be
+  const Tensor c = (b_enc.to(at::kFloat) - gemm(b_dec.unsqueeze(0), W_enc).squeeze(0)).contiguous();
+  const Tensor S = gemm(xt, W_enc.index_select(0, feat_idx.clamp(0, M - 1).reshape({-1}))).contiguous();
+  const auto f32 = x.options().dtype(at::kFloat), i32 = x.options().dtype(at::kInt);
+  Tensor pv = at::empty({N, F}, f32), flag = at::empty({N}, i32), cnt = at::empty({N, F}, i32);
+  const int64_t* fi = feat_idx.data_ptr<int64_t>();
+  check(sc::edit_select(S.data_ptr<float>(), c.data_ptr<float>(), fi, tau.data_ptr<float>(), scale.data_ptr<float>(),
+                        pv.data_ptr<float>(), flag.data_ptr<int>(), N, M, G, F, rows_per_group, dtype_of(x), stream),
+        "edit_ (select)");
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 25) / std::max<int64_t>(M, 1)));
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t rows = std::min(chunk, N - r0);
+    const Tensor P = gemm(xt.narrow(0, r0, rows), W_enc).contiguous();
+    check(sc::edit_count(P.data_ptr<float>(), c.data_ptr<float>(), r0, rows, M, fi, tau.data_ptr<float>(),
+                         scale.data_ptr<float>(), pv.data_ptr<float>(), flag.data_ptr<int>(), cnt.data_ptr<int>(), G,
+                         F, rows_per_group, dtype_of(x), stream),
+          "edit_ (count)");
+  }
+  check(sc::edit_apply(x.data_ptr(), token_view(x), dtype_of(x), W_dec.data_ptr(), N, d, fi, scale.data_ptr<float>(),
+                       pv.data_ptr<float>(), cnt.data_ptr<int>(), flag.data_ptr<int>(), k, G, F, rows_per_group,
+                       stream),
+        "edit_ (apply)");
 }
 
 Tensor sparse_decode_cuda(const Tensor& values, const Tensor& indices, const Tensor& W_dec, const OptTensor& b_dec,

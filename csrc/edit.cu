@@ -1,118 +1,151 @@
-// The unlearning edit applied in place, given each token's top-k code (see reference.edit_):
-// x += sum over selected features i that are in the token's top-k with f_i > tau of (scale - 1) f_i W_dec[i].
-// One block per token. Non-finite tokens, and tokens whose delta is exactly zero, are never written,
-// so they stay bit-for-bit unchanged.
+// Fire-first unlearning edit (see saeuron/reference.py edit_delta): the kernels around the cuBLAS GEMMs
+// that cuda_ops.cpp launches. No host synchronisation anywhere, so the whole edit is graph-capturable.
+//   edit_select: from the gathered pre-activations S [N, G*F] (x W_sel^T, fp32, cuBLAS) decides which
+//                selected features pass (value in x.dtype > tau, non-zero (scale - 1) f); passing values go
+//                to pv [N, F] (-1 elsewhere) and flag[r] says whether token r is a candidate.
+//   edit_count:  one block per token of a chunk of dense pre-activation rows P [rows, M] (fp32, cuBLAS);
+//                a non-candidate token's block exits at once; otherwise, per passing entry, re-reads its
+//                value from the dense row and counts the latents that beat it (larger value, or equal
+//                value at a lower index; never itself).
+//   edit_apply:  one block per candidate token: the entries with fewer than k latents beating them are
+//                edited, x += sum_j (scale_j - 1) f_j W_dec[feat_j] in table order (fp32), written in place.
+// Tokens with nothing passing are never written: bit for bit unchanged.
 #include "common.cuh"
 
 namespace saeuron_cuda {
 namespace {
 
-constexpr int NT = 128;
+constexpr int NT = 256;
+constexpr int MAXF = 256;  // table width handled per block (the bridge splits wider tables)
 
-template <typename T> struct EditArgs {
-  T* x;
-  TokenView xv;
-  const T* W_dec;
-  int64_t N, d, M;
-  const T* values;
-  const int64_t* indices;
-  int k;
-  const int64_t* feat_idx;
-  const float* tau;
-  const float* scale;
-  int64_t G, F, rows_per_group;
-};
-
-// (scale - 1) * f for table entry j of this token, 0 when the feature does not fire.
 template <typename T>
-__device__ typename AccT<T>::type coef(const EditArgs<T>& a, int64_t r, int64_t g, int64_t j) {
-  using A = typename AccT<T>::type;
-  const int64_t m = a.feat_idx[g * a.F + j];
-  if (m < 0 || m >= a.M) return A(0);
-  const int64_t* idx = a.indices + r * a.k;
-  for (int s = 0; s < a.k; ++s) {
-    if (idx[s] == m) {
-      const A f = Conv<T>::load(a.values[r * a.k + s]);
-      if (!(f > A(a.tau[g * a.F + j]))) return A(0);
-      return A(a.scale[g * a.F + j] - 1.0f) * f;  // (scale - 1) in fp32, as the reference
-    }
-  }
-  return A(0);
-}
-
-// Delta of column c (c may be >= d: then only helps with the shared loads). All threads call it.
-template <typename T>
-__device__ typename AccT<T>::type column_delta(const EditArgs<T>& a, int64_t r, int64_t g, int64_t c,
-                                               typename AccT<T>::type* s_coef, int64_t* s_m) {
-  using A = typename AccT<T>::type;
-  A acc = A(0);
-  for (int64_t j0 = 0; j0 < a.F; j0 += NT) {
-    const int64_t j = j0 + threadIdx.x;
-    s_coef[threadIdx.x] = j < a.F ? coef(a, r, g, j) : A(0);
-    s_m[threadIdx.x] = j < a.F ? a.feat_idx[g * a.F + j] : 0;
-    __syncthreads();
-    const int n = static_cast<int>(a.F - j0 < NT ? a.F - j0 : NT);
-    if (c < a.d) {
-      for (int jj = 0; jj < n; ++jj) {
-        const A cf = s_coef[jj];
-        if (cf != A(0)) acc += cf * A(Conv<T>::load(a.W_dec[s_m[jj] * a.d + c]));
+__global__ void __launch_bounds__(NT) edit_select_kernel(const float* S, const float* c, const int64_t* feat,
+                                                         const float* tau, const float* scale, float* pv, int* flag,
+                                                         int64_t N, int64_t M, int64_t G, int64_t F, int64_t rpg) {
+  const int64_t i = blockIdx.x * int64_t(NT) + threadIdx.x;
+  if (i >= N) return;
+  const int64_t g = i / rpg < G - 1 ? i / rpg : G - 1;
+  int any = 0;
+  for (int64_t j = 0; j < F; ++j) {
+    const int64_t m = feat[g * F + j];
+    float out = -1.f;
+    if (m >= 0 && m < M) {
+      const float v = clean_preact(S[i * G * F + g * F + j] + c[m]);
+      const float vr = Conv<T>::load(Conv<T>::store(v));  // codes are rounded to x.dtype, as the reference
+      if (vr > tau[g * F + j] && (scale[g * F + j] - 1.f) * vr != 0.f) {
+        out = v;
+        any = 1;
       }
     }
+    pv[i * F + j] = out;
+  }
+  flag[i] = any;
+}
+
+// The value of a passing entry is re-read from the dense row (cuBLAS may round the gathered and the dense
+// GEMM differently), re-checked against tau, and written back to pv: ranking, threshold and coefficient
+// then all use the dense value, as the reference does.
+template <typename T>
+__global__ void __launch_bounds__(NT) edit_count_kernel(const float* P, const float* c, int64_t r0, int64_t M,
+                                                        const int64_t* feat, const float* tau, const float* scale,
+                                                        float* pv, const int* flag, int* cnt, int64_t G, int64_t F,
+                                                        int64_t rpg) {
+  const int64_t r = r0 + blockIdx.x;
+  if (!flag[r]) return;  // not a candidate: nothing to count
+  __shared__ int s_cnt[MAXF];
+  const int64_t g = r / rpg < G - 1 ? r / rpg : G - 1;
+  const float* p = P + int64_t(blockIdx.x) * M;
+  for (int64_t j0 = 0; j0 < F; j0 += MAXF) {
+    const int64_t nj = F - j0 < MAXF ? F - j0 : MAXF;
+    for (int64_t j = threadIdx.x; j < nj; j += NT) s_cnt[j] = 0;
+    __syncthreads();
+    for (int64_t j = 0; j < nj; ++j) {
+      if (pv[r * F + j0 + j] < 0.f) continue;  // uniform across the block
+      const int64_t t = g * F + j0 + j, mj = feat[t];
+      const float v = clean_preact(p[mj] + c[mj]);
+      const float vr = Conv<T>::load(Conv<T>::store(v));
+      __syncthreads();  // every thread has read pv before thread 0 may rewrite it
+      if (!(vr > tau[t] && (scale[t] - 1.f) * vr != 0.f)) {
+        if (threadIdx.x == 0) pv[r * F + j0 + j] = -1.f;
+        continue;  // uniform: every thread computed the same v
+      }
+      if (threadIdx.x == 0) pv[r * F + j0 + j] = v;
+      int local = 0;
+      for (int64_t m = threadIdx.x; m < M; m += NT) {
+        const float q = clean_preact(p[m] + c[m]);
+        local += (q > v || (q == v && m < mj)) && m != mj;
+      }
+      local = warp_sum(local);
+      if ((threadIdx.x & 31) == 0) atomicAdd(&s_cnt[j], local);
+    }
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < nj; j += NT) cnt[r * F + j0 + j] = s_cnt[j];
     __syncthreads();
   }
-  return acc;
 }
 
 template <typename T>
-__global__ void __launch_bounds__(NT) edit_apply_kernel(EditArgs<T> a) {
+__global__ void __launch_bounds__(NT) edit_apply_kernel(T* x, TokenView xv, const T* W_dec, int64_t d,
+                                                        const int64_t* feat, const float* scale, const float* pv,
+                                                        const int* cnt, const int* flag, int64_t k, int64_t G,
+                                                        int64_t F, int64_t rpg) {
   using A = typename AccT<T>::type;
-  __shared__ A s_coef[NT];
-  __shared__ int64_t s_m[NT];
   const int64_t r = blockIdx.x;
-  const int64_t off = token_offset(a.xv, r);
-  const int tid = threadIdx.x;
-
-  bool bad = false;
-  for (int64_t c = tid; c < a.d; c += NT) bad |= !isfinite(A(Conv<T>::load(a.x[off + c * a.xv.sc])));
-  if (__syncthreads_or(bad)) return;
-
-  const int64_t rpg = a.rows_per_group > 0 ? a.rows_per_group : 1;
-  const int64_t g = r / rpg < a.G - 1 ? r / rpg : a.G - 1;
+  if (!flag[r]) return;
+  const int64_t g = r / rpg < G - 1 ? r / rpg : G - 1;
   bool any = false;
-  for (int64_t j = tid; j < a.F; j += NT) any |= coef(a, r, g, j) != A(0);
-  if (!__syncthreads_or(any)) return;
-
-  bool changed = false;
-  for (int64_t c0 = 0; c0 < a.d; c0 += NT) {
-    const A delta = column_delta(a, r, g, c0 + tid, s_coef, s_m);
-    if (__syncthreads_or(c0 + tid < a.d && delta != A(0))) {
-      changed = true;
-      break;
+  for (int64_t j = 0; j < F; ++j) any |= pv[r * F + j] >= 0.f && cnt[r * F + j] < k;
+  if (!any) return;  // uniform across the block
+  const int64_t off = token_offset(xv, r);
+  for (int64_t col = threadIdx.x; col < d; col += NT) {
+    A delta = A(0);
+    for (int64_t j = 0; j < F; ++j) {  // table order, as the reference sums
+      const float v = pv[r * F + j];
+      if (v < 0.f || cnt[r * F + j] >= k) continue;
+      const A f = A(Conv<T>::load(Conv<T>::store(A(v))));
+      const A coef = A(scale[g * F + j] - 1.0f) * f;
+      delta += coef * A(Conv<T>::load(W_dec[feat[g * F + j] * d + col]));
     }
-  }
-  if (!changed) return;
-  for (int64_t c0 = 0; c0 < a.d; c0 += NT) {
-    const int64_t c = c0 + tid;
-    const A delta = column_delta(a, r, g, c, s_coef, s_m);
-    if (c < a.d) {
-      T* p = a.x + off + c * a.xv.sc;
-      *p = Conv<T>::store(A(Conv<T>::load(*p)) + delta);
-    }
+    T* px = x + off + col * xv.sc;
+    *px = Conv<T>::store(A(Conv<T>::load(*px)) + delta);
   }
 }
 
 }  // namespace
 
-cudaError_t edit_apply(void* x, TokenView xv, DType dt, const void* W_dec, int64_t N, int64_t d, int64_t M,
-                       const void* values, const int64_t* indices, int k, const int64_t* feat_idx,
-                       const float* tau, const float* scale, int64_t G, int64_t F, int64_t rows_per_group,
-                       cudaStream_t stream) {
+cudaError_t edit_select(const float* S, const float* c, const int64_t* feat_idx, const float* tau, const float* scale,
+                        float* pv, int* flag, int64_t N, int64_t M, int64_t G, int64_t F, int64_t rows_per_group,
+                        DType dt, cudaStream_t stream) {
+  if (N == 0) return cudaSuccess;
+  const int64_t rpg = rows_per_group > 0 ? rows_per_group : 1;
+  SAEURON_DISPATCH_FLOAT(dt, T, {
+    edit_select_kernel<T><<<ceil_div(N, NT), NT, 0, stream>>>(S, c, feat_idx, tau, scale, pv, flag, N, M, G, F, rpg);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t edit_count(const float* P, const float* c, int64_t r0, int64_t rows, int64_t M, const int64_t* feat_idx,
+                       const float* tau, const float* scale, float* pv, const int* flag, int* cnt, int64_t G,
+                       int64_t F, int64_t rows_per_group, DType dt, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  if (rows > int64_t(0x7FFFFFFF)) return cudaErrorInvalidValue;
+  const int64_t rpg = rows_per_group > 0 ? rows_per_group : 1;
+  SAEURON_DISPATCH_FLOAT(dt, T, {
+    edit_count_kernel<T><<<static_cast<unsigned int>(rows), NT, 0, stream>>>(P, c, r0, M, feat_idx, tau, scale, pv,
+                                                                              flag, cnt, G, F, rpg);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t edit_apply(void* x, TokenView xv, DType dt, const void* W_dec, int64_t N, int64_t d,
+                       const int64_t* feat_idx, const float* scale, const float* pv, const int* cnt, const int* flag,
+                       int64_t k, int64_t G, int64_t F, int64_t rows_per_group, cudaStream_t stream) {
   if (N == 0 || F == 0 || G == 0 || d == 0) return cudaSuccess;
   if (N > int64_t(0x7FFFFFFF)) return cudaErrorInvalidValue;
+  const int64_t rpg = rows_per_group > 0 ? rows_per_group : 1;
   SAEURON_DISPATCH_FLOAT(dt, T, {
-    EditArgs<T> a{static_cast<T*>(x), xv, static_cast<const T*>(W_dec), N, d, M, static_cast<const T*>(values),
-                  indices, k, feat_idx, tau, scale, G, F, rows_per_group};
-    edit_apply_kernel<T><<<static_cast<unsigned int>(N), NT, 0, stream>>>(a);
+    edit_apply_kernel<T><<<static_cast<unsigned int>(N), NT, 0, stream>>>(
+        static_cast<T*>(x), xv, static_cast<const T*>(W_dec), d, feat_idx, scale, pv, cnt, flag, k, G, F, rpg);
   });
   return cudaGetLastError();
 }

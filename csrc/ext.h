@@ -12,14 +12,9 @@ namespace saeuron_ext {
 using at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 
-// Shared argument checks (clear messages naming what was wrong and what is valid).
+// Shared argument checks of the training ops (clear messages naming what was wrong and what is valid);
+// edit_'s arguments are validated once, in saeuron/ops.py.
 void check_sae_code(const Tensor& values, const Tensor& indices, const Tensor& W, const char* op);
-void check_edit_args(const Tensor& x, const Tensor& W_enc, const Tensor& b_enc, const Tensor& b_dec,
-                     const Tensor& W_dec, int64_t k, const Tensor& feat_idx, const Tensor& tau,
-                     const Tensor& scale);
-// [G, F] view of a [F] or [G, F] table.
-Tensor as_table(const Tensor& t);
-
 // Dense top-k (ATen matmul + topk), exactly reference.topk_encode; any device.
 std::tuple<Tensor, Tensor> topk_dense(const Tensor& x, const Tensor& W_enc, const Tensor& b_enc,
                                       const Tensor& b_dec, int64_t k);

@@ -35,14 +35,24 @@ cudaError_t topk_encode(const void* x, TokenView xv, DType dt, const void* W_enc
                         const void* b_dec, int64_t N, int64_t d, int64_t M, int k, void* values,
                         int64_t* indices, void* workspace, size_t workspace_bytes, cudaStream_t stream);
 
-// ---------------------------------------------------------------- edit (after top-k)
-// In place on x (layout xv): x += sum over fired selected features of (scale - 1) f W_dec[i],
-// given each token's top-k (values in dt, [N, k]). Tables feat_idx/tau/scale are [G, F]
-// contiguous; token r uses row min(r / rows_per_group, G - 1). Non-finite tokens and tokens whose
-// delta is all zero are not written. dt in {f32, f16, bf16, f64}.
-cudaError_t edit_apply(void* x, TokenView xv, DType dt, const void* W_dec, int64_t N, int64_t d, int64_t M,
-                       const void* values, const int64_t* indices, int k, const int64_t* feat_idx,
-                       const float* tau, const float* scale, int64_t G, int64_t F, int64_t rows_per_group,
+// ---------------------------------------------------------------- fire-first edit
+// Around the cuBLAS GEMMs of the bridge (cuda_ops.cpp). Tables feat_idx/tau/scale are [G, F] contiguous;
+// token r uses row min(r / rows_per_group, G - 1); ids outside [0, M) never fire. c [M] is the folded
+// bias b_enc - W_enc b_dec (fp32). All buffers are fp32/int32 [N, F] or [N] and contiguous.
+// S [N, G*F]: x W_enc[feat]^T (fp32). Writes pv (passing values, -1 elsewhere) and flag (candidates).
+cudaError_t edit_select(const float* S, const float* c, const int64_t* feat_idx, const float* tau,
+                        const float* scale, float* pv, int* flag, int64_t N, int64_t M, int64_t G, int64_t F,
+                        int64_t rows_per_group, DType dt, cudaStream_t stream);
+// P [rows, M]: x W_enc^T (fp32) of tokens r0 .. r0 + rows - 1. For candidate tokens, each passing entry's
+// value is replaced by the dense one (pv = -1 if it no longer passes) and cnt[r, j] = number of latents
+// beating it (larger value, or equal value at a lower index).
+cudaError_t edit_count(const float* P, const float* c, int64_t r0, int64_t rows, int64_t M,
+                       const int64_t* feat_idx, const float* tau, const float* scale, float* pv, const int* flag,
+                       int* cnt, int64_t G, int64_t F, int64_t rows_per_group, DType dt, cudaStream_t stream);
+// In place on x (layout xv, type dt): x += sum over j with pv >= 0 and cnt < k of (scale - 1) f W_dec[feat].
+cudaError_t edit_apply(void* x, TokenView xv, DType dt, const void* W_dec, int64_t N, int64_t d,
+                       const int64_t* feat_idx, const float* scale, const float* pv, const int* cnt,
+                       const int* flag, int64_t k, int64_t G, int64_t F, int64_t rows_per_group,
                        cudaStream_t stream);
 
 // ---------------------------------------------------------------- training ops

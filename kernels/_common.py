@@ -1,4 +1,4 @@
-"""Shared runtime facts for the Triton backend: interpreter mode, dtypes, ``supports``.
+"""Shared runtime facts for the Triton backend: interpreter mode, dtypes, devices.
 
 Triton decides at decoration time whether ``@triton.jit`` kernels are compiled for a GPU or run by
 its NumPy interpreter (``TRITON_INTERPRET=1``), so :data:`INTERPRET` is read once at import. The
@@ -13,7 +13,6 @@ import triton
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_OPS = ("topk_encode", "sparse_decode", "gather_encode", "gather_encode_bwd", "sparse_decode_bwd", "edit_")
 
 
 def _gpu_driver() -> bool:
@@ -23,10 +22,8 @@ def _gpu_driver() -> bool:
         return False
 
 
-def supports(op: str, device: torch.device) -> bool:
-    """Whether this backend runs ``op`` on ``device``: GPUs with a Triton driver, CPU only when interpreting."""
-    if op not in _OPS:
-        return False
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernels run on ``device``: GPUs with a Triton driver, CPU only when interpreting."""
     device = torch.device(device)
     if device.type == "cpu":
         return INTERPRET and os.environ.get("TRITON_INTERPRET") == "1"

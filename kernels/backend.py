@@ -3,14 +3,20 @@
 Runs compiled on GPUs, or on the CPU through Triton's interpreter when ``TRITON_INTERPRET=1`` is set
 before import (slow; for tests). Same signatures and semantics as :mod:`saeuron.reference`.
 One file per op; this module only gathers them under the backend interface (``supports`` + one
-function per op). ``kernels/`` has no ``__init__.py`` on purpose: run from the repository root, Python
+function per op; the op list itself is ``saeuron.ops.OPS``). ``kernels/`` has no ``__init__.py`` on purpose: run from the repository root, Python
 must never find it as a top-level ``kernels`` package (that name belongs to an installed PyPI package).
 """
-from ._common import INTERPRET, supports
+from ._common import INTERPRET, runs_on
 from .edit import edit_
 from .sparse_decode import sparse_decode
 from .topk_encode import topk_encode
 from .training import gather_encode, gather_encode_bwd, sparse_decode_bwd
+
+
+def supports(op: str, device) -> bool:
+    """Whether this backend has ``op`` (a name of ``saeuron.ops.OPS``) for tensors on ``device``."""
+    return op != "supports" and callable(globals().get(op)) and runs_on(device)
+
 
 __all__ = ["INTERPRET", "supports", "topk_encode", "sparse_decode", "edit_", "gather_encode", "gather_encode_bwd",
            "sparse_decode_bwd"]

@@ -15,7 +15,7 @@ launches:
    recomputed exactly in the same launch (``_exact_topk``: the whole row, a running top-k), so the
    result is always exactly the top-k of the fp32 pre-activations.
 
-The jit helpers here are shared with :mod:`.edit`, which needs the same top-k per token.
+The GEMM tile helpers (``preact_tile``, ``token_offsets``) and ``folded_bias`` are shared with :mod:`.edit`.
 """
 from __future__ import annotations
 
@@ -34,14 +34,14 @@ KEY_BIG = tl.constexpr(2**63 - 1)  # above every key (max key: fp32 max bits << 
 
 
 @triton.jit
-def _token_offsets(rows, HW, sxb, sxs):
+def token_offsets(rows, HW, sxb, sxs):
     """Element offset of token ``rows`` (b, h, w order) in ``x``; tokens ``[N, d]`` use ``HW = N``."""
     r = rows.to(tl.int64)
     return (r // HW) * sxb + (r % HW) * sxs
 
 
 @triton.jit
-def _preacts(x_ptr, W_ptr, c_ptr, xoff, rmask, cols, M, D, sxc,
+def preact_tile(x_ptr, W_ptr, c_ptr, xoff, rmask, cols, M, D, sxc,
              BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, DOT_F32: tl.constexpr, UPCAST: tl.constexpr):
     """``ReLU(x W_enc^T + c)`` tile ``[BN, BM]`` in fp32 (``c = b_enc - W_enc b_dec``), NaN/inf -> 0, -1 off the matrix.
 
@@ -90,9 +90,9 @@ def _pack(v, col):
 
 
 @triton.jit
-def _tile_topk_kernel(x_ptr, W_ptr, c_ptr, cand_ptr, N, M, D, HW, sxb, sxs, sxc, NT,
+def _tile_topk_kernel(x_ptr, W_ptr, c_ptr, cand_ptr, N, M, D, sxs, sxc, NT,
                       BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, T: tl.constexpr,
-                      DOT_F32: tl.constexpr, UPCAST: tl.constexpr, GEOM: tl.constexpr):
+                      DOT_F32: tl.constexpr, UPCAST: tl.constexpr):
     pid = tl.program_id(0)
     n_row_blocks = tl.cdiv(N, BN)
     pid_m = pid // n_row_blocks  # weight-tile-major order: consecutive programs share a W_enc tile
@@ -100,15 +100,8 @@ def _tile_topk_kernel(x_ptr, W_ptr, c_ptr, cand_ptr, N, M, D, HW, sxb, sxs, sxc,
     rows = pid_n * BN + tl.arange(0, BN)
     rmask = rows < N
     cols = pid_m * BM + tl.arange(0, BM)
-    # token offsets in a form the compiler can see is contiguous (vectorised loads, no div/mod per row)
-    if GEOM == 0:  # tokens [N, d]
-        xoff = rows.to(tl.int64) * sxs
-    elif GEOM == 1:  # a map whose images hold whole row blocks (H*W % BN == 0)
-        start = pid_n * BN
-        xoff = (start // HW).to(tl.int64) * sxb + ((start % HW) + tl.arange(0, BN)).to(tl.int64) * sxs
-    else:
-        xoff = _token_offsets(rows, HW, sxb, sxs)
-    v = _preacts(x_ptr, W_ptr, c_ptr, xoff, rmask, cols, M, D, sxc, BN, BM, BK, DOT_F32, UPCAST)
+    xoff = rows.to(tl.int64) * sxs  # tokens [N, d]: contiguous offsets, vectorised loads
+    v = preact_tile(x_ptr, W_ptr, c_ptr, xoff, rmask, cols, M, D, sxc, BN, BM, BK, DOT_F32, UPCAST)
     out = cand_ptr + rows.to(tl.int64) * NT * T + pid_m * T
     for t in tl.static_range(T):  # partial top-T, sorted descending; ties go to the lower latent
         m = tl.max(v, axis=1)
@@ -149,7 +142,7 @@ def _exact_topk(x_ptr, W_ptr, c_ptr, xoff, rmask, M, D, sxc, k,
     best = tl.zeros((R, KP), dtype=tl.int64) + init[None, :]
     for m0 in range(0, M, BM):
         cols = m0 + tl.arange(0, BM)
-        key = _pack(_preacts(x_ptr, W_ptr, c_ptr, xoff, rmask, cols, M, D, sxc, R, BM, BK,
+        key = _pack(preact_tile(x_ptr, W_ptr, c_ptr, xoff, rmask, cols, M, D, sxc, R, BM, BK,
                              DOT_F32, UPCAST), cols[None, :])
         kth = tl.min(best, axis=1)
         cand = tl.where(key > kth[:, None], key, -1)
@@ -176,7 +169,7 @@ def _row_topk(cand_ptr, x_ptr, W_ptr, c_ptr, rows, rmask, N, M, D, HW, sxb, sxs,
     top, overflow = _merge_candidates(cand_ptr, rows, rmask, NT, k, R, NTP, T, KP)
     if not FULL:  # with T == BM every tile kept everything: nothing can be lost
         if tl.max(overflow.to(tl.int32)) > 0:
-            exact = _exact_topk(x_ptr, W_ptr, c_ptr, _token_offsets(rows, HW, sxb, sxs),
+            exact = _exact_topk(x_ptr, W_ptr, c_ptr, token_offsets(rows, HW, sxb, sxs),
                                 rmask & overflow, M, D, sxc, k, R, KP, BM, BK, DOT_F32, UPCAST)
             top = tl.where(overflow[:, None], exact, top)
     return top
@@ -211,7 +204,7 @@ def _merge_kernel(cand_ptr, x_ptr, W_ptr, c_ptr, val_ptr, idx_ptr,
 
 
 def plan(n: int, m: int, d: int, k: int, dtype: torch.dtype = torch.float16) -> dict:
-    """Block sizes for the two encoder launches (shared with :mod:`.edit`)."""
+    """Block sizes for the two encoder launches."""
     if INTERPRET:  # big blocks: the interpreter pays per operation and per program, hardly per element
         bm, bn, bk = min(512, max(16, next_pow2(m))), min(128, max(16, next_pow2(n))), min(128, max(16, next_pow2(d)))
         r, warps = bn, 4
@@ -258,20 +251,15 @@ def folded_bias(W_enc, b_enc, b_dec):
     return c
 
 
-def launch_tiles(x, W_enc, c, geom, p):
-    """First launch: per-tile top-T candidate keys ``[N, NT, T]`` for tokens addressed by ``geom``."""
-    n, hw, sxb, sxs, sxc = geom
+def launch_tiles(x, W_enc, c, p):
+    """First launch: per-tile top-T candidate keys ``[N, NT, T]`` of the tokens ``x [N, d]``."""
+    n = x.shape[0]
     m, d = W_enc.shape
-    bn, mode = p["BN"], 0  # mode 0: one image (or tokens), rows are just rows * sxs
-    if hw < n:
-        while bn > 16 and hw % bn:
-            bn //= 2
-        mode = 1 if hw % bn == 0 else 2  # 1: every row block inside one image; 2: general div/mod
     dot_f32, upcast = dot_mode(x.dtype)
     cand = torch.empty(n, p["NT"], p["T"], dtype=torch.int64, device=x.device)
-    grid = (p["NT"] * triton.cdiv(n, bn),)
-    _tile_topk_kernel[grid](x, W_enc, c, cand, n, m, d, hw, sxb, sxs, sxc, p["NT"],
-                            BN=bn, BM=p["BM"], BK=p["BK"], T=p["T"], DOT_F32=dot_f32, UPCAST=upcast, GEOM=mode,
+    grid = (p["NT"] * triton.cdiv(n, p["BN"]),)
+    _tile_topk_kernel[grid](x, W_enc, c, cand, n, m, d, x.stride(0), x.stride(1), p["NT"],
+                            BN=p["BN"], BM=p["BM"], BK=p["BK"], T=p["T"], DOT_F32=dot_f32, UPCAST=upcast,
                             num_warps=p["warps"], num_stages=3)
     return cand
 
@@ -305,7 +293,7 @@ def topk_encode(x, W_enc, b_enc, b_dec, k: int):
     c = folded_bias(W_enc, b_enc.contiguous(), b_dec.contiguous())
     p = plan(n, m, d, k, x.dtype)
     geom = (n, max(n, 1), 0, x.stride(0), x.stride(1))
-    cand = launch_tiles(x, W_enc, c, geom, p)
+    cand = launch_tiles(x, W_enc, c, p)
     dot_f32, upcast = dot_mode(x.dtype)
     _merge_kernel[(triton.cdiv(n, p["R"]),)](
         cand, x, W_enc, c, vals, idx, n, m, d, *geom[1:], p["NT"], k,

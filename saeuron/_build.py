@@ -12,23 +12,36 @@ Environment:
 - ``SAEURON_CSRC_DIR``: compile the sources in this folder instead of the shipped ``saeuron.csrc``
   (for developing the kernels, and for testing the fallback with broken sources).
 - ``TORCH_CUDA_ARCH_LIST``: as in torch; default: the architectures of the visible GPUs.
+- ``SAEURON_BUILD_TIMEOUT``: seconds to wait for another process's build of the same sources (default 1800).
+
+Trust: every cache folder must belong to this user and not be writable by group or others (new ones are
+made 0700), else nothing is built or loaded. After a build, ``build.json`` records the build key and the
+SHA-256 of the built module; a module whose record is missing or does not match (placed there, or left
+half-written) is never loaded: the build folder is emptied and rebuilt. One build per folder at a time
+(a lock that the kernel drops when its owner dies); torch's own ``lock`` file left by a killed build
+is removed with a warning instead of making every later load wait forever.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
+import stat
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .utils import LOCK_NAME, FolderBusyError, FolderLock, atomic_write_json
+
 OPS = ("topk_encode", "sparse_decode", "gather_encode", "gather_encode_bwd", "sparse_decode_bwd", "edit_")
 CPU_OPS = ("sparse_decode", "gather_encode", "gather_encode_bwd", "sparse_decode_bwd", "edit_")
 CUDA_SOURCES = ("cuda_ops.cpp",)  # .cpp files compiled only in CUDA builds (all .cu files are too)
-CXX_FLAGS = ["-O3"]
+CXX_FLAGS = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for is inline OpenMP, serial without it
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 
@@ -89,6 +102,81 @@ def build_key(files: list[Path], with_cuda: bool, arch: str) -> str:
     return h.hexdigest()[:16]
 
 
+MANIFEST = "build.json"
+
+
+def private_dir(path: Path, follow: bool = False) -> Path:
+    """Create ``path`` (mode 0700) if needed and refuse it unless it is a folder of this user that group and
+    others cannot write (a shared cache would let another user replace the code this process runs); a
+    symlink is refused unless ``follow`` (the cache root may be a link to a private folder)."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.stat(path) if follow else os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise RuntimeError(f"the build cache {path} is a symlink or not a folder: refusing to build or load code "
+                           "there; set SAEURON_CACHE_DIR to a private folder")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise RuntimeError(f"the build cache {path} belongs to another user (uid {st.st_uid}): refusing to build or "
+                           "load code there; set SAEURON_CACHE_DIR to a folder of your own")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RuntimeError(f"the build cache {path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): "
+                           f"anyone who can write there could replace the compiled code; run `chmod go-w {path}` or "
+                           "set SAEURON_CACHE_DIR to a private folder")
+    return path
+
+
+def build_timeout() -> float:
+    """Seconds to wait for another process's build: ``SAEURON_BUILD_TIMEOUT`` (default 1800), checked."""
+    text = os.environ.get("SAEURON_BUILD_TIMEOUT", "").strip() or "1800"
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"SAEURON_BUILD_TIMEOUT={text!r} must be a number of seconds >= 0")
+    return value
+
+
+def check_sources_private(files: list) -> None:
+    """Refuse to compile sources that group or others can write (they could change the code this process runs)."""
+    folders = {Path(f).resolve().parent for f in files}
+    for p in sorted(folders | {q for d in folders for q in d.iterdir() if q.is_file()}):  # headers included
+        mode = p.stat().st_mode
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise RuntimeError(f"the extension sources {p} are writable by group or others (mode "
+                               f"{stat.S_IMODE(mode):o}): refusing to compile and load them; run `chmod go-w {p}`")
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verified_build(build_dir: Path, so: Path, key: str) -> bool:
+    """Whether ``build_dir/build.json`` records build ``key`` and exactly the bytes of ``so``."""
+    try:
+        rec = json.loads((Path(build_dir) / MANIFEST).read_text())
+        return isinstance(rec, dict) and rec.get("key") == key and rec.get("file") == so.name \
+            and rec.get("sha256") == file_sha256(so)
+    except (OSError, ValueError):
+        return False
+
+
+def _empty_build_dir(build_dir: Path, keep=()) -> None:
+    """Remove everything in ``build_dir`` but the names in ``keep``."""
+    for p in Path(build_dir).iterdir():
+        if p.name in keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
 def cache_root() -> Path:
     """Root of saeuron's caches: ``SAEURON_CACHE_DIR`` or ``~/.cache/saeuron``."""
     return Path(os.environ.get("SAEURON_CACHE_DIR") or Path.home() / ".cache" / "saeuron").expanduser()
@@ -145,13 +233,36 @@ def _so_path(build_dir: Path, name: str) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _load(folder: str, cache: str, with_cuda: bool, arch: str) -> CompiledBackend:
-    from torch.utils import cpp_extension
-
     files = sources(with_cuda, Path(folder))
+    check_sources_private(files)
     key = build_key(files, with_cuda, arch)
     name = f"saeuron_C_{key}"
-    build_dir = Path(cache) / "ext" / key
-    build_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(Path(cache), follow=True)
+    private_dir(Path(cache) / "ext")
+    build_dir = private_dir(Path(cache) / "ext" / key)
+    timeout = build_timeout()
+    try:
+        lock = FolderLock(build_dir, "building the saeuron C++ extension in", timeout=timeout)
+    except FolderBusyError as e:
+        raise RuntimeError(f"gave up waiting {timeout:g} s for another process's build of the extension ({e}); "
+                           "raise SAEURON_BUILD_TIMEOUT or stop that process") from None
+    with lock:
+        return _build_and_load(folder, files, key, name, build_dir, with_cuda, arch)
+
+
+def _build_and_load(folder, files, key, name, build_dir, with_cuda, arch):
+    """Verify or (re)build, then load, the module in ``build_dir``; called with the build lock held."""
+    from torch.utils import cpp_extension
+
+    stale = build_dir / "lock"  # torch's FileBaton; we hold the only builder lock, so its owner is gone
+    if stale.exists():
+        warnings.warn(f"removed {stale}, a build lock left by a build that was killed; rebuilding")
+        stale.unlink()
+    so = _so_path(build_dir, name)
+    if so.exists() and not verified_build(build_dir, so, key):
+        warnings.warn(f"{so} has no matching build record ({MANIFEST}): it was not built here or is incomplete, so it "
+                      "is not loaded; rebuilding in an emptied folder")
+        _empty_build_dir(build_dir, keep=(LOCK_NAME,))
     if not _so_path(build_dir, name).exists():
         print("saeuron: building the C++ extension (first use only)...", file=sys.stderr, flush=True)
     defines = ["-DSAEURON_WITH_CUDA"] if with_cuda else []
@@ -169,6 +280,11 @@ def _load(folder: str, cache: str, with_cuda: bool, arch: str) -> CompiledBacken
                 os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
             else:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch
+    so = _so_path(build_dir, name)
+    if not verified_build(build_dir, so, key):  # built just now (by this process, under the lock): record it
+        atomic_write_json({"key": key, "file": so.name, "sha256": file_sha256(so), "with_cuda": with_cuda, "arch": arch,
+                           "torch": torch.__version__, "sources": [p.name for p in files], "cxx_flags": CXX_FLAGS,
+                           "nvcc_flags": NVCC_FLAGS}, build_dir / MANIFEST)
     if bool(module.cuda_enabled()) != with_cuda:
         raise RuntimeError(f"the extension in {build_dir} was built with cuda={module.cuda_enabled()}, "
                            f"expected {with_cuda}")

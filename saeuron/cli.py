@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+from .pipelines import load_pipeline
 
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}
@@ -32,65 +35,32 @@ def _device(name):
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def load_pipeline(model: str, device=None, dtype=None):
-    """A pipeline from a local folder, ``minicanvas`` (the shipped MiniCanvas model) or a hub id."""
-    from diffusers import DiffusionPipeline
-
-    if model in (None, "minicanvas"):
-        from .minicanvas import defaults
-
-        return defaults.load_pipeline(_device(device), dtype)
-    kw = {"torch_dtype": dtype} if dtype is not None else {}
-    if Path(model).exists() and not (Path(model) / "model_index.json").is_file():
-        raise SystemExit(f"{model} is not a diffusers pipeline folder (no model_index.json)")
-    index = Path(model) / "model_index.json"
-    if index.is_file() and json.loads(index.read_text()).get("_class_name") == "MiniCanvasPipeline":
-        from .minicanvas.model import load_pipeline as load_minicanvas  # not a diffusers class: load it ourselves
-
-        kw = {"dtype": dtype} if dtype is not None else {}  # default fp32, not the fp16 it ships in
-        return load_minicanvas(model, _device(device), **kw)
-    pipe = DiffusionPipeline.from_pretrained(model, **kw)
-    for attr in ("safety_checker",):
-        if getattr(pipe, attr, None) is not None:
-            setattr(pipe, attr, None)
-    return pipe.to(_device(device))
-
-
 def read_prompts(path: str):
     """Prompts from a .txt (one per line) or .json file (a list, or {concept: [prompts]})."""
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"prompt file {path} not found")
-    if p.suffix == ".json":
-        data = json.loads(p.read_text())
-        if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
-            return data
-        if isinstance(data, list) and all(isinstance(v, str) for v in data):
-            return data
-        raise SystemExit(f"{path}: expected a JSON list of prompts or an object {{concept: [prompts]}}")
-    return [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    from .collect import read_prompt_file
+
+    try:
+        return read_prompt_file(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e)) from None
 
 
-def _per_concept(values):
+def _per_concept(values, what="multiplier"):
     """``--multiplier -1`` or ``--multiplier Cartoon=-5 Dog=-1`` -> float or dict."""
-    if not values:
-        return None
-    if len(values) == 1 and "=" not in values[0]:
-        return float(values[0])
-    out = {}
-    for v in values:
-        if "=" not in v:
-            raise SystemExit(f"per-concept values look like NAME=VALUE, got {v!r}")
-        k, x = v.rsplit("=", 1)
-        out[k] = float(x)
-    return out
+    from .concepts import parse_per_concept
+
+    try:
+        return parse_per_concept(values, what)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _patch_kwargs(a) -> dict:
     """The edit options a command was given (``--multiplier``, ``--percentile``, ``--top-n``, ``--threshold``)."""
-    got = (("multiplier", _per_concept(getattr(a, "multiplier", None))),
-           ("percentile", _per_concept(getattr(a, "percentile", None))), ("top_n", getattr(a, "top_n", None)),
-           ("threshold", _per_concept(getattr(a, "threshold", None))))
+    got = (("multiplier", _per_concept(getattr(a, "multiplier", None), "multiplier")),
+           ("percentile", _per_concept(getattr(a, "percentile", None), "percentile")),
+           ("top_n", getattr(a, "top_n", None)),
+           ("threshold", _per_concept(getattr(a, "threshold", None), "threshold")))
     return {k: v for k, v in got if v is not None}
 
 
@@ -154,7 +124,8 @@ def cmd_generate(a):
     prompts = [a.prompt] if a.prompt else read_prompts(a.prompts)
     if isinstance(prompts, dict):
         prompts = [p for ps in prompts.values() for p in ps]
-    res = generate(pipe, prompts, a.out, concepts=a.concept, checkpoint=a.checkpoint, seeds=a.seeds,
+    res = generate(pipe, prompts, a.out, concepts=a.concept, checkpoint=_eval_checkpoint(a.checkpoint, a.model),
+                   seeds=a.seeds,
                    num_inference_steps=a.steps, guidance_scale=a.guidance, height=a.height, width=a.width,
                    halves=a.halves, **_patch_kwargs(a))
     print(f"grid: {res['grid']}")
@@ -216,15 +187,16 @@ def add_minicanvas_parser(sub):
     s.add_argument("--out", required=True, help="training folder: state, metrics.jsonl, pipeline/")
     s.add_argument("--config", default="cpu", choices=["micro", "cpu", "gpu"], help="model size (default cpu)")
     s.add_argument("--steps", type=int, default=None, help="total optimiser steps (default: per config)")
-    s.add_argument("--batch-size", type=int, default=None)
-    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--batch-size", type=int, default=None, help='images per optimiser step (default: per --config)')
+    s.add_argument("--lr", type=float, default=None, help='peak learning rate (default: per --config)')
     s.add_argument("--lr-decay", type=float, default=None,
                    help="share of the final steps over which the learning rate falls linearly to 0 "
                         "(default: per config)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default=None)
+    s.add_argument("--seed", type=int, default=0, help='random seed (default %(default)s)')
+    s.add_argument("--device", default=None, help='cpu or cuda (default: cuda if available)')
     s.add_argument("--cfg-dropout", type=float, default=0.1, help="share of empty captions (for CFG)")
-    s.add_argument("--no-ema", action="store_true")
+    s.add_argument("--no-ema", action="store_true",
+                   help='save the raw weights instead of their exponential moving average')
     s.add_argument("--save-every", type=int, default=250, help="checkpoint every n steps")
     s.add_argument("--pool-size", type=int, default=None, help="pre-rendered images on the device (0: render per step)")
     s.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"], help="autocast (default bf16 on CUDA)")
@@ -242,9 +214,10 @@ def add_minicanvas_parser(sub):
     s = mcs.add_parser("build", help="produce every shipped default (classifiers, model, gates, SAE, concept file)")
     s.add_argument("--out", default=None, help="default: the package's saeuron/minicanvas/assets")
     s.add_argument("--work", default="build/minicanvas_work", help="unshipped state (checkpoints, activations); resume")
-    s.add_argument("--config", default="cpu", choices=["micro", "cpu", "gpu"])
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default=None)
+    s.add_argument("--config", default="cpu", choices=["micro", "cpu", "gpu"],
+                   help='model size: micro (tests), cpu or gpu (default %(default)s)')
+    s.add_argument("--seed", type=int, default=0, help='random seed (default %(default)s)')
+    s.add_argument("--device", default=None, help='cpu or cuda (default: cuda if available)')
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.add_argument("--stages", nargs="+", default=["classifiers", "model", "gates", "collect", "sae", "concepts"],
                    help="run only these stages (their predecessors must be done)")
@@ -305,7 +278,8 @@ def cmd_explain(a):
 
 
 def cmd_sweep(a):
-    from .evaluate.sweep import MULTIPLIERS, PERCENTILES, THRESHOLDS, TOP_NS, sweep
+    from .evaluate.protocol import MULTIPLIERS, PERCENTILES, THRESHOLDS, TOP_NS
+    from .evaluate.sweep import sweep
 
     pipe = load_pipeline(a.model, a.device, _dtype(a.dtype))
     sweep(pipe, _eval_classifiers(a.classifiers, a.device), _eval_checkpoint(a.checkpoint, a.model),
@@ -342,8 +316,10 @@ def _eval_model_args(s):
 
 def _grid_args(s, seeds):
     s.add_argument("--classifiers", default=None, help="folder with object/ and style/ classifiers (default: shipped)")
-    s.add_argument("--domain", default="style", choices=["style", "object"])
-    s.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
+    s.add_argument("--domain", default="style", choices=["style", "object"],
+                   help='what is unlearned: style or object (default %(default)s)')
+    s.add_argument("--seeds", type=int, nargs="+", default=list(seeds),
+                   help='generator seeds: one image per prompt and seed (default %(default)s)')
     s.add_argument("--objects", nargs="+", default=None, help="prompt objects (default: all)")
     s.add_argument("--styles", nargs="+", default=None, help="prompt styles, 'unstyled' included (default: all)")
     s.add_argument("--no-resume", action="store_true", help="recompute everything instead of reusing cached results")
@@ -353,17 +329,20 @@ def add_explain_parser(sub):
     """``saeuron explain``: selected features, where they fire and what editing each does, as a PNG."""
     s = sub.add_parser("explain", help="PNG + HTML: a concept's features per timestep, activation maps, edit effects")
     _eval_model_args(s)
-    s.add_argument("--concept", required=True)
+    s.add_argument("--concept", required=True, help='the concept to explain (a name in the concept file)')
     s.add_argument("--out", required=True, help="folder for explain_<concept>.png and index.html")
     s.add_argument("--prompts", default=None, help="prompt file holding the concept (default: MiniCanvas captions)")
     s.add_argument("--other-prompts", default=None, help="prompt file without the concept")
-    s.add_argument("--seeds", type=int, nargs="+", default=[0])
+    s.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help='generator seeds: one image per prompt and seed (default %(default)s)')
     s.add_argument("--hookpoint", default=None, help="default: the concept's first own hookpoint with an SAE")
-    s.add_argument("--top-features", type=int, default=8)
-    s.add_argument("--top-images", type=int, default=4)
+    s.add_argument("--top-features", type=int, default=8, help='features shown (default %(default)s)')
+    s.add_argument("--top-images", type=int, default=4, help='images shown per feature (default %(default)s)')
     s.add_argument("--percentile", type=float, default=None, help="default: the concept file's")
-    s.add_argument("--top-n", type=int, default=None)
-    s.add_argument("--multiplier", type=float, default=None)
+    s.add_argument("--top-n", type=int, default=None,
+                   help='select the top n features per timestep instead of by percentile')
+    s.add_argument("--multiplier", type=float, default=None,
+                   help="edit multiplier gamma < 0 (default: the concept file's)")
     s.add_argument("--threshold", type=float, default=None,
                    help="factor on the edit threshold tau (default: concept file)")
     s.set_defaults(fn=cmd_explain)
@@ -377,7 +356,8 @@ def add_sweep_parser(sub):
     _eval_model_args(s)
     _grid_args(s, (1, 2))
     s.add_argument("--concepts", nargs="+", default=None, help="default: every concept of the domain")
-    s.add_argument("--rule", default="auto", choices=["auto", "percentile", "top_n"])
+    s.add_argument("--rule", default="auto", choices=["auto", "percentile", "top_n"],
+                   help='feature selection rule: percentile, top_n or auto (by dictionary size) (default %(default)s)')
     s.add_argument("--multipliers", type=float, nargs="+", default=None, help="default -1 -5 -10 ... -30")
     s.add_argument("--percentiles", type=float, nargs="+", default=None, help="default 99.99 99.995 99.999")
     s.add_argument("--top-ns", type=int, nargs="+", default=None, help="default 1 2 4 8")
@@ -393,7 +373,7 @@ def add_sweep_parser(sub):
 
 def add_minicanvas_eval_parser(subparsers):
     """``eval`` under ``saeuron minicanvas``: UA/IRA/CRA, Frechet distance, grids, resumable."""
-    from .evaluate.common import EVAL_SEEDS
+    from .evaluate.protocol import EVAL_SEEDS
 
     s = subparsers.add_parser("eval", help="UnlearnCanvas protocol: UA/IRA/CRA per target, grids, JSON + markdown")
     _eval_model_args(s)
@@ -401,7 +381,7 @@ def add_minicanvas_eval_parser(subparsers):
     s.add_argument("--targets", nargs="+", default=None, help="default: every concept of the domain")
     s.add_argument("--templates", type=int, nargs="+", default=[0], help="0 = training caption, 1 2 = paraphrases")
     s.add_argument("--multi", type=int, default=None, help="also unlearn the first 1..n targets at once")
-    s.add_argument("--out", default="minicanvas_eval")
+    s.add_argument("--out", default="minicanvas_eval", help='output folder')
     _edit_args(s)
     s.set_defaults(fn=cmd_minicanvas_eval)
     return s
@@ -426,16 +406,18 @@ def cmd_minicanvas_compare(a):
 
 def add_minicanvas_compare_parser(subparsers):
     """``compare`` under ``saeuron minicanvas``: methods x (style/object UA/IRA/CRA, UA under attack, time, memory)."""
-    from .evaluate.compare import METHODS
+    from .evaluate.protocol import METHODS
 
     s = subparsers.add_parser("compare", help="SAeUron vs UCE vs ESD: same targets, metrics and attack; one table")
     _eval_model_args(s)
     s.add_argument("--classifiers", default=None, help="folder with object/ and style/ classifiers (default: shipped)")
-    s.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    s.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                   help='methods to compare (default: all)')
     s.add_argument("--style-targets", "--styles-targets", nargs="*", default=None,
                    help="styles to unlearn, one at a time (default: all of the grid; none given: no style target)")
     s.add_argument("--object-targets", nargs="*", default=None, help="objects to unlearn (default: all of the grid)")
-    s.add_argument("--seeds", type=int, nargs="+", default=[188])
+    s.add_argument("--seeds", type=int, nargs="+", default=[188],
+                   help='generator seeds: one image per prompt and seed (default %(default)s)')
     s.add_argument("--objects", nargs="+", default=None, help="prompt objects (default: all)")
     s.add_argument("--styles", nargs="+", default=None, help="prompt styles, 'unstyled' included (default: all)")
     s.add_argument("--no-attack", action="store_true",
@@ -486,16 +468,18 @@ def cmd_attack(a):
 def add_attack_parser(sub):
     """``saeuron attack``: optimise a 5-token prefix against the unlearned pipeline, sample with it."""
     s = sub.add_parser("attack", help="UnlearnDiffAtk-style prefix attack on the unlearned pipeline: images + JSON")
-    s.add_argument("--model", required=True, help="pipeline folder (SD or MiniCanvas), or 'minicanvas' for the shipped one")
+    s.add_argument("--model", required=True,
+                   help="pipeline folder (SD or MiniCanvas), or 'minicanvas' for the shipped one")
     s.add_argument("--checkpoint", default=None, help="folder with SAEs and the concept file")
     s.add_argument("--concept", nargs="+", required=True, help="concept(s) unlearned by the patch")
     s.add_argument("--prompt", required=True, help="the prompt the prefix is prepended to")
     s.add_argument("--target-images", required=True, help="folder or glob of images of the erased concept")
-    s.add_argument("--out", required=True)
-    s.add_argument("--prefix-tokens", type=int, default=5)
-    s.add_argument("--iterations", type=int, default=40)
-    s.add_argument("--lr", type=float, default=0.01)
-    s.add_argument("--weight-decay", type=float, default=0.1)
+    s.add_argument("--out", required=True, help='output folder')
+    s.add_argument("--prefix-tokens", type=int, default=5,
+                   help='adversarial prompt tokens optimised (default %(default)s)')
+    s.add_argument("--iterations", type=int, default=40, help='Adam iterations (default %(default)s)')
+    s.add_argument("--lr", type=float, default=0.01, help='learning rate (default %(default)s)')
+    s.add_argument("--weight-decay", type=float, default=0.1, help='Adam weight decay (default %(default)s)')
     s.add_argument("--timesteps", default="train", choices=["train", "inference"], help="pool t is drawn from")
     s.add_argument("--project", action="store_true", help="hard prompt: evaluate at the nearest vocabulary tokens")
     s.add_argument("--placement", default="prefix", choices=["prefix", "suffix"],
@@ -503,13 +487,15 @@ def add_attack_parser(sub):
     s.add_argument("--init-exclude", nargs="*", default=[], metavar="WORD",
                    help="words the random prefix must not start from (e.g. the benchmark's concept words; "
                         "'minicanvas compare' excludes all MiniCanvas objects and styles)")
-    s.add_argument("--seeds", type=int, nargs="+", default=[188, 288, 588, 688, 888])
-    s.add_argument("--steps", type=int, default=None, help="denoising steps for the adversarial images (default: the pipeline's)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[188, 288, 588, 688, 888],
+                   help='generator seeds: one image per prompt and seed (default %(default)s)')
+    s.add_argument("--steps", type=int, default=None,
+                   help="denoising steps for the adversarial images (default: the pipeline's)")
     s.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the pipeline's)")
     _edit_args(s, top_n=False)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default=None)
-    s.add_argument("--dtype", default=None)
+    s.add_argument("--seed", type=int, default=0, help='random seed (default %(default)s)')
+    s.add_argument("--device", default=None, help='cpu or cuda (default: cuda if available)')
+    s.add_argument("--dtype", default=None, help='fp32, fp16 or bf16 (default: as saved)')
     s.set_defaults(fn=cmd_attack)
     return s
 
@@ -563,31 +549,31 @@ def add_unlearncanvas_parser(sub):
     s.add_argument("--seeds", type=int, nargs="+", default=None, help="default 188 288 588 688 888")
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default 100)")
     s.add_argument("--guidance", type=float, default=None, help="CFG scale (default 9.0)")
-    s.add_argument("--height", type=int, default=None)
-    s.add_argument("--width", type=int, default=None)
+    s.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    s.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     _edit_args(s)
     s.add_argument("--original", action="store_true", help="also the unedited model's images (images/_original)")
     s.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
-    s.add_argument("--device", default=None)
+    s.add_argument("--device", default=None, help='cpu or cuda (default: cuda if available)')
     s.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: as saved)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_unlearncanvas_generate)
 
     s = ucs.add_parser("classify", help="style and object predictions for every complete target (resumes)")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", required=True, help='run folder (config.json, images/, predictions/, results)')
     s.add_argument("--arch", default="vit_large_patch16_224", choices=["vit_large_patch16_224", "minicanvas"],
                    help="classifier architecture (vit_large_patch16_224 needs timm; minicanvas: SmallCNN stand-ins)")
     s.add_argument("--classifier", default=None, help="one file, shared body + style_head.* and object_head.*")
     s.add_argument("--style-classifier", default=None, help="style classifier file (.pth/.pt/.safetensors)")
     s.add_argument("--object-classifier", default=None, help="object classifier file (.pth/.pt/.safetensors)")
     s.add_argument("--image-size", type=int, default=None, help="classifier input size (default: per --arch)")
-    s.add_argument("--batch-size", type=int, default=32)
-    s.add_argument("--device", default=None)
+    s.add_argument("--batch-size", type=int, default=32, help='items per batch (default %(default)s)')
+    s.add_argument("--device", default=None, help='cpu or cuda (default: cuda if available)')
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_unlearncanvas_classify)
 
     s = ucs.add_parser("report", help="UA / IRA / CRA per target and their mean: results.json + results.md")
-    s.add_argument("--run", required=True)
+    s.add_argument("--run", required=True, help='run folder (config.json, images/, predictions/, results)')
     s.add_argument("--quiet", action="store_true", help="do not print the table")
     s.set_defaults(fn=cmd_unlearncanvas_report)
     return uc
@@ -600,19 +586,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="stage", required=True)
 
     def model_args(s, dtype=True):
-        s.add_argument("--model", required=True, help="pipeline folder, 'minicanvas' (the shipped model), or a hub id")
+        s.add_argument("--model", default="minicanvas",
+                       help="pipeline folder, 'minicanvas' (the shipped model; the default), or a hub id")
         s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
         if dtype:
             s.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: as saved)")
 
-    def sampling_args(s, steps=50, guidance=9.0):
-        s.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
-        s.add_argument("--guidance", type=float, default=guidance, help=f"CFG scale (default {guidance})")
-        s.add_argument("--height", type=int, default=None)
-        s.add_argument("--width", type=int, default=None)
+    def sampling_args(s):
+        s.add_argument("--steps", type=int, default=None,
+                       help="denoising steps (default: the pipeline's own: MiniCanvas 25, Stable Diffusion 50)")
+        s.add_argument("--guidance", type=float, default=None,
+                       help="CFG scale (default: the pipeline's own: MiniCanvas 1.5, Stable Diffusion 7.5)")
+        s.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+        s.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
 
     s = sub.add_parser("hookpoints", help="list the UNet's Transformer2DModel blocks and their channels")
-    s.add_argument("--model", required=True)
+    s.add_argument("--model", required=True, help="pipeline folder, 'minicanvas' (the shipped model) or a hub id")
     s.set_defaults(fn=cmd_hookpoints)
 
     s = sub.add_parser("collect", help="run the pipeline over prompts and store hookpoint activations")
@@ -625,57 +614,63 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--every", type=int, default=1, help="keep every n-th denoising step")
     s.add_argument("--halves", default="cond", choices=["cond", "uncond", "both"], help="CFG halves to keep")
     s.add_argument("--tokens-per-map", type=int, default=None, help="random subset of tokens per map (default all)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help='random seed (default %(default)s)')
     s.set_defaults(fn=cmd_collect)
 
     s = sub.add_parser("train", help="train a TopK SAE per hookpoint on a store")
-    s.add_argument("--store", required=True)
+    s.add_argument("--store", required=True, help='activation store folder (made by saeuron collect)')
     s.add_argument("--out", required=True, help="checkpoint folder (one subfolder per hookpoint); resumes")
     s.add_argument("--hookpoints", nargs="*", default=None, help="default: all in the store")
-    s.add_argument("--k", type=int, default=32)
-    s.add_argument("--expansion", type=int, default=16)
+    s.add_argument("--k", type=int, default=32, help="latents kept per token, TopK's k (default %(default)s)")
+    s.add_argument("--expansion", type=int, default=16,
+                   help='number of latents = expansion x input width (default %(default)s)')
     s.add_argument("--num-latents", type=int, default=0, help="overrides --expansion when > 0")
     s.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
-    s.add_argument("--lr", type=float, default=4e-4)
+    s.add_argument("--lr", type=float, default=4e-4, help='learning rate (default %(default)s)')
     s.add_argument("--topk", action="store_true", help="per-token TopK instead of BatchTopK")
-    s.add_argument("--max-tokens", type=int, default=None)
-    s.add_argument("--epochs", type=int, default=1)
+    s.add_argument("--max-tokens", type=int, default=None,
+                   help='stop after this many training tokens (default: every token of every epoch)')
+    s.add_argument("--epochs", type=int, default=1, help='passes over the store (default %(default)s)')
     s.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="autocast dtype (fp32 master weights)")
-    s.add_argument("--save-every", type=int, default=1000)
+    s.add_argument("--save-every", type=int, default=1000,
+                   help='save a resumable checkpoint every n steps (default %(default)s)')
     s.add_argument("--dead-tokens", type=int, default=10_000_000, help="tokens without firing before a latent is dead")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default=None)
+    s.add_argument("--seed", type=int, default=0, help='random seed (default %(default)s)')
+    s.add_argument("--device", default=None, help='cpu or cuda (default: cuda if available)')
     s.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("select", help="per-concept statistics and feature selection -> concept file")
     s.add_argument("--store", required=True, help="store collected with concept-labelled prompts")
     s.add_argument("--checkpoint", required=True, help="folder with the SAEs; the concept file is written here")
     s.add_argument("--concepts", default=None, help="JSON {concept: [prompts]} (default: the store's labels)")
-    s.add_argument("--hookpoints", nargs="*", default=None)
+    s.add_argument("--hookpoints", nargs="*", default=None, help='hookpoints to use (default: every one with an SAE)')
     s.add_argument("--multiplier", type=float, default=-1.0, help="default per-concept multiplier (gamma < 0)")
     s.add_argument("--percentile", type=float, default=99.99, help="default selection percentile")
     s.add_argument("--top-n", type=int, default=None, help="select the top n features per timestep instead")
-    s.add_argument("--device", default=None)
+    s.add_argument("--device", default=None, help='cpu or cuda (default: cuda if available)')
     s.set_defaults(fn=cmd_select)
 
     s = sub.add_parser("generate", help="images with and without the edit, plus a side-by-side grid PNG")
     model_args(s)
-    s.add_argument("--checkpoint", required=True, help="folder with SAEs and the concept file")
+    s.add_argument("--checkpoint", default=None,
+                   help="folder with SAEs and the concept file (default: the shipped one with --model minicanvas)")
     s.add_argument("--concept", nargs="+", required=True, help="concept(s) to unlearn")
-    s.add_argument("--prompt", default=None)
+    s.add_argument("--prompt", default=None, help='one prompt (or --prompts FILE)')
     s.add_argument("--prompts", default=None, help="prompt file instead of --prompt")
-    s.add_argument("--seeds", type=int, nargs="+", default=[188, 288, 588, 688, 888])
-    s.add_argument("--out", required=True)
-    sampling_args(s, steps=50, guidance=7.5)
+    s.add_argument("--seeds", type=int, nargs="+", default=[188, 288, 588, 688, 888],
+                   help='generator seeds: one image per prompt and seed (default %(default)s)')
+    s.add_argument("--out", required=True, help='output folder')
+    sampling_args(s)
     _edit_args(s, top_n=False)
-    s.add_argument("--halves", default="both", choices=["both", "cond", "uncond"])
+    s.add_argument("--halves", default="both", choices=["both", "cond", "uncond"],
+                   help='CFG halves the edit acts on: both, cond or uncond (default %(default)s)')
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("backend", help="show which kernel backend each op uses here")
     s.set_defaults(fn=cmd_backend)
 
     s = sub.add_parser("demo", help="the built-in default, end to end (no downloads)")
-    s.add_argument("--out", default="demo_out")
+    s.add_argument("--out", default="demo_out", help='output folder')
     s.add_argument("--quick", action="store_true", help="smallest settings (used by the tests)")
     s.set_defaults(fn=cmd_demo)
 
@@ -691,7 +686,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.stage == "generate" and not (args.prompt or args.prompts):
         raise SystemExit("generate needs --prompt or --prompts")
-    args.fn(args)
+    from .utils import FolderBusyError
+
+    try:
+        args.fn(args)
+    except (FileNotFoundError, NotADirectoryError, ValueError, FolderBusyError) as e:  # one clear line, no traceback
+        if os.environ.get("SAEURON_DEBUG"):
+            raise
+        raise SystemExit(f"saeuron {args.stage}: error: {e}\n(set SAEURON_DEBUG=1 to see the traceback)") from None
     return 0
 
 

@@ -9,13 +9,17 @@ bounded by one batch, and a killed run resumes at the first batch not marked don
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
 
 from .hookpoints import get_unet, list_hookpoints, resolve_hookpoints
+from .pipelines import resolve_sampling
 from .store import ActivationStore, derive_seed
+from .utils import check_finite_number, read_json
 
 HALVES = ("cond", "uncond", "both")
 _DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
@@ -45,6 +49,29 @@ def _flatten_prompts(prompts):
     return out, labels
 
 
+def read_prompt_file(path):
+    """Prompts from a .txt (one per line) or .json file (a list, or {concept: [prompts]}), with clear errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file {path} not found")
+    if p.suffix.lower() == ".json":
+        data = read_json(p, "prompt file")
+        if isinstance(data, dict) and data and all(
+                isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v) for v in data.values()):
+            return data
+        if isinstance(data, list) and data and all(isinstance(v, str) and v.strip() for v in data):
+            return data
+        raise ValueError(f"prompt file {path}: expected a non-empty JSON list of prompts or an object "
+                         "{concept: [prompts]} with non-empty lists of non-empty strings")
+    try:
+        lines = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"prompt file {path} is not UTF-8 text ({e})") from None
+    if not lines:
+        raise ValueError(f"prompt file {path} holds no prompts (one per line expected)")
+    return lines
+
+
 def _timesteps(args, kwargs):
     """The timestep argument of a UNet call (positional 1 or ``timestep=``) as a flat float32 CPU tensor."""
     t = args[1] if len(args) > 1 else kwargs.get("timestep")
@@ -60,7 +87,7 @@ def _block_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def collect(pipe, prompts, out_dir, hookpoints, *, batch_size=4, num_inference_steps=50, guidance_scale=9.0,
+def collect(pipe, prompts, out_dir, hookpoints, *, batch_size=4, num_inference_steps=None, guidance_scale=None,
             every=1, halves="cond", tokens_per_map=None, seed=0, dtype=None, height=None, width=None,
             progress=True, max_batches=None) -> ActivationStore:
     """Generate from ``prompts`` with ``pipe`` and store every ``every``-th UNet call's hookpoint tokens in ``out_dir``.
@@ -69,8 +96,12 @@ def collect(pipe, prompts, out_dir, hookpoints, *, batch_size=4, num_inference_s
     ``halves`` picks the CFG half ("cond", "uncond" or "both"; without CFG the whole batch is kept).
     ``tokens_per_map`` keeps a seeded random subset of that many tokens per feature map. Batches already
     in the store are skipped, so rerunning after a kill finishes the job without losing or duplicating rows;
-    ``max_batches`` stops after that many new batches.
+    ``max_batches`` stops after that many new batches. Steps and guidance left at None are the pipeline's own
+    defaults (the method's SD1.5 data used 50 DDIM steps at guidance 9.0); the store records the values used.
     """
+    sampling = resolve_sampling(pipe, num_inference_steps, guidance_scale)
+    num_inference_steps = sampling.get("num_inference_steps", 50)
+    guidance_scale = sampling.get("guidance_scale", 7.5)
     prompt_list, labels = _flatten_prompts(prompts)
     if halves not in HALVES:
         raise ValueError(f"halves must be one of {HALVES}, got {halves!r}")
@@ -79,6 +110,7 @@ def collect(pipe, prompts, out_dir, hookpoints, *, batch_size=4, num_inference_s
         if v is not None and (not isinstance(v, int) or v < lo):
             raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
     dtype = _as_dtype(dtype)
+    guidance_scale = check_finite_number(guidance_scale, "guidance_scale")
     unet = get_unet(pipe)
     modules = resolve_hookpoints(unet, hookpoints)
     widths = list_hookpoints(unet)
@@ -87,6 +119,17 @@ def collect(pipe, prompts, out_dir, hookpoints, *, batch_size=4, num_inference_s
                   dtype=None if dtype is None else str(dtype).replace("torch.", ""), height=height, width=width,
                   scheduler=type(getattr(pipe, "scheduler", None)).__name__)
     store = ActivationStore.create(out_dir, {n: widths[n] for n in modules}, prompt_list, labels, config)
+    try:
+        return _collect_into(store, pipe, prompt_list, modules, batch_size, num_inference_steps, guidance_scale,
+                             every, halves, tokens_per_map, seed, dtype, height, width, progress, max_batches)
+    finally:
+        store.close()  # the write lock goes; the store stays readable
+
+
+def _collect_into(store, pipe, prompt_list, modules, batch_size, num_inference_steps, guidance_scale, every, halves,
+                  tokens_per_map, seed, dtype, height, width, progress, max_batches) -> ActivationStore:
+    """The generation loop of :func:`collect`, run while ``store``'s write lock is held."""
+    unet = get_unet(pipe)
 
     n_batches = math.ceil(len(prompt_list) / batch_size)
     done = store.done_batches()
@@ -156,6 +199,11 @@ def collect(pipe, prompts, out_dir, hookpoints, *, batch_size=4, num_inference_s
                 rows = {name: {k: torch.cat([r[k] for r in rs]) for k in ("x", "timestep", "prompt_id")}
                         for name, rs in st.rows.items()}
                 st.rows = None
+                bad = {name: int((~torch.isfinite(r["x"]).all(1)).sum()) for name, r in rows.items()}
+                if any(bad.values()):  # kept (training and statistics skip them), but said
+                    warnings.warn(f"batch {b}: rows holding NaN or Inf at {[n for n, v in bad.items() if v]} "
+                                  f"({sum(bad.values())} rows; an fp16 overflow? collect with dtype='fp32' or "
+                                  "'bf16'); training and concept statistics will skip them")
                 store.write_batch(b, rows)
                 written += sum(len(r["x"]) for r in rows.values())
                 del rows

@@ -18,7 +18,6 @@ concepts can be unlearned later, with any selection rule, without recomputing an
 from __future__ import annotations
 
 import difflib
-import json
 import uuid
 import warnings
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .utils import atomic_save_file, atomic_write_json
+from .utils import FolderLock, atomic_save_file, atomic_write_json, check_finite_number, read_json
 
 TENSORS_FILE = "concepts.safetensors"
 JSON_FILE = "concepts.json"
@@ -60,6 +59,90 @@ def check_threshold(value, where: str) -> float:
         raise ValueError(f"threshold in {where} must be a finite number > 0 (a factor on the edit threshold tau; "
                          f"1 = the method's), got {value!r}")
     return v
+
+
+def check_multiplier(value, where: str) -> float:
+    """``value`` as a float if it is a finite number (gamma; the method uses gamma < 0), else a clear error."""
+    return check_finite_number(value, f"multiplier in {where} (gamma, e.g. -1)")
+
+
+def check_percentile(value, where: str) -> float:
+    """``value`` as a float if it lies in (0, 100], else a clear error."""
+    v = check_finite_number(value, f"percentile in {where}")
+    if not 0 < v <= 100:
+        raise ValueError(f"percentile in {where} must lie in (0, 100] (e.g. 99.99), got {value!r}")
+    return v
+
+
+def check_top_n(value, where: str) -> int:
+    """``value`` as an int if it is a whole number >= 0, else a clear error."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value == value and value >= 0 \
+        and float(value).is_integer()
+    if not ok:
+        raise ValueError(f"top_n in {where} must be a whole number >= 0, got {value!r}")
+    return int(value)
+
+
+def check_concepts(concepts, known=None) -> list:
+    """``concepts`` (one name or an iterable of names) as a non-empty list of strings, else a clear error."""
+    listing = f"; known: {', '.join(map(str, known))}" if known else ""
+    if isinstance(concepts, str):
+        concepts = [concepts]
+    elif concepts is None or isinstance(concepts, (bytes, dict)) or not hasattr(concepts, "__iter__"):
+        raise TypeError(f"concepts must be a concept name or a list of names, got {concepts!r}{listing}")
+    concepts = list(concepts)
+    bad = [c for c in concepts if not isinstance(c, str) or not c]
+    if bad:
+        raise TypeError(f"concept names must be non-empty strings, got {bad[0]!r}{listing}")
+    if not concepts:
+        raise ValueError(f"no concepts to unlearn{listing}")
+    return concepts
+
+
+def parse_per_concept(values, what: str):
+    """``["-1"]`` -> -1.0 and ``["Cat=-5", "Dog=-1"]`` -> ``{"Cat": -5.0, "Dog": -1.0}`` (CLI values; None if empty).
+
+    Each value must be a finite number; a clear ValueError names the bad item and the valid forms."""
+    if not values:
+        return None
+    if isinstance(values, str):
+        values = [values]
+
+    def num(text, item):
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"--{what} {item!r}: {text!r} is not a finite number; give one number (--{what} -5) or "
+                             f"NAME=NUMBER pairs (--{what} Cat=-5 Dog=-1)")
+        return v
+
+    if len(values) == 1 and "=" not in values[0]:
+        return num(values[0], values[0])
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise ValueError(f"--{what}: with several values each must look like NAME=NUMBER, got {item!r}")
+        name, text = item.rsplit("=", 1)
+        if not name:
+            raise ValueError(f"--{what} {item!r}: the concept name before '=' is empty")
+        if name in out:
+            raise ValueError(f"--{what}: concept {name!r} is given twice")
+        out[name] = num(text, item)
+    return out
+
+
+def check_defaults(d: dict, where: str) -> dict:
+    """Validate one concept's defaults (multiplier, percentile, top_n) where they enter; returns ``d``."""
+    d["multiplier"] = check_multiplier(d["multiplier"], where)
+    if d["percentile"] is not None:
+        d["percentile"] = check_percentile(d["percentile"], where)
+    if d["top_n"] is not None:
+        d["top_n"] = check_top_n(d["top_n"], where)
+    if d["percentile"] is None and d["top_n"] is None:
+        raise ValueError(f"{where}: give a percentile or a top_n (both are None)")
+    return d
 
 
 def _per_concept(value, concept):
@@ -96,11 +179,18 @@ class ConceptTable:
             raise ValueError(f"concepts without prompts: {bad}")
         if T == 0:
             raise ValueError("a concept table needs at least one timestep")
+        if not bool(torch.isfinite(self.timesteps).all()) or self.timesteps.unique().numel() != T:
+            raise ValueError(f"timesteps must be finite and distinct, got {self.timesteps.tolist()}")
         self.mu = {}
         for hp, m in mu.items():
             m = torch.as_tensor(m).detach().float().cpu()
             if m.dim() != 3 or m.shape[:2] != (C, T):
                 raise ValueError(f"mu[{hp!r}] has shape {tuple(m.shape)}; expected [C={C}, T={T}, M]")
+            bad = ~torch.isfinite(m).all(-1).all(-1) | (m < 0).any(-1).any(-1)
+            if bool(bad.any()):  # a NaN mean would silently switch the edit off; codes are ReLU outputs, >= 0
+                raise ValueError(f"mu[{hp!r}] holds NaN, Inf or negative means for concepts "
+                                 f"{[n for n, b in zip(self.names, bad.tolist()) if b]}: the statistics are corrupt; "
+                                 "recompute them (saeuron select)")
             self.mu[_norm_hp(hp)] = m.contiguous()
         if not self.mu:
             raise ValueError("a concept table needs statistics for at least one hookpoint")
@@ -130,7 +220,43 @@ class ConceptTable:
                     raise ValueError(f"defaults of {n!r}: hookpoints is empty; give None (every hookpoint) or a list")
                 d["hookpoints"] = [_norm_hp(h) for h in hps]
             d["threshold"] = check_threshold(d["threshold"], f"the defaults of {n!r}")
+            check_defaults(d, f"the defaults of {n!r}")
         return out
+
+    def check_sae(self, hp: str, sae) -> None:
+        """Raise if ``sae`` is not the SAE this table's statistics at ``hp`` were computed with.
+
+        Compares the weights fingerprint recorded by :func:`compute_statistics` (in the dtype of the less
+        precise of the two SAEs); a file without one (older saeuron) is accepted with a warning."""
+        hp = self._hp(hp)
+        if sae.num_latents != self.num_latents(hp):
+            raise ValueError(f"the SAE at {hp!r} has {sae.num_latents} latents but the concept file's statistics "
+                             f"have {self.num_latents(hp)}: they come from different SAEs")
+        rec = (self.metadata.get("hookpoint_sae") or {}).get(hp)
+        if rec is None:  # a table built by hand, not by compute_statistics: nothing recorded to check
+            return
+        prints = rec.get("fingerprints") if isinstance(rec, dict) else None
+        if not isinstance(prints, dict) or not prints:
+            warnings.warn(f"the concept file's statistics at {hp!r} record no SAE fingerprint (written by an older "
+                          "saeuron): cannot check they were computed with this SAE; rerun select to record one")
+            return
+        if rec.get("d_in") not in (None, sae.d_in) or rec.get("k") not in (None, sae.cfg.k):
+            raise ValueError(f"the concept file's statistics at {hp!r} were computed with an SAE of d_in={rec.get('d_in')}, "
+                             f"k={rec.get('k')}; this SAE has d_in={sae.d_in}, k={sae.cfg.k}: rerun select with it")
+        mine = str(sae.dtype).replace("torch.", "")
+        theirs = rec.get("dtype", "float32")
+        low = [d for d in (mine, theirs) if d != "float32"]
+        if len(set(low)) > 1:  # float16 vs bfloat16: no common exact rounding
+            warnings.warn(f"cannot check the SAE at {hp!r} against the concept file exactly ({mine} vs {theirs} weights)")
+            return
+        cmp = low[0] if low else "float32"
+        if cmp not in prints:
+            raise ValueError(f"the concept file at {hp!r} records no fingerprint for {cmp} weights: rerun select")
+        got = sae.fingerprint(getattr(torch, cmp))
+        if got != prints[cmp]:
+            raise ValueError(f"the concept file's statistics at {hp!r} were computed with another SAE (weights "
+                             f"fingerprint {prints[cmp]}, this SAE's is {got}): the selected features would be "
+                             "wrong; rerun `saeuron select` with this SAE, or use the SAE the file was made with")
 
     # -- lookup
     @property
@@ -202,12 +328,8 @@ class ConceptTable:
             if top_n is None and percentile is None:
                 raise ValueError(f"concept {concept!r} has neither a default percentile nor top_n; pass one")
         if top_n is not None:
-            if int(top_n) != top_n or top_n < 0:
-                raise ValueError(f"top_n must be a non-negative integer, got {top_n!r}")
-            return "top_n", int(top_n)
-        if not 0 <= float(percentile) <= 100:
-            raise ValueError(f"percentile must lie in [0, 100], got {percentile!r}")
-        return "percentile", float(percentile)
+            return "top_n", check_top_n(top_n, f"the selection of {concept!r}")
+        return "percentile", check_percentile(percentile, f"the selection of {concept!r}")
 
     def select(self, hp: str, concept: str, percentile=None, top_n=None) -> list:
         """Selected feature ids per timestep (a list of T sorted LongTensors).
@@ -238,14 +360,14 @@ class ConceptTable:
         ``tau [T, F] = threshold_c * tau_t[i]`` their thresholds and ``scale [T, F] = multiplier_c * mu[c,t][i]``
         (the edit sets ``f_i <- scale * f_i`` where ``f_i > tau``). A feature selected by several concepts
         keeps the smallest (most negative) scale and the smallest threshold, i.e. the strongest
-        suppression. Rows are padded to a common F with ``(0, +inf, 1.0)``, which never edits; F is 0
+        suppression, whatever the order of ``concepts`` (the reference code applies one concept after the
+        other, so there the result depends on the order; ``error_term="reference"`` therefore reproduces
+        the reference only when the concepts share no feature). Rows are padded to a common F with ``(0, +inf, 1.0)``, which never edits; F is 0
         when nothing is selected. ``multipliers``/``percentiles``/``top_ns``/``thresholds``: a number for
         all concepts or a dict per concept; unset values fall back to each concept's defaults.
         """
         hp = self._hp(hp)
-        concepts = [concepts] if isinstance(concepts, str) else list(concepts)
-        if not concepts:
-            raise ValueError(f"no concepts to unlearn; known: {', '.join(self.names)}")
+        concepts = check_concepts(concepts, self.names)
         for d, what in ((multipliers, "multipliers"), (percentiles, "percentiles"), (top_ns, "top_ns"),
                         (thresholds, "thresholds")):
             if isinstance(d, dict):
@@ -260,11 +382,14 @@ class ConceptTable:
         for c in concepts:
             ci = self.index(c)
             mult = _per_concept(multipliers, c)
-            mult = self.defaults[c]["multiplier"] if mult is None else float(mult)
+            mult = self.defaults[c]["multiplier"] if mult is None else check_multiplier(mult, f"the edit of {c!r}")
             sel = self.select(hp, c, _per_concept(percentiles, c), _per_concept(top_ns, c))
             mask = torch.zeros(T, M, dtype=torch.bool)
             for t, idx in enumerate(sel):
                 mask[t, idx] = True
+            if bool(mask.any()) and not bool(torch.isfinite(mult * mu[ci][mask]).all()):
+                raise ValueError(f"multiplier {mult} times the statistics of {c!r} at {hp!r} overflows float32; "
+                                 "the statistics are corrupt or the multiplier is far too large")
             scale = torch.where(mask, torch.minimum(scale, mult * mu[ci]), scale)
             factor = torch.where(mask, factor.clamp(max=self.threshold(c, _per_concept(thresholds, c))), factor)
             union |= mask
@@ -294,21 +419,24 @@ class ConceptTable:
             if dup:
                 raise ValueError(f"hookpoints {sorted(dup)} appear in several tables")
             mu.update(t.mu)
-        meta = {}
+        meta, per_hp = {}, {}
         for t in tables:
             meta.update(t.metadata)
+            per_hp.update(t.metadata.get("hookpoint_sae") or {})  # every hookpoint's SAE record, not the last one
+        if per_hp:
+            meta["hookpoint_sae"] = per_hp
         return cls(first.names, first.counts, first.timesteps, mu, first.defaults, meta)
 
     def save(self, out_dir) -> Path:
         """Write ``out_dir/concepts.safetensors`` and ``out_dir/concepts.json`` atomically; returns out_dir."""
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         write_id = uuid.uuid4().hex  # ties the two files of one save together
         tensors = {"timesteps": self.timesteps, "counts": self.counts, **{f"mu.{h}": m for h, m in self.mu.items()}}
-        atomic_save_file(tensors, out_dir / TENSORS_FILE, metadata={"format": FORMAT, "write_id": write_id})
-        atomic_write_json({"format": FORMAT, "version": VERSION, "write_id": write_id, "names": self.names,
-                           "hookpoints": self.hookpoints, "defaults": self.defaults, "metadata": self.metadata},
-                          out_dir / JSON_FILE)
+        with FolderLock(out_dir, "writing a concept file into"):  # two saves cannot interleave their two files
+            atomic_save_file(tensors, out_dir / TENSORS_FILE, metadata={"format": FORMAT, "write_id": write_id})
+            atomic_write_json({"format": FORMAT, "version": VERSION, "write_id": write_id, "names": self.names,
+                               "hookpoints": self.hookpoints, "defaults": self.defaults, "metadata": self.metadata},
+                              out_dir / JSON_FILE)
         return out_dir
 
     @classmethod
@@ -322,9 +450,9 @@ class ConceptTable:
                 raise FileNotFoundError(f"no concept file in {in_dir}: {name} is missing (expected {JSON_FILE} and "
                                         f"{TENSORS_FILE}; write them with `saeuron select` or build_concept_file)")
         try:
-            meta = json.loads((in_dir / JSON_FILE).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"corrupt concept file: {in_dir / JSON_FILE} is not valid JSON ({e})") from None
+            meta = read_json(in_dir / JSON_FILE, "concept file")
+        except ValueError as e:
+            raise ValueError(f"corrupt concept file: {e}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{in_dir / JSON_FILE} is not a saeuron concept file (format {FORMAT!r} expected)")
         if meta.get("version") != VERSION:
@@ -338,6 +466,11 @@ class ConceptTable:
         if st_meta.get("write_id") != meta.get("write_id"):
             raise ValueError(f"{in_dir / JSON_FILE} and {in_dir / TENSORS_FILE} come from different saves; "
                              "rebuild the concept file")
+        if not isinstance(meta.get("hookpoints"), list) or not isinstance(meta.get("names"), list) \
+                or not isinstance(meta.get("defaults", {}), (dict, type(None))) \
+                or not isinstance(meta.get("metadata", {}), (dict, type(None))):
+            raise ValueError(f"corrupt concept file: {in_dir / JSON_FILE} needs lists 'names' and 'hookpoints' "
+                             "and objects 'defaults' and 'metadata'")
         missing = [k for k in ["timesteps", "counts"] + [f"mu.{h}" for h in meta["hookpoints"]] if k not in tensors]
         if missing:
             raise ValueError(f"corrupt concept file: {in_dir / TENSORS_FILE} lacks {missing}; found {sorted(tensors)}")
@@ -345,8 +478,43 @@ class ConceptTable:
         try:
             return cls(meta["names"], tensors["counts"], tensors["timesteps"], mu, meta.get("defaults"),
                        meta.get("metadata"))
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"corrupt concept file in {in_dir}: {e}") from None
+
+
+def check_sae_for_edit(table: ConceptTable, hp: str, sae, error_term: str = "correct") -> None:
+    """Refuse, at patch time, an SAE that cannot edit ``hp`` correctly: not loaded (meta device), NaN/Inf
+    weights, a bad ``k``, another SAE than the concept file's, or a feature the edit hook does not implement."""
+    if not hasattr(sae, "validate") or not hasattr(sae, "cfg"):
+        raise TypeError(f"the SAE for {hp!r} must be a saeuron SparseAutoencoder, got {type(sae).__name__}")
+    sae.validate()
+    if sae.cfg.input_unit_norm:
+        raise ValueError(f"the SAE at {hp!r} has input_unit_norm=true: encode/forward/statistics support it, but the "
+                         "patch hook does not standardise tokens yet, so editing with it would be wrong")
+    if sae.cfg.skip_connection and error_term == "reference":
+        raise ValueError(f"the SAE at {hp!r} has skip_connection=true, which error_term='reference' does not model; "
+                         "use error_term='correct' (the skip connection cancels out of that edit)")
+    table.check_sae(hp, sae)
+
+
+def warn_shared_features(table: ConceptTable, hp: str, concepts, percentiles=None, top_ns=None) -> list:
+    """Warn (and return them) when several ``concepts`` select the same feature at some timestep of ``hp``.
+
+    For ``error_term="reference"``: saeuron gives a shared feature the most negative scale, while the reference
+    code applies concepts one after the other (its result depends on their order), so the compatibility mode
+    reproduces the reference only when the concepts share no feature."""
+    concepts = check_concepts(concepts, table.names)
+    owners: dict = {}
+    for c in concepts:
+        for t, idx in enumerate(table.select(hp, c, _per_concept(percentiles, c), _per_concept(top_ns, c))):
+            for i in idx.tolist():
+                owners.setdefault(i, set()).add(c)
+    shared = sorted(i for i, cs in owners.items() if len(cs) > 1)
+    if shared:
+        warnings.warn(f"concepts {concepts} share features {shared[:8]}{' ...' if len(shared) > 8 else ''} at {hp!r}: "
+                      "each gets the most negative scale here, whereas the reference code's result depends on the "
+                      "order of the concepts, so error_term='reference' does not reproduce it exactly")
+    return shared
 
 
 def load_concepts(in_dir) -> ConceptTable:
@@ -419,6 +587,7 @@ def compute_statistics(store, sae, hookpoint, concepts=None, *, batch_size: int 
     d = store.d_in(hookpoint)
     if sae.d_in != d:
         raise ValueError(f"SAE width d_in={sae.d_in} does not match the store's width {d} at hookpoint {hookpoint!r}")
+    sae.validate()
     names, members = _concept_members(store, concepts)
     C, P, M = len(names), len(store.prompts), sae.num_latents
     device = torch.device(device) if device is not None else sae.device
@@ -434,6 +603,7 @@ def compute_statistics(store, sae, hookpoint, concepts=None, *, batch_size: int 
     n_mem, start, flat = n_mem.to(device), start.to(device), flat.to(device)
 
     t_index: dict = {}
+    dropped = [0]  # rows with NaN/Inf, skipped (first pass)
 
     def run(weight=None):
         sums = torch.zeros(max(len(t_index), 1), C, M, dtype=torch.float64, device=device)
@@ -446,7 +616,14 @@ def compute_statistics(store, sae, hookpoint, concepts=None, *, batch_size: int 
             keep = n_mem[pid] > 0
             if not bool(keep.any()):
                 continue
-            x, pid, ts = b["x"].to(device)[keep], pid[keep], b["timestep"].to(device)[keep]
+            x = b["x"].to(device)
+            finite = torch.isfinite(x).all(1) & torch.isfinite(x.to(W_enc.dtype)).all(1) \
+                & torch.isfinite(b["timestep"].to(device))
+            if weight is None:
+                dropped[0] += int((keep & ~finite).sum())
+            keep &= finite  # a NaN row would poison (or, zeroed, silently dilute) the means
+            x, pid, ts = x[keep], pid[keep], b["timestep"].to(device)[keep]
+            x = sae.preprocess(x.to(W_enc.dtype))[0]  # input_unit_norm SAEs standardise each token first
             uniq, inv = torch.unique(ts, return_inverse=True)
             for u in uniq.tolist():
                 t_index.setdefault(u, len(t_index))
@@ -472,6 +649,9 @@ def compute_statistics(store, sae, hookpoint, concepts=None, *, batch_size: int 
         return sums, ntok
 
     sums, ntok = run()
+    if dropped[0]:
+        warnings.warn(f"{dropped[0]} rows of the store at {hookpoint!r} hold NaN or Inf (values or timestep); they "
+                      "are left out of the concept statistics")
     T = len(t_index)
     if T == 0:
         raise ValueError(f"the store holds no rows of the concepts' prompts for hookpoint {hookpoint!r}")
@@ -501,8 +681,11 @@ def compute_statistics(store, sae, hookpoint, concepts=None, *, batch_size: int 
     ts = torch.tensor(sorted(t_index, key=t_index.get), dtype=torch.float32)
     order = torch.argsort(ts, descending=True)  # sampling order: noisiest first
     mu = mu.float().cpu()[:, order]
+    prints = {str(dt).replace("torch.", ""): sae.fingerprint(dt) for dt in (torch.float32, torch.float16, torch.bfloat16)
+              if sae.dtype == torch.float32 or dt == sae.dtype}
     meta = {"store": str(getattr(store, "root", "")), "hookpoint_sae": {_norm_hp(hookpoint): {"d_in": sae.d_in,
-            "num_latents": M, "k": sae.cfg.k}}}
+            "num_latents": M, "k": sae.cfg.k, "dtype": str(sae.dtype).replace("torch.", ""), "fingerprints": prints,
+            "dropped_rows": dropped[0]}}}
     return ConceptTable(names, counts, ts[order], {_norm_hp(hookpoint): mu}, metadata=meta)
 
 
@@ -553,12 +736,16 @@ def build_concept_file(store, saes, out_dir=None, hookpoints=None, concepts=None
         raise TypeError(f"saes must be a checkpoint folder, a {{hookpoint: SAE}} dict or an SAE, got {type(saes).__name__}")
     if out_dir is None:
         raise ValueError("out_dir is required when saes are not given as a checkpoint folder")
-    tables = [compute_statistics(store, sae, h, concepts, batch_size=batch_size, device=device, progress=progress)
-              for h, sae in saes.items()]
-    table = ConceptTable.merge(tables)
-    table.defaults = table._full_defaults(
-        defaults if defaults is not None else {"multiplier": multiplier, "percentile": percentile, "top_n": top_n})
-    table.save(out_dir)
+    if defaults is None:  # checked before the (long) statistics pass, not after it
+        defaults = check_defaults({**DEFAULTS, "multiplier": multiplier, "percentile": percentile, "top_n": top_n},
+                                  "build_concept_file")
+        defaults = {k: defaults[k] for k in ("multiplier", "percentile", "top_n")}
+    with FolderLock(out_dir, "computing a concept file into"):
+        tables = [compute_statistics(store, sae, h, concepts, batch_size=batch_size, device=device, progress=progress)
+                  for h, sae in saes.items()]
+        table = ConceptTable.merge(tables)
+        table.defaults = table._full_defaults(defaults)
+        table.save(out_dir)
     return table
 
 

@@ -8,6 +8,7 @@ import torch
 
 from .images import image_grid, save_png
 from .patch import get_patch, patch, unpatch
+from .pipelines import resolve_sampling
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -27,7 +28,7 @@ def _sample(pipe, jobs, batch_size, bar, **kw) -> list:
 
 
 def generate(pipe, prompts, out_dir, *, concepts, checkpoint=None, saes=None, table=None, seeds=(0,),
-             num_inference_steps: int = 50, guidance_scale: float = 7.5, height=None, width=None,
+             num_inference_steps=None, guidance_scale=None, height=None, width=None,
              batch_size: int = 4, progress: bool = True, **patch_kwargs) -> dict:
     """Generate every (prompt, seed) without and with unlearning ``concepts``; write PNGs and a grid.
 
@@ -35,7 +36,8 @@ def generate(pipe, prompts, out_dir, *, concepts, checkpoint=None, saes=None, ta
     ``out_dir/grid.png`` (rows = prompts x seeds, columns original | unlearned). ``patch_kwargs`` go to
     :func:`saeuron.patch.patch` (multiplier, percentile, top_n, threshold, hookpoints, halves, error_term). Any patch
     already on the pipeline is restored afterwards. Returns ``{"original": [paths], "unlearned": [paths],
-    "pairs": [(prompt, original, unlearned)], "grid": path}``.
+    "pairs": [(prompt, original, unlearned)], "grid": path}``. Steps and guidance left at None are the
+    pipeline's own defaults.
     """
     from tqdm.auto import tqdm
 
@@ -47,7 +49,7 @@ def generate(pipe, prompts, out_dir, *, concepts, checkpoint=None, saes=None, ta
     out = Path(out_dir)
     jobs = [(p, s) for p in prompts for s in seeds]
     names = [f"{i:03d}_{_slug(p)}_seed{s}.png" for i, (p, s) in enumerate(jobs)]
-    kw = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale)
+    kw = resolve_sampling(pipe, num_inference_steps, guidance_scale)
     kw.update({k: v for k, v in (("height", height), ("width", width)) if v is not None})
 
     prev = get_patch(pipe)

@@ -54,7 +54,7 @@ def image_grid(rows: Sequence[Sequence], row_labels: Optional[Sequence[str]] = N
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_h = _text_size(draw, "Ag", font)[1] + 2
     left = label_width + pad if row_labels is not None else 0
-    col_lines = [_wrap(draw, t, font, cell_w) for t in col_labels] if col_labels is not None else []
+    col_lines = [_wrap(draw, t, font, cell_w - pad) for t in col_labels] if col_labels is not None else []
     top = (max(len(ls) for ls in col_lines) * line_h + pad) if col_lines else 0
     W = left + n_cols * (cell_w + pad) + pad
     H = top + len(rows) * (cell_h + pad) + pad
@@ -73,6 +73,22 @@ def image_grid(rows: Sequence[Sequence], row_labels: Optional[Sequence[str]] = N
         for c, im in enumerate(row):
             grid.paste(im.convert("RGB"), (left + pad + c * (cell_w + pad), y))
     return grid
+
+
+def add_caption(image, lines: Sequence[str], font_size: int = 13, pad: int = 6, background="white", color="black"):
+    """``image`` with ``lines`` of text (wrapped to its width) written under it: a picture that explains itself."""
+    from PIL import Image, ImageDraw
+
+    font = _font(font_size)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [w for line in lines for w in _wrap(draw, line, font, image.width - 2 * pad)]
+    line_h = _text_size(draw, "Ag", font)[1] + 3
+    out = Image.new("RGB", (image.width, image.height + len(wrapped) * line_h + 2 * pad), background)
+    out.paste(image.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(out)
+    for j, line in enumerate(wrapped):
+        draw.text((pad, image.height + pad + j * line_h), line, fill=color, font=font)
+    return out
 
 
 def save_png(image, path) -> Path:

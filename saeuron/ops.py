@@ -1,17 +1,22 @@
-"""The one seam for hot ops: picks the compiled extension > Triton > PyTorch, per device.
+"""The one seam for hot ops: picks, per op and device, the compiled extension, Triton or PyTorch.
 
 Every op is a ``torch.library`` custom op (``saeuron::<name>``) with a fake implementation, so
 ``torch.compile`` sees one opaque node and CUDA graph capture works. The body of each op calls
-the implementation of the backend chosen for the tensors' device:
+the implementation of the backend chosen for the op and the tensors' device:
 
 - ``cuda``: the extension built just in time from ``csrc/`` (CUDA kernels for GPU tensors, C++
   for CPU tensors; ops it lacks for a device fall through to the next backend);
 - ``triton``: the kernels in ``saeuron.kernels`` (GPU, or CPU under ``TRITON_INTERPRET=1``);
 - ``torch``: :mod:`saeuron.reference`, always available.
 
-``SAEURON_BACKEND=cuda|triton|torch`` (or :func:`set_backend`) forces a backend; when it cannot
-serve an op the next one in the order above is used, with one warning. Automatic choice uses the
-extension and Triton on GPUs only: on the CPU the reference (MKL GEMM + topk) is the fast path.
+Automatic choice follows :data:`AUTO_ORDER`, a static order per device type and op justified by
+the measured tables in ``benchmarks/RESULTS.md``: on the CPU the C++ fire-first edit (about 0.01x,
+0.1x and 1.1x the dense encoder GEMM with 0, 5 and 100 % of the tokens firing) beats the reference
+(2-6x), while the reference's MKL GEMM + topk stays the CPU path of the training ops. ``SAEURON_BACKEND=cuda|triton|torch`` (or :func:`set_backend`) forces
+a backend; when it cannot serve an op the next one in :data:`BACKENDS` is used. Whenever a faster
+backend than the one used cannot run, one warning says why.
+
+Arguments are validated here, once; the backends trust them (no second check on the hot path).
 """
 from __future__ import annotations
 
@@ -24,7 +29,19 @@ import torch
 from . import reference
 
 BACKENDS = ("cuda", "triton", "torch")
+#: The hot ops, declared once: each backend implements them as attributes of the same name.
 OPS = ("topk_encode", "sparse_decode", "gather_encode", "gather_encode_bwd", "sparse_decode_bwd", "edit_")
+#: Automatic backend order per device type and op (ops not named: the device's ``"*"`` entry).
+#: CPU (measured, benchmarks/RESULTS.md): the compiled fire-first edit beats the reference 3-400x;
+#: the other ops stay on the reference (MKL GEMM + topk). GPU (no kernel has been timed on a GPU yet;
+#: benchmarks/gpu_session.sh times them all): the Triton edit skips the dense GEMM for row blocks with
+#: no candidate, the CUDA edit always runs it (cuBLAS, no host sync), so Triton comes first; top-k
+#: encode keeps cuBLAS + torch.topk, the only GPU timing on record (performance.md), ahead of the
+#: unmeasured fused kernels.
+AUTO_ORDER = {
+    "cpu": {"edit_": ("cuda", "torch"), "*": ("torch",)},
+    "cuda": {"edit_": ("triton", "cuda", "torch"), "topk_encode": ("torch", "triton", "cuda"), "*": BACKENDS},
+}
 
 _forced: Optional[str] = None
 _modules: dict = {}
@@ -89,13 +106,12 @@ def set_backend(name: Optional[str]) -> None:
     _choice.clear()
 
 
-def _candidates(device: torch.device) -> tuple:
+def _candidates(op: str, device: torch.device) -> tuple:
     forced = requested_backend()
     if forced is not None:
         return BACKENDS[BACKENDS.index(forced):]
-    if device.type == "cuda":
-        return BACKENDS
-    return ("torch",)
+    order = AUTO_ORDER.get(device.type, {})
+    return order.get(op, order.get("*", ("torch",)))
 
 
 def _warn_once(key, msg):
@@ -151,7 +167,7 @@ def backend_for(op: str, device: torch.device) -> str:
     key = (op, device.type, requested_backend())
     if key in _choice:
         return _choice[key][0]
-    cands = _candidates(device)
+    cands = _candidates(op, device)
     for i, name in enumerate(cands):
         mod = _load(name)
         if mod is not None and hasattr(mod, op) and mod.supports(op, device):
@@ -265,7 +281,10 @@ _gather_encode.register_autograd(_ge_backward, setup_context=_ge_setup)
 @torch.library.custom_op("saeuron::edit_", mutates_args=("x",))
 def _edit_(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, W_dec: torch.Tensor,
            k: int, feat_idx: torch.Tensor, tau: torch.Tensor, scale: torch.Tensor, rows_per_group: int) -> None:
-    _impl("edit_", x.device)(x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale, rows_per_group)
+    # float64 asks for reference precision: the GPU kernels rank fp32 pre-activations, so it runs the reference
+    # there (the C++ CPU op computes in float64)
+    fn = reference.edit_ if x.dtype == torch.float64 and x.device.type != "cpu" else _impl("edit_", x.device)
+    fn(x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale, rows_per_group)
 
 
 @_edit_.register_fake
@@ -274,6 +293,9 @@ def _(x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale, rows_per_group):
 
 
 # --------------------------------------------------------------------------- public API
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
 
 def _check_float(name_tensors: dict, dtype: torch.dtype):
     for name, t in name_tensors.items():
@@ -319,18 +341,34 @@ def edit_(x, W_enc, b_enc, b_dec, W_dec, k: int, feat_idx, tau, scale, rows_per_
 
     ``x`` is ``[N, d]`` tokens or a ``[B, C, H, W]`` block output. ``feat_idx/tau/scale`` are
     ``[F]`` or ``[G, F]`` tables; token row r uses table row ``min(r // rows_per_group, G-1)``.
+    Ids outside ``[0, M)`` are padding and never fire. Validated here once; backends trust it.
     """
+    if x.dim() not in (2, 4):
+        raise ValueError(f"edit_ takes tokens [N, d] or a map [B, C, H, W], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"x has dtype {x.dtype}; valid: float32, float16, bfloat16, float64")
     width = x.shape[1]
     _check_sae(width, W_enc, b_enc, b_dec, k)
     _check_float({"W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec, "W_dec": W_dec}, x.dtype)
+    if W_dec.shape != W_enc.shape:
+        raise ValueError(f"W_dec {tuple(W_dec.shape)} must have the shape of W_enc {tuple(W_enc.shape)}")
     if feat_idx.dim() == 1:
         feat_idx, tau, scale = feat_idx[None], tau[None], scale[None]
-    if not (feat_idx.shape == tau.shape == scale.shape):
-        raise ValueError(f"feat_idx {tuple(feat_idx.shape)}, tau {tuple(tau.shape)}, scale {tuple(scale.shape)} must match")
-    n = x.numel() // width
+    if feat_idx.dim() != 2 or not (feat_idx.shape == tau.shape == scale.shape):
+        raise ValueError(f"feat_idx {tuple(feat_idx.shape)}, tau {tuple(tau.shape)}, scale {tuple(scale.shape)} "
+                         f"must be equal [G, F] (or [F]) tables")
+    if feat_idx.is_floating_point() or feat_idx.is_complex():
+        raise TypeError(f"feat_idx has dtype {feat_idx.dtype}; it must hold integer latent ids")
+    for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec), ("W_dec", W_dec), ("feat_idx", feat_idx),
+                    ("tau", tau), ("scale", scale)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move all tensors to one device")
+    n = x.numel() // width if width else 0
     if rows_per_group is None:
         rows_per_group = max(n // max(feat_idx.shape[0], 1), 1)
-    _edit_(x, W_enc, b_enc, b_dec, W_dec, int(k), feat_idx.long(), tau.float(), scale.float(), int(rows_per_group))
+    _edit_(x, W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous(), W_dec.contiguous(), int(k),
+           feat_idx.long().contiguous(), tau.float().contiguous(), scale.float().contiguous(),
+           max(int(rows_per_group), 1))
     return x
 
 

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from . import ops, reference
-from .concepts import ConceptTable
+from .concepts import ConceptTable, check_concepts, check_sae_for_edit, warn_shared_features
 from .hookpoints import get_unet, list_hookpoints, normalize_hookpoint, resolve_hookpoints
 from .sae import SparseAutoencoder, available_hookpoint_dirs, resolve_hookpoint_dir
 
@@ -299,7 +299,7 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
         if checkpoint is None:
             raise ValueError("pass checkpoint=DIR (SAE folders + concept file) or saes={hookpoint: SAE} and table=")
         table = ConceptTable.load(checkpoint)
-    concepts = [concepts] if isinstance(concepts, str) else list(concepts)
+    concepts = check_concepts(concepts, table.names)
     if not concepts:
         raise ValueError(f"no concepts to unlearn; known: {', '.join(table.names)}")
     for c in concepts:
@@ -325,6 +325,7 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
     for hp in hps:
         table._hp(hp)  # statistics present, else an error listing those that are
         sae = _load_sae(hp, saes, checkpoint)
+        check_sae_for_edit(table, hp, sae, error_term)  # meta device, NaN/Inf, another SAE than the concept file's
         if sae.d_in != widths[hp]:
             raise ValueError(f"SAE width d_in={sae.d_in} does not match hookpoint {hp!r}, which has {widths[hp]} channels")
         if sae.num_latents != table.num_latents(hp):
@@ -333,6 +334,8 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
         loaded[hp] = sae
         ts, fi, ta, sc = table.edit_tables(hp, [c for c in concepts if hp in where[c]], multiplier, percentile, top_n,
                                            threshold)
+        if error_term == "reference":  # shared features: the reference's result depends on the concepts' order
+            warn_shared_features(table, hp, [c for c in concepts if hp in where[c]], percentile, top_n)
         tables[hp] = (fi, ta, sc)
     handle = SaeuronPatch(unet, pipe, loaded, dict(modules), ts, tables, concepts, halves, error_term)
     return handle.install()

@@ -112,26 +112,42 @@ def sparse_decode_backward(grad_out, values, indices, W_dec):
     return grad_values.to(values.dtype), grad_W.to(W_dec.dtype), grad_b_dec.to(W_dec.dtype)
 
 
+def topk_members(x_tok, W_enc, b_enc, b_dec, k):
+    """``(values [N, k] in x.dtype, indices [N, k])`` of each token's top k under the edit's tie rule.
+
+    The ranking is that of :func:`topk_encode` (ReLU pre-activations in fp32, NaN/inf as 0) with ties
+    broken explicitly: larger value first, then lower latent index (a stable descending sort), so
+    every backend can decide membership by counting the latents that beat a value.
+    """
+    pre = torch.nan_to_num(preacts(x_tok, W_enc, b_enc, b_dec), nan=0.0, posinf=0.0, neginf=0.0)
+    idx = torch.sort(pre, dim=-1, descending=True, stable=True).indices[:, :k]
+    return pre.gather(1, idx).to(x_tok.dtype), idx
+
+
 def edit_delta(x_tok, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale, rows_per_group):
     """The fp32 change ``sum_i (f'_i - f_i) W_dec[i]`` that the unlearning edit adds to each token.
 
     ``feat_idx/tau/scale`` are ``[G, F]`` tables: row ``r`` of ``x_tok`` uses table row
     ``min(r // rows_per_group, G - 1)``. Feature ``feat_idx[g, j]`` is edited on a token when it is
-    among the token's top-k latents and its value exceeds ``tau[g, j]``; its value becomes
-    ``scale[g, j] * f``. Padding entries (``tau = inf`` or ``scale = 1``) never change anything.
+    among the token's top-k latents (ties: larger value first, then lower index) and its value,
+    rounded to ``x.dtype``, exceeds ``tau[g, j]``; its value becomes ``scale[g, j] * f``. Padding
+    entries (``tau = inf``, ``scale = 1`` or an id outside ``[0, M)``) never change anything.
     Rows holding a non-finite value get a zero delta (they pass through unchanged).
+    This ground truth keeps the full top-k; the backends decide membership fire-first.
     """
     n = x_tok.shape[0]
     if n == 0 or feat_idx.numel() == 0:
         return torch.zeros(x_tok.shape, dtype=_f(x_tok).dtype, device=x_tok.device)
-    vals, idx = topk_encode(x_tok, W_enc, b_enc, b_dec, k)
+    vals, idx = topk_members(x_tok, W_enc, b_enc, b_dec, k)
     vals = _f(vals)
     g = feat_idx.shape[0]
     rows = torch.arange(n, device=x_tok.device)
     grp = torch.clamp(rows // max(int(rows_per_group), 1), max=g - 1)
     fi, ta, sc = feat_idx[grp], _f(tau)[grp], _f(scale)[grp]  # [N, F]
+    valid = (fi >= 0) & (fi < W_enc.shape[0])
+    fi = torch.where(valid, fi, torch.zeros_like(fi))
     # match[n, j, s]: selected feature j is top-k slot s of token n
-    match = idx.unsqueeze(1) == fi.unsqueeze(2)  # [N, F, k]
+    match = (idx.unsqueeze(1) == fi.unsqueeze(2)) & valid.unsqueeze(2)  # [N, F, k]
     f = (vals.unsqueeze(1) * match).sum(-1)  # [N, F] value of each selected feature (0 if not in top-k)
     fire = match.any(-1) & (f > ta)
     coef = torch.where(fire, (sc - 1.0) * f, torch.zeros_like(f))  # [N, F]

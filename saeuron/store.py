@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .utils import atomic_save_file, atomic_write_json
+from .utils import FolderLock, atomic_save_file, atomic_write_json, holds_lock, read_json
 
 VERSION = 1
 FIELDS = ("x", "timestep", "prompt_id")
@@ -71,6 +71,30 @@ def _read_header(path: Path) -> dict:
         raise ValueError(f"corrupt activation shard {path}: {e}") from e
 
 
+def _read_manifest(manifest: Path) -> dict:
+    """``store.json`` parsed and checked field by field (a clear error names the first bad field)."""
+    meta = read_json(manifest, "activation store manifest")
+    if not isinstance(meta, dict):
+        raise ValueError(f"activation store manifest {manifest} must hold a JSON object, got {type(meta).__name__}")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{manifest} has version {meta.get('version')!r}; this saeuron reads version {VERSION}")
+    hps, prompts, labels, done = meta.get("hookpoints"), meta.get("prompts"), meta.get("labels"), meta.get("done")
+    bad = None
+    if not isinstance(hps, dict) or not hps or not all(isinstance(v, int) and v > 0 for v in hps.values()):
+        bad = "'hookpoints' must be a non-empty object {name: width > 0}"
+    elif not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        bad = "'prompts' must be a non-empty list of strings"
+    elif labels is not None and (not isinstance(labels, list) or len(labels) != len(prompts)):
+        bad = "'labels' must be null or a list with one entry per prompt"
+    elif not isinstance(done, list) or not all(isinstance(b, int) and b >= 0 for b in done):
+        bad = "'done' must be a list of batch indices >= 0"
+    elif not isinstance(meta.get("config", {}), dict):
+        bad = "'config' must be an object"
+    if bad:
+        raise ValueError(f"corrupt activation store manifest {manifest}: {bad}")
+    return meta
+
+
 class ActivationStore:
     """A folder of per-hookpoint activation shards plus a ``store.json`` manifest (see module docstring)."""
 
@@ -81,12 +105,9 @@ class ActivationStore:
         if not manifest.is_file():
             raise FileNotFoundError(f"no activation store at {self.root}: {manifest} is missing "
                                     "(create one with ActivationStore.create or saeuron.collect)")
-        with open(manifest) as f:
-            self.meta = json.load(f)
-        if self.meta.get("version") != VERSION:
-            raise ValueError(f"{manifest} has version {self.meta.get('version')!r}; "
-                             f"this saeuron reads version {VERSION}")
+        self.meta = _read_manifest(manifest)
         self._headers: dict = {}
+        self._lock = None
 
     @classmethod
     def create(cls, root, hookpoints: dict, prompts: list, labels=None, config=None) -> "ActivationStore":
@@ -107,17 +128,36 @@ class ActivationStore:
             raise ValueError(f"{len(labels)} labels for {len(prompts)} prompts; give one label (or None) per prompt")
         meta = _canon(dict(hookpoints=hookpoints, prompts=prompts, labels=None if labels is None else list(labels),
                            config=config or {}, done=[], version=VERSION))
-        if (root / "store.json").is_file():
-            store = cls(root)
-            diff = [_describe(k, store.meta.get(k), meta[k]) for k in ("hookpoints", "prompts", "labels", "config")
-                    if store.meta.get(k) != meta[k]]
-            if diff:
-                raise ValueError(f"{root} already holds an activation store made with other arguments ("
-                                 + "; ".join(diff) + "); use a new folder to collect something else")
-            store._clean_tmp()
-            return store
-        atomic_write_json(meta, root / "store.json")
-        return cls(root)
+        lock = FolderLock(root, "collecting activations into")  # one writer: a second one fails here, clearly
+        try:
+            if (root / "store.json").is_file():
+                store = cls(root)
+                diff = [_describe(k, store.meta.get(k), meta[k]) for k in ("hookpoints", "prompts", "labels", "config")
+                        if store.meta.get(k) != meta[k]]
+                if diff:
+                    raise ValueError(f"{root} already holds an activation store made with other arguments ("
+                                     + "; ".join(diff) + "); use a new folder to collect something else")
+                store._clean_tmp()
+            else:
+                atomic_write_json(meta, root / "store.json")
+                store = cls(root)
+        except BaseException:
+            lock.release()
+            raise
+        store._lock = lock
+        return store
+
+    def close(self) -> None:
+        """Release this store's write lock (taken by ``create`` or the first ``write_batch``); reading goes on."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def _clean_tmp(self):
         """Remove temporary files a killed writer left behind (only call while no other writer is active)."""
@@ -184,13 +224,23 @@ class ActivationStore:
             if x.ndim != 2 or x.shape[1] != d or t.shape != (n,) or pid.shape != (n,):
                 raise ValueError(f"rows[{hp!r}]: expected x [n, {d}], timestep [n], prompt_id [n]; got "
                                  f"{tuple(x.shape)}, {tuple(t.shape)}, {tuple(pid.shape)}")
+            if n and not bool(torch.isfinite(t.float()).all()):
+                raise ValueError(f"rows[{hp!r}]['timestep'] holds NaN or Inf; every row needs the finite timestep "
+                                 "the UNet received")
             if n and (int(pid.min()) < 0 or int(pid.max()) >= len(self.meta["prompts"])):
                 raise ValueError(f"rows[{hp!r}]: prompt_id out of range [0, {len(self.meta['prompts'])})")
             clean[hp] = {"x": x.detach().cpu(), "timestep": t.detach().cpu().float(),
                          "prompt_id": pid.detach().cpu().long()}
+        if self._lock is None and not holds_lock(self.root):
+            self._lock = FolderLock(self.root, "collecting activations into")
+        on_disk = _read_manifest(self.root / "store.json")  # merge with the file, never overwrite it from memory
+        changed = [k for k in ("hookpoints", "prompts", "labels", "config", "version") if on_disk.get(k) != self.meta.get(k)]
+        if changed:
+            raise ValueError(f"{self.root / 'store.json'} was replaced by another run since this store was opened "
+                             f"({', '.join(changed)} differ); not writing batch {batch_idx} into it")
         for hp, r in clean.items():
             atomic_save_file(r, self._path(hp, batch_idx), metadata={"hookpoint": hp, "batch": str(batch_idx)})
-        self.meta["done"] = sorted(set(self.meta["done"]) | {batch_idx})
+        self.meta["done"] = sorted(set(on_disk["done"]) | set(self.meta["done"]) | {batch_idx})
         atomic_write_json(self.meta, self.root / "store.json")
 
     # --- reading --------------------------------------------------------------------------------

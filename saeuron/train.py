@@ -26,6 +26,8 @@ batch, gradients and dead-latent counters are all-reduced, and only rank 0 write
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional
@@ -36,7 +38,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .sae import SaeConfig, SparseAutoencoder
-from .utils import atomic_save_file, atomic_write_json
+from .utils import FolderLock, atomic_save_file, atomic_write_json
 
 STATE_FILE = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
@@ -73,6 +75,17 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
+        for name in ("k", "expansion_factor", "num_latents", "batch_size", "warmup_steps", "dead_tokens_threshold",
+                     "epochs", "save_every", "seed", "log_every", "max_tokens", "max_steps"):
+            v = getattr(self, name)
+            if not (v is None and name in ("max_tokens", "max_steps")) and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"TrainConfig.{name} must be an integer, got {v!r}")
+        for name in ("lr", "eps", "grad_clip", "auxk_alpha"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"TrainConfig.{name} must be a finite number, got {v!r}")
+        if not isinstance(self.batch_topk, bool):
+            raise ValueError(f"TrainConfig.batch_topk must be True or False, got {self.batch_topk!r}")
         for name in ("k", "batch_size", "epochs", "save_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
@@ -315,10 +328,27 @@ def _load_state(folder: Path, sae, opt, device) -> tuple[dict, torch.Tensor]:
 
 
 def _trim_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    """Drop log lines written after the checkpoint we resume from (they will be written again).
+
+    A line a kill or a full disk cut short (not valid JSON) is dropped with a warning, not fatal."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep, torn = [], []
+    for i, ln in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            rec = json.loads(ln)
+            rec_step = rec.get("step", 0) if isinstance(rec, dict) else None
+        except json.JSONDecodeError:
+            rec_step = None
+        if not isinstance(rec_step, int):
+            torn.append(i)
+        elif rec_step <= step:
+            keep.append(ln)
+    if torn:
+        warnings.warn(f"{path}: dropped {len(torn)} unreadable line(s) (line {', '.join(map(str, torn[:5]))}), "
+                      "e.g. cut short by a kill; the run resumes from its checkpoint")
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(ln + "\n" for ln in keep))
     tmp.replace(path)
@@ -366,7 +396,28 @@ def train(data, out_dir, hookpoint: Optional[str] = None, cfg: TrainConfig = Tra
     tokens_since_fired = torch.zeros(sae_cfg.latents, dtype=torch.long, device=device)
 
     folder = Path(out_dir) / hookpoint if hookpoint is not None else Path(out_dir)
+    lock = FolderLock(folder, "training an SAE in") if rank == 0 else None  # a second run into it fails clearly
+    try:
+        return _train_locked(batches, folder, hookpoint, cfg, device, progress, resume, rank, world, local_bs, cdtype,
+                             d_in, epoch_steps, total, sae, opt, params, tokens_since_fired, sae_cfg)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _finite_rows(x: torch.Tensor, cdtype) -> torch.Tensor:
+    """Rows of ``x`` that are finite, also after the cast to the compute dtype ``cdtype``."""
+    ok = torch.isfinite(x).all(1)
+    if cdtype is not None:
+        ok &= torch.isfinite(x.to(cdtype)).all(1)
+    return ok
+
+
+def _train_locked(batches, folder, hookpoint, cfg, device, progress, resume, rank, world, local_bs, cdtype, d_in,
+                  epoch_steps, total, sae, opt, params, tokens_since_fired, sae_cfg) -> SparseAutoencoder:
+    """The training loop of :func:`train`, run while the output folder's lock is held."""
     step, epoch, pos, tokens = 0, 0, 0, 0
+    skipped = 0  # rows dropped for NaN/Inf
     meta_fixed = {"d_in": d_in, "hookpoint": hookpoint, "world_size": world, "total_steps": total,
                   "epoch_steps": epoch_steps, "config": asdict(cfg)}
     if resume and (folder / STATE_FILE).is_file():
@@ -378,7 +429,13 @@ def train(data, out_dir, hookpoint: Optional[str] = None, cfg: TrainConfig = Tra
         if bad:
             raise ValueError(f"cannot resume from {folder / STATE_FILE}: the run differs ({'; '.join(bad)}); "
                              f"use the same settings or pass resume=False")
+        where = [k for k in ("step", "epoch", "batch_in_epoch", "tokens") if not isinstance(meta.get(k), int)
+                 or isinstance(meta.get(k), bool) or meta.get(k) < 0]
+        if where:
+            raise ValueError(f"corrupt trainer state {folder / STATE_FILE}: {where} missing or not integers >= 0; "
+                             "delete it or pass resume=False")
         step, epoch, pos, tokens = meta["step"], meta["epoch"], meta["batch_in_epoch"], meta["tokens"]
+        skipped = int(meta.get("skipped_rows", 0))
         if rank == 0:
             _trim_metrics(folder / METRICS_FILE, step)
     resumed = step > 0
@@ -392,9 +449,14 @@ def train(data, out_dir, hookpoint: Optional[str] = None, cfg: TrainConfig = Tra
             (folder / METRICS_FILE).unlink()
 
     def save():
+        bad = [n for n, p in _params(sae).items() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise FloatingPointError(f"the SAE's {', '.join(bad)} hold NaN or Inf at step {step}: not saving it over "
+                                     f"the last good checkpoint in {folder}; lower the learning rate or check the data")
         if rank == 0:
             _save_state(folder, sae, opt, scaler, tokens_since_fired,
-                        {**meta_fixed, "step": step, "epoch": epoch, "batch_in_epoch": pos, "tokens": tokens})
+                        {**meta_fixed, "step": step, "epoch": epoch, "batch_in_epoch": pos, "tokens": tokens,
+                         "skipped_rows": skipped})
 
     bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc=f"train {hookpoint or 'sae'}",
                dynamic_ncols=True)
@@ -412,6 +474,19 @@ def train(data, out_dir, hookpoint: Optional[str] = None, cfg: TrainConfig = Tra
             if x.dim() != 2 or x.shape[1] != d_in:
                 raise ValueError(f"batch of shape {tuple(x.shape)} does not match d_in={d_in}")
             x = x.to(device)
+            ok = _finite_rows(x, cdtype)
+            if not bool(ok.all()):
+                n_bad = int((~ok).sum())
+                if n_bad == x.shape[0]:
+                    raise ValueError(f"every row of training batch {pos} (epoch {epoch}) holds NaN or Inf"
+                                     f"{' in ' + cdtype.__repr__() if cdtype is not None else ''}; the data at "
+                                     f"{hookpoint or 'the given tensor'} is unusable: recollect it")
+                if skipped == 0:
+                    warnings.warn(f"training data holds rows with NaN or Inf (first seen: {n_bad} of {x.shape[0]} rows "
+                                  f"of batch {pos}, epoch {epoch}); they are skipped and counted in "
+                                  f"{METRICS_FILE} as 'skipped_rows'")
+                skipped += n_bad
+                x = x[ok]
             if step == 0:  # b_dec = geometric median of the first batch; every rank starts from rank 0's weights
                 sae.init_b_dec(x.float())
                 if world > 1:
@@ -447,8 +522,14 @@ def train(data, out_dir, hookpoint: Optional[str] = None, cfg: TrainConfig = Tra
                 rec = {"step": step, "tokens": tokens, "fvu": stats[0].item() / n, "auxk": stats[1].item() / n,
                        "l0": stats[2].item() / n,
                        "dead_frac": (dead_fraction(tokens_since_fired, cfg.dead_tokens_threshold)),
-                       "lr": lr_at(step - 1, total, cfg.lr, cfg.warmup_steps)}
+                       "lr": lr_at(step - 1, total, cfg.lr, cfg.warmup_steps), "skipped_rows": skipped}
                 sums.zero_()
+                if not scaler.is_enabled() and not (math.isfinite(rec["fvu"]) and math.isfinite(rec["auxk"])):
+                    # checked where the log already syncs (no extra host sync per step); every rank sees the same
+                    # all-reduced numbers, so all stop together
+                    raise FloatingPointError(f"the training loss became {rec['fvu']} at step {step} (fvu, logged "
+                                             f"every {cfg.log_every} steps); nothing was saved past the last "
+                                             f"checkpoint in {folder}: lower the learning rate or check the data")
                 if rank == 0:
                     with open(folder / METRICS_FILE, "a") as f:
                         f.write(json.dumps(rec) + "\n")

@@ -1,9 +1,16 @@
-"""Small shared helpers: atomic file writes (a kill never leaves a half-written file)."""
+"""Small shared helpers: atomic file writes (a kill never leaves a half-written file), one writer per
+output folder (:class:`FolderLock`), and checks of values where they enter."""
 from __future__ import annotations
 
+import functools
+import inspect
 import json
+import math
 import os
+import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 
@@ -45,3 +52,183 @@ def atomic_save_file(tensors: dict, path, metadata=None) -> Path:
 
     return _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata))
 
+
+def atomic_write(path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then ``os.replace`` it into place."""
+    return _atomic(path, write)
+
+
+# --------------------------------------------------------------------------- one writer per folder
+
+LOCK_NAME = ".saeuron.lock"
+_HELD: dict = {}  # resolved lock path -> [fd, count, thread id]
+_HELD_GUARD = threading.Lock()
+
+
+class FolderBusyError(RuntimeError):
+    """Another process (or thread) holds the write lock of an output folder."""
+
+
+def _owner(path: Path) -> str:
+    """The owner recorded in a lock file, as words."""
+    try:
+        info = json.loads(path.read_text() or "{}")
+        return f"pid {info.get('pid')} on {info.get('host')}, {info.get('what', 'writing')} since {info.get('since')}"
+    except (OSError, ValueError):
+        return "owner unknown"
+
+
+class FolderLock:
+    """An exclusive, re-entrant (per thread) write lock on ``folder`` (``folder/.saeuron.lock``, ``fcntl.flock``).
+
+    The kernel drops the lock when its process dies (a killed run never leaves a stale lock: the file it
+    leaves is simply locked anew); the file records the owner's pid, host and task for the error the
+    second writer gets, and is removed on release. ``timeout``: seconds to wait for the lock (0: fail at
+    once with :class:`FolderBusyError`).
+    """
+
+    def __init__(self, folder, what: str = "writing to", timeout: float = 0.0):
+        self._released = True  # nothing held until acquired (a failed acquisition releases nothing)
+        self.folder = Path(folder)
+        self.what = what
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder.resolve() / LOCK_NAME
+        key = str(self.path)
+        me = threading.get_ident()
+        with _HELD_GUARD:
+            held = _HELD.get(key)
+            if held is not None and held[2] == me:
+                held[1] += 1
+                self._released = False
+                return
+        deadline = time.monotonic() + max(float(timeout), 0.0)
+        while True:
+            with _HELD_GUARD:
+                held = _HELD.get(key)
+                if held is None:
+                    fd = self._try_lock()
+                    if fd is not None:
+                        _HELD[key] = [fd, 1, me]
+                        self._released = False
+                        return
+            if time.monotonic() >= deadline:
+                raise FolderBusyError(
+                    f"{self.folder} is in use by another saeuron run ({_owner(self.path)}); two runs writing one "
+                    f"folder would mix their outputs, so this one ({what} it) stops: wait for the other to finish "
+                    f"or use another folder")
+            time.sleep(0.05)
+
+    def _try_lock(self):
+        """Open and flock the lock file; the fd on success, None when another process holds it."""
+        import fcntl
+
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot create the lock file {self.path} to write into {self.folder} "
+                                       f"({e.strerror}; a read-only folder?)") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # held by another process
+                os.close(fd)
+                return None
+            except OSError as e:
+                os.close(fd)
+                raise OSError(e.errno, f"cannot lock {self.path} ({e.strerror}): the file system does not support "
+                                       "flock, so saeuron cannot keep two runs from writing this folder at once") from None
+            try:  # the holder unlinks the file on release: make sure we locked the file that is there now
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        return fd
+
+    def release(self) -> None:
+        """Release this hold (the lock itself goes when the last hold of the thread is released)."""
+        if self._released:
+            return
+        self._released = True
+        with _HELD_GUARD:
+            held = _HELD.get(str(self.path))
+            if held is None:
+                return
+            held[1] -= 1
+            if held[1] == 0:
+                del _HELD[str(self.path)]
+                try:
+                    os.unlink(self.path)  # still locked here, so no other process holds this file
+                except OSError:
+                    pass
+                os.close(held[0])  # closing the descriptor drops the flock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        try:
+            self.release()  # a forgotten hold goes with its object (e.g. a store that was never closed)
+        except Exception:
+            pass
+
+
+def locks_folder(arg: str, what: str, create: bool = True):
+    """Decorator: hold :class:`FolderLock` on the folder given as argument ``arg`` for the call (skipped when
+    None, or when the folder does not exist and ``create`` is False: the call then reports that itself)."""
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            folder = bound.arguments.get(arg)
+            if folder is None or (not create and not Path(folder).is_dir()):
+                return fn(*args, **kwargs)
+            with FolderLock(folder, what):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap
+
+
+def holds_lock(folder) -> bool:
+    """Whether this thread holds the write lock of ``folder``."""
+    held = _HELD.get(str(Path(folder).resolve() / LOCK_NAME))
+    return held is not None and held[2] == threading.get_ident()
+
+
+# --------------------------------------------------------------------------- checks where values enter
+
+def check_finite_number(value, what: str, allow=None) -> float:
+    """``value`` as a float when it is a finite real number (not a bool), else a ValueError naming ``what``."""
+    try:
+        v = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not math.isfinite(v) or (allow is not None and not allow(v)):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return v
+
+
+def read_json(path, what: str = "JSON file"):
+    """Parse the JSON file ``path``; a missing, unreadable or malformed file raises a clear error naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path} cannot be read ({e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None

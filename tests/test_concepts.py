@@ -211,7 +211,8 @@ def test_nan_rows_do_not_crash(tmp_path):
     x = torch.randn(8, 16)
     x[0, 3] = float("nan")
     store.write_batch(0, {HP: {"x": x, "timestep": torch.full((8,), 5.0), "prompt_id": torch.arange(8) % 2}})
-    tab = compute_statistics(store, sae, HP, progress=False)
+    with pytest.warns(UserWarning, match="1 rows .* NaN or Inf"):
+        tab = compute_statistics(store, sae, HP, progress=False)
     assert torch.isfinite(tab.mu[HP]).all()
 
 

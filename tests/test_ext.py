@@ -344,6 +344,16 @@ def test_no_build_falls_back_with_one_warning(fresh_ops, monkeypatch):
     _assert_falls_back("SAEURON_NO_BUILD")
 
 
+def test_automatic_cpu_edit_uses_extension_or_warns_once(ext, fresh_ops, monkeypatch):
+    """Without SAEURON_BACKEND the CPU edit runs the compiled op; when it cannot be built, one warning."""
+    monkeypatch.delenv("SAEURON_BACKEND", raising=False)
+    assert ops.backend_for("edit_", CPU) == "cuda" and ops.backend_for("topk_encode", CPU) == "torch"
+    ops._choice.clear()
+    ops._modules.pop("cuda")
+    monkeypatch.setenv("SAEURON_NO_BUILD", "1")
+    _assert_falls_back("SAEURON_NO_BUILD")
+
+
 def test_broken_sources_fall_back_with_one_warning(fresh_ops, monkeypatch, tmp_path):
     src = tmp_path / "csrc"
     src.mkdir()

@@ -48,7 +48,9 @@ def _gpu_like_plan(monkeypatch):
         return p
 
     monkeypatch.setattr(te, "plan", plan)
-    monkeypatch.setattr(ed, "plan", plan)
+    # the edit: GPU-sized blocks, several latent ranges per row block (atomic counts), small row blocks
+    monkeypatch.setattr(ed, "blocks", lambda n, m, d, nf, dtype=F16: dict(
+        R=16, FP=max(16, triton.next_power_of_2(nf)), BK=16, BM=64, MSPAN=128, BD=32))
 
 
 def _gpu_like_blocks(monkeypatch):
@@ -383,9 +385,9 @@ def test_supports_and_bad_inputs():
         K.topk_encode(_x(3, 8), W_enc, b_enc, b_dec, 40)
     with pytest.raises(ValueError, match="width of x"):
         K.topk_encode(_x(3, 9), W_enc, b_enc, b_dec, 2)
-    with pytest.raises(ValueError, match="must be equal"):
-        K.edit_(_x(3, 8), W_enc, b_enc, b_dec, W_dec, 2, torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 3),
-                torch.zeros(1, 2), 3)
+    with pytest.raises(ValueError, match="must be equal"):  # edit_ arguments are validated once, in ops
+        ops.edit_(_x(3, 8), W_enc, b_enc, b_dec, W_dec, 2, torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 3),
+                  torch.zeros(1, 2), 3)
     with pytest.raises(ValueError, match=r"\[N, k\]"):
         K.sparse_decode(torch.rand(3, 2), torch.zeros(3, 3, dtype=torch.long), W_dec)
 
@@ -398,12 +400,16 @@ ptr = dict(x_ptr="*fp16", W_ptr="*fp16", c_ptr="*fp32", cand_ptr="*i64", W_dec_p
            idx_ptr="*i64", feat_ptr="*i64", tau_ptr="*fp32", scale_ptr="*fp32", b_enc_ptr="*fp16", b_dec_ptr="*fp16",
            be_ptr="*fp16", bd_ptr="*fp16", i_ptr="*i64", out_ptr="*fp16", gv_ptr="*fp16", v_ptr="*fp16",
            gx_ptr="*fp16", gW_ptr="*fp32", gbe_ptr="*fp32", gbd_ptr="*fp32", go_ptr="*fp16", gb_ptr="*fp32",
-           b_ptr="*fp16", r_ptr="*fp16", sxb="i64", sxs="i64", sxc="i64")
+           b_ptr="*fp16", r_ptr="*fp16", sxb="i64", sxs="i64", sxc="i64", pv_ptr="*fp32", flag_ptr="*i32",
+           order_ptr="*i64", cnt_ptr="*i32")
 enc = dict(R=16, NTP=256, T=8, KP=32, BM=128, BK=64, FULL=False, DOT_F32=False, UPCAST=False)
-cases = [("topk_encode", "_tile_topk_kernel", dict(BN=64, BM=128, BK=64, T=8, DOT_F32=False, UPCAST=False, GEOM=0)),
-         ("topk_encode", "_tile_topk_kernel", dict(BN=128, BM=128, BK=64, T=8, DOT_F32=False, UPCAST=False, GEOM=1)),
+cases = [("topk_encode", "_tile_topk_kernel", dict(BN=64, BM=128, BK=64, T=8, DOT_F32=False, UPCAST=False)),
+         ("topk_encode", "_tile_topk_kernel", dict(BN=128, BM=128, BK=32, T=8, DOT_F32=True, UPCAST=False)),
          ("topk_encode", "_fold_bias_kernel", dict(BM=64, BK=128)),
-         ("topk_encode", "_merge_kernel", enc), ("edit", "_edit_kernel", dict(enc, FP=16, BD=64)),
+         ("topk_encode", "_merge_kernel", enc),
+         ("edit", "_select_kernel", dict(R=64, FP=32, BK=64, DOT_F32=False, UPCAST=False)),
+         ("edit", "_count_kernel", dict(R=64, FP=32, BM=128, BK=64, DOT_F32=False, UPCAST=False)),
+         ("edit", "_apply_kernel", dict(R=64, FP=32, BD=64)),
          ("sparse_decode", "_sparse_decode_kernel", dict(HAS_B=True, HAS_R=True, R=4, KP=32, BD=32)),
          ("training", "_gather_encode_kernel", dict(R=4, KP=32, BD=32)),
          ("training", "_gather_encode_bwd_kernel", dict(R=4, SUB=8, KP=32, BD=32)),
@@ -413,7 +419,7 @@ for mod, name, consts in cases:
     sig = {a: "constexpr" if a in consts else ptr.get(a, "i32") for a in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
     k = triton.compile(triton.compiler.ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=8 if name in ("_merge_kernel", "_edit_kernel") else 4, num_stages=3))
+                       options=dict(num_warps=8 if name == "_merge_kernel" else 4, num_stages=3))
     assert k.asm["cubin"], name
 print("compiled", len(cases))
 '''
@@ -428,4 +434,4 @@ def test_kernels_compile_for_hopper():
 
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     r = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "compiled 9" in r.stdout, r.stderr[-3000:]
+    assert r.returncode == 0 and "compiled 11" in r.stdout, r.stderr[-3000:]

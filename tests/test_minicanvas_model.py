@@ -397,5 +397,5 @@ def test_cli_minicanvas_build_set(tmp_path, capsys):
     assert capsys.readouterr().out.count("already done, skipped") == 6
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(base + ["--set", "multiplier"])
-    with pytest.raises(ValueError, match="unknown build setting 'guidence'; valid: .*guidance"):
+    with pytest.raises(SystemExit, match="unknown build setting 'guidence'; valid: .*guidance"):
         main(base + ["--set", "guidence=2"])

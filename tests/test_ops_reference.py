@@ -154,3 +154,21 @@ def test_ops_trace_into_one_graph_under_torch_compile():
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
     for got, want in zip(compiled(x), step(x)):
         torch.testing.assert_close(got, want)
+
+
+def test_edit_tie_at_the_kth_value_goes_to_the_lower_index():
+    """Latents 9 and 12 tie exactly at the k-th (2nd) place behind latent 2: 9 is in the top k, 12 is not."""
+    d, m, k = 8, 16, 2
+    g = torch.Generator().manual_seed(3)
+    W_enc = -torch.rand(m, d, generator=g)  # with x > 0 every other latent is negative, ReLU'd to 0
+    W_enc[2], W_enc[9], W_enc[12] = torch.full((d,), 0.5), torch.full((d,), 0.25), torch.full((d,), 0.25)
+    b_enc, b_dec = torch.zeros(m), torch.zeros(d)
+    W_dec = torch.nn.functional.normalize(torch.randn(m, d, generator=g), dim=1)
+    x = torch.rand(4, d, generator=g) + 0.5
+    for feat, edited in ((9, True), (12, False)):
+        out = ops.edit(x, W_enc, b_enc, b_dec, W_dec, k, torch.tensor([feat]), torch.zeros(1), torch.tensor([-1.0]))
+        assert bool((out != x).any(1).all()) == edited and bool((out == x).all(1).all()) != edited, feat
+        want = x.clone()
+        reference.edit_(want, W_enc, b_enc, b_dec, W_dec, k, torch.tensor([[feat]]), torch.zeros(1, 1),
+                        torch.tensor([[-1.0]]), 4)
+        assert torch.equal(out, want)

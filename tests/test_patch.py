@@ -58,7 +58,7 @@ def test_no_firing_feature_is_identity(pipe):
     base = _run(pipe)
     h = patch(pipe, "cat", saes=_saes(), table=_table(fires=False))
     assert h.tables[UP][0].shape[1] > 0  # features are selected, they just never fire
-    torch.testing.assert_close(_run(pipe), base, rtol=1e-6, atol=1e-6)
+    assert torch.equal(_run(pipe), base)  # README: bit for bit
 
 
 def test_ablation_changes_output_and_unpatch_restores_exactly(pipe):
@@ -147,10 +147,10 @@ def test_threshold_factor_on_tau(pipe):
     torch.testing.assert_close(h3.tables[UP][1][finite], h.tables[UP][1][finite] * 3.0)
     assert torch.equal(h3.tables[UP][0], h.tables[UP][0]) and torch.equal(h3.tables[UP][2], h.tables[UP][2])
     patch(pipe, "cat", saes=saes, table=table, threshold=1e12)  # above any activation: nothing is edited
-    torch.testing.assert_close(_run(pipe), base, rtol=1e-6, atol=1e-6)
+    assert torch.equal(_run(pipe), base)
     table.defaults["cat"]["threshold"] = 1e12  # the concept file's default is used when not given ...
     patch(pipe, "cat", saes=saes, table=table)
-    torch.testing.assert_close(_run(pipe), base, rtol=1e-6, atol=1e-6)
+    assert torch.equal(_run(pipe), base)
     patch(pipe, "cat", saes=saes, table=table, threshold=1)  # ... and an explicit value beats it
     assert torch.equal(_run(pipe), edited)
     with pytest.raises(ValueError, match="threshold in the edit of 'cat' must be a finite number > 0"):
@@ -274,12 +274,42 @@ def test_reference_error_term_in_pipeline(pipe):
     assert torch.isfinite(ref).all() and (ref - base).abs().max() > 1e-3
 
 
-def test_nan_activations_do_not_crash(pipe):
+def test_nan_activations_stay_in_their_token(pipe):
+    """A NaN token in a hooked block's output stays NaN and changes no other token's edit (bit for bit)."""
     x, ehs = _unet_inputs(2)
-    x[0, :, 2, 3] = float("nan")
-    with patched(pipe.unet, "cat", saes=_saes(), table=_table()), torch.no_grad():
-        out = pipe.unet(x, TS[0], ehs).sample
-    assert out.shape == x.shape
+    block = pipe.unet.get_submodule(UP)
+    seen = {}
+
+    def run(poison):
+        def inject(module, args, out):
+            o = (out[0] if isinstance(out, tuple) else out.sample if hasattr(out, "sample") else out)
+            if poison:
+                o[1, :, 2, 3] = float("nan")
+            return out
+
+        first = block.register_forward_hook(inject)
+        with patched(pipe.unet, "cat", saes=_saes(), table=_table()), torch.no_grad():
+            last = block.register_forward_hook(lambda m, a, out: seen.__setitem__(
+                poison, (out[0] if isinstance(out, tuple) else out.sample if hasattr(out, "sample") else out).clone()))
+            try:
+                pipe.unet(x, TS[0], ehs)
+            finally:
+                last.remove()
+                first.remove()
+        return seen[poison]
+
+    clean, poisoned = run(False), run(True)
+    cap = block.register_forward_hook(lambda m, a, out: seen.__setitem__("base", (
+        out[0] if isinstance(out, tuple) else out.sample if hasattr(out, "sample") else out).clone()))
+    with torch.no_grad():
+        pipe.unet(x, TS[0], ehs)
+    cap.remove()
+    assert (clean - seen["base"]).abs().max() > 0  # the edit acted at this block
+    nan = torch.zeros_like(clean, dtype=torch.bool)
+    nan[1, :, 2, 3] = True
+    assert torch.isnan(poisoned[nan]).all()
+    assert not torch.isnan(poisoned[~nan]).any()
+    assert torch.equal(poisoned[~nan], clean[~nan])
 
 
 def test_bad_input(pipe, tmp_path):

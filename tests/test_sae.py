@@ -25,7 +25,7 @@ def _write_sparsify_folder(path, d=16, m=64, k=4, seed=0):
 def test_sparsify_layout_loads_and_encodes_identically(tmp_path):
     t = _write_sparsify_folder(tmp_path / "ckpt" / "unet.up_blocks.1.attentions.1")
     sae = SparseAutoencoder.from_pretrained(tmp_path / "ckpt", hookpoint="up_blocks.1.attentions.1")
-    assert sae.cfg.extra == {"multi_topk": False, "skip_connection": False}
+    assert sae.cfg.extra == {"multi_topk": False} and sae.cfg.skip_connection is False
     x = torch.randn(23, 16)
     vals, idx = sae.encode(x)
     pre = torch.relu((x - t["b_dec"]) @ t["encoder.weight"].t() + t["encoder.bias"])

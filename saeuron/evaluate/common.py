@@ -1,17 +1,17 @@
 """Shared pieces of the evaluation layer: the SAEs and concept table to patch with, batched sampling, judging."""
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 
 import torch
 
+from .. import pipelines
 from ..concepts import ConceptTable
+from .protocol import EVAL_SEEDS  # noqa: F401  (re-exported: the evaluation modules read it here)
 from ..hookpoints import normalize_hookpoint
 from ..sae import SparseAutoencoder, available_hookpoint_dirs, resolve_hookpoint_dir
 
-EVAL_SEEDS = (188, 288, 588, 688, 888)  # the UnlearnCanvas evaluation seeds (method.md section 6)
 
 
 PATCH_KEYS = ("multiplier", "percentile", "top_n", "threshold", "hookpoints", "halves", "error_term")
@@ -72,19 +72,8 @@ def as_image_tensor(images) -> torch.Tensor:
 def resolve_sampling(pipe, num_inference_steps=None, guidance_scale=None) -> tuple:
     """``(steps, guidance)``: each ``None`` replaced by the pipeline's own default (its ``__call__``'s; diffusers'
     usual 50 and 7.5 where it does not say), so cache keys and reports record what ran, not "default"."""
-    try:
-        params = inspect.signature(pipe.__call__).parameters
-    except (TypeError, ValueError):
-        params = {}
-
-    def default(name, fallback):
-        p = params.get(name)
-        v = getattr(p, "default", None)
-        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else fallback
-
-    steps = default("num_inference_steps", 50) if num_inference_steps is None else num_inference_steps
-    guidance = default("guidance_scale", 7.5) if guidance_scale is None else guidance_scale
-    return int(steps), float(guidance)
+    got = pipelines.resolve_sampling(pipe, num_inference_steps, guidance_scale)
+    return int(got.get("num_inference_steps", 50)), float(got.get("guidance_scale", 7.5))
 
 
 def sample_images(pipe, prompts, seeds, *, num_inference_steps=None, guidance_scale=None, batch_size: int = 16,

@@ -56,16 +56,16 @@ from tqdm.auto import tqdm
 from ..minicanvas import classifiers as clf
 from ..minicanvas import data
 from ..patch import get_patch, patch
-from ..utils import _atomic, atomic_write_json
+from ..utils import atomic_write, atomic_write_json, locks_folder
 from .attack import attack as run_attack
 from .attack import generate_adversarial
 from .baselines import _device, _PeakMemory, _rss, esd_train, uce_edit
 from .common import check_classifiers, check_patch_kwargs, resolve_assets, resolve_sampling, slug
 from .metrics import DOMAINS, mean_metrics, target_metrics
+from .protocol import METHODS
 from .unlearn_eval import (_baseline, _fingerprint, _load_cached, _norm, _records, baseline_config, build_jobs,
                            edit_signature, evaluate_run)
 
-METHODS = ("saeuron", "uce", "esd")
 METHOD_NAMES = {"saeuron": "SAeUron", "uce": "UCE", "esd": "ESD"}
 ESD_VARIANT = {"style": "xattn", "object": "noxattn"}  # ESD-x for styles, ESD-u for objects (as published)
 COMPARISON_FILE = "comparison.json"
@@ -283,6 +283,7 @@ def markdown(result: dict) -> str:
             + "\n".join(detail) + "\n")
 
 
+@locks_folder("out_dir", "comparing methods into")
 def compare_methods(pipe, classifiers: dict, checkpoint=None, *, saes=None, table=None, methods=METHODS,
                     style_targets=None, object_targets=None, seeds=(188,), objects=None, styles=None, templates=(0,),
                     attack: bool = True, attack_iterations: int = 40, attack_prompts: Optional[int] = None,
@@ -369,7 +370,7 @@ def compare_methods(pipe, classifiers: dict, checkpoint=None, *, saes=None, tabl
     result["table"] = markdown(result)
     result["files"] = {"json": str(out / COMPARISON_FILE), "markdown": str(out / "comparison.md")}
     atomic_write_json(result, out / COMPARISON_FILE)
-    _atomic(out / "comparison.md", lambda tmp: Path(tmp).write_text(result["table"]))
+    atomic_write(out / "comparison.md", lambda tmp: Path(tmp).write_text(result["table"]))
     if progress:
         print(result["table"])
     return result

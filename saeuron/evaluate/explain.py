@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..concepts import check_sae_for_edit
 from ..hookpoints import get_unet, normalize_hookpoint, resolve_hookpoints
 from ..images import _font, _text_size, save_png
 from ..patch import SaeuronPatch, _block_output, get_patch, patched
-from ..utils import _atomic, atomic_write_json
+from ..utils import atomic_write, atomic_write_json, locks_folder
 from .common import resolve_assets, sample_images, slug, to_pil
 
 _CMAP = torch.tensor([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=torch.float32) / 255
@@ -166,6 +167,7 @@ def _bars(labels: list, values: list, width: int = 520):
 
 # ---------------------------------------------------------------- the tool
 
+@locks_folder("out_dir", "explaining into")
 def explain(pipe, checkpoint=None, concept: Optional[str] = None, out_dir=".", *, saes=None, table=None, prompts=None,
             other_prompts=None, seeds=(0,), hookpoint: Optional[str] = None, top_features: int = 8,
             top_images: int = 4, percentile=None, top_n=None, multiplier=None, threshold=None,
@@ -199,6 +201,7 @@ def explain(pipe, checkpoint=None, concept: Optional[str] = None, out_dir=".", *
     if not prompts or not seeds:
         raise ValueError("explain needs at least one prompt holding the concept and one seed")
     sae = saes[hp]
+    check_sae_for_edit(table, hp, sae)  # before any image: another SAE than the concept file's is refused
     module = resolve_hookpoints(pipe, [hp])[hp]
 
     # (a) selection per timestep
@@ -321,4 +324,4 @@ def _write_html(out: Path) -> Path:
             parts.append(f"<h3>feature {f['feature']}</h3><p>selected at {f['steps_selected']}/{r['timesteps']} "
                          f"timesteps; max score {f['max_score']:.4g}; edit effect {f['effect']:.4f}</p>"
                          f"<img src=\"{e(Path(p).name)}\">")
-    return _atomic(out / "index.html", lambda tmp: Path(tmp).write_text("\n".join(parts)))
+    return atomic_write(out / "index.html", lambda tmp: Path(tmp).write_text("\n".join(parts)))

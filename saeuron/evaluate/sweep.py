@@ -22,17 +22,14 @@ from typing import Callable, Optional
 
 from tqdm.auto import tqdm
 
-from ..concepts import ConceptTable, check_threshold
+from ..concepts import ConceptTable, check_percentile, check_threshold, check_top_n
 from ..patch import patched
+from ..utils import locks_folder
 from .common import EVAL_SEEDS, check_patch_kwargs, judge, resolve_assets, sample_images
 from .metrics import DOMAINS, Record, target_metrics
+from .protocol import MULTIPLIERS, PERCENTILES, THRESHOLDS, TOP_NS, TUNING_SEEDS
 from .unlearn_eval import _norm, build_jobs
 
-MULTIPLIERS = (-1.0, -5.0, -10.0, -15.0, -20.0, -25.0, -30.0)
-PERCENTILES = (99.99, 99.995, 99.999)
-TOP_NS = (1, 2, 4, 8)
-THRESHOLDS = (1.0,)
-TUNING_SEEDS = (1, 2)
 RULES = ("auto", "percentile", "top_n")
 
 
@@ -79,6 +76,8 @@ def grid_points(rule: str, multipliers=MULTIPLIERS, percentiles=PERCENTILES, top
     if not thresholds:
         raise ValueError("empty sweep grid: no thresholds (give 1 for the method's tau)")
     thresholds = [check_threshold(t, "the sweep's thresholds") for t in thresholds]
+    values = [check_percentile(v, "the sweep's percentiles") if rule == "percentile" else
+              check_top_n(v, "the sweep's top_ns") for v in values]
     return [(rule, float(v) if rule == "percentile" else int(v), float(m), h, t)
             for h in hookpoints for t in thresholds for v in values for m in multipliers]
 
@@ -119,6 +118,7 @@ def make_scorer(pipe, classifiers, saes, table, *, domain: str, seeds=TUNING_SEE
     return scorer
 
 
+@locks_folder("save_to", "sweeping into")
 def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None, concepts=None,
           domain: str = "style", seeds=TUNING_SEEDS, eval_seeds=EVAL_SEEDS, rule: str = "auto",
           multipliers=MULTIPLIERS, percentiles=PERCENTILES, top_ns=TOP_NS, hookpoints=None, thresholds=THRESHOLDS,

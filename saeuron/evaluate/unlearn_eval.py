@@ -25,7 +25,7 @@ from ..hookpoints import get_unet, normalize_hookpoint
 from ..images import image_grid, save_png
 from ..minicanvas import data
 from ..patch import get_patch, patched
-from ..utils import _atomic, atomic_save_file, atomic_write_json
+from ..utils import atomic_write, atomic_save_file, atomic_write_json, locks_folder
 from .common import (EVAL_SEEDS, check_classifiers, check_patch_kwargs, judge, resolve_assets, resolve_sampling,
                      sample_images, slug, to_pil)
 from .metrics import DOMAINS, METRICS, Record, frechet_distance, mean_metrics, run_key, target_metrics
@@ -275,6 +275,7 @@ def evaluate_run(pipe, classifiers: dict, jobs, group, domain: str, base: dict, 
     return {"metrics": m, "pred_object": po, "pred_style": ps}
 
 
+@locks_folder("out_dir", "evaluating into")
 def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, table=None, targets=None,
                         domain: str = "style", seeds=EVAL_SEEDS, templates=(0,), objects=None, styles=None,
                         num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
@@ -360,7 +361,7 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
     results["files"] = {"json": str(out / RESULTS_FILE), "markdown": str(out / "results.md"),
                         "baseline": str(out / BASELINE_FILE)}
     atomic_write_json(results, out / RESULTS_FILE)
-    _atomic(out / "results.md", lambda tmp: Path(tmp).write_text(results["table"]))
+    atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(results["table"]))
     if progress:
         print(results["table"])
     return results

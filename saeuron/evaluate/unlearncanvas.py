@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ..concepts import ConceptTable
 from ..images import save_png
 from ..patch import patched
-from ..utils import _atomic, atomic_write_json
+from ..utils import atomic_write, atomic_write_json, locks_folder, read_json
 from .common import EVAL_SEEDS, check_patch_kwargs, resolve_assets, sample_images, to_pil
 from .metrics import DOMAINS, METRICS, Record, target_metrics, unlearning_metrics
 
@@ -129,12 +129,13 @@ def read_config(run) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{run} is not an UnlearnCanvas run folder (no {CONFIG_FILE}); start one with "
                                 "`saeuron unlearncanvas generate --model SD_DIR --checkpoint CKPT --run DIR`")
-    cfg = json.loads(path.read_text())
-    if cfg.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an UnlearnCanvas run config (format={cfg.get('format')!r})")
+    cfg = read_json(path, "UnlearnCanvas run config")
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an UnlearnCanvas run config (format={cfg.get('format') if isinstance(cfg, dict) else cfg!r})")
     return cfg
 
 
+@locks_folder("run", "setting up the run")
 def init_run(run, *, model=None, checkpoint=None, labels=None, domain: Optional[str] = None, targets=None,
              seeds=None, steps: Optional[int] = None, guidance: Optional[float] = None, height=None, width=None,
              **patch_kwargs) -> dict:
@@ -218,6 +219,7 @@ def _targets(cfg: dict, targets) -> list:
     return targets
 
 
+@locks_folder("run", "generating images into", create=False)
 def generate_images(run, pipe, *, targets=None, original: bool = False, batch_size: int = 8,
                     progress: bool = True) -> dict:
     """Write every missing image of the run's targets (and of the unedited model if ``original``); returns counts.
@@ -437,6 +439,7 @@ def predict_files(judges: dict, paths, size: int, batch_size: int = 32, bar=None
     return out
 
 
+@locks_folder("run", "classifying the images of", create=False)
 def classify_run(run, arch: str, *, classifier=None, style_classifier=None, object_classifier=None,
                  device="cpu", batch_size: int = 32, image_size: Optional[int] = None, progress: bool = True) -> dict:
     """Write ``predictions/<target>.json`` for every target (and the original) whose images are complete.
@@ -529,6 +532,7 @@ def markdown_table(res: dict) -> str:
     return text
 
 
+@locks_folder("run", "writing the report of", create=False)
 def report(run, progress: bool = True) -> dict:
     """Aggregate the predictions into UA/IRA/CRA per target and their mean; write results.json/.md atomically.
 
@@ -557,7 +561,7 @@ def report(run, progress: bool = True) -> dict:
                            "mean": {"ua": sum(m["ua"] for m in per.values()) / len(per)}}
     res["table"] = markdown_table(res)
     atomic_write_json(res, run / RESULTS_FILE)
-    _atomic(run / RESULTS_MD, lambda tmp: Path(tmp).write_text(res["table"]))
+    atomic_write(run / RESULTS_MD, lambda tmp: Path(tmp).write_text(res["table"]))
     if progress:
         print(res["table"])
     return res

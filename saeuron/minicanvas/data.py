@@ -134,6 +134,28 @@ def vocabulary() -> list:
     return sorted({w.lower() for w in re.findall(r"[A-Za-z0-9']+", text)})
 
 
+def prompt_warnings(prompts: Sequence[str], known_words) -> list:
+    """Why a MiniCanvas model may not draw ``prompts`` as asked: words it cannot read, caption forms it never saw.
+
+    ``known_words`` is the model's tokenizer vocabulary. The model learned the training caption forms
+    (``TRAIN_TEMPLATES``, ``UNSTYLED_TRAIN_TEMPLATES``) with these objects and styles only; other words are read
+    as an unknown token and other word orders are drawn far less reliably. Empty prompts (the CFG negative) pass.
+    """
+    known = {w.lower() for w in known_words}
+    forms = " or ".join(repr(t) for t in TRAIN_TEMPLATES + UNSTYLED_TRAIN_TEMPLATES)
+    vocab = f"objects: {', '.join(OBJECTS)}; styles: {', '.join(STYLES)}"
+    unknown = sorted({w for p in prompts for w in re.findall(r"[A-Za-z0-9']+", p.lower()) if w not in known})
+    out = []
+    if unknown:
+        out.append(f"MiniCanvas does not know the word(s) {', '.join(repr(w) for w in unknown)} (read as an unknown "
+                   f"token); it was trained on captions of the form {forms} with {vocab}")
+    trained = {" ".join(c.lower().split()) for c in all_captions((0,))}
+    if any(p.strip() and " ".join(p.lower().split()) not in trained for p in prompts):
+        out.append(f"MiniCanvas was trained on captions of the form {forms} only; prompts in other forms (other "
+                   "word orders or extra words) are drawn far less reliably")
+    return out
+
+
 # ---------------------------------------------------------------- counter-based randomness
 
 _M32 = 0xFFFFFFFF

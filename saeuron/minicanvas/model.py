@@ -18,6 +18,7 @@ import copy
 import json
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional, Union
@@ -147,6 +148,8 @@ class MiniCanvasPipeline(DiffusionPipeline):
         [B, H, W, 3] in [0, 1] ("np"), a tensor [B, 3, H, W] in [0, 1] ("pt") or the raw final
         samples [B, 3, H, W] in about [-1, 1] ("latent")."""
         prompts = self._as_list(prompt, "prompt")
+        for msg in data.prompt_warnings(prompts, self.tokenizer.get_vocab()):
+            warnings.warn(msg, UserWarning, stacklevel=3)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}; valid: {', '.join(OUTPUT_TYPES)}")
         if not (isinstance(num_inference_steps, int) and num_inference_steps >= 1):
