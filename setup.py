@@ -11,7 +11,7 @@ Nothing is compiled at install time: the C++/CUDA sources are built just in time
 from setuptools import setup
 
 setup(
-    packages=["saeuron", "saeuron.kernels", "saeuron.csrc", "saeuron.minicanvas", "saeuron.evaluate"],
+    packages=["saeuron", "saeuron.cli", "saeuron.kernels", "saeuron.csrc", "saeuron.minicanvas", "saeuron.evaluate"],
     package_data={"saeuron.csrc": ["*.cpp", "*.cu", "*.h", "*.cuh"], "saeuron.minicanvas": ["assets/**/*"]},
     include_package_data=False,
 )

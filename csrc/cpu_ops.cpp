@@ -334,14 +334,14 @@ template <typename A> int64_t beats(const A* p, const A* b, int64_t M, A v, int6
   for (int64_t j0 = 0; j0 < M; j0 += B) {  // early exit between blocks once k latents beat it
     const int64_t j1 = std::min(j0 + B, M);
     const int64_t split = std::clamp(m, j0, j1);
-    int64_t c = 0;
+    int32_t c = 0;  // int32 lanes vectorise twice as wide as int64 ones
     for (int64_t j = j0; j < split; ++j) {
       const A q = p[j] + b[j];
-      c += (q >= v) & (q <= big);
+      c += int32_t((q >= v) & (q <= big));
     }
     for (int64_t j = split; j < j1; ++j) {
       const A q = p[j] + b[j];
-      c += (q > v) & (q <= big);
+      c += int32_t((q > v) & (q <= big));
     }
     cnt += c;
     if (cnt >= k) break;

@@ -7,10 +7,11 @@ The data path is a straight line: prompts --collect--> activation shards --train
 # them here, eagerly, keeps `saeuron.patch` the function whatever is imported later. None of these
 # modules imports diffusers at import time.
 from .collect import collect
-from .concepts import ConceptTable, build_concept_file, compute_statistics, load_concepts
+from .concepts import ConceptTable, load_concepts
 from .hookpoints import list_hookpoints
 from .patch import patch, patched, unpatch
 from .sae import SaeConfig, SparseAutoencoder
+from .selection import build_concept_file, compute_statistics
 from .store import ActivationStore
 from .train import TrainConfig, train
 

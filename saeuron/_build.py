@@ -38,7 +38,6 @@ import torch
 
 from .utils import LOCK_NAME, FolderBusyError, FolderLock, atomic_write_json
 
-OPS = ("topk_encode", "sparse_decode", "gather_encode", "gather_encode_bwd", "sparse_decode_bwd", "edit_")
 CPU_OPS = ("sparse_decode", "gather_encode", "gather_encode_bwd", "sparse_decode_bwd", "edit_")
 CUDA_SOURCES = ("cuda_ops.cpp",)  # .cpp files compiled only in CUDA builds (all .cu files are too)
 CXX_FLAGS = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for is inline OpenMP, serial without it
@@ -195,7 +194,7 @@ class CompiledBackend:
         kind = torch.device(device).type
         if kind == "cpu":
             return op in CPU_OPS
-        return kind == "cuda" and self.with_cuda and op in OPS
+        return kind == "cuda" and self.with_cuda and op != "supports" and callable(getattr(self, op, None))
 
     def topk_encode(self, x, W_enc, b_enc, b_dec, k):
         """See :func:`saeuron.reference.topk_encode` (CUDA only)."""

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .utils import locks_folder
+
 STYLE_TARGET, OBJECT_TARGET = "mosaic", "crescent"
 
 
@@ -34,7 +36,7 @@ def _small_scale(pipe, prompts: dict, hookpoint: str, out: Path, steps: int, qui
     They take seconds, so ``out`` is cleared first: a rerun after an upgrade (new sampling defaults, say)
     never resumes from activations or an SAE made by the old one."""
     from .collect import collect
-    from .concepts import build_concept_file
+    from .selection import build_concept_file
     from .train import TrainConfig, train
 
     shutil.rmtree(out, ignore_errors=True)
@@ -62,6 +64,7 @@ def _small_scale(pipe, prompts: dict, hookpoint: str, out: Path, steps: int, qui
     return store, ckpt, table
 
 
+@locks_folder("out", "running the demo into")
 def run_demo(out="demo_out", quick: bool = False) -> dict:
     """Run the demo into ``out``; returns paths and metrics and prints where everything is."""
     from .minicanvas import defaults

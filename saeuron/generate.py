@@ -9,6 +9,7 @@ import torch
 from .images import image_grid, save_png
 from .patch import get_patch, patch, unpatch
 from .pipelines import resolve_sampling
+from .utils import FolderLock
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -55,25 +56,26 @@ def generate(pipe, prompts, out_dir, *, concepts, checkpoint=None, saes=None, ta
     prev = get_patch(pipe)
     handle = patch(pipe, concepts, checkpoint, saes=saes, table=table, **patch_kwargs)  # validate before sampling
     handle.remove()
-    bar = tqdm(total=2 * len(jobs), unit="img", desc="generate", disable=not progress)
-    try:
-        original = _sample(pipe, jobs, batch_size, bar, **kw)
-        handle.install()
-        unlearned = _sample(pipe, jobs, batch_size, bar, **kw)
-    finally:
-        bar.close()
-        handle.remove()
-        unpatch(pipe)
-        if prev is not None:
-            prev.install()
-    res = {"original": [], "unlearned": [], "pairs": []}
-    for name, (p, _), a, b in zip(names, jobs, original, unlearned):
-        pa, pb = save_png(a, out / "original" / name), save_png(b, out / "unlearned" / name)
-        res["original"].append(str(pa))
-        res["unlearned"].append(str(pb))
-        res["pairs"].append((p, str(pa), str(pb)))
-    grid = image_grid([[a, b] for a, b in zip(original, unlearned)],
-                      row_labels=[f"{p} (seed {s})" for p, s in jobs],
-                      col_labels=["original", "unlearned: " + ", ".join(concepts)])
-    res["grid"] = str(save_png(grid, out / "grid.png"))
+    with FolderLock(out, "generating images into"):  # one writer per output folder, taken once inputs are valid
+        bar = tqdm(total=2 * len(jobs), unit="img", desc="generate", disable=not progress)
+        try:
+            original = _sample(pipe, jobs, batch_size, bar, **kw)
+            handle.install()
+            unlearned = _sample(pipe, jobs, batch_size, bar, **kw)
+        finally:
+            bar.close()
+            handle.remove()
+            unpatch(pipe)
+            if prev is not None:
+                prev.install()
+        res = {"original": [], "unlearned": [], "pairs": []}
+        for name, (p, _), a, b in zip(names, jobs, original, unlearned):
+            pa, pb = save_png(a, out / "original" / name), save_png(b, out / "unlearned" / name)
+            res["original"].append(str(pa))
+            res["unlearned"].append(str(pb))
+            res["pairs"].append((p, str(pa), str(pb)))
+        grid = image_grid([[a, b] for a, b in zip(original, unlearned)],
+                          row_labels=[f"{p} (seed {s})" for p, s in jobs],
+                          col_labels=["original", "unlearned: " + ", ".join(concepts)])
+        res["grid"] = str(save_png(grid, out / "grid.png"))
     return res

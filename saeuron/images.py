@@ -4,10 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .utils import _atomic
+from .utils import atomic_write
 
 
-def _font(size: int = 12):
+def load_font(size: int = 12):
+    """PIL's default font at ``size`` pixels (a fixed-size bitmap font on Pillow < 10.1)."""
     from PIL import ImageFont
 
     try:
@@ -16,7 +17,8 @@ def _font(size: int = 12):
         return ImageFont.load_default()
 
 
-def _text_size(draw, text: str, font) -> tuple:
+def text_size(draw, text: str, font) -> tuple:
+    """``(width, height)`` in pixels of ``text`` drawn by ``draw`` in ``font``."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     return right - left, bottom - top
 
@@ -26,7 +28,7 @@ def _wrap(draw, text: str, font, width: int) -> list:
     lines, line = [], ""
     for word in str(text).split():
         cand = f"{line} {word}".strip()
-        if line and _text_size(draw, cand, font)[0] > width:
+        if line and text_size(draw, cand, font)[0] > width:
             lines.append(line)
             line = word
         else:
@@ -50,9 +52,9 @@ def image_grid(rows: Sequence[Sequence], row_labels: Optional[Sequence[str]] = N
         raise ValueError(f"{len(col_labels)} column labels for {n_cols} columns")
     cell_w = max(im.width for r in rows for im in r)
     cell_h = max(im.height for r in rows for im in r)
-    font = _font(font_size)
+    font = load_font(font_size)
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line_h = _text_size(draw, "Ag", font)[1] + 2
+    line_h = text_size(draw, "Ag", font)[1] + 2
     left = label_width + pad if row_labels is not None else 0
     col_lines = [_wrap(draw, t, font, cell_w - pad) for t in col_labels] if col_labels is not None else []
     top = (max(len(ls) for ls in col_lines) * line_h + pad) if col_lines else 0
@@ -79,10 +81,10 @@ def add_caption(image, lines: Sequence[str], font_size: int = 13, pad: int = 6, 
     """``image`` with ``lines`` of text (wrapped to its width) written under it: a picture that explains itself."""
     from PIL import Image, ImageDraw
 
-    font = _font(font_size)
+    font = load_font(font_size)
     draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     wrapped = [w for line in lines for w in _wrap(draw, line, font, image.width - 2 * pad)]
-    line_h = _text_size(draw, "Ag", font)[1] + 3
+    line_h = text_size(draw, "Ag", font)[1] + 3
     out = Image.new("RGB", (image.width, image.height + len(wrapped) * line_h + 2 * pad), background)
     out.paste(image.convert("RGB"), (0, 0))
     draw = ImageDraw.Draw(out)
@@ -93,4 +95,4 @@ def add_caption(image, lines: Sequence[str], font_size: int = 13, pad: int = 6, 
 
 def save_png(image, path) -> Path:
     """Save a PIL image as PNG atomically (a killed run never leaves a truncated file)."""
-    return _atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

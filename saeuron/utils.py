@@ -20,7 +20,8 @@ def _umask() -> int:
     return mask
 
 
-def _atomic(path, write) -> Path:
+def atomic_write(path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then ``os.replace`` it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -43,19 +44,15 @@ def atomic_write_json(obj, path) -> Path:
     def write(tmp):
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=False)
-    return _atomic(path, write)
+    return atomic_write(path, write)
 
 
 def atomic_save_file(tensors: dict, path, metadata=None) -> Path:
     """safetensors ``save_file`` via a temporary file and ``os.replace``."""
     from safetensors.torch import save_file
 
-    return _atomic(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata))
-
-
-def atomic_write(path, write) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, fsync it, then ``os.replace`` it into place."""
-    return _atomic(path, write)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 # --------------------------------------------------------------------------- one writer per folder

@@ -61,11 +61,11 @@ def test_stages_end_to_end(tmp_path, tiny_pipe, capsys):
     ["minicanvas", "eval"],
 ])
 def test_edit_options_reach_patch(argv):
-    from saeuron.cli import _patch_kwargs
+    from saeuron.cli.common import patch_kwargs
 
     a = build_parser().parse_args([*argv, "--multiplier", "-2", "--threshold", "cat=10", "dog=3"])
-    assert _patch_kwargs(a) == {"multiplier": -2.0, "threshold": {"cat": 10.0, "dog": 3.0}}
-    assert _patch_kwargs(build_parser().parse_args(argv)) == {}  # unset: the concept file's defaults
+    assert patch_kwargs(a) == {"multiplier": -2.0, "threshold": {"cat": 10.0, "dog": 3.0}}
+    assert patch_kwargs(build_parser().parse_args(argv)) == {}  # unset: the concept file's defaults
 
 
 def test_unknown_dtype_and_missing_model(tmp_path):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import make_sae
-from saeuron.concepts import ConceptTable, build_concept_file, compute_statistics, load_concepts
+from saeuron.concepts import ConceptTable, load_concepts
+from saeuron.selection import build_concept_file, compute_statistics
 from saeuron.store import ActivationStore
 
 HP = "up_blocks.1.attentions.1"

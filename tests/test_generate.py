@@ -73,3 +73,27 @@ def test_image_grid_layout(tmp_path):
     assert Image.open(path).size == g.size
     with pytest.raises(ValueError, match="row labels"):
         image_grid(ims, row_labels=["x"])
+
+
+def test_generate_refuses_a_folder_another_process_writes(pipe, tmp_path):
+    import subprocess
+    import sys
+
+    from saeuron.utils import FolderBusyError
+
+    ck, out = _checkpoint(tmp_path / "ck"), tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom saeuron.utils import FolderLock\n"
+                               f"with FolderLock({str(out)!r}, 'a test'):\n    print('held', flush=True)\n"
+                               "    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(FolderBusyError):
+            generate(pipe, ["a cat"], out, concepts="cat", checkpoint=ck, seeds=[0], num_inference_steps=1,
+                     progress=False)
+        assert not (out / "grid.png").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    res = generate(pipe, ["a cat"], out, concepts="cat", checkpoint=ck, seeds=[0], num_inference_steps=1,
+                   progress=False)  # the lock died with its process
+    assert (out / "grid.png").is_file() and res["grid"].endswith("grid.png")

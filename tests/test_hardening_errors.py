@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import make_sae
+from saeuron.cli.common import parse_per_concept
 from saeuron.collect import read_prompt_file
-from saeuron.concepts import ConceptTable, parse_per_concept
+from saeuron.concepts import ConceptTable
 from saeuron.patch import patch, unpatch
 from saeuron.sae import SaeConfig, SparseAutoencoder
 from saeuron.store import ActivationStore
@@ -19,7 +20,7 @@ HP = "up_blocks.1.attentions.1"
                                          ('{"cat": "a cat"}', "non-empty lists"), ("[]", "non-empty JSON list"),
                                          ('["a", 3]', "JSON list of prompts"), ('{"cat": [""]}', "non-empty strings")])
 def test_malformed_prompt_files(tmp_path, text, match):
-    from saeuron.cli import read_prompts
+    from saeuron.cli.common import read_prompts
 
     p = tmp_path / "prompts.json"
     p.write_text(text)
@@ -71,12 +72,12 @@ def test_torn_last_metrics_line_does_not_block_resume(tmp_path):
                                            (["cat=-1", "-5"], "NAME=NUMBER"), (["=3", "b=1"], "name before '='"),
                                            (["a=1", "a=2"], "given twice")])
 def test_per_concept_cli_values(values, match):
-    from saeuron.cli import _per_concept
+    from saeuron.cli.common import per_concept
 
     with pytest.raises(ValueError, match=match):
         parse_per_concept(values, "multiplier")
     with pytest.raises(SystemExit, match=match):
-        _per_concept(values, "multiplier")
+        per_concept(values, "multiplier")
     assert parse_per_concept(["cat=-5", "dog=1e1"], "multiplier") == {"cat": -5.0, "dog": 10.0}
     assert parse_per_concept(["-2"], "multiplier") == -2.0 and parse_per_concept(None, "x") is None
 

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import make_sae
-from saeuron.concepts import (ConceptTable, build_concept_file, check_sae_for_edit, compute_statistics,
-                              warn_shared_features)
+from saeuron.concepts import ConceptTable, check_sae_for_edit, warn_shared_features
 from saeuron.patch import patch, unpatch
 from saeuron.sae import SparseAutoencoder
+from saeuron.selection import build_concept_file, compute_statistics
 from saeuron.store import ActivationStore
 from saeuron.train import METRICS_FILE, TrainConfig, train
 
@@ -140,7 +140,7 @@ def test_nan_rows_are_left_out_of_the_statistics_not_counted_as_zeros(tmp_path):
                                        ({"top_n": None, "percentile": None}, "percentile or a top_n")])
 def test_select_refuses_bad_defaults_before_computing(tmp_path, kw, match, monkeypatch):
     store, _ = _store(tmp_path / "s")
-    import saeuron.concepts as cm
+    import saeuron.selection as cm
 
     monkeypatch.setattr(cm, "compute_statistics", lambda *a, **k: pytest.fail("statistics computed first"))
     with pytest.raises(ValueError, match=match):

@@ -102,7 +102,7 @@ def test_build_inputs_are_checked(tmp_path, monkeypatch):
 
 
 def test_every_hookpoint_of_a_merged_concept_file_keeps_its_sae_record(tmp_path):
-    from saeuron.concepts import build_concept_file
+    from saeuron.selection import build_concept_file
 
     hps = {"up_blocks.1.attentions.1": 8, "mid_block.attentions.0": 16}
     store = ActivationStore.create(tmp_path / "s", hps, ["a", "b"], ["A", "B"])

@@ -98,7 +98,7 @@ def test_cfg_layout_matches_stable_diffusion(pipe):
 
 
 def test_save_load_round_trip(pipe, tmp_path):
-    from saeuron.cli import load_pipeline as cli_load
+    from saeuron.pipelines import load_pipeline as cli_load
 
     want = _run(pipe)
     save_pipeline(pipe, tmp_path / "fp32")

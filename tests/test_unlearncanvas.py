@@ -8,6 +8,7 @@ import torch
 from conftest import make_sae
 from saeuron.cli import main
 from saeuron.concepts import ConceptTable
+from saeuron.evaluate import judges as uj
 from saeuron.evaluate import unlearncanvas as uc
 from saeuron.minicanvas import build_classifier
 
@@ -141,7 +142,7 @@ def test_report_numbers_by_hand(tmp_path):
 
 def test_classifier_files_and_errors(world, tmp_path, monkeypatch):
     state = _two_head_state()
-    judges = uc.load_judges("minicanvas", 2, 2, classifier=world / "two_heads.pth")
+    judges = uj.load_judges("minicanvas", 2, 2, classifier=world / "two_heads.pth")
     assert judges["style"][0] is judges["object"][0]  # one shared body
     x = torch.rand(3, 3, 32, 32)
     ref = build_classifier(2, width=2)
@@ -151,33 +152,33 @@ def test_classifier_files_and_errors(world, tmp_path, monkeypatch):
     st = tmp_path / "style.safetensors"
     from safetensors.torch import save_file
     save_file(_split(state)[0], str(st))
-    assert set(uc.read_state_dict(st)) == set(_split(state)[0])
+    assert set(uj.read_state_dict(st)) == set(_split(state)[0])
 
     with pytest.raises(FileNotFoundError, match="not found"):
-        uc.read_state_dict(tmp_path / "nope.pth")
+        uj.read_state_dict(tmp_path / "nope.pth")
     torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pth")  # a whole module: needs full unpickling
     with pytest.raises(ValueError, match=r"cannot be loaded safely: .*torch.nn.modules.linear.Linear"):
-        uc.read_state_dict(tmp_path / "pickled.pth")
+        uj.read_state_dict(tmp_path / "pickled.pth")
     (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="corrupt or not a plain tensor checkpoint"):
-        uc.read_state_dict(tmp_path / "garbage.pt")
+        uj.read_state_dict(tmp_path / "garbage.pt")
     torch.save({"epoch": 3, "weights": {"a": [1, 2]}}, tmp_path / "odd.pth")
     with pytest.raises(ValueError, match="top-level keys are: epoch, weights"):
-        uc.read_state_dict(tmp_path / "odd.pth")
+        uj.read_state_dict(tmp_path / "odd.pth")
     (tmp_path / "w.onnx").write_bytes(b"x")
     with pytest.raises(ValueError, match="unknown classifier file type"):
-        uc.read_state_dict(tmp_path / "w.onnx")
+        uj.read_state_dict(tmp_path / "w.onnx")
     with pytest.raises(ValueError, match="unknown classifier architecture"):
-        uc.load_judges("resnet50", 2, 2, classifier=world / "two_heads.pth")
+        uj.load_judges("resnet50", 2, 2, classifier=world / "two_heads.pth")
     with pytest.raises(ValueError, match="has 2 classes but the run lists 50 styles"):
-        uc.load_judges("minicanvas", 50, 2, classifier=world / "two_heads.pth")
+        uj.load_judges("minicanvas", 50, 2, classifier=world / "two_heads.pth")
     with pytest.raises(ValueError, match="no style head 'style_head.weight'"):
-        uc.load_judges("minicanvas", 2, 2, classifier=world / "style.pth")
+        uj.load_judges("minicanvas", 2, 2, classifier=world / "style.pth")
     with pytest.raises(ValueError, match="either one two-head"):
-        uc.load_judges("minicanvas", 2, 2, classifier=world / "two_heads.pth", style_classifier=world / "style.pth")
+        uj.load_judges("minicanvas", 2, 2, classifier=world / "two_heads.pth", style_classifier=world / "style.pth")
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
     with pytest.raises(ImportError, match="pip install timm"):
-        uc.load_judges("vit_large_patch16_224", 2, 2, classifier=world / "two_heads.pth")
+        uj.load_judges("vit_large_patch16_224", 2, 2, classifier=world / "two_heads.pth")
 
 
 def test_cli_and_config_errors(world, tmp_path, capsys):

@@ -113,7 +113,8 @@ def _hidden(out) -> Tensor:
     return out[0]
 
 
-def _check_text_parts(pipe):
+def check_text_parts(pipe):
+    """Raise ``TypeError`` unless ``pipe`` has the tokenizer, text encoder, UNet and scheduler the attack needs."""
     for attr in ("tokenizer", "text_encoder", "unet", "scheduler"):
         if getattr(pipe, attr, None) is None:
             raise TypeError(f"the pipeline ({type(pipe).__name__}) has no {attr}; the attack needs tokenizer, "
@@ -221,7 +222,8 @@ def frozen(*modules):
             p.requires_grad_(f)
 
 
-def _check_scheduler(scheduler):
+def check_scheduler(scheduler):
+    """The prediction type of a DDPM-style ``scheduler``; TypeError/ValueError for one the attack cannot use."""
     sigmas = getattr(scheduler, "sigmas", None)
     if sigmas is not None and float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
         raise TypeError(f"{type(scheduler).__name__} scales the model input by sigma; the attack noises with add_noise "
@@ -246,7 +248,7 @@ def timestep_pool(scheduler, pool: str = "train", num_inference_steps: int = 50)
 def denoising_loss(pipe, prompt_embeds: Tensor, latents: Tensor, t: Tensor, noise: Tensor) -> Tensor:
     """``MSE(unet(add_noise(latents, noise, t), t, prompt_embeds), target)`` in fp32: the attack's loss."""
     unet, sched = get_unet(pipe), pipe.scheduler
-    pred_type = _check_scheduler(sched)
+    pred_type = check_scheduler(sched)
     t = t.reshape(-1).to(latents.device)
     tb = t.expand(latents.shape[0]) if t.numel() == 1 else t
     handle = get_patch(pipe)
@@ -302,12 +304,12 @@ def attack(pipe, prompt: str, target_images: Tensor, *, num_prefix_tokens: int =
     """
     from tqdm.auto import tqdm
 
-    _check_text_parts(pipe)
+    check_text_parts(pipe)
     if num_prefix_tokens < 1 or iterations < 1:
         raise ValueError(f"num_prefix_tokens ({num_prefix_tokens}) and iterations ({iterations}) must be >= 1")
     t0 = time.perf_counter()
     unet, te, tok = get_unet(pipe), pipe.text_encoder, pipe.tokenizer
-    _check_scheduler(pipe.scheduler)
+    check_scheduler(pipe.scheduler)
     latents = to_latents(pipe, target_images)
     ids, start = prefixed_ids(tok, prompt, num_prefix_tokens, placement)
     table = _embedding_layer(te).weight
@@ -416,7 +418,7 @@ def generate_adversarial(pipe, result: AttackResult, seeds: Sequence[int] = DEFA
     """
     from tqdm.auto import tqdm
 
-    _check_text_parts(pipe)
+    check_text_parts(pipe)
     seeds = [int(s) for s in ([seeds] if isinstance(seeds, int) else seeds)]
     if not seeds:
         raise ValueError("generate_adversarial needs at least one seed")

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..hookpoints import get_unet
-from .attack import _check_scheduler, _check_text_parts, encode_prompts, frozen, to_latents
+from .attack import check_scheduler, check_text_parts, encode_prompts, frozen, to_latents
 
 ESD_METHODS = {"xattn": "xattn", "esd-x": "xattn", "noxattn": "noxattn", "esd-u": "noxattn", "selfattn": "selfattn",
                "full": "full"}
@@ -65,7 +65,7 @@ XT_SOURCES = ("sample", "noise")
 
 # --------------------------------------------------------------------------- bookkeeping
 
-def _rss() -> int:
+def process_rss() -> int:
     """This process's resident set size in bytes (psutil, else /proc, else the lifetime peak from ``resource``)."""
     try:
         import psutil
@@ -82,7 +82,7 @@ def _rss() -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-class _PeakMemory:
+class PeakMemory:
     """Peak memory during a block: CUDA ``max_memory_allocated`` on a GPU, else the process RSS sampled every 10 ms."""
 
     def __init__(self, device):
@@ -94,11 +94,11 @@ class _PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.kind = "cuda_max_allocated"
             return self
-        self._stop, self.kind, self.peak = threading.Event(), "cpu_peak_rss", _rss()
+        self._stop, self.kind, self.peak = threading.Event(), "cpu_peak_rss", process_rss()
 
         def poll():
             while not self._stop.wait(0.01):
-                self.peak = max(self.peak, _rss())
+                self.peak = max(self.peak, process_rss())
 
         self._thread = threading.Thread(target=poll, daemon=True)
         self._thread.start()
@@ -110,7 +110,7 @@ class _PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, _rss())
+            self.peak = max(self.peak, process_rss())
 
 
 def _put_back(unet, original: dict) -> None:
@@ -150,7 +150,8 @@ class EditResult:
                     loss_history=[float(x) for x in self.loss_history], config=self.config)
 
 
-def _device(pipe):
+def unet_device(pipe):
+    """The device of ``pipe``'s UNet weights."""
     return next(get_unet(pipe).parameters()).device
 
 
@@ -197,7 +198,7 @@ def uce_edit(pipe, erase: Sequence[str], guide="", preserve: Sequence[str] = (),
     ``guide``: one string for all, or one per erased concept. ``templates`` (e.g. ``("{} style",
     "art by {}")``) expand every erased/guide/preserved concept into several prompts.
     """
-    _check_text_parts(pipe)
+    check_text_parts(pipe)
     erase = [erase] if isinstance(erase, str) else list(erase)
     guides = [guide] * len(erase) if isinstance(guide, str) else list(guide)
     preserve = [preserve] if isinstance(preserve, str) else list(preserve)
@@ -211,13 +212,13 @@ def uce_edit(pipe, erase: Sequence[str], guide="", preserve: Sequence[str] = (),
         raise ValueError(f"need lamb > 0 (the ridge keeps the system solvable) and scales >= 0; got lamb={lamb}, "
                          f"erase_scale={erase_scale}, preserve_scale={preserve_scale}")
     t0 = time.perf_counter()
-    dev = _device(pipe)
+    dev = unet_device(pipe)
     if not templates or any("{}" not in t for t in templates):
         raise ValueError(f"every template needs a '{{}}' for the concept; got {list(templates)}")
     e_txt = [t.format(e) for e in erase for t in templates]
     g_txt = [t.format(g) if g else "" for g in guides for t in templates]
     p_txt = [t.format(p) for p in preserve for t in templates]
-    with _PeakMemory(dev) as mem, torch.no_grad():
+    with PeakMemory(dev) as mem, torch.no_grad():
         c_e, c_g = _uce_pairs(pipe, e_txt, g_txt, positions)
         c_p = encode_prompts(pipe, p_txt).float().flatten(0, 1) if p_txt else c_e.new_zeros(0, c_e.shape[1])
         c_e, c_g, c_p = (x.double() for x in (c_e, c_g, c_p))
@@ -287,7 +288,7 @@ def esd_train(pipe, concept, *, method: str = "xattn", iterations: int = 1000, l
     from torch.func import functional_call
     from tqdm.auto import tqdm
 
-    _check_text_parts(pipe)
+    check_text_parts(pipe)
     if xt not in XT_SOURCES:
         raise ValueError(f"xt={xt!r}; valid: {', '.join(XT_SOURCES)}")
     if xt == "noise" and images is None:
@@ -300,7 +301,7 @@ def esd_train(pipe, concept, *, method: str = "xattn", iterations: int = 1000, l
     if not prompts or not all(isinstance(c, str) and c.strip() for c in prompts):
         raise ValueError(f"concept must be a non-empty prompt or a non-empty list of them, got {concept!r}")
     unet = get_unet(pipe)
-    pred_type = _check_scheduler(pipe.scheduler)
+    pred_type = check_scheduler(pipe.scheduler)
     p0 = next(unet.parameters())
     dev, dtype = p0.device, p0.dtype
     train = esd_parameters(unet, method)
@@ -314,7 +315,7 @@ def esd_train(pipe, concept, *, method: str = "xattn", iterations: int = 1000, l
     latents = to_latents(pipe, images) if xt == "noise" else None
     original = {n: p.detach().clone() for n, p in train.items()}
     losses = []
-    with _PeakMemory(dev) as mem, frozen(unet, pipe.text_encoder, getattr(pipe, "vae", None)):
+    with PeakMemory(dev) as mem, frozen(unet, pipe.text_encoder, getattr(pipe, "vae", None)):
         for p in train.values():
             p.requires_grad_(True)
         try:

@@ -59,12 +59,12 @@ from ..patch import get_patch, patch
 from ..utils import atomic_write, atomic_write_json, locks_folder
 from .attack import attack as run_attack
 from .attack import generate_adversarial
-from .baselines import _device, _PeakMemory, _rss, esd_train, uce_edit
+from .baselines import PeakMemory, esd_train, process_rss, uce_edit, unet_device
 from .common import check_classifiers, check_patch_kwargs, resolve_assets, resolve_sampling, slug
 from .metrics import DOMAINS, mean_metrics, target_metrics
 from .protocol import METHODS
-from .unlearn_eval import (_baseline, _fingerprint, _load_cached, _norm, _records, baseline_config, build_jobs,
-                           edit_signature, evaluate_run)
+from .unlearn_eval import (baseline_config, build_jobs, edit_signature, evaluate_run, json_roundtrip,
+                           load_cached_result, run_records, unedited_baseline, weights_fingerprint)
 
 METHOD_NAMES = {"saeuron": "SAeUron", "uce": "UCE", "esd": "ESD"}
 ESD_VARIANT = {"style": "xattn", "object": "noxattn"}  # ESD-x for styles, ESD-u for objects (as published)
@@ -106,8 +106,8 @@ def uce_arguments(target: str, domain: str, objects, styles) -> dict:
 
 
 def _memory_now(dev) -> int:
-    """Memory in use now, measured as :class:`.baselines._PeakMemory` does (CUDA allocated, else the process RSS)."""
-    return int(torch.cuda.memory_allocated(dev)) if dev.type == "cuda" else _rss()
+    """Memory in use now, measured as :class:`.baselines.PeakMemory` does (CUDA allocated, else the process RSS)."""
+    return int(torch.cuda.memory_allocated(dev)) if dev.type == "cuda" else process_rss()
 
 
 @contextmanager
@@ -117,10 +117,10 @@ def applied(pipe, method: str, target: str, domain: str, *, saes=None, table=Non
 
     On exit the SAE patch is removed, or the UCE/ESD weights are restored (and checked to be bit-exact).
     """
-    dev = _device(pipe)
+    dev = unet_device(pipe)
     before = _memory_now(dev)
     if method == "saeuron":
-        with _PeakMemory(dev) as mem:
+        with PeakMemory(dev) as mem:
             t0 = time.perf_counter()
             handle = patch(pipe, target, saes=saes, table=table, **(patch_kwargs or {}))
             seconds = time.perf_counter() - t0
@@ -344,7 +344,7 @@ def compare_methods(pipe, classifiers: dict, checkpoint=None, *, saes=None, tabl
     if prev is not None:
         prev.remove()
     try:
-        base = _baseline(pipe, classifiers, jobs, out, base_cfg, sampling, resume, progress)
+        base = unedited_baseline(pipe, classifiers, jobs, out, base_cfg, sampling, resume, progress)
         control = (_attack_unedited(pipe, classifiers, jobs, targets, base, base_cfg, out, opts, resume, progress)
                    if attack else {})
         runs = _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out, opts, resume, progress)
@@ -353,7 +353,7 @@ def compare_methods(pipe, classifiers: dict, checkpoint=None, *, saes=None, tabl
             prev.install()
 
     bpo, bps = base["pred_object"].tolist(), base["pred_style"].tolist()
-    unedited = {d: {t: {"metrics": target_metrics(_records(jobs, (t,), d, bpo, bps), (t,), d),
+    unedited = {d: {t: {"metrics": target_metrics(run_records(jobs, (t,), d, bpo, bps), (t,), d),
                         **({"attack": control[d][t]} if control else {})} for t in targets[d]} for d in DOMAINS}
     result = {
         "config": {"methods": methods, "style_targets": targets["style"], "object_targets": targets["object"],
@@ -380,7 +380,7 @@ def _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out: Pat
     """Every (method, target) run: read from its cache file, or apply, evaluate, attack, restore and cache it."""
     todo = [(m, d, t) for m in methods for d in DOMAINS for t in targets[d]]
     runs: dict = {m: {d: {} for d in DOMAINS if targets[d]} for m in methods}
-    fp = _fingerprint(o["saes"], o["table"]) if "saeuron" in methods else None
+    fp = weights_fingerprint(o["saes"], o["table"]) if "saeuron" in methods else None
     bar = tqdm(todo, desc="compare", unit="run", disable=not progress)
     for method, domain, target in bar:
         bar.set_postfix_str(f"{method} {target}")
@@ -398,7 +398,7 @@ def _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out: Pat
         cfg = {"baseline": base_cfg, "method": method, "domain": domain, "target": target, "edit": edit_cfg,
                "attack": _attack_config(o), "grid_rows": o["grid_rows"]}
         path = out / "runs" / method / f"{domain}_{slug(target)}.json"
-        res = _load_cached(path, cfg) if resume else None
+        res = load_cached_result(path, cfg) if resume else None
         if res is None:
             with applied(pipe, method, target, domain, saes=o["saes"], table=o["table"],
                          patch_kwargs=o["patch_kwargs"], **kw) as info:
@@ -410,7 +410,7 @@ def _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out: Pat
                 if o["attack"]:
                     run["attack"] = _attack(pipe, classifiers, jobs, run, base, target, domain, o)
             res = {**run, "edit": info}
-            atomic_write_json({"config": _norm(cfg), "result": res}, path)
+            atomic_write_json({"config": json_roundtrip(cfg), "result": res}, path)
         runs[method][domain][target] = res
     bar.close()
     return runs
@@ -438,10 +438,10 @@ def _attack_unedited(pipe, classifiers, jobs, targets, base, base_cfg, out: Path
         cfg = {"baseline": base_cfg, "method": "unedited", "domain": domain, "target": target,
                "attack": _attack_config(o)}
         path = out / "runs" / "unedited" / f"{domain}_{slug(target)}.json"
-        res = _load_cached(path, cfg) if resume else None
+        res = load_cached_result(path, cfg) if resume else None
         if res is None:
             res = _attack(pipe, classifiers, jobs, run, base, target, domain, o)
-            atomic_write_json({"config": _norm(cfg), "result": res}, path)
+            atomic_write_json({"config": json_roundtrip(cfg), "result": res}, path)
         found[domain][target] = res
     return found
 

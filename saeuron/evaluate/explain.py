@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..concepts import check_sae_for_edit
 from ..hookpoints import get_unet, normalize_hookpoint, resolve_hookpoints
-from ..images import _font, _text_size, save_png
+from ..images import load_font, save_png, text_size
 from ..patch import SaeuronPatch, _block_output, get_patch, patched
 from ..utils import atomic_write, atomic_write_json, locks_folder
 from .common import resolve_assets, sample_images, slug, to_pil
@@ -98,10 +98,10 @@ def _capture(pipe, module, sae, feats: torch.Tensor, prompts, seeds, sampling, b
 def _text_image(lines, width: int, size: int = 13):
     from PIL import Image, ImageDraw
 
-    font = _font(size)
+    font = load_font(size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    lh = _text_size(probe, "Ag", font)[1] + 4
-    width = max([width] + [_text_size(probe, line, font)[0] + 10 for line in lines])
+    lh = text_size(probe, "Ag", font)[1] + 4
+    width = max([width] + [text_size(probe, line, font)[0] + 10 for line in lines])
     im = Image.new("RGB", (width, lh * len(lines) + 4), "white")
     d = ImageDraw.Draw(im)
     for j, line in enumerate(lines):
@@ -125,12 +125,12 @@ def _heat_strip(scores: torch.Tensor, selected: torch.Tensor, feats: list, times
     """Rows = features, columns = timesteps; colour = positive score, white frame = selected."""
     from PIL import Image, ImageDraw
 
-    T, font = len(timesteps), _font(11)
+    T, font = len(timesteps), load_font(11)
     vals = scores[:, feats].clamp_min(0) if feats else scores[:, :0]
     vmax = float(vals.max()) if vals.numel() and float(vals.max()) > 0 else 1.0
     legend = f"timesteps (noisiest first); colour: score, 0..{vmax:.3g}; blue frame: selected"
     cw, ch, left, top = max(6, min(28, 640 // max(T, 1))), 16, 70, 20
-    lw = _text_size(ImageDraw.Draw(Image.new("RGB", (1, 1))), legend, font)[0]
+    lw = text_size(ImageDraw.Draw(Image.new("RGB", (1, 1))), legend, font)[0]
     im = Image.new("RGB", (left + max(cw * T, lw) + 8, top + ch * max(len(feats), 1) + 22), "white")
     d = ImageDraw.Draw(im)
     step = max(1, -(-40 // cw))  # label every step-th timestep so labels do not overlap
@@ -154,7 +154,7 @@ def _bars(labels: list, values: list, width: int = 520):
 
     bh, left, right = 18, 110, 80
     im = Image.new("RGB", (left + width + right, bh * len(labels) + 8), "white")
-    d, font = ImageDraw.Draw(im), _font(11)
+    d, font = ImageDraw.Draw(im), load_font(11)
     vmax = max([v for v in values if v is not None] + [1e-12])
     for r, (lab, v) in enumerate(zip(labels, values)):
         y = 4 + r * bh
@@ -297,7 +297,7 @@ def explain(pipe, checkpoint=None, concept: Optional[str] = None, out_dir=".", *
 def _feature_row(label: str, thumbs: list, caps: list):
     from PIL import Image, ImageDraw
 
-    font = _font(11)
+    font = load_font(11)
     tw = max((t.width for t in thumbs), default=96)
     th = max((t.height for t in thumbs), default=96)
     im = Image.new("RGB", (max(8 + len(thumbs) * (tw + 6), 700), th + 38), "white")

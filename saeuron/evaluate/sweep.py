@@ -28,7 +28,7 @@ from ..utils import locks_folder
 from .common import EVAL_SEEDS, check_patch_kwargs, judge, resolve_assets, sample_images
 from .metrics import DOMAINS, Record, target_metrics
 from .protocol import MULTIPLIERS, PERCENTILES, THRESHOLDS, TOP_NS, TUNING_SEEDS
-from .unlearn_eval import _norm, build_jobs
+from .unlearn_eval import build_jobs, json_roundtrip
 
 RULES = ("auto", "percentile", "top_n")
 
@@ -173,7 +173,7 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
     kind = choose_rule(table, percentiles) if rule == "auto" else rule
     points = grid_points(kind, multipliers, percentiles, top_ns, hookpoint_choices(table, hookpoints), thresholds)
     spec = {"rule": kind, "seeds": seeds, "domain": domain,  # how points are scored; the grid is in the rows
-            "prompts": _norm({"objects": objects, "styles": styles, "templates": templates,  # what was scored
+            "prompts": json_roundtrip({"objects": objects, "styles": styles, "templates": templates,  # what was scored
                               "steps": num_inference_steps, "guidance": guidance_scale, "patch": patch_kwargs})}
     several_hps = len({p[3] for p in points}) > 1
     save_to = save_to if save_to is not None else checkpoint

@@ -58,7 +58,7 @@ def build_jobs(objects=None, styles=None, seeds=EVAL_SEEDS, templates=(0,)) -> l
     return [Job(data.caption(o, s, t), o, s, seed, t) for t in templates for s in sids for o in oids for seed in seeds]
 
 
-def _norm(obj):
+def json_roundtrip(obj):
     """``obj`` as it reads back from JSON (tuples -> lists), for comparing cached configurations."""
     return json.loads(json.dumps(obj, default=str))
 
@@ -69,7 +69,7 @@ def _checksum(module) -> float:
         return float(sum(p.detach().double().sum().cpu() for p in module.parameters()))
 
 
-def _fingerprint(saes: dict, table) -> dict:
+def weights_fingerprint(saes: dict, table) -> dict:
     """Checksums of the SAEs and concept statistics, so cached runs of other weights are not reused."""
     return {hp: [float(table.mu[hp].double().sum()), _checksum(saes[hp])] for hp in sorted(saes)}
 
@@ -91,7 +91,7 @@ def edit_signature(table, concepts, patch_kwargs: dict) -> dict:
                   "threshold": table.threshold(c, pick(patch_kwargs.get("threshold"), c))}
     rest = {k: v for k, v in patch_kwargs.items()
             if k not in ("percentile", "top_n", "multiplier", "hookpoints", "threshold")}
-    return {"concepts": out, "patch": _norm(rest)}
+    return {"concepts": out, "patch": json_roundtrip(rest)}
 
 
 def _domain_targets(domain, targets, table, jobs) -> list:
@@ -128,15 +128,17 @@ def _groups(targets: list, multi) -> list:
     return groups
 
 
-def _load_cached(path: Path, config) -> Optional[dict]:
+def load_cached_result(path: Path, config) -> Optional[dict]:
+    """The cached ``result`` in the JSON file ``path`` if it was made with ``config``, else None."""
     try:
         cached = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return cached.get("result") if cached.get("config") == _norm(config) else None
+    return cached.get("result") if cached.get("config") == json_roundtrip(config) else None
 
 
-def _baseline(pipe, classifiers, jobs, out: Path, config: dict, sampling: dict, resume: bool, progress: bool) -> dict:
+def unedited_baseline(pipe, classifiers, jobs, out: Path, config: dict, sampling: dict, resume: bool,
+                      progress: bool) -> dict:
     """Unedited images, predictions and features: read from ``out/baseline.safetensors`` or generated once."""
     from safetensors import safe_open
 
@@ -144,7 +146,7 @@ def _baseline(pipe, classifiers, jobs, out: Path, config: dict, sampling: dict, 
     if resume and path.is_file():
         try:
             with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("config") == json.dumps(_norm(config)):
+                if (f.metadata() or {}).get("config") == json.dumps(json_roundtrip(config)):
                     base = {k: f.get_tensor(k) for k in f.keys()}
                     base["images"] = base["images"].float() / 255
                     return base
@@ -162,7 +164,7 @@ def _baseline(pipe, classifiers, jobs, out: Path, config: dict, sampling: dict, 
             prev.install()
     base = {"images": images, **judge(classifiers, images)}
     atomic_save_file({**{k: v for k, v in base.items() if k != "images"},
-                      "images": data.to_uint8(images)}, path, metadata={"config": json.dumps(_norm(config))})
+                      "images": data.to_uint8(images)}, path, metadata={"config": json.dumps(json_roundtrip(config))})
     return base
 
 
@@ -233,14 +235,14 @@ def _per_template(jobs, groups, domain, preds: dict, base_preds) -> dict:
         def pick(po, ps):
             return [po[i] for i in idx], [ps[i] for i in idx]
 
-        per = {run_key(g): target_metrics(_records(sub, g, domain, *pick(*preds[g])), g, domain) for g in groups}
-        base = {run_key(g): target_metrics(_records(sub, g, domain, *pick(*base_preds)), g, domain) for g in groups}
+        per = {run_key(g): target_metrics(run_records(sub, g, domain, *pick(*preds[g])), g, domain) for g in groups}
+        base = {run_key(g): target_metrics(run_records(sub, g, domain, *pick(*base_preds)), g, domain) for g in groups}
         out[str(t)] = {"mean": mean_metrics(per), "baseline_mean": mean_metrics(base), "per_target": per,
                        "images": len(idx)}
     return out
 
 
-def _records(jobs, group, domain, pred_o, pred_s) -> list:
+def run_records(jobs, group, domain, pred_o, pred_s) -> list:
     """One :class:`Record` per job of a run (``group`` unlearned in ``domain``) from both classifiers' predictions."""
     return [Record(tuple(group), domain, j.object, j.style, int(o), int(s)) for j, o, s in zip(jobs, pred_o, pred_s)]
 
@@ -267,7 +269,7 @@ def evaluate_run(pipe, classifiers: dict, jobs, group, domain: str, base: dict, 
         bar.close()
     j = judge(classifiers, images)
     po, ps = j["pred_object"].tolist(), j["pred_style"].tolist()
-    m = target_metrics(_records(jobs, group, domain, po, ps), group, domain)
+    m = target_metrics(run_records(jobs, group, domain, po, ps), group, domain)
     for kind in ("object", "style"):
         m[f"frechet_{kind}"] = frechet_distance(j[f"feat_{kind}"], base[f"feat_{kind}"]) if len(jobs) >= 2 else None
     if grid_path is not None:
@@ -312,12 +314,12 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
     num_inference_steps, guidance_scale = resolve_sampling(pipe, num_inference_steps, guidance_scale)
     sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size)
     base_cfg = baseline_config(pipe, classifiers, jobs, num_inference_steps, guidance_scale)
-    base = _baseline(pipe, classifiers, jobs, out, base_cfg, sampling, resume, progress)
+    base = unedited_baseline(pipe, classifiers, jobs, out, base_cfg, sampling, resume, progress)
 
     def records(group, pred_o, pred_s):
-        return _records(jobs, group, domain, pred_o, pred_s)
+        return run_records(jobs, group, domain, pred_o, pred_s)
 
-    fp = _fingerprint(saes, table)
+    fp = weights_fingerprint(saes, table)
     done, preds = {}, {}
     all_groups = list(dict.fromkeys(groups + multi_groups))
     bar_runs = tqdm(all_groups, desc=f"unlearn {domain}", unit="run", disable=not progress)
@@ -327,12 +329,12 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
         cfg = {**base_cfg, "domain": domain, "targets": list(group), "edit": edit_signature(table, group, patch_kwargs),
                "fingerprint": fp, "grid_rows": grid_rows}
         path = out / "runs" / f"{slug(key)}.json"
-        res = _load_cached(path, cfg) if resume else None
+        res = load_cached_result(path, cfg) if resume else None
         if res is None:
             with patched(pipe, list(group), saes=saes, table=table, **patch_kwargs):
                 res = evaluate_run(pipe, classifiers, jobs, group, domain, base, sampling=sampling,
                                    grid_path=out / "grids" / f"{slug(key)}.png", grid_rows=grid_rows, progress=progress)
-            atomic_write_json({"config": _norm(cfg), "result": res}, path)
+            atomic_write_json({"config": json_roundtrip(cfg), "result": res}, path)
         done[group] = res["metrics"]
         preds[group] = (res["pred_object"], res["pred_style"])
     bar_runs.close()
@@ -346,7 +348,7 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
                    "objects": list(dict.fromkeys(j.object for j in jobs)),
                    "styles": list(dict.fromkeys(j.style for j in jobs)), "num_images_per_run": n,
                    "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
-                   "checkpoint": None if checkpoint is None else str(checkpoint), "patch": _norm(patch_kwargs),
+                   "checkpoint": None if checkpoint is None else str(checkpoint), "patch": json_roundtrip(patch_kwargs),
                    "cra": "other-domain classifier accuracy on all images of the run (cra_rest: non-target images)"},
         "baseline": {"object_acc": sum(int(p == j.object) for p, j in zip(bpo, jobs)) / n,
                      "style_acc": sum(int(p == data.style_id(j.style)) for p, j in zip(bps, jobs)) / n, "images": n,

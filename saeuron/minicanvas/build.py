@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 
 from ..store import derive_seed
-from ..utils import atomic_write_json
+from ..utils import atomic_write_json, locks_folder
 from . import classifiers as clf
 from . import data
 from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, model_config, save_pipeline
@@ -193,6 +193,7 @@ def _files(out_dir: Path) -> dict:
             if p.is_file() and not p.name.startswith(".")}
 
 
+@locks_folder("out_dir", "building the MiniCanvas defaults into")
 def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, device=None, progress: bool = True,
                    settings: Optional[dict] = None, command: Optional[str] = None, num_threads: Optional[int] = None,
                    stages=STAGES) -> dict:
@@ -204,7 +205,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
     (their predecessors must be done). ``command`` is recorded as given (the CLI passes its command line).
     """
     from ..collect import collect
-    from ..concepts import build_concept_file
+    from ..selection import build_concept_file
     from ..sae import SparseAutoencoder, available_hookpoint_dirs
     from ..store import ActivationStore
     from ..train import TrainConfig, train

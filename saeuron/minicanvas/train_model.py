@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..store import derive_seed
-from ..utils import atomic_save_file, atomic_write_json
+from ..utils import atomic_save_file, atomic_write_json, locks_folder
 from . import data
 from .model import build_pipeline, model_config, save_pipeline
 
@@ -196,6 +196,7 @@ def _check_int(name, v, lo):
         raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
 
 
+@locks_folder("out_dir", "training the MiniCanvas model in")
 def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: Optional[int] = None,
                 lr: Optional[float] = None, lr_decay: Optional[float] = None, size: Optional[int] = None,
                 seed: int = 0, device=None, resume: bool = True, progress: bool = True, cfg_dropout: float = 0.1,

@@ -1,0 +1,175 @@
+"""The stages of the data path: ``hookpoints``, ``collect``, ``train``, ``select``, ``generate``, plus
+``backend`` and ``demo``; one thin function per command, each importing its stage only when it runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..pipelines import load_pipeline
+from .common import add_edit_args, eval_checkpoint, patch_kwargs, read_prompts, torch_device, torch_dtype
+
+
+def cmd_hookpoints(a):
+    """``saeuron hookpoints``: print the UNet's Transformer2DModel blocks and their channels."""
+    from ..hookpoints import list_hookpoints
+
+    for name, ch in list_hookpoints(load_pipeline(a.model, "cpu")).items():
+        print(f"{name}\t{ch}")
+
+
+def cmd_collect(a):
+    """``saeuron collect``: run the pipeline over prompts and store hookpoint activations."""
+    from ..collect import collect
+
+    pipe = load_pipeline(a.model, a.device, torch_dtype(a.dtype))
+    store = collect(pipe, read_prompts(a.prompts), a.out, a.hookpoints, batch_size=a.batch_size,
+                    num_inference_steps=a.steps, guidance_scale=a.guidance, every=a.every, halves=a.halves,
+                    tokens_per_map=a.tokens_per_map, seed=a.seed, height=a.height, width=a.width)
+    print(f"activations in {store.root}: " + ", ".join(f"{h}: {store.num_rows(h)} rows" for h in store.hookpoints))
+
+
+def cmd_train(a):
+    """``saeuron train``: a TopK SAE per hookpoint of a store."""
+    from ..store import ActivationStore
+    from ..train import TrainConfig, train
+
+    cfg = TrainConfig(k=a.k, expansion_factor=a.expansion, num_latents=a.num_latents, batch_size=a.batch_size,
+                      lr=a.lr, batch_topk=not a.topk, max_tokens=a.max_tokens, epochs=a.epochs, amp_dtype=a.amp,
+                      save_every=a.save_every, seed=a.seed, dead_tokens_threshold=a.dead_tokens)
+    store = ActivationStore(a.store)
+    for hp in a.hookpoints or store.hookpoints:
+        train(store, a.out, hp, cfg, device=torch_device(a.device))
+        print(f"SAE for {hp} in {Path(a.out) / hp}")
+
+
+def cmd_select(a):
+    """``saeuron select``: per-concept statistics and feature selection into a concept file."""
+    from ..selection import build_concept_file
+    from ..store import ActivationStore
+
+    concepts = read_prompts(a.concepts) if a.concepts else None
+    table = build_concept_file(ActivationStore(a.store), a.checkpoint, hookpoints=a.hookpoints, concepts=concepts,
+                               multiplier=a.multiplier, percentile=a.percentile, top_n=a.top_n,
+                               device=torch_device(a.device))
+    print(f"concept file for {len(table.names)} concepts in {a.checkpoint}: {', '.join(table.names)}")
+
+
+def cmd_generate(a):
+    """``saeuron generate``: images with and without the edit, and a grid."""
+    from ..generate import generate
+
+    pipe = load_pipeline(a.model, a.device, torch_dtype(a.dtype))
+    prompts = [a.prompt] if a.prompt else read_prompts(a.prompts)
+    if isinstance(prompts, dict):
+        prompts = [p for ps in prompts.values() for p in ps]
+    res = generate(pipe, prompts, a.out, concepts=a.concept, checkpoint=eval_checkpoint(a.checkpoint, a.model),
+                   seeds=a.seeds,
+                   num_inference_steps=a.steps, guidance_scale=a.guidance, height=a.height, width=a.width,
+                   halves=a.halves, **patch_kwargs(a))
+    print(f"grid: {res['grid']}")
+
+
+def cmd_backend(a):
+    """``saeuron backend``: the kernel backend of each op, as JSON."""
+    from .. import ops
+
+    print(json.dumps(ops.status(), indent=2))
+
+
+def cmd_demo(a):
+    """``saeuron demo``: the built-in default, end to end."""
+    from ..demo import run_demo
+
+    run_demo(a.out, quick=a.quick)
+
+
+def add_stage_parsers(sub):
+    """The data-path commands, in the order ``saeuron --help`` lists them."""
+    def model_args(s, dtype=True):
+        s.add_argument("--model", default="minicanvas",
+                       help="pipeline folder, 'minicanvas' (the shipped model; the default), or a hub id")
+        s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+        if dtype:
+            s.add_argument("--dtype", default=None, help="fp32, fp16 or bf16 (default: as saved)")
+
+    def sampling_args(s):
+        s.add_argument("--steps", type=int, default=None,
+                       help="denoising steps (default: the pipeline's own: MiniCanvas 25, Stable Diffusion 50)")
+        s.add_argument("--guidance", type=float, default=None,
+                       help="CFG scale (default: the pipeline's own: MiniCanvas 1.5, Stable Diffusion 7.5)")
+        s.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+        s.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+
+    s = sub.add_parser("hookpoints", help="list the UNet's Transformer2DModel blocks and their channels")
+    s.add_argument("--model", required=True, help="pipeline folder, 'minicanvas' (the shipped model) or a hub id")
+    s.set_defaults(fn=cmd_hookpoints)
+
+    s = sub.add_parser("collect", help="run the pipeline over prompts and store hookpoint activations")
+    model_args(s)
+    s.add_argument("--prompts", required=True, help=".txt (one per line) or .json (list or {concept: [prompts]})")
+    s.add_argument("--out", required=True, help="store folder (rerun to resume)")
+    s.add_argument("--hookpoints", nargs="+", required=True, help="e.g. up_blocks.1.attentions.1")
+    sampling_args(s)
+    s.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call")
+    s.add_argument("--every", type=int, default=1, help="keep every n-th denoising step")
+    s.add_argument("--halves", default="cond", choices=["cond", "uncond", "both"], help="CFG halves to keep")
+    s.add_argument("--tokens-per-map", type=int, default=None, help="random subset of tokens per map (default all)")
+    s.add_argument("--seed", type=int, default=0, help='random seed (default %(default)s)')
+    s.set_defaults(fn=cmd_collect)
+
+    s = sub.add_parser("train", help="train a TopK SAE per hookpoint on a store")
+    s.add_argument("--store", required=True, help='activation store folder (made by saeuron collect)')
+    s.add_argument("--out", required=True, help="checkpoint folder (one subfolder per hookpoint); resumes")
+    s.add_argument("--hookpoints", nargs="*", default=None, help="default: all in the store")
+    s.add_argument("--k", type=int, default=32, help="latents kept per token, TopK's k (default %(default)s)")
+    s.add_argument("--expansion", type=int, default=16,
+                   help='number of latents = expansion x input width (default %(default)s)')
+    s.add_argument("--num-latents", type=int, default=0, help="overrides --expansion when > 0")
+    s.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
+    s.add_argument("--lr", type=float, default=4e-4, help='learning rate (default %(default)s)')
+    s.add_argument("--topk", action="store_true", help="per-token TopK instead of BatchTopK")
+    s.add_argument("--max-tokens", type=int, default=None,
+                   help='stop after this many training tokens (default: every token of every epoch)')
+    s.add_argument("--epochs", type=int, default=1, help='passes over the store (default %(default)s)')
+    s.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="autocast dtype (fp32 master weights)")
+    s.add_argument("--save-every", type=int, default=1000,
+                   help='save a resumable checkpoint every n steps (default %(default)s)')
+    s.add_argument("--dead-tokens", type=int, default=10_000_000, help="tokens without firing before a latent is dead")
+    s.add_argument("--seed", type=int, default=0, help='random seed (default %(default)s)')
+    s.add_argument("--device", default=None, help='cpu or cuda (default: cuda if available)')
+    s.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("select", help="per-concept statistics and feature selection -> concept file")
+    s.add_argument("--store", required=True, help="store collected with concept-labelled prompts")
+    s.add_argument("--checkpoint", required=True, help="folder with the SAEs; the concept file is written here")
+    s.add_argument("--concepts", default=None, help="JSON {concept: [prompts]} (default: the store's labels)")
+    s.add_argument("--hookpoints", nargs="*", default=None, help='hookpoints to use (default: every one with an SAE)')
+    s.add_argument("--multiplier", type=float, default=-1.0, help="default per-concept multiplier (gamma < 0)")
+    s.add_argument("--percentile", type=float, default=99.99, help="default selection percentile")
+    s.add_argument("--top-n", type=int, default=None, help="select the top n features per timestep instead")
+    s.add_argument("--device", default=None, help='cpu or cuda (default: cuda if available)')
+    s.set_defaults(fn=cmd_select)
+
+    s = sub.add_parser("generate", help="images with and without the edit, plus a side-by-side grid PNG")
+    model_args(s)
+    s.add_argument("--checkpoint", default=None,
+                   help="folder with SAEs and the concept file (default: the shipped one with --model minicanvas)")
+    s.add_argument("--concept", nargs="+", required=True, help="concept(s) to unlearn")
+    s.add_argument("--prompt", default=None, help='one prompt (or --prompts FILE)')
+    s.add_argument("--prompts", default=None, help="prompt file instead of --prompt")
+    s.add_argument("--seeds", type=int, nargs="+", default=[188, 288, 588, 688, 888],
+                   help='generator seeds: one image per prompt and seed (default %(default)s)')
+    s.add_argument("--out", required=True, help='output folder')
+    sampling_args(s)
+    add_edit_args(s, top_n=False)
+    s.add_argument("--halves", default="both", choices=["both", "cond", "uncond"],
+                   help='CFG halves the edit acts on: both, cond or uncond (default %(default)s)')
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("backend", help="show which kernel backend each op uses here")
+    s.set_defaults(fn=cmd_backend)
+
+    s = sub.add_parser("demo", help="the built-in default, end to end (no downloads)")
+    s.add_argument("--out", default="demo_out", help='output folder')
+    s.add_argument("--quick", action="store_true", help="smallest settings (used by the tests)")
+    s.set_defaults(fn=cmd_demo)
