@@ -192,9 +192,10 @@ def cmd_attack(a):
 def add_attack_parser(sub):
     """``saeuron attack``: optimise a 5-token prefix against the unlearned pipeline, sample with it."""
     s = sub.add_parser("attack", help="UnlearnDiffAtk-style prefix attack on the unlearned pipeline: images + JSON")
-    s.add_argument("--model", required=True,
-                   help="pipeline folder (SD or MiniCanvas), or 'minicanvas' for the shipped one")
-    s.add_argument("--checkpoint", default=None, help="folder with SAEs and the concept file")
+    s.add_argument("--model", default="minicanvas",
+                   help="pipeline folder (SD or MiniCanvas), or 'minicanvas' for the shipped one (the default)")
+    s.add_argument("--checkpoint", default=None,
+                   help="folder with SAEs and the concept file (default: the shipped one with --model minicanvas)")
     s.add_argument("--concept", nargs="+", required=True, help="concept(s) unlearned by the patch")
     s.add_argument("--prompt", required=True, help="the prompt the prefix is prepended to")
     s.add_argument("--target-images", required=True, help="folder or glob of images of the erased concept")

@@ -101,7 +101,8 @@ def add_stage_parsers(sub):
         s.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
 
     s = sub.add_parser("hookpoints", help="list the UNet's Transformer2DModel blocks and their channels")
-    s.add_argument("--model", required=True, help="pipeline folder, 'minicanvas' (the shipped model) or a hub id")
+    s.add_argument("--model", default="minicanvas",
+                   help="pipeline folder, 'minicanvas' (the shipped model; the default) or a hub id")
     s.set_defaults(fn=cmd_hookpoints)
 
     s = sub.add_parser("collect", help="run the pipeline over prompts and store hookpoint activations")
