@@ -6,14 +6,14 @@ The data path is a straight line: prompts --collect--> activation shards --train
 # Functions share names with their modules (saeuron.patch, saeuron.train, saeuron.collect): importing
 # them here, eagerly, keeps `saeuron.patch` the function whatever is imported later. None of these
 # modules imports diffusers at import time.
-from .collect import collect
+from .collection import collect
 from .concepts import ConceptTable, load_concepts
 from .hookpoints import list_hookpoints
 from .patch import patch, patched, unpatch
 from .sae import SaeConfig, SparseAutoencoder
 from .selection import build_concept_file, compute_statistics
 from .store import ActivationStore
-from .train import TrainConfig, train
+from .trainer import TrainConfig, train
 
 __version__ = "0.1.0"
 

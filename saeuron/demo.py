@@ -35,9 +35,9 @@ def _small_scale(pipe, prompts: dict, hookpoint: str, out: Path, steps: int, qui
 
     They take seconds, so ``out`` is cleared first: a rerun after an upgrade (new sampling defaults, say)
     never resumes from activations or an SAE made by the old one."""
-    from .collect import collect
+    from .collection import collect
     from .selection import build_concept_file
-    from .train import TrainConfig, train
+    from .trainer import TrainConfig, train
 
     shutil.rmtree(out, ignore_errors=True)
     flat = sorted({p for ps in prompts.values() for p in ps})

@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 
 def _umask() -> int:
@@ -58,7 +59,7 @@ def atomic_save_file(tensors: dict, path, metadata=None) -> Path:
 # --------------------------------------------------------------------------- one writer per folder
 
 LOCK_NAME = ".saeuron.lock"
-_HELD: dict = {}  # resolved lock path -> [fd, count, thread id]
+_HELD: dict = {}  # resolved lock path -> [fd, count, thread id, shared run id or None]
 _HELD_GUARD = threading.Lock()
 
 
@@ -70,31 +71,45 @@ def _owner(path: Path) -> str:
     """The owner recorded in a lock file, as words."""
     try:
         info = json.loads(path.read_text() or "{}")
-        return f"pid {info.get('pid')} on {info.get('host')}, {info.get('what', 'writing')} since {info.get('since')}"
+        run = f" (run {info['run']}, shared by its processes)" if info.get("run") else ""
+        return (f"pid {info.get('pid')} on {info.get('host')}, {info.get('what', 'writing')} since "
+                f"{info.get('since')}{run}")
     except (OSError, ValueError):
         return "owner unknown"
 
 
 class FolderLock:
-    """An exclusive, re-entrant (per thread) write lock on ``folder`` (``folder/.saeuron.lock``, ``fcntl.flock``).
+    """A re-entrant (per thread) write lock on ``folder`` (``folder/.saeuron.lock``, ``fcntl.flock``).
 
-    The kernel drops the lock when its process dies (a killed run never leaves a stale lock: the file it
-    leaves is simply locked anew); the file records the owner's pid, host and task for the error the
-    second writer gets, and is removed on release. ``timeout``: seconds to wait for the lock (0: fail at
-    once with :class:`FolderBusyError`).
+    Exclusive by default. With ``shared=RUN_ID`` (a string the processes of one run agree on, e.g. the ranks
+    of one ``torchrun`` job) every process presenting the same ``RUN_ID`` holds the folder together, while an
+    exclusive request or a different ``RUN_ID`` is refused as long as any of them holds it. The kernel drops
+    the lock when its process dies (a killed run never leaves a stale lock: the file it leaves is simply
+    locked anew); the file records the first owner's pid, host, task and run id for the error the second
+    writer gets, and the last holder removes it on release. ``timeout``: seconds to wait for the lock (0:
+    fail at once with :class:`FolderBusyError`).
     """
 
-    def __init__(self, folder, what: str = "writing to", timeout: float = 0.0):
+    def __init__(self, folder, what: str = "writing to", timeout: float = 0.0, shared: Optional[str] = None):
         self._released = True  # nothing held until acquired (a failed acquisition releases nothing)
+        if shared is not None and (not isinstance(shared, str) or not shared):
+            raise ValueError(f"FolderLock(shared=...) must be None (exclusive) or a non-empty run id string, "
+                             f"got {shared!r}")
         self.folder = Path(folder)
         self.what = what
+        self.shared = shared
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder.resolve() / LOCK_NAME
         key = str(self.path)
         me = threading.get_ident()
         with _HELD_GUARD:
             held = _HELD.get(key)
-            if held is not None and held[2] == me:
+            if held is not None and (held[2] == me or (shared is not None and held[3] == shared)):
+                if held[3] != shared:
+                    raise FolderBusyError(
+                        f"{self.folder} is already held by this thread "
+                        f"{'exclusively' if held[3] is None else f'for run {held[3]}'}; it cannot also be "
+                        f"{'shared with run ' + shared if shared else 'taken exclusively'} ({what} it)")
                 held[1] += 1
                 self._released = False
                 return
@@ -105,7 +120,7 @@ class FolderLock:
                 if held is None:
                     fd = self._try_lock()
                     if fd is not None:
-                        _HELD[key] = [fd, 1, me]
+                        _HELD[key] = [fd, 1, me, shared]
                         self._released = False
                         return
             if time.monotonic() >= deadline:
@@ -116,7 +131,7 @@ class FolderLock:
             time.sleep(0.05)
 
     def _try_lock(self):
-        """Open and flock the lock file; the fd on success, None when another process holds it."""
+        """Open and flock the lock file; the fd on success, None when another run holds it."""
         import fcntl
 
         while True:
@@ -126,14 +141,14 @@ class FolderLock:
                 raise OSError(e.errno, f"cannot create the lock file {self.path} to write into {self.folder} "
                                        f"({e.strerror}; a read-only folder?)") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # held by another process
-                os.close(fd)
-                return None
+                first = self._flock(fd)
             except OSError as e:
                 os.close(fd)
                 raise OSError(e.errno, f"cannot lock {self.path} ({e.strerror}): the file system does not support "
                                        "flock, so saeuron cannot keep two runs from writing this folder at once") from None
+            if first is None:  # held by another run
+                os.close(fd)
+                return None
             try:  # the holder unlinks the file on release: make sure we locked the file that is there now
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -141,11 +156,45 @@ class FolderLock:
             if same:
                 break
             os.close(fd)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
-                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        if first:
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "what": self.what,
+                    "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": self.shared}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+            if self.shared is not None:  # written while exclusive; now let the run's other processes in
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:  # another run slipped in while the lock was converted: it has the folder
+                    os.close(fd)
+                    return None
         return fd
+
+    def _flock(self, fd):
+        """flock ``fd``: True when this process is the first holder (exclusive so far), False when it joined its
+        run's shared hold, None when another run (or an exclusive writer) holds the folder."""
+        import fcntl
+
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if self.shared is None:
+                return None
+        try:  # somebody holds it: join if they are this run
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # an exclusive holder (another run, or this run's first process still setting up)
+            return None
+        try:
+            run = json.loads(os.pread(fd, 4096, 0).decode() or "{}").get("run")
+        except (ValueError, AttributeError):
+            run = None
+        if run == self.shared:
+            return False
+        try:  # the file may be a dead run's leftover: if nobody else holds it now, it is ours
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return None
 
     def release(self) -> None:
         """Release this hold (the lock itself goes when the last hold of the thread is released)."""
@@ -159,10 +208,19 @@ class FolderLock:
             held[1] -= 1
             if held[1] == 0:
                 del _HELD[str(self.path)]
-                try:
-                    os.unlink(self.path)  # still locked here, so no other process holds this file
-                except OSError:
-                    pass
+                last = True
+                if held[3] is not None:  # shared: only the run's last holder may remove the file
+                    import fcntl
+
+                    try:
+                        fcntl.flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError:
+                        last = False
+                if last:
+                    try:
+                        os.unlink(self.path)  # still locked here, so no other process holds this file
+                    except OSError:
+                        pass
                 os.close(held[0])  # closing the descriptor drops the flock
 
     def __enter__(self):

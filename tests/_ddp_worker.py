@@ -28,7 +28,7 @@ def run(rank: int, world: int, out: str) -> None:
     try:
         from safetensors.torch import save_file
 
-        from saeuron.train import TrainConfig, train
+        from saeuron.trainer import TrainConfig, train
 
         x = make_data()
         cfg = TrainConfig(k=4, num_latents=64, batch_size=128, lr=1e-2, epochs=2, log_every=4, save_every=16,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saeuron.collect import _timesteps, collect
+from saeuron.collection import _timesteps, collect
 from saeuron.store import ActivationStore
 
 UP, MID = "up_blocks.1.attentions.1", "mid_block.attentions.0"  # 8x8 x 32 ch and 4x4 x 64 ch at 64x64 images

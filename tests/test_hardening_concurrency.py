@@ -11,7 +11,7 @@ import torch
 
 from saeuron.concepts import ConceptTable
 from saeuron.store import ActivationStore
-from saeuron.train import TrainConfig, train
+from saeuron.trainer import TrainConfig, train
 from saeuron.utils import LOCK_NAME, FolderBusyError, FolderLock, holds_lock
 
 HP = {"hp": 4}

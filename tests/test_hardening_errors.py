@@ -6,12 +6,12 @@ import torch
 
 from conftest import make_sae
 from saeuron.cli.common import parse_per_concept
-from saeuron.collect import read_prompt_file
+from saeuron.collection import read_prompt_file
 from saeuron.concepts import ConceptTable
 from saeuron.patch import patch, unpatch
 from saeuron.sae import SaeConfig, SparseAutoencoder
 from saeuron.store import ActivationStore
-from saeuron.train import METRICS_FILE, TrainConfig, train
+from saeuron.trainer import METRICS_FILE, TrainConfig, train
 
 HP = "up_blocks.1.attentions.1"
 

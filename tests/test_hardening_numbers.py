@@ -13,7 +13,7 @@ from saeuron.patch import patch, unpatch
 from saeuron.sae import SparseAutoencoder
 from saeuron.selection import build_concept_file, compute_statistics
 from saeuron.store import ActivationStore
-from saeuron.train import METRICS_FILE, TrainConfig, train
+from saeuron.trainer import METRICS_FILE, TrainConfig, train
 
 HP = "up_blocks.1.attentions.1"  # 32 channels in the tiny pipeline
 TS = [667.0, 334.0, 1.0]
@@ -50,7 +50,7 @@ def test_all_nan_batch_and_divergence_are_refused_without_saving(tmp_path, monke
         train(torch.full((128, 8), float("inf")), tmp_path / "a", "hp", cfg, progress=False)
     import sys
 
-    tr = sys.modules["saeuron.train"]
+    tr = sys.modules["saeuron.trainer"]
     real = tr.sae_step_loss
 
     def nan_loss(*a, **k):

@@ -11,7 +11,7 @@ from saeuron import _build
 from saeuron.concepts import ConceptTable
 from saeuron.sae import SparseAutoencoder
 from saeuron.store import ActivationStore
-from saeuron.train import STATE_FILE, TrainConfig, train
+from saeuron.trainer import STATE_FILE, TrainConfig, train
 
 
 def test_nan_timestep_is_refused_when_written(tmp_path):
@@ -81,7 +81,7 @@ def test_sweep_grid_values_are_checked_at_entry():
 
 
 def test_collect_guidance_must_be_finite(tiny_pipe, tmp_path):
-    from saeuron.collect import collect
+    from saeuron.collection import collect
 
     with pytest.raises(ValueError, match="guidance_scale must be a finite number"):
         collect(tiny_pipe, ["a cat"], tmp_path, ["up_blocks.1.attentions.1"], num_inference_steps=2,

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import make_sae
-from saeuron.collect import collect
+from saeuron.collection import collect
 from saeuron.concepts import ConceptTable
 from saeuron.hookpoints import list_hookpoints
 from saeuron.minicanvas import data

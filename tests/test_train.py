@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from saeuron import SparseAutoencoder
 import importlib
 
-train_mod = importlib.import_module("saeuron.train")  # `saeuron.train` the attribute is the function
-from saeuron.train import TrainConfig, batch_topk_select, lr_at, sae_step_loss, train
+train_mod = importlib.import_module("saeuron.trainer")  # `saeuron.train` the attribute is the function
+from saeuron.trainer import TrainConfig, batch_topk_select, lr_at, sae_step_loss, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

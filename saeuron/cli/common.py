@@ -27,7 +27,7 @@ def torch_device(name):
 
 def read_prompts(path: str):
     """Prompts from a .txt (one per line) or .json file (a list, or {concept: [prompts]})."""
-    from ..collect import read_prompt_file
+    from ..collection import read_prompt_file
 
     try:
         return read_prompt_file(path)

@@ -18,20 +18,24 @@ def cmd_hookpoints(a):
 
 
 def cmd_collect(a):
-    """``saeuron collect``: run the pipeline over prompts and store hookpoint activations."""
-    from ..collect import collect
+    """``saeuron collect``: run the pipeline over prompts and store hookpoint activations (under torchrun: the
+    prompt batches are split over the ranks, which write one store together)."""
+    from ..collection import collect, distributed_from_env
 
-    pipe = load_pipeline(a.model, a.device, torch_dtype(a.dtype))
-    store = collect(pipe, read_prompts(a.prompts), a.out, a.hookpoints, batch_size=a.batch_size,
-                    num_inference_steps=a.steps, guidance_scale=a.guidance, every=a.every, halves=a.halves,
-                    tokens_per_map=a.tokens_per_map, seed=a.seed, height=a.height, width=a.width)
-    print(f"activations in {store.root}: " + ", ".join(f"{h}: {store.num_rows(h)} rows" for h in store.hookpoints))
+    with distributed_from_env() as (rank, world):
+        pipe = load_pipeline(a.model, a.device, torch_dtype(a.dtype))
+        store = collect(pipe, read_prompts(a.prompts), a.out, a.hookpoints, batch_size=a.batch_size,
+                        num_inference_steps=a.steps, guidance_scale=a.guidance, every=a.every, halves=a.halves,
+                        tokens_per_map=a.tokens_per_map, seed=a.seed, height=a.height, width=a.width)
+        if rank == 0:
+            print(f"activations in {store.root}" + (f" (collected by {world} ranks)" if world > 1 else "") + ": "
+                  + ", ".join(f"{h}: {store.num_rows(h)} rows" for h in store.hookpoints))
 
 
 def cmd_train(a):
     """``saeuron train``: a TopK SAE per hookpoint of a store."""
     from ..store import ActivationStore
-    from ..train import TrainConfig, train
+    from ..trainer import TrainConfig, train
 
     cfg = TrainConfig(k=a.k, expansion_factor=a.expansion, num_latents=a.num_latents, batch_size=a.batch_size,
                       lr=a.lr, batch_topk=not a.topk, max_tokens=a.max_tokens, epochs=a.epochs, amp_dtype=a.amp,
@@ -108,7 +112,8 @@ def add_stage_parsers(sub):
     s = sub.add_parser("collect", help="run the pipeline over prompts and store hookpoint activations")
     model_args(s)
     s.add_argument("--prompts", required=True, help=".txt (one per line) or .json (list or {concept: [prompts]})")
-    s.add_argument("--out", required=True, help="store folder (rerun to resume)")
+    s.add_argument("--out", required=True,
+                   help="store folder (rerun to resume; under torchrun the ranks split the batches and share it)")
     s.add_argument("--hookpoints", nargs="+", required=True, help="e.g. up_blocks.1.attentions.1")
     sampling_args(s)
     s.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call")

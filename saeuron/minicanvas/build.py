@@ -204,11 +204,11 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
     ``settings`` overrides entries of ``BUILD_DEFAULTS[config]``; ``stages`` limits the run to some stages
     (their predecessors must be done). ``command`` is recorded as given (the CLI passes its command line).
     """
-    from ..collect import collect
+    from ..collection import collect
     from ..selection import build_concept_file
     from ..sae import SparseAutoencoder, available_hookpoint_dirs
     from ..store import ActivationStore
-    from ..train import TrainConfig, train
+    from ..trainer import TrainConfig, train
     from .train_model import train_model
 
     st = build_settings(config, settings)

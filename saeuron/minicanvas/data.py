@@ -18,7 +18,20 @@ Near neighbours, on purpose, so that retention can fail:
   * styles sharing a stroke: ``sketch``/``neon`` (outlines only, differ in palette and effect).
 
 Captions use the UnlearnCanvas form for training ("An image of {object} in {style} style.") and two
-paraphrases kept for evaluation only.
+paraphrases kept for evaluation only (``TEMPLATES``, ``caption``: the shipped model's captions).
+
+Caption forms (for a model that reads words, not one sentence): ``CAPTION_FORMS`` (styled) and
+``UNSTYLED_CAPTION_FORMS`` are families of sentences over the same words in other orders, with articles,
+"drawn"/"painted"/"picture"/"image", and neutral words before ("Here is", "Please draw", "Look at this:")
+or after (", please", ", here it is") the description. Each family is split, by a fixed hand-made list
+(no randomness), into training forms (``TRAIN_FORMS``, ``UNSTYLED_TRAIN_FORMS``) and held-out forms
+(``HELDOUT_FORMS``, ``UNSTYLED_HELDOUT_FORMS``). The split keeps form 0 (the training form above) a
+training form and the two evaluation paraphrases (forms 1 and 2, = ``TEMPLATES[1:]``) held out, so
+evaluation numbers measured on templates 0-2 keep their meaning; every word of a held-out form occurs in
+some training form, so a held-out form tests new word orders and combinations, never unknown words.
+``form_caption(object, style, form)`` writes a caption in a form; ``caption_forms(split)`` lists them.
+Training draws forms only when asked (``sample_batch(..., forms="train")``; ``train_model(...,
+caption_forms=True)``); the default trains on form 0 alone, as the shipped model was.
 """
 from __future__ import annotations
 
@@ -75,6 +88,45 @@ UNSTYLED_EVAL_TEMPLATES = ("A plain picture of a {object}.", "{Object} drawn pla
 TEMPLATES = TRAIN_TEMPLATES + EVAL_TEMPLATES                      # index 0: training, 1..: evaluation only
 UNSTYLED_TEMPLATES = UNSTYLED_TRAIN_TEMPLATES + UNSTYLED_EVAL_TEMPLATES
 
+# Caption forms: index 0-2 are TEMPLATES / UNSTYLED_TEMPLATES (same index, same sentence). "{Object}"/"{Style}"
+# are the capitalised names. The split below is fixed by hand; see the module docstring for its rules.
+CAPTION_FORMS = TEMPLATES + (
+    "A picture of a {object} in {style} style.",              # 3  train
+    "A {object} drawn in {style} style.",                     # 4  train
+    "A {object} painted in the {style} style.",               # 5  train
+    "{Style} style: an image of a {object}.",                 # 6  train: style first
+    "The {object}, {style} style.",                           # 7  train
+    "A {style} style image of the {object}.",                 # 8  train
+    "Here is a picture of a {object} in {style} style.",      # 9  train: neutral prefix
+    "Please draw a {object} in the {style} style.",           # 10 train: neutral prefix
+    "An image of {object} in {style} style, please.",         # 11 train: neutral suffix
+    "Look at this: a {object} painted in {style} style.",     # 12 train: neutral prefix
+    "A {object} in {style} style, here it is.",               # 13 train: neutral suffix
+    "A painted {object} in {style} style.",                   # 14 held out: verb before the object
+    "Here is the {object}, drawn in {style} style.",          # 15 held out: prefix + other article and verb
+    "This is an image of a {object} in the {style} style.",   # 16 held out: another prefix
+    "{Style} style: the {object}, please.",                   # 17 held out: style first + suffix
+)
+UNSTYLED_CAPTION_FORMS = UNSTYLED_TEMPLATES + (
+    "A picture of a {object}.",                               # 3  train
+    "A plain {object}.",                                      # 4  train
+    "The {object}, painted plainly.",                         # 5  train
+    "Here is an image of a {object}.",                        # 6  train: neutral prefix
+    "Please draw a plain {object}.",                          # 7  train: neutral prefix
+    "An image of {object}, please.",                          # 8  train: neutral suffix
+    "Look at this: a {object}, plain.",                       # 9  train: neutral prefix
+    "This is a plain {object}.",                              # 10 held out
+    "Here is the {object}, drawn plainly.",                   # 11 held out
+)
+TRAIN_FORMS = (0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)
+HELDOUT_FORMS = (1, 2, 14, 15, 16, 17)
+UNSTYLED_TRAIN_FORMS = (0, 3, 4, 5, 6, 7, 8, 9)
+UNSTYLED_HELDOUT_FORMS = (1, 2, 10, 11)
+FORM_SPLITS = ("train", "heldout", "all")
+assert CAPTION_FORMS[:len(TEMPLATES)] == TEMPLATES and UNSTYLED_CAPTION_FORMS[:len(TEMPLATES)] == UNSTYLED_TEMPLATES
+assert sorted(TRAIN_FORMS + HELDOUT_FORMS) == list(range(len(CAPTION_FORMS)))
+assert sorted(UNSTYLED_TRAIN_FORMS + UNSTYLED_HELDOUT_FORMS) == list(range(len(UNSTYLED_CAPTION_FORMS)))
+
 SPLIT_SEEDS = {"train": 0, "heldout": 1 << 40}   # seeds of a split: [base, base + 2**40)
 SPLIT_RANGE = 1 << 40
 
@@ -128,31 +180,98 @@ def all_captions(templates: Sequence[int] = (0,), unstyled: bool = True) -> list
     return [caption(o, s, t) for t in templates for s in styles for o in OBJECTS]
 
 
-def vocabulary() -> list:
-    """Sorted lower-case words of every caption under every template (for ``toy.word_tokenizer``)."""
-    text = " ".join(all_captions(range(len(TEMPLATES))))
-    return sorted({w.lower() for w in re.findall(r"[A-Za-z0-9']+", text)})
+def _check_split(split: str) -> str:
+    if split not in FORM_SPLITS:
+        raise ValueError(f"unknown caption-form split {split!r}; valid: {', '.join(FORM_SPLITS)}")
+    return split
 
 
-def prompt_warnings(prompts: Sequence[str], known_words) -> list:
+def caption_forms(split: str = "all", unstyled: bool = False) -> dict:
+    """``{form index: sentence}`` of the styled (or, with ``unstyled``, the unstyled) caption forms of a split
+    ("train", "heldout" or "all"), in index order."""
+    forms = UNSTYLED_CAPTION_FORMS if unstyled else CAPTION_FORMS
+    keep = {"train": UNSTYLED_TRAIN_FORMS if unstyled else TRAIN_FORMS,
+            "heldout": UNSTYLED_HELDOUT_FORMS if unstyled else HELDOUT_FORMS,
+            "all": range(len(forms))}[_check_split(split)]
+    return {i: forms[i] for i in sorted(keep)}
+
+
+def form_caption(obj, style=None, form: int = 0) -> str:
+    """The prompt for (object, style) in caption form ``form`` (an index of ``CAPTION_FORMS``, or of
+    ``UNSTYLED_CAPTION_FORMS`` when ``style`` is None); forms 0-2 give ``caption(obj, style, form)``."""
+    o, s = OBJECTS[object_id(obj)], style_id(style)
+    forms = UNSTYLED_CAPTION_FORMS if s == len(STYLES) else CAPTION_FORMS
+    if not (isinstance(form, int) and not isinstance(form, bool) and 0 <= form < len(forms)):
+        kind = "an unstyled" if s == len(STYLES) else "a styled"
+        raise ValueError(f"form must be an int in 0..{len(forms) - 1} for {kind} caption (training forms "
+                         f"{list(UNSTYLED_TRAIN_FORMS if s == len(STYLES) else TRAIN_FORMS)}), got {form!r}")
+    name = STYLES[s] if s < len(STYLES) else ""
+    return forms[form].format(object=o, Object=o.capitalize(), style=name, Style=name.capitalize())
+
+
+def all_form_captions(split: str = "all", unstyled: bool = True) -> list:
+    """Every caption for every object x style (+ unstyled) in every caption form of ``split``."""
+    out = [form_caption(o, s, f) for f in caption_forms(split) for s in STYLES for o in OBJECTS]
+    if unstyled:
+        out += [form_caption(o, None, f) for f in caption_forms(split, unstyled=True) for o in OBJECTS]
+    return out
+
+
+def caption_words(text: str) -> list:
+    """The lower-case words of a caption as the MiniCanvas tokenizer splits them (punctuation dropped)."""
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def vocabulary(with_forms: bool = False) -> list:
+    """Sorted lower-case words of every caption under every template (for ``toy.word_tokenizer``); with
+    ``with_forms``, of every caption form as well (the vocabulary of a model trained on the forms).
+
+    The default is the shipped model's vocabulary: a larger one changes the text encoder's shape and
+    initialisation, so the default build would no longer reproduce the shipped model.
+    """
+    caps = all_captions(range(len(TEMPLATES)))
+    if with_forms:
+        caps += all_form_captions("all")
+    return sorted({w for c in caps for w in caption_words(c)})
+
+
+def _normal(p: str) -> str:
+    return " ".join(p.lower().split())
+
+
+def prompt_warnings(prompts: Sequence[str], known_words, forms: Optional[str] = None) -> list:
     """Why a MiniCanvas model may not draw ``prompts`` as asked: words it cannot read, caption forms it never saw.
 
-    ``known_words`` is the model's tokenizer vocabulary. The model learned the training caption forms
-    (``TRAIN_TEMPLATES``, ``UNSTYLED_TRAIN_TEMPLATES``) with these objects and styles only; other words are read
-    as an unknown token and other word orders are drawn far less reliably. Empty prompts (the CFG negative) pass.
+    ``known_words`` is the model's tokenizer vocabulary. ``forms`` says what the model was trained on:
+    "templates" (form 0 only: ``TRAIN_TEMPLATES``, ``UNSTYLED_TRAIN_TEMPLATES``, the shipped model) or "train"
+    (every training caption form, ``train_model(..., caption_forms=True)``); None reads it from the vocabulary
+    (a model trained on the forms has ``vocabulary(with_forms=True)``). Other words are read as an unknown
+    token; prompts in forms the model never saw are drawn less reliably. Empty prompts (the CFG negative) pass.
     """
     known = {w.lower() for w in known_words}
-    forms = " or ".join(repr(t) for t in TRAIN_TEMPLATES + UNSTYLED_TRAIN_TEMPLATES)
+    if forms is None:
+        forms = "train" if set(vocabulary(with_forms=True)) <= known else "templates"
+    if forms not in ("templates", "train"):
+        raise ValueError(f"forms={forms!r}; valid: 'templates' (form 0 only), 'train' (the training caption forms), "
+                         "None (read from the vocabulary)")
+    if forms == "templates":
+        desc = "captions of the form " + " or ".join(repr(t) for t in TRAIN_TEMPLATES + UNSTYLED_TRAIN_TEMPLATES)
+        trained = {_normal(c) for c in all_captions((0,))}
+        other = "prompts in other forms (other word orders or extra words) are drawn far less reliably"
+    else:
+        desc = (f"captions in {len(TRAIN_FORMS)} styled and {len(UNSTYLED_TRAIN_FORMS)} unstyled caption forms "
+                "(data.caption_forms('train'), e.g. " + repr(CAPTION_FORMS[0]) + ")")
+        trained = {_normal(c) for c in all_form_captions("train")}
+        other = ("prompts in other forms (held-out forms, other word orders or extra words) may be drawn less "
+                 "reliably")
     vocab = f"objects: {', '.join(OBJECTS)}; styles: {', '.join(STYLES)}"
     unknown = sorted({w for p in prompts for w in re.findall(r"[A-Za-z0-9']+", p.lower()) if w not in known})
     out = []
     if unknown:
         out.append(f"MiniCanvas does not know the word(s) {', '.join(repr(w) for w in unknown)} (read as an unknown "
-                   f"token); it was trained on captions of the form {forms} with {vocab}")
-    trained = {" ".join(c.lower().split()) for c in all_captions((0,))}
-    if any(p.strip() and " ".join(p.lower().split()) not in trained for p in prompts):
-        out.append(f"MiniCanvas was trained on captions of the form {forms} only; prompts in other forms (other "
-                   "word orders or extra words) are drawn far less reliably")
+                   f"token); it was trained on {desc} with {vocab}")
+    if any(p.strip() and _normal(p) not in trained for p in prompts):
+        out.append(f"MiniCanvas was trained on {desc} only; {other}")
     return out
 
 
@@ -417,15 +536,37 @@ def _split_base(split):
     return SPLIT_SEEDS[split]
 
 
+def sample_forms(styles, generator: torch.Generator, split: str = "train") -> torch.Tensor:
+    """A caption form per image, uniform over ``split``'s forms of its family: int64 form indices (into
+    ``CAPTION_FORMS``, or ``UNSTYLED_CAPTION_FORMS`` where the style is unstyled)."""
+    sid = _as_ids(styles, style_id)
+    styled = torch.tensor(list(caption_forms(split)), dtype=torch.int64)
+    plain = torch.tensor(list(caption_forms(split, unstyled=True)), dtype=torch.int64)
+    u = torch.rand(len(sid), generator=generator)
+    pick_s = styled[(u * len(styled)).long().clamp(max=len(styled) - 1)]
+    pick_u = plain[(u * len(plain)).long().clamp(max=len(plain) - 1)]
+    return torch.where(sid == len(STYLES), pick_u, pick_s)
+
+
 def sample_batch(batch_size: int, generator: torch.Generator, split: str = "train", size: int = 32,
-                 unstyled: bool = True):
-    """Random (object, style, seed) triples from a split, rendered: (images, object_ids, style_ids, seeds)."""
+                 unstyled: bool = True, forms: Optional[str] = None):
+    """Random (object, style, seed) triples from a split, rendered: (images, object_ids, style_ids, seeds).
+
+    ``forms`` ("train", "heldout" or "all") also draws a caption form per image from that split of the
+    forms (:func:`sample_forms`, after everything else, so the first four values do not change) and returns
+    (images, object_ids, style_ids, seeds, form_ids); the captions are ``form_caption(o, s, f)``.
+    """
     base = _split_base(split)
+    if forms is not None:
+        _check_split(forms)
     ns = len(STYLES) + (1 if unstyled else 0)
     oid = torch.randint(len(OBJECTS), (batch_size,), generator=generator)
     sid = torch.randint(ns, (batch_size,), generator=generator)
     seeds = base + torch.randint(SPLIT_RANGE, (batch_size,), generator=generator)
-    return render_batch(oid, sid, seeds, size), oid, sid, seeds
+    images = render_batch(oid, sid, seeds, size)
+    if forms is None:
+        return images, oid, sid, seeds
+    return images, oid, sid, seeds, sample_forms(sid, generator, forms)
 
 
 class MiniCanvasDataset(torch.utils.data.Dataset):

@@ -2,7 +2,9 @@
 
 Every step draws a fresh batch of train-split renders (or samples a pre-rendered pool held on the
 device, re-rendered every ``pool_refresh`` steps: the GPU path), captions them with the training
-template only ("An image of {object} in {style} style." / "An image of {object}."), replaces a
+template only ("An image of {object} in {style} style." / "An image of {object}."; or, with
+``caption_forms=True``, each image in a caption form drawn uniformly from ``data.caption_forms("train")``
+of its family, with a tokenizer over ``data.vocabulary(with_forms=True)``), replaces a
 ``cfg_dropout`` share of the captions with the empty prompt (for classifier-free guidance), and
 trains the UNet and the text encoder jointly on the v-prediction objective of the pipeline's DDIM
 schedule (uniform timesteps, MSE) with AdamW, gradient clipping, linear warmup, a constant learning
@@ -20,6 +22,10 @@ checkpoint continues exactly like an uninterrupted one. ``out_dir`` holds::
     metrics.jsonl             loss, learning rate and speed every ``log_every`` steps
     pipeline/                 the final MiniCanvasPipeline (save_pretrained; EMA weights)
 
+``caption_forms`` is off by default, so the default run reproduces the shipped model exactly; turn it on with
+``train_model(..., caption_forms=True)`` or, in a build, ``saeuron minicanvas build --set
+'model={"caption_forms": true}'`` (the build passes its ``model`` setting to this function).
+
 A ``compact`` state stores the weights and EMA weights in bf16 without the AdamW moments (a quarter of the
 size): small enough to carry between machines, and resumed approximately (rounded weights, fresh moments).
 ``time_limit`` stops a run cleanly (state saved, nothing lost) after that many seconds of training, so a
@@ -27,6 +33,7 @@ run split over time-limited calls goes on where each one stopped.
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 import uuid
@@ -60,18 +67,58 @@ TRAIN_DEFAULTS = {
                 pool_size=1 << 17, pool_refresh=4000),
 }
 # a resumed run must agree with the saved one on these, or it is a different run
-RESUME_KEYS = ("model", "batch_size", "seed", "cfg_dropout", "pool_size", "pool_refresh", "ema", "ema_decay")
+RESUME_KEYS = ("model", "batch_size", "seed", "cfg_dropout", "pool_size", "pool_refresh", "ema", "ema_decay",
+               "caption_forms")
+# the value of a resume key in a state saved before that key existed
+RESUME_KEY_DEFAULTS = {"caption_forms": False}
 
 
 # ---------------------------------------------------------------- data
 
-def caption_table(tokenizer) -> torch.Tensor:
+def caption_table(tokenizer, caption_forms: bool = False) -> torch.Tensor:
     """Token ids of every training caption, row ``o * (len(STYLES) + 1) + s`` (s = len(STYLES): unstyled),
-    and the empty prompt as the last row."""
+    and the empty prompt as the last row; with ``caption_forms``, the rows of :func:`form_rows` instead."""
     n_s = len(data.STYLES) + 1
-    caps = [data.caption(o, s, 0) for o in range(len(data.OBJECTS)) for s in range(n_s)] + [""]
+    if caption_forms:
+        caps = form_rows()[0] + [""]
+    else:
+        caps = [data.caption(o, s, 0) for o in range(len(data.OBJECTS)) for s in range(n_s)] + [""]
     return tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids
+
+
+def form_rows() -> tuple:
+    """``(captions, lookup)``: every (object, style, training form) caption, and the int64 tensor
+    ``lookup[object_id, style_id, form]`` of its row (-1 where the form is no training form of that family)."""
+    n_o, n_s = len(data.OBJECTS), len(data.STYLES) + 1
+    n_f = max(len(data.CAPTION_FORMS), len(data.UNSTYLED_CAPTION_FORMS))
+    lookup = torch.full((n_o, n_s, n_f), -1, dtype=torch.int64)
+    caps = []
+    for o in range(n_o):
+        for s in range(n_s):
+            for f in data.caption_forms("train", unstyled=s == len(data.STYLES)):
+                lookup[o, s, f] = len(caps)
+                caps.append(data.form_caption(o, s, f))
+    return caps, lookup
+
+
+def use_caption_forms(pipe, seed: int) -> None:
+    """Give a freshly built pipeline the tokenizer over every caption form's words
+    (``data.vocabulary(with_forms=True)``) and a text encoder of that vocabulary size, initialised from ``seed``."""
+    from transformers import CLIPTextModel
+
+    from ..toy import word_tokenizer
+
+    old = pipe.tokenizer
+    tok = word_tokenizer(data.vocabulary(with_forms=True), max_length=old.model_max_length)
+    if (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) != (old.bos_token_id, old.eos_token_id, old.pad_token_id):
+        raise RuntimeError("the caption-forms tokenizer's special tokens differ from the model's")
+    conf = copy.deepcopy(pipe.text_encoder.config)
+    conf.vocab_size = len(tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "caption_forms_text_encoder"))
+        text = CLIPTextModel(conf)
+    pipe.register_modules(text_encoder=text.to(pipe.device, pipe.text_encoder.dtype), tokenizer=tok)
 
 
 class _Pool:
@@ -189,6 +236,20 @@ def _trim_metrics(path: Path, step: int) -> None:
         tmp.replace(path)
 
 
+def _check_resume(saved: dict, hparams: dict, out_dir) -> None:
+    """ValueError naming every ``RESUME_KEYS`` setting on which a saved run differs from this one."""
+    old = json.loads(json.dumps(saved or {}))
+    if isinstance(old.get("model"), dict):  # states saved while model configs still named SAE hookpoints
+        old["model"].pop("hookpoints", None)
+    now = json.loads(json.dumps(hparams))
+    for k, v in RESUME_KEY_DEFAULTS.items():
+        old.setdefault(k, v)
+    bad = [f"{k}: saved {old.get(k)!r}, now {now[k]!r}" for k in RESUME_KEYS if old.get(k) != now[k]]
+    if bad:
+        raise ValueError(f"cannot resume from the state in {out_dir}: the run differs ({'; '.join(bad)}); use "
+                         f"the same settings, another out_dir, or resume=False")
+
+
 # ---------------------------------------------------------------- the loop
 
 def _check_int(name, v, lo):
@@ -204,7 +265,8 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
                 weight_decay: float = 0.01, grad_clip: float = 1.0, save_every: int = 250, log_every: int = 10,
                 pool_size: Optional[int] = None, pool_refresh: Optional[int] = None, amp: Optional[str] = None,
                 compile: bool = False, save_dtype: Optional[torch.dtype] = None, num_threads: Optional[int] = None,
-                compact_state: bool = False, shard_mib: float = SHARD_MIB, time_limit: Optional[float] = None):
+                compact_state: bool = False, shard_mib: float = SHARD_MIB, time_limit: Optional[float] = None,
+                caption_forms: bool = False):
     """Train (or resume) a MiniCanvas model in ``out_dir``; returns the trained pipeline (EMA weights, eval mode),
     or None when ``time_limit`` (seconds of training) stopped it first: its state is saved, call again to go on.
 
@@ -215,7 +277,9 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
     ``save_dtype``: dtype of the saved pipeline's weights (e.g. ``torch.float16`` for shipping).
     ``lr_decay``: the share of final steps over which the learning rate falls linearly to zero.
     ``compact_state``: save the state compact (bf16 weights, no AdamW moments; see the module docstring);
-    ``shard_mib``: the largest state file.
+    ``shard_mib``: the largest state file. ``caption_forms``: caption each image in a caption form drawn
+    from the training forms (``data.caption_forms("train")``), with the tokenizer over every form's words;
+    off (the default), every image gets form 0, as the shipped model was trained.
     """
     name = config if isinstance(config, str) else "custom"
     cfg = model_config(config)
@@ -237,6 +301,8 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
     if not (shard_mib > 0 and (time_limit is None or time_limit > 0)):
         raise ValueError(f"need shard_mib > 0 and time_limit None or > 0; got shard_mib={shard_mib}, "
                          f"time_limit={time_limit}")
+    if not isinstance(caption_forms, bool):
+        raise ValueError(f"caption_forms must be True or False, got {caption_forms!r}")
     if pool_size and not pool_refresh:
         pool_refresh = steps  # one pool for the whole run
     if not (lr > 0 and 0 <= lr_decay <= 1 and 0 <= cfg_dropout < 1 and 0 <= ema_decay < 1 and grad_clip > 0
@@ -258,7 +324,10 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pipe = build_pipeline(cfg, seed=seed).to(device)
+    pipe = build_pipeline(cfg, seed=seed)
+    if caption_forms:
+        use_caption_forms(pipe, seed)
+    pipe = pipe.to(device)
     unet, text = pipe.unet, pipe.text_encoder
     unet.train()
     text.train()
@@ -272,21 +341,19 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
     hparams = dict(model=cfg, config_name=name, batch_size=batch_size, seed=seed, cfg_dropout=cfg_dropout,
                    pool_size=pool_size, pool_refresh=pool_refresh, ema=ema, ema_decay=ema_decay, lr=lr,
                    warmup=warmup, lr_decay=lr_decay, weight_decay=weight_decay, grad_clip=grad_clip,
-                   prediction="v_prediction", amp=amp)
+                   prediction="v_prediction", amp=amp, caption_forms=caption_forms)
     step = 0
     if resume and _state_files(out_dir):
+        try:  # the settings first (train_state.json), so another run's state fails on them, not on a shape
+            _check_resume(json.loads((out_dir / STATE_JSON).read_text()).get("hparams", {}), hparams, out_dir)
+        except (OSError, ValueError, AttributeError) as e:
+            if "cannot resume" in str(e):
+                raise
         meta = _load_state(out_dir, named, ema_params, opt)
         if meta.get("compact"):
             warnings.warn(f"resuming from the compact state in {out_dir} at step {meta['step']}: bf16 weights, "
                           "AdamW moments start afresh (not an exact resume)", stacklevel=2)
-        old = json.loads(json.dumps(meta.get("hparams", {})))
-        if isinstance(old.get("model"), dict):  # states saved while model configs still named SAE hookpoints
-            old["model"].pop("hookpoints", None)
-        now = json.loads(json.dumps(hparams))
-        bad = [f"{k}: saved {old.get(k)!r}, now {now[k]!r}" for k in RESUME_KEYS if old.get(k) != now[k]]
-        if bad:
-            raise ValueError(f"cannot resume from the state in {out_dir}: the run differs ({'; '.join(bad)}); use "
-                             f"the same settings, another out_dir, or resume=False")
+        _check_resume(meta.get("hparams", {}), hparams, out_dir)
         step = int(meta["step"])
         _trim_metrics(out_dir / METRICS_FILE, step)
     elif (out_dir / METRICS_FILE).exists():
@@ -295,7 +362,8 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
     sched = pipe.scheduler
     T = sched.config.num_train_timesteps
     ac = sched.alphas_cumprod.to(device=device, dtype=torch.float32)
-    caps = caption_table(pipe.tokenizer).to(device)
+    caps = caption_table(pipe.tokenizer, caption_forms).to(device)
+    lookup = form_rows()[1] if caption_forms else None
     empty = caps.shape[0] - 1
     n_s = len(data.STYLES) + 1
     S = cfg["size"]
@@ -311,10 +379,18 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
             idx = torch.randint(len(images), (batch_size,), generator=g).to(device)
             x0 = images[idx].float() / 127.5 - 1
             rows = rows[idx]
+            if caption_forms:  # the pool holds object x style rows; each draw gets its own training form
+                pair = rows.cpu()
+                o, st = pair // n_s, pair % n_s
+                rows = lookup[o, st, data.sample_forms(st, g, "train")].to(device)
         else:
-            images, o, st, _ = data.sample_batch(batch_size, g, "train", S)
+            if caption_forms:
+                images, o, st, _, f = data.sample_batch(batch_size, g, "train", S, forms="train")
+                rows = lookup[o, st, f].to(device)
+            else:
+                images, o, st, _ = data.sample_batch(batch_size, g, "train", S)
+                rows = (o * n_s + st).to(device)
             x0 = images.to(device) * 2 - 1
-            rows = (o * n_s + st).to(device)
         drop = (torch.rand(batch_size, generator=g) < cfg_dropout).to(device)
         rows = torch.where(drop, torch.full_like(rows, empty), rows)
         gd = torch.Generator(device).manual_seed(derive_seed(seed, "noise", s))
@@ -414,4 +490,5 @@ def read_metrics(out_dir) -> list:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
 
-__all__ = ["train_model", "TRAIN_DEFAULTS", "caption_table", "read_metrics", "train_seconds"]
+__all__ = ["train_model", "TRAIN_DEFAULTS", "caption_table", "form_rows", "use_caption_forms", "read_metrics",
+           "train_seconds"]

@@ -5,10 +5,20 @@ guidance (unconditional half first). Each captured UNet call adds ``B * H * W`` 
 conditional half by default), each row tagged with the timestep the UNet received and the index of its
 prompt. One prompt batch is accumulated on the CPU and written as one shard per hookpoint, so memory is
 bounded by one batch, and a killed run resumes at the first batch not marked done.
+
+Under ``torch.distributed`` (``torchrun --nproc_per_node N -m saeuron collect ...``, or ``collect`` called on
+every rank of an initialised process group) the prompt batches still to do are dealt round-robin to the
+ranks. Rank 0 opens the store (or reopens it to resume) and tells the others which batches remain; all
+ranks share the folder's lock (another run is refused), each writes only its own batches' shards plus a
+marker per finished batch, and rank 0 merges the markers into ``store.json`` once everybody is done. The
+rows of a batch do not depend on the rank that collects it, so the store equals a one-process run's.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import uuid
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +29,7 @@ from tqdm.auto import tqdm
 from .hookpoints import get_unet, list_hookpoints, resolve_hookpoints
 from .pipelines import resolve_sampling
 from .store import ActivationStore, derive_seed
-from .utils import check_finite_number, read_json
+from .utils import FolderBusyError, check_finite_number, read_json
 
 HALVES = ("cond", "uncond", "both")
 _DTYPES = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
@@ -87,17 +97,107 @@ def _block_output(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _rank_world(distributed):
+    """``(rank, world size)`` of the collection: the process group's when ``distributed`` (None: if one is set up)."""
+    import torch.distributed as dist
+
+    on = dist.is_available() and dist.is_initialized()
+    if distributed is None:
+        distributed = on and dist.get_world_size() > 1
+    elif distributed and not on:
+        raise ValueError("collect(distributed=True) needs an initialised torch.distributed process group: launch "
+                         "with torchrun (the saeuron command line joins the group itself) or call "
+                         "torch.distributed.init_process_group first; or pass distributed=None / False")
+    return (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+
+
+def _collective_device():
+    """Where small collective tensors live: the current GPU under NCCL, else the CPU."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _all_ok(ok: bool) -> bool:
+    """True on every rank when ``ok`` is true on every rank (a collective: all ranks must call it)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(bool(ok))], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+_ERRORS = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError, "FolderBusyError": FolderBusyError}
+
+
+def _open_shared(out_dir, hookpoints, prompt_list, labels, config, n_batches, rank):
+    """Rank 0 creates (or reopens) the store with a fresh run id and broadcasts it with the batches still to do;
+    the other ranks join. Returns ``(store, todo)`` on every rank; an error on any rank raises on all."""
+    import torch.distributed as dist
+
+    box, err = [None], None
+    if rank == 0:
+        run_id = uuid.uuid4().hex
+        try:
+            store = ActivationStore.create(out_dir, hookpoints, prompt_list, labels, config, run_id=run_id)
+            done = store.done_batches()
+            box = [("ok", run_id, [b for b in range(n_batches) if b not in done])]
+        except Exception as e:  # noqa: BLE001 - passed on to the other ranks, then raised here
+            err, box = e, [("error", type(e).__name__, str(e))]
+    dist.broadcast_object_list(box, src=0)
+    status, a, b = box[0]
+    if status == "error":
+        if err is not None:
+            raise err
+        raise _ERRORS.get(a, RuntimeError)(f"rank 0 could not open the activation store: {b}")
+    todo, store = b, (store if rank == 0 else None)
+    if rank != 0:
+        try:
+            store = ActivationStore.join(out_dir, a)
+        except Exception as e:  # noqa: BLE001 - every rank must reach the collective below
+            err = e
+    if not _all_ok(err is None):
+        if store is not None:
+            store.close()
+        if err is not None:
+            raise err
+        raise RuntimeError(f"another rank could not open the activation store {out_dir} (see its error)")
+    return store, todo
+
+
+@contextlib.contextmanager
+def distributed_from_env():
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) join a gloo process group for the block, using
+    ``LOCAL_RANK``'s GPU when there is one; yields ``(rank, world size)``, ``(0, 1)`` when not launched so."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or (dist.is_available() and dist.is_initialized()):
+        yield (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    dist.init_process_group("gloo")  # collection only passes a few small messages: gloo works with any device
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+
+
 def collect(pipe, prompts, out_dir, hookpoints, *, batch_size=4, num_inference_steps=None, guidance_scale=None,
             every=1, halves="cond", tokens_per_map=None, seed=0, dtype=None, height=None, width=None,
-            progress=True, max_batches=None) -> ActivationStore:
+            progress=True, max_batches=None, distributed=None) -> ActivationStore:
     """Generate from ``prompts`` with ``pipe`` and store every ``every``-th UNet call's hookpoint tokens in ``out_dir``.
 
     ``prompts`` is a list of strings or ``{concept: [prompts]}`` (then the store records a label per prompt).
     ``halves`` picks the CFG half ("cond", "uncond" or "both"; without CFG the whole batch is kept).
     ``tokens_per_map`` keeps a seeded random subset of that many tokens per feature map. Batches already
     in the store are skipped, so rerunning after a kill finishes the job without losing or duplicating rows;
-    ``max_batches`` stops after that many new batches. Steps and guidance left at None are the pipeline's own
-    defaults (the method's SD1.5 data used 50 DDIM steps at guidance 9.0); the store records the values used.
+    ``max_batches`` stops after that many new batches (over all ranks). Steps and guidance left at None are the
+    pipeline's own defaults (the method's SD1.5 data used 50 DDIM steps at guidance 9.0); the store records the
+    values used. ``distributed``: split the batches over the ranks of the torch.distributed process group
+    (None: when one with more than one rank is initialised); every rank calls ``collect`` with the same
+    arguments and gets the finished store (see the module docstring).
     """
     sampling = resolve_sampling(pipe, num_inference_steps, guidance_scale)
     num_inference_steps = sampling.get("num_inference_steps", 50)
@@ -118,24 +218,53 @@ def collect(pipe, prompts, out_dir, hookpoints, *, batch_size=4, num_inference_s
                   every=every, halves=halves, tokens_per_map=tokens_per_map, seed=seed,
                   dtype=None if dtype is None else str(dtype).replace("torch.", ""), height=height, width=width,
                   scheduler=type(getattr(pipe, "scheduler", None)).__name__)
-    store = ActivationStore.create(out_dir, {n: widths[n] for n in modules}, prompt_list, labels, config)
+    rank, world = _rank_world(distributed)
+    n_batches = math.ceil(len(prompt_list) / batch_size)
+    hps = {n: widths[n] for n in modules}
+    if world == 1:
+        store = ActivationStore.create(out_dir, hps, prompt_list, labels, config)
+        todo = [b for b in range(n_batches) if b not in store.done_batches()]
+    else:
+        store, todo = _open_shared(out_dir, hps, prompt_list, labels, config, n_batches, rank)
+    if max_batches is not None:
+        todo = todo[:max_batches]
+    loop = (store, pipe, prompt_list, modules, batch_size, num_inference_steps, guidance_scale, every, halves,
+            tokens_per_map, seed, dtype, height, width)
+    if world == 1:
+        try:
+            return _collect_into(*loop, todo, progress, n_batches - len(todo), n_batches, "collect")
+        finally:
+            store.close()  # the write lock goes; the store stays readable
+    err = None
     try:
-        return _collect_into(store, pipe, prompt_list, modules, batch_size, num_inference_steps, guidance_scale,
-                             every, halves, tokens_per_map, seed, dtype, height, width, progress, max_batches)
+        _collect_into(*loop, todo[rank::world], progress and rank == 0, 0, len(todo[rank::world]),
+                      f"collect (rank {rank} of {world})")
+    except Exception as e:  # noqa: BLE001 - every rank must reach the collectives below, then it is raised
+        err = e
+    except BaseException:
+        store.close()
+        raise
+    try:
+        all_ok = _all_ok(err is None)  # every rank has finished writing
+        if rank == 0:
+            store.merge_pending()  # the one write of store.json: whatever finished counts, even after a failure
+        _all_ok(True)  # the others read store.json only after rank 0 merged
+        store.reload()
     finally:
-        store.close()  # the write lock goes; the store stays readable
+        store.close()
+    if err is not None:
+        raise err
+    if not all_ok:
+        raise RuntimeError(f"collection into {out_dir} failed on another rank (see its error); the batches that "
+                           "finished are recorded: rerun the same command to collect the rest")
+    return store
 
 
 def _collect_into(store, pipe, prompt_list, modules, batch_size, num_inference_steps, guidance_scale, every, halves,
-                  tokens_per_map, seed, dtype, height, width, progress, max_batches) -> ActivationStore:
-    """The generation loop of :func:`collect`, run while ``store``'s write lock is held."""
+                  tokens_per_map, seed, dtype, height, width, todo, progress, initial, total,
+                  desc) -> ActivationStore:
+    """The generation loop of :func:`collect` over the batches ``todo``, run while ``store``'s write lock is held."""
     unet = get_unet(pipe)
-
-    n_batches = math.ceil(len(prompt_list) / batch_size)
-    done = store.done_batches()
-    todo = [b for b in range(n_batches) if b not in done]
-    if max_batches is not None:
-        todo = todo[:max_batches]
     st = SimpleNamespace(batch=0, ids=None, call=-1, capture=False, t=None, rows=None)
 
     def pre_hook(module, args, kwargs):
@@ -181,7 +310,7 @@ def _collect_into(store, pipe, prompt_list, modules, batch_size, num_inference_s
         pipe.set_progress_bar_config(**{**old_bar_cfg, "disable": True})  # one bar over batches, not one per batch
     written = 0
     try:
-        bar = tqdm(total=n_batches, initial=len(done), desc="collect", unit="batch", disable=not progress)
+        bar = tqdm(total=total, initial=initial, desc=desc, unit="batch", disable=not progress)
         with bar:
             for b in todo:
                 ids = list(range(b * batch_size, min((b + 1) * batch_size, len(prompt_list))))
