@@ -30,7 +30,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         groups.setdefault(b.group, []).append((info.get("variant", b.name), info.get("kind", "op"), b.stats.median,
                                                info.get("paired_ratio")))
     tr = terminalreporter
-    dev = torch.cuda.get_device_name() if GPU else "CPU (smoke sizes)"
+    dev = torch.cuda.get_device_name() if GPU else f"CPU, {torch.get_num_threads()} threads"
     tr.write_sep("=", f"saeuron ratios ({dev}, torch {torch.__version__})")
     tr.write_line("| case | variant | median | ratio to floor | paired ratio |")
     tr.write_line("|---|---|---|---|---|")

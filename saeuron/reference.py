@@ -112,16 +112,24 @@ def sparse_decode_backward(grad_out, values, indices, W_dec):
     return grad_values.to(values.dtype), grad_W.to(W_dec.dtype), grad_b_dec.to(W_dec.dtype)
 
 
-def topk_members(x_tok, W_enc, b_enc, b_dec, k):
-    """``(values [N, k] in x.dtype, indices [N, k])`` of each token's top k under the edit's tie rule.
+def topk_member(pre: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """Whether latent ``ids[n, j]`` is among the top ``k`` of row ``n`` of ``pre [N, M]``, as ``[N, F]`` bools.
 
-    The ranking is that of :func:`topk_encode` (ReLU pre-activations in fp32, NaN/inf as 0) with ties
-    broken explicitly: larger value first, then lower latent index (a stable descending sort), so
-    every backend can decide membership by counting the latents that beat a value.
+    The tie rule is explicit: larger value first, then lower latent index (a stable descending sort).
+    Decided by counting, exactly and without sorting: a value above the row's k-th largest value is in,
+    one below is out, and one equal to it is in iff fewer than k latents beat it (all those above the
+    k-th value, plus the equal ones at a lower index). No host synchronisation (graph-capturable).
     """
-    pre = torch.nan_to_num(preacts(x_tok, W_enc, b_enc, b_dec), nan=0.0, posinf=0.0, neginf=0.0)
-    idx = torch.sort(pre, dim=-1, descending=True, stable=True).indices[:, :k]
-    return pre.gather(1, idx).to(x_tok.dtype), idx
+    n, m = pre.shape
+    kth = pre.topk(k, dim=-1).values[:, -1:]  # the k-th largest value, whatever the order of ties
+    v = pre.gather(1, ids)
+    above = (pre > kth).sum(-1, keepdim=True)
+    before = torch.empty_like(ids)
+    rows = max(1, (1 << 22) // max(m, 1))  # equal-to-kth counts below each id, a few rows at a time
+    for r0 in range(0, n, rows):
+        eq = (pre[r0:r0 + rows] == kth[r0:r0 + rows]).to(torch.int32).cumsum(-1)  # [rows, M]
+        before[r0:r0 + rows] = eq.gather(1, ids[r0:r0 + rows]) - 1  # ties at lower indices (v == kth)
+    return (v > kth) | ((v == kth) & (above + before < k))
 
 
 def edit_delta(x_tok, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale, rows_per_group):
@@ -129,27 +137,25 @@ def edit_delta(x_tok, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale, rows_
 
     ``feat_idx/tau/scale`` are ``[G, F]`` tables: row ``r`` of ``x_tok`` uses table row
     ``min(r // rows_per_group, G - 1)``. Feature ``feat_idx[g, j]`` is edited on a token when it is
-    among the token's top-k latents (ties: larger value first, then lower index) and its value,
-    rounded to ``x.dtype``, exceeds ``tau[g, j]``; its value becomes ``scale[g, j] * f``. Padding
-    entries (``tau = inf``, ``scale = 1`` or an id outside ``[0, M)``) never change anything.
-    Rows holding a non-finite value get a zero delta (they pass through unchanged).
-    This ground truth keeps the full top-k; the backends decide membership fire-first.
+    among the token's top-k latents (of the fp32 ReLU pre-activations, NaN/inf as 0, ties: larger value
+    first, then lower index, see :func:`topk_member`) and its value, rounded to ``x.dtype``, exceeds
+    ``tau[g, j]``; its value becomes ``scale[g, j] * f``. Padding entries (``tau = inf``, ``scale = 1``
+    or an id outside ``[0, M)``) never change anything. Rows holding a non-finite value get a zero
+    delta (they pass through unchanged). This ground truth computes every token's dense pre-activations;
+    the backends compute them only for tokens where a selected feature passes its threshold.
     """
     n = x_tok.shape[0]
     if n == 0 or feat_idx.numel() == 0:
         return torch.zeros(x_tok.shape, dtype=_f(x_tok).dtype, device=x_tok.device)
-    vals, idx = topk_members(x_tok, W_enc, b_enc, b_dec, k)
-    vals = _f(vals)
+    pre = torch.nan_to_num(preacts(x_tok, W_enc, b_enc, b_dec), nan=0.0, posinf=0.0, neginf=0.0)
     g = feat_idx.shape[0]
     rows = torch.arange(n, device=x_tok.device)
     grp = torch.clamp(rows // max(int(rows_per_group), 1), max=g - 1)
     fi, ta, sc = feat_idx[grp], _f(tau)[grp], _f(scale)[grp]  # [N, F]
     valid = (fi >= 0) & (fi < W_enc.shape[0])
     fi = torch.where(valid, fi, torch.zeros_like(fi))
-    # match[n, j, s]: selected feature j is top-k slot s of token n
-    match = (idx.unsqueeze(1) == fi.unsqueeze(2)) & valid.unsqueeze(2)  # [N, F, k]
-    f = (vals.unsqueeze(1) * match).sum(-1)  # [N, F] value of each selected feature (0 if not in top-k)
-    fire = match.any(-1) & (f > ta)
+    f = _f(pre.gather(1, fi).to(x_tok.dtype))  # [N, F] codes are rounded to x.dtype
+    fire = valid & topk_member(pre, fi, k) & (f > ta)
     coef = torch.where(fire, (sc - 1.0) * f, torch.zeros_like(f))  # [N, F]
     delta = (coef.unsqueeze(-1) * _f(W_dec)[fi]).sum(1)  # [N, d]
     finite = torch.isfinite(x_tok).all(-1, keepdim=True)

@@ -356,6 +356,10 @@ class ActivationStore:
         atomic_write_json(self.meta, self.root / "store.json")
         for m in markers:
             m.unlink(missing_ok=True)
+        try:
+            folder.rmdir()  # only when empty (no writer is active while merging, so nothing new lands here)
+        except OSError:
+            pass
         return merged
 
     # --- reading --------------------------------------------------------------------------------

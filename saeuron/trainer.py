@@ -22,6 +22,9 @@ FVU, AuxK loss, dead fraction, L0 and learning rate.
 
 Under ``torch.distributed`` (``torchrun``; gloo or nccl) each rank reads its own part of every
 batch, gradients and dead-latent counters are all-reduced, and only rank 0 writes files.
+
+A store is streamed, never loaded whole: each rank holds at most ``TrainConfig.max_resident_shards``
+shards in memory (plus the batches in flight), so a store larger than memory trains as well.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ AMP_DTYPES = {None: None, "none": None, "fp32": None, "float32": None, "bf16": t
               "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 # a resumed run must agree with the saved one on these, or the continuation is a different run
 RESUME_KEYS = ("k", "expansion_factor", "num_latents", "batch_size", "batch_topk", "seed")
+STREAM_KEYS = ("max_resident_shards",)  # the order rows are read from a store in (checked when the checkpoint has it)
 
 
 @dataclass
@@ -72,11 +76,14 @@ class TrainConfig:
     save_every: int = 1000  # steps
     seed: int = 0
     log_every: int = 50
+    # ActivationStore data: shards resident in memory at once (the shuffle buffer; memory is about this many
+    # shards plus a few batches, so a store larger than memory streams); also sets how far rows are shuffled
+    max_resident_shards: int = 4
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         for name in ("k", "expansion_factor", "num_latents", "batch_size", "warmup_steps", "dead_tokens_threshold",
-                     "epochs", "save_every", "seed", "log_every", "max_tokens", "max_steps"):
+                     "epochs", "save_every", "seed", "log_every", "max_tokens", "max_steps", "max_resident_shards"):
             v = getattr(self, name)
             if not (v is None and name in ("max_tokens", "max_steps")) and (isinstance(v, bool) or not isinstance(v, int)):
                 raise ValueError(f"TrainConfig.{name} must be an integer, got {v!r}")
@@ -86,7 +93,7 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a finite number, got {v!r}")
         if not isinstance(self.batch_topk, bool):
             raise ValueError(f"TrainConfig.batch_topk must be True or False, got {self.batch_topk!r}")
-        for name in ("k", "batch_size", "epochs", "save_every", "log_every"):
+        for name in ("k", "batch_size", "epochs", "save_every", "log_every", "max_resident_shards"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
         for name in ("expansion_factor", "num_latents", "warmup_steps", "dead_tokens_threshold"):
@@ -143,12 +150,13 @@ class _TensorBatches:
 
 
 class _StoreBatches:
-    """An ``ActivationStore`` hookpoint (duck-typed: ``d_in``, ``num_rows``, ``iter_batches``)."""
+    """An ``ActivationStore`` hookpoint (duck-typed: ``d_in``, ``num_rows``, ``iter_batches``), streamed with at
+    most ``max_resident_shards`` shards in memory."""
 
-    def __init__(self, store, hookpoint: Optional[str]):
+    def __init__(self, store, hookpoint: Optional[str], max_resident_shards: int = 4):
         if hookpoint is None:
             raise ValueError("hookpoint is required when training from an ActivationStore (which hookpoint to read)")
-        self.store, self.hookpoint = store, hookpoint
+        self.store, self.hookpoint, self.max_resident_shards = store, hookpoint, max_resident_shards
 
     def d_in(self) -> int:
         return int(self.store.d_in(self.hookpoint))
@@ -161,20 +169,21 @@ class _StoreBatches:
         if not hasattr(self.store, "num_batches"):
             return self.num_rows() // (batch_size * world_size)
         return min(int(self.store.num_batches(self.hookpoint, batch_size, shuffle=True, seed=seed, epoch=epoch, rank=r,
-                                              world_size=world_size, drop_last=True)) for r in range(world_size))
+                                              world_size=world_size, drop_last=True,
+                                              buffer_shards=self.max_resident_shards)) for r in range(world_size))
 
     def iter(self, batch_size, seed, epoch, rank, world_size, start_batch, device) -> Iterator[torch.Tensor]:
         for batch in self.store.iter_batches(self.hookpoint, batch_size, shuffle=True, seed=seed, epoch=epoch,
                                              rank=rank, world_size=world_size, start_batch=start_batch,
-                                             drop_last=True, device=device):
+                                             drop_last=True, device=device, buffer_shards=self.max_resident_shards):
             yield batch["x"]
 
 
-def _batches(data, hookpoint):
+def _batches(data, hookpoint, max_resident_shards=4):
     if isinstance(data, torch.Tensor):
         return _TensorBatches(data)
     if all(hasattr(data, a) for a in ("iter_batches", "d_in", "num_rows")):
-        return _StoreBatches(data, hookpoint)
+        return _StoreBatches(data, hookpoint, max_resident_shards)
     raise TypeError(f"data must be an ActivationStore or a tensor of tokens [N, d], got {type(data).__name__}")
 
 
@@ -372,7 +381,7 @@ def train(data, out_dir, hookpoint: Optional[str] = None, cfg: TrainConfig = Tra
             device = torch.device("cpu")
     device = torch.device(device)
     cdtype = amp_dtype(cfg.amp_dtype)
-    batches = _batches(data, hookpoint)
+    batches = _batches(data, hookpoint, cfg.max_resident_shards)
     d_in, n_rows = batches.d_in(), batches.num_rows()
     epoch_steps = [batches.steps(local_bs, cfg.seed, e, world) for e in range(cfg.epochs)]
     if min(epoch_steps) < 1:
@@ -423,7 +432,9 @@ def _train_locked(batches, folder, hookpoint, cfg, device, progress, resume, ran
     if resume and (folder / STATE_FILE).is_file():
         meta, tokens_since_fired = _load_state(folder, sae, opt, device)
         old = meta.get("config", {})
-        bad = [f"{k}: saved {old.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESUME_KEYS if old.get(k) != getattr(cfg, k)]
+        keys = RESUME_KEYS + (STREAM_KEYS if isinstance(batches, _StoreBatches) else ())
+        bad = [f"{k}: saved {old.get(k)!r}, now {getattr(cfg, k)!r}" for k in keys
+               if old.get(k) != getattr(cfg, k) and (k in old or k in RESUME_KEYS)]
         if meta.get("d_in") != d_in:
             bad.append(f"d_in: saved {meta.get('d_in')}, data has {d_in}")
         if bad:

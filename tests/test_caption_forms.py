@@ -2,6 +2,7 @@
 training a micro model on the forms (default off: the shipped model's training is unchanged)."""
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def test_family_sizes_and_split_keep_the_old_templates():
         for s in ("neon", None):
             assert D.form_caption("arrow", s, t) == D.caption("arrow", s, t)
     # the split is fixed: recomputing it gives the same indices
-    assert tuple(D.caption_forms("train")) == D.TRAIN_FORMS == (0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)
+    assert tuple(D.caption_forms("train")) == D.TRAIN_FORMS == (0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 18, 19)
     assert tuple(D.caption_forms("heldout", unstyled=True)) == D.UNSTYLED_HELDOUT_FORMS == (1, 2, 10, 11)
 
 
@@ -49,10 +50,10 @@ def test_form_captions_name_what_they_should():
     n = len(D.OBJECTS) * (len(D.STYLES) * len(D.CAPTION_FORMS) + len(D.UNSTYLED_CAPTION_FORMS))
     assert len(caps) == len(set(caps)) == n               # every caption distinct
     assert not set(D.all_form_captions("train")) & set(D.all_form_captions("heldout"))
-    with pytest.raises(ValueError, match="form must be an int in 0..17"):
-        D.form_caption("ring", "neon", 18)
-    with pytest.raises(ValueError, match="form must be an int in 0..11 for an unstyled"):
-        D.form_caption("ring", None, 12)
+    with pytest.raises(ValueError, match="form must be an int in 0..19"):
+        D.form_caption("ring", "neon", 20)
+    with pytest.raises(ValueError, match="form must be an int in 0..12 for an unstyled"):
+        D.form_caption("ring", None, 13)
     with pytest.raises(ValueError, match="unknown caption-form split 'test'; valid: train, heldout, all"):
         D.caption_forms("test")
 
@@ -78,7 +79,12 @@ def test_vocabulary_default_is_the_shipped_one_and_forms_extend_it():
     ids = tok(caps)["input_ids"]
     assert all(tok.unk_token_id not in row for row in ids)
     assert max(len(r) for r in ids) <= make_tokenizer().model_max_length  # BOS + words + EOS fit 16 tokens
-    assert max(len(r) for r in tok(D.all_form_captions("train"))["input_ids"]) + 5 <= 16 + 1  # room for a prefix
+    assert len(tok(D.caption("heart", "mosaic"))["input_ids"]) + 5 <= 16   # form 0 + the attack's 5-token prefix
+    # training forms that shift the description by 5 neutral words, as the attack's prefix does
+    for unstyled in (False, True):
+        shifted = [t for t in D.caption_forms("train", unstyled).values()
+                   if re.findall(r"[a-z]+", t.lower())[5:8] in (["an", "image", "of"], ["a", "object", "drawn"])]
+        assert shifted, unstyled
 
 
 def test_prompt_warnings_know_the_training_forms():
@@ -93,7 +99,7 @@ def test_prompt_warnings_know_the_training_forms():
     # a forms model (read from its vocabulary): every training form passes, held-out forms are flagged
     assert D.prompt_warnings(D.all_form_captions("train")[::7] + [""], new) == []
     msgs = D.prompt_warnings([held], new)
-    assert len(msgs) == 1 and "held-out forms" in msgs[0] and "12 styled and 8 unstyled" in msgs[0]
+    assert len(msgs) == 1 and "held-out forms" in msgs[0] and "14 styled and 9 unstyled" in msgs[0]
     assert D.prompt_warnings([trained.upper()], new) == []
     assert D.prompt_warnings([trained], old, forms="train") != []      # unknown words still reported
     with pytest.raises(ValueError, match="forms='all'; valid"):
@@ -143,8 +149,12 @@ def test_training_on_caption_forms_micro(tmp_path):
     assert info["hparams"]["caption_forms"] is True
     loaded = load_pipeline(tmp_path / "forms" / "pipeline")
     assert loaded.tokenizer.get_vocab() == vocab
-    out = loaded(D.form_caption("star", "neon", 12), num_inference_steps=2, output_type="pt",
-                 generator=torch.Generator().manual_seed(0)).images     # a training form: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                   # a training form: no warning
+        out = loaded(D.form_caption("star", "neon", 12), num_inference_steps=2, output_type="pt",
+                     generator=torch.Generator().manual_seed(0)).images
+    with pytest.warns(UserWarning, match="held-out forms"):
+        loaded(D.form_caption("star", "neon", 16), num_inference_steps=1)
     assert out.shape == (1, 3, 16, 16) and out.std() > 0
     # default off: the tokenizer and text encoder are those of build_pipeline (the shipped model's recipe)
     plain = train_model(tmp_path / "plain", **kw)
@@ -154,3 +164,25 @@ def test_training_on_caption_forms_micro(tmp_path):
         train_model(tmp_path / "forms", **{**kw, "steps": 6})
     with pytest.raises(ValueError, match="caption_forms must be True or False"):
         train_model(tmp_path / "x", caption_forms="yes", **kw)
+
+
+def test_time_limited_sittings_then_the_build_resumes_the_finished_state(tmp_path, capsys):
+    """The plan for the retrain: sittings of ``train_model(..., time_limit=...)`` in the build's work folder, then
+    ``build --set 'model={"caption_forms": true}'`` picks the finished state up without training again."""
+    from saeuron.minicanvas.build import BUILD_DEFAULTS, build_defaults
+
+    work = tmp_path / "build.work"
+    kw = dict(config="micro", seed=0, device="cpu", progress=False, caption_forms=True,
+              **BUILD_DEFAULTS["micro"]["model"])
+    sittings = 0
+    while train_model(work / "model", time_limit=1e-9, **kw) is None:   # one step per "sitting"
+        sittings += 1
+        assert sittings < 100
+    assert sittings == kw["steps"] - 1
+    rec = build_defaults(tmp_path / "build", "micro", work_dir=work, progress=False, stages=("classifiers", "model"),
+                         settings={"model": {"caption_forms": True}})
+    assert rec["stages"]["model"]["steps"] == kw["steps"] and rec["settings"]["model"]["caption_forms"] is True
+    pipe = load_pipeline(tmp_path / "build" / "model")
+    assert "please" in pipe.tokenizer.get_vocab()
+    info = json.loads((tmp_path / "build" / "model" / "minicanvas.json").read_text())
+    assert info["hparams"]["caption_forms"] is True and info["steps"] == kw["steps"]

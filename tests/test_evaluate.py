@@ -182,6 +182,42 @@ def test_evaluate_unlearning_end_to_end_and_resume(mc_pipe, tmp_path):
         evaluate_unlearning(mc_pipe, {"object": clfs["object"]}, **kw)
 
 
+def test_evaluate_unlearning_reports_damage(mc_pipe, tmp_path):
+    """The damage measure's columns, JSON fields and wiring (per-image flags -> run metrics, baseline rates)."""
+    from saeuron.evaluate.metrics import DAMAGE_METRICS
+
+    saes, table = {UP: make_sae(32, 128, 4, seed=1)}, _table(["stripes", "checker"])
+    kw = dict(saes=saes, table=table, domain="style", seeds=(188, 288), objects=["circle", "ring", "star"],
+              styles=["stripes", "checker", None], num_inference_steps=2, guidance_scale=5.0, batch_size=9,
+              progress=False)
+    res = evaluate_unlearning(mc_pipe, _classifiers(), templates=(0, 1), out_dir=tmp_path, **kw)
+    jobs = build_jobs(["circle", "ring", "star"], ["stripes", "checker", None], seeds=(188, 288), templates=(0, 1))
+    assert res["damage"]["calibration"]["images"] == sum(j.template == 0 for j in jobs) == 18
+    assert res["damage"]["calibration"]["source"] == "unedited model, training form"
+    for target in ("stripes", "checker"):
+        m = res["per_target"][target]
+        assert all(0.0 <= m[k] <= 1.0 for k in DAMAGE_METRICS) and m["ua_undamaged"] <= m["ua"]
+        run = json.loads((tmp_path / "runs" / f"{target}.json").read_text())
+        assert run["config"]["damage"]["version"] == 1 and len(run["result"]["damaged"]) == len(jobs)
+        recs = [Record((target,), "style", j.object, j.style, o, s, d) for j, o, s, d in
+                zip(jobs, run["result"]["pred_object"], run["result"]["pred_style"], run["result"]["damaged"])]
+        want = target_metrics(recs)
+        assert {k: m[k] for k in want} == want                      # wiring: flags -> metrics
+        b = res["baseline"]["per_run"][target]
+        assert all(0.0 <= b[k] <= 1.0 for k in DAMAGE_METRICS)
+        assert set(DAMAGE_METRICS) <= set(res["per_template"]["1"]["per_target"][target])
+    assert res["mean"]["damage_target"] == pytest.approx(
+        (res["per_target"]["stripes"]["damage_target"] + res["per_target"]["checker"]["damage_target"]) / 2)
+    md = (tmp_path / "results.md").read_text()
+    assert "| Damage target | Damage kept | UA undamaged |" in md and "UA undamaged counts" in md
+    assert md.count("UA undamaged") >= 3                              # main table, note, per-template table
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["damage"]["rule"].startswith("damaged:") and on_disk["mean"]["ua_undamaged"] is not None
+    off = evaluate_unlearning(mc_pipe, _classifiers(), out_dir=tmp_path / "off", damage=False, **kw)
+    assert "damage" not in off and not set(DAMAGE_METRICS) & set(off["per_target"]["stripes"])
+    assert "Damage" not in off["table"] and off["table"].startswith("| run | UA | IRA | CRA | CRA (rest) |")
+
+
 def test_resolve_sampling_names_the_pipelines_defaults(mc_pipe):
     from saeuron.evaluate.common import resolve_sampling
     from saeuron.minicanvas.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, build_pipeline, model_config

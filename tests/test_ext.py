@@ -227,7 +227,7 @@ def test_edit_nchw_groups_and_layouts(ext, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_edit_every_feature(ext, dtype):
-    """All M features selected: every top-k latent fires (the nth_element path of the CPU kernel)."""
+    """All M features selected: every top-k latent fires (the binary search over many passing features)."""
     d, m, k = 32, 256, 16
     W = _weights(d, m, dtype)
     x = torch.randn(45, d).to(dtype)

@@ -172,3 +172,17 @@ def test_edit_tie_at_the_kth_value_goes_to_the_lower_index():
         reference.edit_(want, W_enc, b_enc, b_dec, W_dec, k, torch.tensor([[feat]]), torch.zeros(1, 1),
                         torch.tensor([[-1.0]]), 4)
         assert torch.equal(out, want)
+
+
+def test_topk_member_equals_a_stable_descending_sort():
+    """The counting rule of reference.topk_member against its definition, on rows full of exact ties."""
+    g = torch.Generator().manual_seed(5)
+    for trial in range(60):
+        n, m = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(2, 300, (1,), generator=g))
+        k = int(torch.randint(1, m + 1, (1,), generator=g))
+        levels = int(torch.randint(1, 12, (1,), generator=g))  # few distinct values: many ties at the k-th
+        pre = torch.randint(0, levels, (n, m), generator=g).float() * 0.5
+        ids = torch.randint(0, m, (n, 7), generator=g)
+        top = torch.sort(pre, dim=-1, descending=True, stable=True).indices[:, :k]
+        want = (top.unsqueeze(1) == ids.unsqueeze(2)).any(-1)
+        assert torch.equal(reference.topk_member(pre, ids, k), want), (trial, n, m, k)

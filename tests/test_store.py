@@ -1,4 +1,6 @@
 """ActivationStore: round trip, atomic writes, resume state, errors, lazy shuffled/sharded iteration."""
+import re
+import threading
 from collections import Counter
 
 import pytest
@@ -209,3 +211,80 @@ def test_dtype_and_device_on_read(tmp_path):
     assert b["x"].dtype == torch.float32 and b["x"].device.type == "cpu"
     ref = torch.cat([written[i]["mid_block.attentions.0"]["x"] for i in (0, 1)]).float()
     assert torch.equal(b["x"], ref)
+
+
+def in_thread(fn) -> str:
+    """Run ``fn`` in a new thread; the message of the FolderBusyError it raised ('' when it did not raise one)."""
+    from saeuron.utils import FolderBusyError
+
+    box = [""]
+
+    def target():
+        try:
+            fn()
+        except FolderBusyError as e:
+            box[0] = str(e)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(30)
+    return box[0]
+
+
+def test_shared_run_lock_admits_its_ranks_and_refuses_other_runs(tmp_path):
+    """The processes of one run (same run id) share the folder; an exclusive writer or another run is refused
+    while any of them holds it, also after the first one was killed; the last one out removes the lock file."""
+    import signal
+    import subprocess
+    import sys
+
+    from saeuron.utils import LOCK_NAME, FolderBusyError
+
+    root = tmp_path / "s"
+    code = ("import time; from saeuron.store import ActivationStore; "
+            f"s = ActivationStore.create({str(root)!r}, {HP!r}, {PROMPTS!r}, run_id='run-1'); "
+            "print('ready', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        rank1 = ActivationStore.join(root, "run-1", timeout=0)  # another process of the same run: admitted
+        # the refused attempts run in another thread (this one holds the folder for run-1 now)
+        assert re.search(f"pid {p.pid}.*run-1", in_thread(lambda: ActivationStore.create(root, HP, PROMPTS)))
+        assert "in use by another saeuron run" in in_thread(lambda: ActivationStore.join(root, "run-2", timeout=0))
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    # rank 0 is dead, but rank 1 still writes: still refused
+    assert "in use" in in_thread(lambda: ActivationStore.create(root, HP, PROMPTS, run_id="run-2"))
+    with pytest.raises(FolderBusyError, match="already held by this thread for run run-1"):
+        ActivationStore.create(root, HP, PROMPTS)
+    rank1.close()
+    assert not (root / LOCK_NAME).exists()
+    ActivationStore.create(root, HP, PROMPTS).close()
+
+
+def test_shared_writers_record_markers_merged_once_and_on_resume(tmp_path):
+    """Shared writers never rewrite store.json; merge_pending folds their markers in with one write; a killed run's
+    markers are folded in by the next create, and a damaged marker is dropped so its batch is collected again."""
+    rank0 = ActivationStore.create(tmp_path, HP, PROMPTS, run_id="r")
+    rank1 = ActivationStore.join(tmp_path, "r")
+    manifest = (tmp_path / "store.json").read_bytes()
+    rank0.write_batch(0, make_rows(0, 3, 0))
+    rank1.write_batch(1, make_rows(1, 4, 3))
+    rank1.write_batch(2, make_rows(2, 5, 7))
+    assert (tmp_path / "store.json").read_bytes() == manifest  # untouched while the ranks write
+    assert ActivationStore(tmp_path).done_batches() == set() and rank0.pending_batches() == {0, 1, 2}
+    assert rank0.merge_pending() == {0, 1, 2}
+    assert rank1.reload().done_batches() == {0, 1, 2} and rank1.pending_batches() == set()
+    assert not (tmp_path / ".done").exists()
+    rank1.write_batch(3, make_rows(3, 2, 12))  # then "killed": never merged
+    rank1.write_batch(4, make_rows(4, 2, 14))
+    marker = tmp_path / ".done" / "batch_000004.json"
+    marker.write_text(marker.read_text().replace('": 2', '": 9'))  # says 9 rows, the shards hold 2
+    rank0.close(), rank1.close()
+    with pytest.warns(UserWarning, match="batch_000004.json"):
+        resumed = ActivationStore.create(tmp_path, HP, PROMPTS)  # a one-process rerun of the killed run
+    assert resumed.done_batches() == {0, 1, 2, 3} and resumed.pending_batches() == set()
+    assert resumed.num_rows("mid_block.attentions.0") == 3 + 4 + 5 + 2
+    resumed.write_batch(4, make_rows(4, 2, 14))  # the dropped batch is collected again
+    assert ActivationStore(tmp_path).done_batches() == set(range(5))

@@ -25,7 +25,9 @@ Two criteria, both in the judges' own spaces (``saeuron.evaluate.common.judge`` 
 Both are **calibrated on clean images** (:meth:`DamageMeasure.calibrate`): the unedited model's own images
 of the evaluated prompts (what ``unlearn_eval`` has anyway), else fresh renders. The distance threshold is
 the ``1 - alpha`` quantile of the clean images' distances and each confidence floor the ``conf_alpha``
-quantile of their confidences, so at most about ``alpha + 2 * conf_alpha`` (3 % by default) of the clean
+quantile of their confidences, capped at ``conf_cap`` (0.5: a judge is unsure when its top class has less
+than even odds; without the cap a judge that is near-certain on every clean image would flag any image it
+is a little less sure of), so at most about ``alpha + 2 * conf_alpha`` (3 % by default) of the clean
 images are flagged. An image is **damaged** when its distance exceeds the threshold or a required judge is
 less confident than its floor.
 
@@ -140,19 +142,21 @@ class DamageMeasure:
                 "conf_object": conf["object"], "conf_style": conf["style"], "target": role}
 
     def calibrate(self, judged: dict, objects, styles, alpha: float = 0.02, conf_alpha: float = 0.005,
-                  source: str = "given") -> "DamageMeasure":
+                  source: str = "given", conf_cap: float = 0.5) -> "DamageMeasure":
         """Set the threshold and confidence floors from clean images of (objects, styles) (module docstring);
         returns self."""
         _check_fraction("alpha", alpha)
         _check_fraction("conf_alpha", conf_alpha)
+        _check_fraction("conf_cap", conf_cap, 1.0)
         dist = self.distance(judged, objects, styles)
         if len(dist) < 2:
             raise ValueError(f"need at least 2 clean images to calibrate the damage measure, got {len(dist)}")
         conf = self.confidences(judged)
         self.threshold = float(torch.quantile(dist.double(), 1 - alpha))
-        self.conf_floor = {k: float(torch.quantile(v.double(), conf_alpha)) for k, v in conf.items()}
+        self.conf_floor = {k: min(conf_cap, float(torch.quantile(v.double(), conf_alpha))) for k, v in conf.items()}
         flagged = self.score(judged, objects, styles)["damaged"].float().mean().item()
         self.calibration = {"source": source, "images": len(dist), "alpha": alpha, "conf_alpha": conf_alpha,
+                            "conf_cap": conf_cap,
                             "threshold": self.threshold, "conf_floor": dict(self.conf_floor),
                             "flagged_clean": flagged}
         return self
@@ -207,8 +211,8 @@ def render_references(renders_per_pair: int = 24, size: int = 32, seed: int = DA
 
 
 def fit_damage_measure(classifiers: dict, calibration: Optional[dict] = None, *, renders_per_pair: int = 24,
-                       k: int = 3, alpha: float = 0.02, conf_alpha: float = 0.005, seed: int = DAMAGE_SEED,
-                       batch_size: int = 512) -> DamageMeasure:
+                       k: int = 3, alpha: float = 0.02, conf_alpha: float = 0.005, conf_cap: float = 0.5,
+                       seed: int = DAMAGE_SEED, batch_size: int = 512) -> DamageMeasure:
     """A calibrated :class:`DamageMeasure` for the judges ``classifiers``.
 
     ``calibration``: the clean images to calibrate on, as ``{"feat_object", "feat_style", "objects",
@@ -235,7 +239,7 @@ def fit_damage_measure(classifiers: dict, calibration: Optional[dict] = None, *,
     if calibration is None:
         cal_images, cal_o, cal_s = render_references(max(4, renders_per_pair // 2), size, seed + 1)
         cal = judge(classifiers, cal_images, batch_size)
-        return m.calibrate(cal, cal_o, cal_s, alpha, conf_alpha, source="renders")
+        return m.calibrate(cal, cal_o, cal_s, alpha, conf_alpha, source="renders", conf_cap=conf_cap)
     if not isinstance(calibration, dict) or not {"objects", "styles"} <= set(calibration):
         raise ValueError("calibration must be a dict with 'objects', 'styles' and either 'feat_object'/'feat_style' "
                          f"or 'images'; got {type(calibration).__name__}"
@@ -243,7 +247,7 @@ def fit_damage_measure(classifiers: dict, calibration: Optional[dict] = None, *,
     cal = calibration if {"feat_object", "feat_style"} <= set(calibration) else \
         judge(classifiers, calibration["images"], batch_size)
     return m.calibrate(cal, calibration["objects"], calibration["styles"], alpha, conf_alpha,
-                       source=str(calibration.get("source", "given")))
+                       source=str(calibration.get("source", "given")), conf_cap=conf_cap)
 
 
 def damage_rates(damaged: Sequence[bool], is_target: Sequence[bool]) -> dict:

@@ -13,6 +13,12 @@ style classifiers predicted. For one run (one target, or several unlearned at on
   included: erasing a style should leave the object of that very image intact. ``cra_rest`` is the
   same accuracy on the non-target images only, for comparison.
 
+When every record carries a damage flag (``Record.damaged``, from :mod:`.damage`), a run also gets
+
+- **damage_target** / **damage_kept**: the share of damaged images among the target / the kept images;
+- **ua_undamaged**: the share of target images that the judge no longer reads as the target *and* that
+  are undamaged: UA counting an image as unlearned only if it is undamaged (<= UA).
+
 Values are fractions in [0, 1] (None where a run has no image of that kind); tables print percents.
 The average over targets is the plain mean of the per-target values.
 
@@ -30,6 +36,7 @@ from ..minicanvas import data
 
 DOMAINS = ("style", "object")
 METRICS = ("ua", "ira", "cra", "cra_rest")
+DAMAGE_METRICS = ("damage_target", "damage_kept", "ua_undamaged")
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class Record:
     style: Optional[int]      # prompt style id; None = unstyled
     pred_object: int          # object classifier's prediction
     pred_style: int           # style classifier's prediction (len(STYLES) = "unstyled")
+    damaged: Optional[bool] = None  # the damage measure's verdict (saeuron.evaluate.damage); None: not measured
 
 
 def _check_domain(domain: str) -> str:
@@ -91,7 +99,8 @@ def _acc(pred: list, true: list) -> Optional[float]:
 
 
 def target_metrics(records, targets=None, domain: Optional[str] = None, labels=None) -> dict:
-    """UA, IRA, CRA and cra_rest (see the module docstring) of one run's records, plus the image counts.
+    """UA, IRA, CRA and cra_rest (see the module docstring) of one run's records, plus the image counts
+    (and damage_target, damage_kept, ua_undamaged when every record carries a damage flag).
 
     ``targets``/``domain`` default to those of the records, which must then all agree. ``labels``:
     None for MiniCanvas ids, or ``{"style": names, "object": names}`` (see :func:`label_id_fn`).
@@ -112,11 +121,17 @@ def target_metrics(records, targets=None, domain: Optional[str] = None, labels=N
     tgt = [r for r, h in zip(records, hit) if h]
     rest = [r for r, h in zip(records, hit) if not h]
     acc_t = _acc([pred[same](r) for r in tgt], [truth[same](r) for r in tgt])
-    return dict(ua=None if acc_t is None else 1.0 - acc_t,
-                ira=_acc([pred[same](r) for r in rest], [truth[same](r) for r in rest]),
-                cra=_acc([pred[other](r) for r in records], [truth[other](r) for r in records]),
-                cra_rest=_acc([pred[other](r) for r in rest], [truth[other](r) for r in rest]),
-                n_target=len(tgt), n_rest=len(rest))
+    out = dict(ua=None if acc_t is None else 1.0 - acc_t,
+               ira=_acc([pred[same](r) for r in rest], [truth[same](r) for r in rest]),
+               cra=_acc([pred[other](r) for r in records], [truth[other](r) for r in records]),
+               cra_rest=_acc([pred[other](r) for r in rest], [truth[other](r) for r in rest]),
+               n_target=len(tgt), n_rest=len(rest))
+    if records and all(r.damaged is not None for r in records):
+        share = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+        out.update(damage_target=share([bool(r.damaged) for r in tgt]),
+                   damage_kept=share([bool(r.damaged) for r in rest]),
+                   ua_undamaged=share([pred[same](r) != truth[same](r) and not r.damaged for r in tgt]))
+    return out
 
 
 def mean_metrics(per_target: dict, keys=METRICS) -> dict:

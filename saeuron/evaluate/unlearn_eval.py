@@ -3,7 +3,10 @@
 For every run (one target, or several unlearned at once with ``multi``) the pipeline is patched, every
 prompt "An image of {object} in {style} style." (plus unstyled, and the paraphrase templates when
 asked) is generated for every seed, both classifiers judge the images, and :mod:`.metrics` gives UA,
-IRA and CRA. The unedited baseline is generated once and cached; each run's Frechet distance on
+IRA and CRA, and (``damage=True``, the default) :mod:`.damage` flags damaged images: each run reports its
+damage rate on target and on kept images and ``ua_undamaged`` (an image counts as unlearned only if it is
+undamaged), the measure calibrated on the unedited model's training-form images of the same prompts. The
+unedited baseline is generated once and cached; each run's Frechet distance on
 classifier features compares its images with the baseline's. Every run is cached in
 ``out_dir/runs/<run>.json`` with the configuration it was computed under, so a rerun skips runs that
 are done (and redoes those whose configuration, e.g. a concept's swept defaults, changed).
@@ -28,7 +31,8 @@ from ..patch import get_patch, patched
 from ..utils import atomic_write, atomic_save_file, atomic_write_json, locks_folder
 from .common import (EVAL_SEEDS, check_classifiers, check_patch_kwargs, judge, resolve_assets, resolve_sampling,
                      sample_images, slug, to_pil)
-from .metrics import DOMAINS, METRICS, Record, frechet_distance, mean_metrics, run_key, target_metrics
+from .damage import fit_damage_measure
+from .metrics import DAMAGE_METRICS, DOMAINS, METRICS, Record, frechet_distance, mean_metrics, run_key, target_metrics
 
 BASELINE_FILE = "baseline.safetensors"
 RESULTS_FILE = "results.json"
@@ -196,55 +200,109 @@ def _num(v) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
+def _has_damage(results: dict) -> bool:
+    return any("damage_target" in m or "damage_kept" in m
+               for section in ("per_target", "multi") for m in results.get(section, {}).values())
+
+
 def markdown_table(results: dict) -> str:
-    """The results of :func:`evaluate_unlearning` as a markdown table (percents; FD = Frechet distance on classifier features)."""
-    head = "| run | UA | IRA | CRA | CRA (rest) | FD obj. feats | FD style feats | UA unedited |\n" + "|---" * 8 + "|\n"
+    """The results of :func:`evaluate_unlearning` as a markdown table (percents; FD = Frechet distance on classifier
+    features; with the damage measure, its columns: damaged share of target / kept images, UA counting only
+    undamaged images, and the unedited model's damaged shares of the same images)."""
+    dmg = _has_damage(results)
+    cols = ["run", "UA", "IRA", "CRA", "CRA (rest)", "FD obj. feats", "FD style feats", "UA unedited"]
+    if dmg:
+        cols += ["Damage target", "Damage kept", "UA undamaged", "Damage unedited (target / kept)"]
+    head = "| " + " | ".join(cols) + " |\n" + "|---" * len(cols) + "|\n"
+
+    def damage_cells(m, b):
+        if not dmg:
+            return ""
+        return (f" {_pct(m.get('damage_target'))} | {_pct(m.get('damage_kept'))} | {_pct(m.get('ua_undamaged'))} | "
+                f"{_pct(b.get('damage_target'))} / {_pct(b.get('damage_kept'))} |")
+
     lines = []
     for section in ("per_target", "multi"):
         if section == "multi" and results.get("multi"):
-            lines.append("| *several at once* |" + " |" * 7)
+            lines.append("| *several at once* |" + " |" * (len(cols) - 1))
         for key, m in results.get(section, {}).items():
             b = results["baseline"]["per_run"].get(key, {})
             lines.append(f"| {key} | " + " | ".join(_pct(m.get(k)) for k in METRICS)
-                         + f" | {_num(m.get('frechet_object'))} | {_num(m.get('frechet_style'))} | {_pct(b.get('ua'))} |")
+                         + f" | {_num(m.get('frechet_object'))} | {_num(m.get('frechet_style'))} | "
+                         + f"{_pct(b.get('ua'))} |" + damage_cells(m, b))
         if section == "per_target" and results.get("mean"):
             mean = results["mean"]
             lines.append("| **mean** | " + " | ".join(_pct(mean.get(k)) for k in METRICS)
                          + f" | {_num(mean.get('frechet_object'))} | {_num(mean.get('frechet_style'))} | "
-                         + f"{_pct(results['baseline']['mean'].get('ua'))} |")
+                         + f"{_pct(results['baseline']['mean'].get('ua'))} |"
+                         + damage_cells(mean, results["baseline"]["mean"]))
     b = results["baseline"]
     foot = f"\nUnedited accuracy: object {_pct(b['object_acc'])}, style {_pct(b['style_acc'])} ({b['images']} images)\n"
+    if dmg and results.get("damage"):
+        cal = results["damage"].get("calibration", {})
+        foot += (f"\nDamage: an image is damaged when it is no clean picture of what it should still show (far from "
+                 f"clean renders in the judges' feature spaces, or a judge unsure); calibrated on {cal.get('images')} "
+                 f"unedited images ({cal.get('source')}), of which {_pct(cal.get('flagged_clean'))} % are flagged. "
+                 "UA undamaged counts a target image as unlearned only if it is undamaged.\n")
     if results.get("per_template"):
+        tcols = ["template", "UA", "IRA", "CRA", "CRA (rest)", "UA unedited", "images/run"]
+        if dmg:
+            tcols += ["Damage target", "Damage kept", "UA undamaged"]
         foot += ("\nPer caption template (0 = training form, 1-2 = paraphrases kept for evaluation), mean over "
-                 "the single-target runs:\n\n| template | UA | IRA | CRA | CRA (rest) | UA unedited | images/run |\n"
-                 + "|---" * 7 + "|\n")
+                 "the single-target runs:\n\n| " + " | ".join(tcols) + " |\n" + "|---" * len(tcols) + "|\n")
         for t, r in results["per_template"].items():
             foot += (f"| {t} | " + " | ".join(_pct(r["mean"].get(k)) for k in METRICS)
-                     + f" | {_pct(r['baseline_mean'].get('ua'))} | {r['images']} |\n")
+                     + f" | {_pct(r['baseline_mean'].get('ua'))} | {r['images']} |"
+                     + ("".join(f" {_pct(r['mean'].get(k))} |" for k in DAMAGE_METRICS) if dmg else "") + "\n")
     return head + "\n".join(lines) + "\n" + foot
 
 
 def _per_template(jobs, groups, domain, preds: dict, base_preds) -> dict:
-    """UA/IRA/CRA of each caption template on its own (training form vs paraphrases), from the per-image
-    predictions of every single-target run: ``{template: {"mean", "baseline_mean", "per_target"}}``."""
+    """UA/IRA/CRA (and damage, when measured) of each caption template on its own (training form vs paraphrases),
+    from the per-image predictions of every single-target run: ``{template: {"mean", "baseline_mean", "per_target"}}``.
+
+    ``preds[group]`` and ``base_preds[group]``: (object predictions, style predictions, damage flags or None)."""
     out = {}
     for t in sorted({j.template for j in jobs}):
         idx = [i for i, j in enumerate(jobs) if j.template == t]
         sub = [jobs[i] for i in idx]
 
-        def pick(po, ps):
-            return [po[i] for i in idx], [ps[i] for i in idx]
+        def pick(po, ps, dmg=None):
+            return [po[i] for i in idx], [ps[i] for i in idx], None if dmg is None else [dmg[i] for i in idx]
 
         per = {run_key(g): target_metrics(run_records(sub, g, domain, *pick(*preds[g])), g, domain) for g in groups}
-        base = {run_key(g): target_metrics(run_records(sub, g, domain, *pick(*base_preds)), g, domain) for g in groups}
-        out[str(t)] = {"mean": mean_metrics(per), "baseline_mean": mean_metrics(base), "per_target": per,
+        base = {run_key(g): target_metrics(run_records(sub, g, domain, *pick(*base_preds[g])), g, domain)
+                for g in groups}
+        keys = METRICS + (DAMAGE_METRICS if any("damage_target" in m for m in per.values()) else ())
+        out[str(t)] = {"mean": mean_metrics(per, keys), "baseline_mean": mean_metrics(base, keys), "per_target": per,
                        "images": len(idx)}
     return out
 
 
-def run_records(jobs, group, domain, pred_o, pred_s) -> list:
-    """One :class:`Record` per job of a run (``group`` unlearned in ``domain``) from both classifiers' predictions."""
-    return [Record(tuple(group), domain, j.object, j.style, int(o), int(s)) for j, o, s in zip(jobs, pred_o, pred_s)]
+def run_records(jobs, group, domain, pred_o, pred_s, damaged=None) -> list:
+    """One :class:`Record` per job of a run (``group`` unlearned in ``domain``) from both classifiers' predictions
+    (and the damage measure's per-image flags, when given)."""
+    damaged = [None] * len(jobs) if damaged is None else [bool(d) for d in damaged]
+    return [Record(tuple(group), domain, j.object, j.style, int(o), int(s), d)
+            for j, o, s, d in zip(jobs, pred_o, pred_s, damaged)]
+
+
+def damage_flags(measure, judged: dict, jobs, group, domain) -> list:
+    """The damage measure's per-image verdicts (bools) on judged images of ``jobs`` in a run unlearning ``group``."""
+    return measure.score(judged, [j.object for j in jobs], [j.style for j in jobs], tuple(group),
+                         domain)["damaged"].tolist()
+
+
+def fit_run_damage(classifiers: dict, jobs, base: dict):
+    """The damage measure of an evaluation: references from clean renders, calibrated on the unedited model's
+    images of the training-form jobs (all jobs when none is in the training form; renders when under 2 images)."""
+    cal = [i for i, j in enumerate(jobs) if j.template == 0] or list(range(len(jobs)))
+    if len(cal) < 2:
+        return fit_damage_measure(classifiers)
+    return fit_damage_measure(classifiers, {
+        "feat_object": base["feat_object"][cal], "feat_style": base["feat_style"][cal],
+        "objects": [jobs[i].object for i in cal], "styles": [jobs[i].style for i in cal],
+        "source": "unedited model, " + ("training form" if jobs[cal[0]].template == 0 else "all templates")})
 
 
 def baseline_config(pipe, classifiers: dict, jobs, num_inference_steps=None, guidance_scale=None) -> dict:
@@ -256,11 +314,12 @@ def baseline_config(pipe, classifiers: dict, jobs, num_inference_steps=None, gui
 
 
 def evaluate_run(pipe, classifiers: dict, jobs, group, domain: str, base: dict, *, sampling: Optional[dict] = None,
-                 grid_path=None, grid_rows: int = 6, progress: bool = True) -> dict:
+                 grid_path=None, grid_rows: int = 6, progress: bool = True, damage=None) -> dict:
     """Generate every job with ``pipe`` as it is now (the caller has unlearned ``group``), judge and score one run.
 
     ``base``: the unedited baseline of the same jobs (images, features), for the Frechet distances and the
-    grid (saved to ``grid_path`` when given). Returns ``{"metrics", "pred_object", "pred_style"}``.
+    grid (saved to ``grid_path`` when given). ``damage``: a fitted :class:`.damage.DamageMeasure` (None: no
+    damage measure). Returns ``{"metrics", "pred_object", "pred_style"}`` (and ``"damaged"``, per-image flags).
     """
     bar = tqdm(total=len(jobs), unit="img", desc=run_key(group), disable=not progress, leave=False)
     try:
@@ -269,12 +328,16 @@ def evaluate_run(pipe, classifiers: dict, jobs, group, domain: str, base: dict, 
         bar.close()
     j = judge(classifiers, images)
     po, ps = j["pred_object"].tolist(), j["pred_style"].tolist()
-    m = target_metrics(run_records(jobs, group, domain, po, ps), group, domain)
+    dmg = damage_flags(damage, j, jobs, group, domain) if damage is not None else None
+    m = target_metrics(run_records(jobs, group, domain, po, ps, dmg), group, domain)
     for kind in ("object", "style"):
         m[f"frechet_{kind}"] = frechet_distance(j[f"feat_{kind}"], base[f"feat_{kind}"]) if len(jobs) >= 2 else None
     if grid_path is not None:
         m["grid"] = _grid(jobs, group, domain, base["images"], images, Path(grid_path), grid_rows)
-    return {"metrics": m, "pred_object": po, "pred_style": ps}
+    out = {"metrics": m, "pred_object": po, "pred_style": ps}
+    if dmg is not None:
+        out["damaged"] = dmg
+    return out
 
 
 @locks_folder("out_dir", "evaluating into")
@@ -282,7 +345,7 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
                         domain: str = "style", seeds=EVAL_SEEDS, templates=(0,), objects=None, styles=None,
                         num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                         batch_size: int = 16, multi=None, out_dir="minicanvas_eval", grid_rows: int = 6,
-                        progress: bool = True, resume: bool = True, **patch_kwargs) -> dict:
+                        progress: bool = True, resume: bool = True, damage: bool = True, **patch_kwargs) -> dict:
     """Run the UnlearnCanvas protocol on a MiniCanvas pipeline; returns (and writes) the results.
 
     ``classifiers``: ``{"object": SmallCNN, "style": SmallCNN}``. ``checkpoint`` (SAE folders + concept
@@ -293,11 +356,14 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
     first 1..n targets) or a list of target lists. ``num_inference_steps``/``guidance_scale``: None
     keeps the pipeline's defaults. ``patch_kwargs`` go to :func:`saeuron.patch.patch` (multiplier,
     percentile, top_n, threshold, halves, error_term). ``progress`` shows bars and prints the markdown table.
+    ``damage``: also run the damage measure (:mod:`.damage`, calibrated on the unedited images).
 
     Returns ``{"config", "baseline": {"object_acc", "style_acc", "images", "per_run", "mean"},
     "per_target": {target: metrics}, "mean": metrics, "multi": {run: metrics}, "table", "files"}`` (and
     "per_template": {template: {"mean", "baseline_mean", "per_target", "images"}} when several templates run);
-    metrics hold ua, ira, cra, cra_rest (fractions), n_target, n_rest, frechet_object, frechet_style, grid.
+    metrics hold ua, ira, cra, cra_rest (fractions), n_target, n_rest, frechet_object, frechet_style, grid, and
+    with ``damage`` damage_target, damage_kept, ua_undamaged (the baseline's per_run and mean hold the unedited
+    model's damage rates; ``results["damage"]`` describes the measure and its calibration).
     """
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; valid: {', '.join(DOMAINS)}")
@@ -315,9 +381,10 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
     sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size)
     base_cfg = baseline_config(pipe, classifiers, jobs, num_inference_steps, guidance_scale)
     base = unedited_baseline(pipe, classifiers, jobs, out, base_cfg, sampling, resume, progress)
+    measure = fit_run_damage(classifiers, jobs, base) if damage else None
 
-    def records(group, pred_o, pred_s):
-        return run_records(jobs, group, domain, pred_o, pred_s)
+    def records(group, pred_o, pred_s, damaged=None):
+        return run_records(jobs, group, domain, pred_o, pred_s, damaged)
 
     fp = weights_fingerprint(saes, table)
     done, preds = {}, {}
@@ -328,19 +395,23 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
         bar_runs.set_postfix_str(key)
         cfg = {**base_cfg, "domain": domain, "targets": list(group), "edit": edit_signature(table, group, patch_kwargs),
                "fingerprint": fp, "grid_rows": grid_rows}
+        if measure is not None:
+            cfg["damage"] = measure.config()
         path = out / "runs" / f"{slug(key)}.json"
         res = load_cached_result(path, cfg) if resume else None
         if res is None:
             with patched(pipe, list(group), saes=saes, table=table, **patch_kwargs):
                 res = evaluate_run(pipe, classifiers, jobs, group, domain, base, sampling=sampling,
-                                   grid_path=out / "grids" / f"{slug(key)}.png", grid_rows=grid_rows, progress=progress)
+                                   grid_path=out / "grids" / f"{slug(key)}.png", grid_rows=grid_rows, progress=progress,
+                                   damage=measure)
             atomic_write_json({"config": json_roundtrip(cfg), "result": res}, path)
         done[group] = res["metrics"]
-        preds[group] = (res["pred_object"], res["pred_style"])
+        preds[group] = (res["pred_object"], res["pred_style"], res.get("damaged"))
     bar_runs.close()
 
     bpo, bps = base["pred_object"].tolist(), base["pred_style"].tolist()
-    per_run_base = {run_key(g): target_metrics(records(g, bpo, bps), g, domain) for g in all_groups}
+    base_dmg = {g: damage_flags(measure, base, jobs, g, domain) if measure is not None else None for g in all_groups}
+    per_run_base = {run_key(g): target_metrics(records(g, bpo, bps, base_dmg[g]), g, domain) for g in all_groups}
     n = len(jobs)
     extra = ("frechet_object", "frechet_style")
     results = {
@@ -352,13 +423,21 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
                    "cra": "other-domain classifier accuracy on all images of the run (cra_rest: non-target images)"},
         "baseline": {"object_acc": sum(int(p == j.object) for p, j in zip(bpo, jobs)) / n,
                      "style_acc": sum(int(p == data.style_id(j.style)) for p, j in zip(bps, jobs)) / n, "images": n,
-                     "per_run": per_run_base, "mean": mean_metrics({k: per_run_base[k] for k in map(run_key, groups)})},
+                     "per_run": per_run_base,
+                     "mean": mean_metrics({k: per_run_base[k] for k in map(run_key, groups)},
+                                          METRICS + (DAMAGE_METRICS if measure is not None else ()))},
         "per_target": {run_key(g): done[g] for g in groups},
         "multi": {run_key(g): {**done[g], "n": len(g)} for g in multi_groups},
     }
-    results["mean"] = mean_metrics(results["per_target"], METRICS + extra)
+    results["mean"] = mean_metrics(results["per_target"],
+                                   METRICS + extra + (DAMAGE_METRICS if measure is not None else ()))
+    if measure is not None:
+        results["damage"] = {**measure.config(), "calibration": measure.calibration,
+                             "rule": "damaged: no clean picture of what the image should still show (saeuron.evaluate."
+                                     "damage); ua_undamaged counts a target image as unlearned only if undamaged"}
     if len(templates) > 1:
-        results["per_template"] = _per_template(jobs, groups, domain, preds, (bpo, bps))
+        results["per_template"] = _per_template(jobs, groups, domain, preds,
+                                                {g: (bpo, bps, base_dmg[g]) for g in groups})
     results["table"] = markdown_table(results)
     results["files"] = {"json": str(out / RESULTS_FILE), "markdown": str(out / "results.md"),
                         "baseline": str(out / BASELINE_FILE)}

@@ -61,6 +61,9 @@ HELDOUT_GATE, GENERATED_GATE = 0.99, 0.95
 MAX_FILE_BYTES = 16 * 2 ** 20
 
 # per model config: every setting of every stage (``settings=`` overrides any of them).
+# ``model``: keyword arguments of ``train_model`` (its TRAIN_DEFAULTS fill the rest). Caption forms are off by
+# default (the shipped model's recipe); ``--set 'model={"caption_forms": true}'`` trains on the training caption
+# forms (``data.caption_forms("train")``) with the tokenizer over every form's words, and redoes the model stage.
 # ``hookpoints``: where the SAEs go. The 16x16 up-block transformer is SD1.5's up_blocks.1.attentions.1 by
 # analogy (styles are removed there); the two 8x8 up-block transformers carry the objects (an object sweep
 # on tuning seed 1 scored (UA+IRA)/2 = 77 and 72 there against 64 at 16x16; benchmarks/RESULTS.md). Each

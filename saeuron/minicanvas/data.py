@@ -22,8 +22,9 @@ paraphrases kept for evaluation only (``TEMPLATES``, ``caption``: the shipped mo
 
 Caption forms (for a model that reads words, not one sentence): ``CAPTION_FORMS`` (styled) and
 ``UNSTYLED_CAPTION_FORMS`` are families of sentences over the same words in other orders, with articles,
-"drawn"/"painted"/"picture"/"image", and neutral words before ("Here is", "Please draw", "Look at this:")
-or after (", please", ", here it is") the description. Each family is split, by a fixed hand-made list
+"drawn"/"painted"/"picture"/"image", and neutral words before ("Here is", "Please draw", "Look at this:",
+and five-word prefixes that shift the description as the prefix attack's 5 tokens do) or after (", please",
+", here it is") the description. Each family is split, by a fixed hand-made list
 (no randomness), into training forms (``TRAIN_FORMS``, ``UNSTYLED_TRAIN_FORMS``) and held-out forms
 (``HELDOUT_FORMS``, ``UNSTYLED_HELDOUT_FORMS``). The split keeps form 0 (the training form above) a
 training form and the two evaluation paraphrases (forms 1 and 2, = ``TEMPLATES[1:]``) held out, so
@@ -106,6 +107,8 @@ CAPTION_FORMS = TEMPLATES + (
     "Here is the {object}, drawn in {style} style.",          # 15 held out: prefix + other article and verb
     "This is an image of a {object} in the {style} style.",   # 16 held out: another prefix
     "{Style} style: the {object}, please.",                   # 17 held out: style first + suffix
+    "Look at this here, please: an image of {object} in {style} style.",  # 18 train: 5 neutral words first
+    "Please look at it here: a {object} drawn in {style} style.",         # 19 train: 5 neutral words first
 )
 UNSTYLED_CAPTION_FORMS = UNSTYLED_TEMPLATES + (
     "A picture of a {object}.",                               # 3  train
@@ -117,10 +120,12 @@ UNSTYLED_CAPTION_FORMS = UNSTYLED_TEMPLATES + (
     "Look at this: a {object}, plain.",                       # 9  train: neutral prefix
     "This is a plain {object}.",                              # 10 held out
     "Here is the {object}, drawn plainly.",                   # 11 held out
+    "Look at this here, please: an image of {object}.",       # 12 train: 5 neutral words first
 )
-TRAIN_FORMS = (0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)
+# Forms 18/19 (unstyled 12) shift the description by 5 positions, as the attack's 5-token prefix does.
+TRAIN_FORMS = (0, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 18, 19)
 HELDOUT_FORMS = (1, 2, 14, 15, 16, 17)
-UNSTYLED_TRAIN_FORMS = (0, 3, 4, 5, 6, 7, 8, 9)
+UNSTYLED_TRAIN_FORMS = (0, 3, 4, 5, 6, 7, 8, 9, 12)
 UNSTYLED_HELDOUT_FORMS = (1, 2, 10, 11)
 FORM_SPLITS = ("train", "heldout", "all")
 assert CAPTION_FORMS[:len(TEMPLATES)] == TEMPLATES and UNSTYLED_CAPTION_FORMS[:len(TEMPLATES)] == UNSTYLED_TEMPLATES
