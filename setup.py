@@ -6,7 +6,7 @@ an editable install and a wheel all see the same package layout. The top-level f
 (``kernels`` is the name of a PyPI package that transformers depends on).
 
 Nothing is compiled at install time: the C++/CUDA sources are built just in time on first use
-(``saeuron/_build.py``), so ``pip install .`` works on machines with or without a GPU or nvcc.
+(``saeuron/extension.py``), so ``pip install .`` works on machines with or without a GPU or nvcc.
 """
 from setuptools import setup
 

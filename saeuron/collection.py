@@ -22,6 +22,7 @@ import uuid
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -166,18 +167,24 @@ def _open_shared(out_dir, hookpoints, prompt_list, labels, config, n_batches, ra
 
 
 @contextlib.contextmanager
-def distributed_from_env():
-    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) join a gloo process group for the block, using
-    ``LOCAL_RANK``'s GPU when there is one; yields ``(rank, world size)``, ``(0, 1)`` when not launched so."""
+def distributed_from_env(backend: Optional[str] = None):
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) join a process group for the block, using
+    ``LOCAL_RANK``'s GPU when there is one; yields ``(rank, world size)``, ``(0, 1)`` when not launched so.
+
+    ``backend`` defaults to gloo, which is all collection needs (a few small messages, any device); training
+    on GPUs wants ``"nccl"``.
+    """
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 or (dist.is_available() and dist.is_initialized()):
         yield (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
         return
+    if backend not in (None, "gloo", "nccl"):
+        raise ValueError(f"backend must be None, 'gloo' or 'nccl', got {backend!r}")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    dist.init_process_group("gloo")  # collection only passes a few small messages: gloo works with any device
+    dist.init_process_group(backend or "gloo")
     try:
         yield dist.get_rank(), dist.get_world_size()
     finally:
@@ -199,6 +206,7 @@ def collect(pipe, prompts, out_dir, hookpoints, *, batch_size=4, num_inference_s
     (None: when one with more than one rank is initialised); every rank calls ``collect`` with the same
     arguments and gets the finished store (see the module docstring).
     """
+    rank, world = _rank_world(distributed)
     sampling = resolve_sampling(pipe, num_inference_steps, guidance_scale)
     num_inference_steps = sampling.get("num_inference_steps", 50)
     guidance_scale = sampling.get("guidance_scale", 7.5)
@@ -218,7 +226,6 @@ def collect(pipe, prompts, out_dir, hookpoints, *, batch_size=4, num_inference_s
                   every=every, halves=halves, tokens_per_map=tokens_per_map, seed=seed,
                   dtype=None if dtype is None else str(dtype).replace("torch.", ""), height=height, width=width,
                   scheduler=type(getattr(pipe, "scheduler", None)).__name__)
-    rank, world = _rank_world(distributed)
     n_batches = math.ceil(len(prompt_list) / batch_size)
     hps = {n: widths[n] for n in modules}
     if world == 1:

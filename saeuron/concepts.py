@@ -186,7 +186,7 @@ class ConceptTable:
 
         Compares the weights fingerprint recorded by :func:`compute_statistics` (in the dtype of the less
         precise of the two SAEs); a file without one (older saeuron) is accepted with a warning."""
-        hp = self._hp(hp)
+        hp = self.stored_hookpoint(hp)
         if sae.num_latents != self.num_latents(hp):
             raise ValueError(f"the SAE at {hp!r} has {sae.num_latents} latents but the concept file's statistics "
                              f"have {self.num_latents(hp)}: they come from different SAEs")
@@ -224,7 +224,7 @@ class ConceptTable:
 
     def num_latents(self, hp: str) -> int:
         """Dictionary size M of the SAE whose statistics ``hp`` holds."""
-        return self.mu[self._hp(hp)].shape[-1]
+        return self.mu[self.stored_hookpoint(hp)].shape[-1]
 
     def concept_hookpoints(self, concept: str) -> list:
         """The hookpoints ``concept`` is edited at by default: its ``defaults["hookpoints"]``, else all of them."""
@@ -232,7 +232,8 @@ class ConceptTable:
         hps = self.defaults[concept]["hookpoints"]
         return list(self.hookpoints) if hps is None else list(hps)
 
-    def _hp(self, hp: str) -> str:
+    def stored_hookpoint(self, hp: str) -> str:
+        """The name ``hp`` has in this file's statistics; an unknown hookpoint raises, naming the known ones."""
         name = normalize_hookpoint(hp)
         if name not in self.mu:
             raise unknown_name_error("hookpoint", hp, self.hookpoints, "no statistics for it in this concept file")
@@ -252,7 +253,7 @@ class ConceptTable:
     # -- the method
     def scores(self, hp: str, concept: str) -> Tensor:
         """``score_t(i, c)`` ``[T, M]``: c's normalised mean activation minus that of the other concepts."""
-        mu = self.mu[self._hp(hp)].double()
+        mu = self.mu[self.stored_hookpoint(hp)].double()
         c = self.index(concept)
         mc = mu[c]
         others = [j for j in range(len(self.names)) if j != c]
@@ -266,7 +267,7 @@ class ConceptTable:
 
     def tau(self, hp: str) -> Tensor:
         """Edit thresholds ``tau_t[i]`` ``[T, M]``: the mean over all concepts of ``mu[c, t][i]``."""
-        return self.mu[self._hp(hp)].mean(0)
+        return self.mu[self.stored_hookpoint(hp)].mean(0)
 
     def threshold(self, concept: str, threshold=None) -> float:
         """The factor on ``tau`` for ``concept``: ``threshold`` if given, else its default (validated)."""
@@ -298,7 +299,7 @@ class ConceptTable:
         """
         kind, val = self.rule(concept, percentile, top_n)
         s = self.scores(hp, concept).double()
-        ok = (self.mu[self._hp(hp)][self.index(concept)] > 0) & (s > 0)
+        ok = (self.mu[self.stored_hookpoint(hp)][self.index(concept)] > 0) & (s > 0)
         if kind == "percentile":
             keep = ok & (s > torch.quantile(s, val / 100.0, dim=-1, keepdim=True))
         else:
@@ -324,7 +325,7 @@ class ConceptTable:
         when nothing is selected. ``multipliers``/``percentiles``/``top_ns``/``thresholds``: a number for
         all concepts or a dict per concept; unset values fall back to each concept's defaults.
         """
-        hp = self._hp(hp)
+        hp = self.stored_hookpoint(hp)
         concepts = check_concepts(concepts, self.names)
         for d, what in ((multipliers, "multipliers"), (percentiles, "percentiles"), (top_ns, "top_ns"),
                         (thresholds, "thresholds")):

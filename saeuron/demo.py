@@ -103,7 +103,7 @@ def _unlearn_case(pipe, judges, ckpt, case, out: Path, steps: int) -> dict:
     from .evaluate.common import sample_images, to_pil
     from .images import add_caption, image_grid, save_png
     from .minicanvas import data
-    from .patch import patched
+    from .patching import patched
 
     domain, target, kept, rows = case
     other = "style" if domain == "object" else "object"

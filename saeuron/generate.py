@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from .images import image_grid, save_png
-from .patch import get_patch, patch, unpatch
+from .patching import get_patch, patch, unpatch
 from .pipelines import resolve_sampling
 from .utils import FolderLock
 
@@ -35,7 +35,7 @@ def generate(pipe, prompts, out_dir, *, concepts, checkpoint=None, saes=None, ta
 
     Writes ``out_dir/original/*.png``, ``out_dir/unlearned/*.png`` (same names, same generator seed) and
     ``out_dir/grid.png`` (rows = prompts x seeds, columns original | unlearned). ``patch_kwargs`` go to
-    :func:`saeuron.patch.patch` (multiplier, percentile, top_n, threshold, hookpoints, halves, error_term). Any patch
+    :func:`saeuron.patching.patch` (multiplier, percentile, top_n, threshold, hookpoints, halves, error_term). Any patch
     already on the pipeline is restored afterwards. Returns ``{"original": [paths], "unlearned": [paths],
     "pairs": [(prompt, original, unlearned)], "grid": path}``. Steps and guidance left at None are the
     pipeline's own defaults.

@@ -50,3 +50,10 @@ def resolve_hookpoints(pipe_or_unet, names) -> "OrderedDict[str, nn.Module]":
                              + ", ".join(f"{n} ({c} ch)" for n, c in valid.items()))
         out[name] = modules[name]
     return out
+
+
+def block_output(output):
+    """The feature map a hooked block returned: ``.sample``, the first element of a tuple, or the tensor itself."""
+    if hasattr(output, "sample"):
+        return output.sample
+    return output[0] if isinstance(output, (tuple, list)) else output

@@ -77,9 +77,9 @@ def _load(name: str):
         elif name == "triton":
             from .kernels import backend as mod  # noqa: F811  (saeuron.kernels: the kernels/ folder)
         elif name == "cuda":
-            from . import _build
+            from . import extension
 
-            mod = _build.load_backend()
+            mod = extension.load_backend()
     except Exception as e:  # a missing compiler, triton or a failed build must never be fatal
         _load_errors[name] = f"{type(e).__name__}: {e}"
         mod = None

@@ -174,3 +174,30 @@ def edit_(x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale, rows_per_group
     changed = (delta != 0).any(-1, keepdim=True)
     upd = torch.where(changed, upd, xt)
     x.copy_(from_tokens(upd, x))
+
+
+def reference_compat_edit(x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale, rows_per_group, grad=False):
+    """The published reference code's edit, sign slip included: ``decode(f') + decode(f) - x``.
+
+    Compatibility option only (``patch(..., error_term="reference")``). The method adds the
+    reconstruction error back, ``decode(f') + (x - decode(f))``; the reference code adds
+    ``decode(f) - x`` instead, which shifts every token, edited or not, by twice its reconstruction
+    error ``2 (decode(f) - x)``. ``grad=True`` encodes with the differentiable :func:`topk_encode`;
+    otherwise the fast ops of :mod:`saeuron.ops` are used (imported here: ``ops`` imports this module).
+    """
+    from . import ops
+
+    xt = as_tokens(x)
+    enc = topk_encode if grad else ops.topk_encode
+    vals, idx = enc(xt, W_enc, b_enc, b_dec, k)
+    n, g = xt.shape[0], feat_idx.shape[0]
+    grp = torch.clamp(torch.arange(n, device=x.device) // max(int(rows_per_group), 1), max=max(g - 1, 0))
+    factor = torch.ones(vals.shape, dtype=torch.float32, device=x.device)
+    if feat_idx.numel():
+        hit = idx[:, :, None] == feat_idx[grp][:, None, :]  # [N, k, F]
+        fire = hit & (vals.float()[:, :, None] > tau[grp][:, None, :].float())
+        factor = torch.where(fire, scale[grp][:, None, :].float(), torch.ones((), device=x.device)).prod(-1)
+    edited = ops.sparse_decode((vals.float() * factor).to(W_dec.dtype), idx, W_dec, b_dec)
+    plain = ops.sparse_decode(vals.to(W_dec.dtype), idx, W_dec, b_dec)
+    out = edited.float() + plain.float() - xt.float()
+    return from_tokens(out.to(x.dtype), x)

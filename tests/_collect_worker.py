@@ -4,7 +4,8 @@
 pipeline's vocabulary), ``prompts``, ``hookpoints`` and ``run`` (keyword arguments of ``collect``). Both ranks
 build the same tiny pipeline and call ``collect`` on it; each dumps the batches it wrote to
 ``out/<MODE>_rank<r>.json``. ``MODE`` ``kill``: rank 1 SIGKILLs itself in the middle of its second batch (its
-first hookpoint's shard on disk, a half-written temporary file of the second), so the run fails.
+first hookpoint's shard on disk, a half-written temporary file of the second), so the run fails. Errors are
+dumped to ``out/<MODE>_rank<r>_error.json``; in ``MODE`` ``refused`` they are expected and the ranks exit cleanly.
 """
 import json
 import os
@@ -50,7 +51,14 @@ def run(rank: int, world: int, spec_path: str, mode: str) -> None:
                 return real_save(tensors, path, metadata)
 
             store_mod.atomic_save_file = save
-        store = collect(pipe, spec["prompts"], os.path.join(out, "store"), spec["hookpoints"], **spec["run"])
+        try:
+            store = collect(pipe, spec["prompts"], os.path.join(out, "store"), spec["hookpoints"], **spec["run"])
+        except Exception as e:
+            with open(os.path.join(out, f"{mode}_rank{rank}_error.json"), "w") as f:
+                json.dump({"type": type(e).__name__, "message": str(e)}, f)
+            if mode == "refused":  # expected: both ranks stop, each with its own error
+                return
+            raise
         with open(os.path.join(out, f"{mode}_rank{rank}.json"), "w") as f:
             json.dump({"written": written, "done": sorted(store.done_batches())}, f)
         dist.barrier()

@@ -10,7 +10,7 @@ from saeuron.concepts import ConceptTable
 from saeuron.evaluate.attack import (AttackTarget, attack, attack_eval, denoising_loss, encode, encode_prompts,
                                      generate_adversarial, prefixed_ids, to_latents)
 from saeuron.evaluate.baselines import cross_attention_projections, esd_parameters, esd_train, uce_edit
-from saeuron.patch import get_patch, patch, unpatch
+from saeuron.patching import get_patch, patch, unpatch
 
 UP, MID = "up_blocks.1.attentions.1", "mid_block.attentions.0"
 TS = [667.0, 334.0, 1.0]

@@ -1,6 +1,7 @@
 """Distributed collection (issue 26): two gloo processes on the CPU write one store equal to a one-process
 run's, never the same shard twice, and a rank killed mid-run is finished by a rerun with nothing lost or doubled."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +28,11 @@ def reference(tmp_path_factory):
     return collect(tiny_pipeline(words=WORDS), PROMPTS, tmp_path_factory.mktemp("ref"), [UP, MID], **RUN)
 
 
-def launch(out: Path, mode: str):
-    """Run the two-rank worker in ``mode``; returns the finished process."""
-    spec = out / "spec.json"
+def launch(out: Path, mode: str, run=None):
+    """Run the two-rank worker in ``mode`` (``collect`` arguments ``run``, default RUN); returns the finished process."""
+    spec = out / f"spec_{mode}.json"
     spec.write_text(json.dumps({"out": str(out), "words": list(WORDS), "prompts": PROMPTS, "hookpoints": [UP, MID],
-                                "run": RUN}))
+                                "run": run or RUN}))
     return subprocess.run([sys.executable, str(ROOT / "tests" / "_collect_worker.py"), str(spec), mode],
                           capture_output=True, text=True, timeout=400, cwd=ROOT)
 
@@ -88,3 +89,38 @@ def test_killed_rank_then_rerun_gives_the_same_store(reference, tmp_path):
     assert not set(w0) & set(w1) and set(w0) | set(w1) == set(range(5)) - finished  # only the missing batches
     assert_equal_stores(ActivationStore(tmp_path / "store"), reference)
     assert_clean(tmp_path / "store")
+
+    # rank 0 refuses to resume with other settings; rank 1 hears it and stops too (no hang), with the reason
+    proc = launch(tmp_path, "refused", {**RUN, "num_inference_steps": 3})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = [json.loads((tmp_path / f"refused_rank{r}_error.json").read_text()) for r in (0, 1)]
+    assert all(e["type"] == "ValueError" and "num_inference_steps" in e["message"] for e in errors)
+    assert errors[1]["message"].startswith("rank 0 could not open the activation store")
+    assert_equal_stores(ActivationStore(tmp_path / "store"), reference)
+
+
+def test_distributed_needs_a_process_group(tmp_path):
+    with pytest.raises(ValueError, match="initialised torch.distributed process group"):
+        collect(None, ["a"], tmp_path, [UP], distributed=True)
+
+
+def test_torchrun_command_line_equals_one_process(tmp_path):
+    """``torchrun --nproc_per_node 2 -m saeuron collect`` (the shipped MiniCanvas model) equals ``collect`` in one process."""
+    from saeuron.pipelines import load_pipeline
+
+    prompts = ["An image of circle in stripes style.", "An image of heart in blur style.",
+               "An image of star in dots style."]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    hps = ["up_blocks.1.attentions.1", "mid_block.attentions.0"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "saeuron", "collect",
+                           "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "dist"),
+                           "--hookpoints", *hps, "--steps", "2", "--batch-size", "1", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=400, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("activations in") == 1 and "collected by 2 ranks" in proc.stdout  # rank 0 reports
+    one = collect(load_pipeline("minicanvas", "cpu"), prompts, tmp_path / "one", hps, batch_size=1,
+                  num_inference_steps=2, progress=False)
+    assert_equal_stores(ActivationStore(tmp_path / "dist"), one)
+    assert_clean(tmp_path / "dist")

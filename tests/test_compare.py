@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saeuron.evaluate.compare import COLUMNS, METHODS, attack_target, compare_methods, esd_prompts, uce_arguments
-from saeuron.patch import get_patch
+from saeuron.patching import get_patch
 
 GRID = dict(objects=["circle", "ring"], styles=["stripes", "checker"], seeds=(188,))
 

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from saeuron import _build, ops
+from saeuron import extension, ops
 from saeuron import reference as R
 
 # f is rounded to x.dtype in every implementation: a one-ulp flip of f is amplified by |scale - 1| |W_dec|
@@ -115,7 +115,7 @@ def check_case(fn, case):
 def ext():
     """The compiled extension (built once, cached on disk)."""
     try:
-        return _build.load_backend()
+        return extension.load_backend()
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"compiled extension unavailable: {e}")
 

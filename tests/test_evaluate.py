@@ -13,7 +13,7 @@ from saeuron.evaluate.metrics import (Record, frechet_distance, frechet_distance
 from saeuron.evaluate.sweep import choose_rule, sweep, sweep_table
 from saeuron.evaluate.unlearn_eval import build_jobs, edit_signature, evaluate_unlearning
 from saeuron.minicanvas import build_classifier, data
-from saeuron.patch import get_patch
+from saeuron.patching import get_patch
 
 UP = "up_blocks.1.attentions.1"  # 32 channels in the tiny pipeline
 DOWN = "down_blocks.1.attentions.0"  # a second hookpoint name for concept tables (no pipeline needed)

@@ -1,4 +1,4 @@
-"""The compiled backend (csrc/ built by saeuron._build): JIT build and cache, CPU ops against the
+"""The compiled backend (csrc/ built by saeuron.extension): JIT build and cache, CPU ops against the
 reference on fresh random inputs, the ops seam with SAEURON_BACKEND=cuda, fallbacks with one
 warning, and nvcc/g++ compiling the CUDA sources (which cannot run without a GPU)."""
 import functools
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from saeuron import _build, ops
+from saeuron import extension, ops
 from saeuron import reference as R
 
 CPU = torch.device("cpu")
@@ -24,7 +24,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.f
 @pytest.fixture(scope="session")
 def ext():
     """The extension, built once per session (and cached on disk across sessions)."""
-    return _build.load_backend()
+    return extension.load_backend()
 
 
 @pytest.fixture
@@ -98,22 +98,22 @@ def _assert_edit_matches(got, want, x, dtype):
 # ------------------------------------------------------------------------------------------ build and cache
 
 def test_sources_and_supports(ext):
-    cpu_only = {p.name for p in _build.sources(False)}
-    everything = {p.name for p in _build.sources(True)}
+    cpu_only = {p.name for p in extension.sources(False)}
+    everything = {p.name for p in extension.sources(True)}
     assert {"cpu_ops.cpp", "bindings.cpp"} <= cpu_only and not any(n.endswith(".cu") for n in cpu_only)
     assert "cuda_ops.cpp" not in cpu_only and {"cuda_ops.cpp", "topk_encode.cu", "edit.cu"} <= everything
     assert ext.supports("edit_", CPU) and ext.supports("gather_encode_bwd", "cpu")
     assert not ext.supports("topk_encode", CPU)
     assert ext.supports("edit_", torch.device("cuda")) == (torch.cuda.is_available() and ext.with_cuda)
-    assert ext.module.cuda_enabled() == ext.with_cuda == _build.cuda_buildable()
+    assert ext.module.cuda_enabled() == ext.with_cuda == extension.cuda_buildable()
 
 
 def test_build_is_cached_across_processes(ext):
-    assert _build.load_backend() is ext  # same process: no second load
+    assert extension.load_backend() is ext  # same process: no second load
     so = next(ext.path.glob("saeuron_C_*.so"))
     log = ext.path / ".ninja_log"
     before = (so.stat().st_mtime_ns, log.read_text())
-    code = "from saeuron import _build; b = _build.load_backend(); print(b.path)"
+    code = "from saeuron import extension; b = extension.load_backend(); print(b.path)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()) == ext.path
@@ -124,18 +124,18 @@ def test_build_is_cached_across_processes(ext):
 def test_no_build_env_raises(monkeypatch):
     monkeypatch.setenv("SAEURON_NO_BUILD", "1")
     with pytest.raises(RuntimeError, match="SAEURON_NO_BUILD"):
-        _build.load_backend()
+        extension.load_backend()
 
 
 def test_cache_key_depends_on_sources(tmp_path):
     a, b = tmp_path / "a.cpp", tmp_path / "b.cpp"
     a.write_text("int f() { return 1; }\n")
     b.write_text("int g() { return 2; }\n")
-    k1 = _build.build_key([a, b], False, "")
-    assert k1 == _build.build_key([b, a], False, "")
+    k1 = extension.build_key([a, b], False, "")
+    assert k1 == extension.build_key([b, a], False, "")
     a.write_text("int f() { return 3; }\n")
-    assert _build.build_key([a, b], False, "") != k1
-    assert _build.build_key([a, b], True, "9.0") != _build.build_key([a, b], True, "8.0")
+    assert extension.build_key([a, b], False, "") != k1
+    assert extension.build_key([a, b], True, "9.0") != extension.build_key([a, b], True, "8.0")
 
 
 # ------------------------------------------------------------------------------------------ CPU ops vs reference
@@ -260,7 +260,7 @@ def test_edit_noops_leave_x_bit_equal(ext):
 
 def test_seam_routes_cpu_ops_to_extension(ext, fresh_ops, monkeypatch):
     monkeypatch.setenv("SAEURON_BACKEND", "cuda")
-    for op in _build.CPU_OPS:
+    for op in extension.CPU_OPS:
         assert ops.backend_for(op, CPU) == "cuda"
     d, m, k = 24, 96, 6
     W_enc, b_enc, b_dec, W_dec = _weights(d, m, torch.float32)
@@ -384,11 +384,11 @@ def _saeuron_symbols(obj, defined, ns="saeuron_ext::"):
 def test_cuda_sources_compile(ext, tmp_path):
     """nvcc compiles every .cu (sm_90 SASS + compute_75 PTX, torch's half flags); g++ compiles the
     ATen bridge of CUDA builds, and every function the bindings call is defined."""
-    nvcc = _build.nvcc_path()
+    nvcc = extension.nvcc_path()
     if nvcc is None and not os.environ.get("CI"):  # CI machines have nvcc: there a missing one is a failure
         pytest.skip("nvcc not found: install the CUDA toolkit to compile-check the CUDA kernels")
     assert nvcc is not None, "nvcc not found: install the CUDA toolkit (needed to check the CUDA kernels)"
-    csrc = _build.source_dir()
+    csrc = extension.source_dir()
     cu = sorted(str(p) for p in csrc.glob("*.cu"))
     assert len(cu) >= 3
     nv = subprocess.Popen(

@@ -39,7 +39,7 @@ def test_no_top_level_folder_is_a_package_but_the_project_ones():
 
 
 def test_kernels_and_csrc_are_reached_through_saeuron():
-    import saeuron._build as build
+    import saeuron.extension as build
     from saeuron.kernels import backend
 
     for op in ("topk_encode", "sparse_decode", "edit_"):

@@ -8,7 +8,7 @@ from conftest import make_sae
 from saeuron.concepts import ConceptTable
 from saeuron.generate import generate
 from saeuron.images import image_grid, save_png
-from saeuron.patch import get_patch, patch, unpatch
+from saeuron.patching import get_patch, patch, unpatch
 
 UP = "up_blocks.1.attentions.1"
 

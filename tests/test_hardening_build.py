@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from saeuron import _build
+from saeuron import extension
 from saeuron.utils import FolderLock
 
 
@@ -25,7 +25,7 @@ def fake(monkeypatch, tmp_path):
     calls = []
 
     def load(name, sources, build_directory, **kw):
-        so = _build.Path(build_directory) / f"{name}.so"
+        so = extension.Path(build_directory) / f"{name}.so"
         loaded = so.read_bytes() if so.exists() else None
         if loaded is None:  # "compile"
             so.write_bytes(b"built by saeuron " + name.encode())
@@ -33,18 +33,18 @@ def fake(monkeypatch, tmp_path):
         return types.SimpleNamespace(cuda_enabled=lambda: False)
 
     monkeypatch.setattr(cpp_extension, "load", load)
-    key = _build.build_key(_build.sources(False, src), False, "")
+    key = extension.build_key(extension.sources(False, src), False, "")
     return types.SimpleNamespace(src=src, cache=cache, calls=calls, dir=cache / "ext" / key, so_name=f"saeuron_C_{key}.so")
 
 
 def _load(f):
-    return _build._load.__wrapped__(str(f.src), str(f.cache), False, "")
+    return extension._load.__wrapped__(str(f.src), str(f.cache), False, "")
 
 
 def test_build_is_recorded_and_reused(fake):
     _load(fake)
-    rec = json.loads((fake.dir / _build.MANIFEST).read_text())
-    assert rec["file"] == fake.so_name and rec["sha256"] == _build.file_sha256(fake.dir / fake.so_name)
+    rec = json.loads((fake.dir / extension.MANIFEST).read_text())
+    assert rec["file"] == fake.so_name and rec["sha256"] == extension.file_sha256(fake.dir / fake.so_name)
     assert [c["built"] for c in fake.calls] == [True]
     _load(fake)  # verified: loaded as is
     assert [c["built"] for c in fake.calls] == [True, False]

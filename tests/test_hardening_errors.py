@@ -8,7 +8,7 @@ from conftest import make_sae
 from saeuron.cli.common import parse_per_concept
 from saeuron.collection import read_prompt_file
 from saeuron.concepts import ConceptTable
-from saeuron.patch import patch, unpatch
+from saeuron.patching import patch, unpatch
 from saeuron.sae import SaeConfig, SparseAutoencoder
 from saeuron.store import ActivationStore
 from saeuron.trainer import METRICS_FILE, TrainConfig, train

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_sae
 from saeuron.concepts import ConceptTable, check_sae_for_edit, warn_shared_features
-from saeuron.patch import patch, unpatch
+from saeuron.patching import patch, unpatch
 from saeuron.sae import SparseAutoencoder
 from saeuron.selection import build_concept_file, compute_statistics
 from saeuron.store import ActivationStore

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_sae
-from saeuron import _build
+from saeuron import extension
 from saeuron.concepts import ConceptTable
 from saeuron.sae import SparseAutoencoder
 from saeuron.store import ActivationStore
@@ -95,10 +95,10 @@ def test_build_inputs_are_checked(tmp_path, monkeypatch):
     (src / "a.h").write_text("")
     os.chmod(src / "a.h", 0o666)
     with pytest.raises(RuntimeError, match=r"a\.h are writable by group or others"):
-        _build._load.__wrapped__(str(src), str(tmp_path / "cache"), False, "")
+        extension._load.__wrapped__(str(src), str(tmp_path / "cache"), False, "")
     monkeypatch.setenv("SAEURON_BUILD_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="SAEURON_BUILD_TIMEOUT='soon'"):
-        _build.build_timeout()
+        extension.build_timeout()
 
 
 def test_every_hookpoint_of_a_merged_concept_file_keeps_its_sae_record(tmp_path):

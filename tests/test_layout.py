@@ -54,10 +54,7 @@ def test_the_command_line_parser_imports_no_torch():
 
 
 # (importing file, module imported from, name): private imports in files another change is rewriting now; to clear.
-PRIVATE_IMPORTS_TO_CLEAR = {
-    ("saeuron/evaluate/explain.py", "saeuron.patch", "_block_output"),
-    ("saeuron/ops.py", "saeuron", "_build"),  # the private module saeuron._build
-}
+PRIVATE_IMPORTS_TO_CLEAR: set = set()  # (file, module, name) pairs still to clear: none left
 
 
 def _module_files():

@@ -18,7 +18,7 @@ from saeuron.minicanvas.model import (MODEL_CONFIGS, MiniCanvasPipeline, build_p
                                       num_parameters, save_pipeline)
 from saeuron.minicanvas.train_model import (STATE_FILE, STATE_JSON, _state_files, read_metrics, train_model,
                                             train_seconds)
-from saeuron.patch import get_patch, patch, unpatch
+from saeuron.patching import get_patch, patch, unpatch
 
 HP = BUILD_DEFAULTS["micro"]["hookpoints"][0]  # up_blocks.0.attentions.1: 32 channels at 8x8
 PROMPTS = ["An image of circle in stripes style.", "An image of ring.", "An image of star in neon style."]

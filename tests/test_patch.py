@@ -5,7 +5,8 @@ import torch
 from conftest import make_sae
 from saeuron import list_hookpoints, reference
 from saeuron.concepts import ConceptTable
-from saeuron.patch import get_patch, patch, patched, reference_compat_edit, unpatch
+from saeuron.patching import EDIT_HOOK, TIMESTEP_HOOK, get_patch, patch, patched, unpatch
+from saeuron.reference import reference_compat_edit
 
 UP, MID = "up_blocks.1.attentions.1", "mid_block.attentions.0"  # 32 and 64 channels
 TS = [667.0, 334.0, 1.0]  # the tiny pipeline's DDIM timesteps at 3 steps
@@ -49,6 +50,17 @@ def _unet_inputs(b=2):
     return torch.randn(b, 4, 8, 8, generator=g), torch.randn(b, 5, 32, generator=g)
 
 
+def _hooks(unet, prefix="saeuron"):
+    """``(module name, hook name)`` of the diffusers hooks under ``unet`` whose name starts with ``prefix``."""
+    from diffusers.hooks import HookRegistry
+
+    found = []
+    for name, m in unet.named_modules():
+        if hasattr(m, "_diffusers_hook"):
+            found += [(name, h) for h in HookRegistry.check_if_exists_or_initialize(m).hooks if h.startswith(prefix)]
+    return sorted(found, key=lambda p: (p[0] != "", p[1] != TIMESTEP_HOOK, p[0] != UP, p))
+
+
 def test_hookpoint_widths_match_the_test_saes(pipe):
     hps = list_hookpoints(pipe)
     assert hps[UP] == 32 and hps[MID] == 64
@@ -69,7 +81,7 @@ def test_ablation_changes_output_and_unpatch_restores_exactly(pipe):
     assert not any("encoder" in n.split(".")[-2:-1] for n, _ in pipe.unet.named_parameters())
     edited = _run(pipe)
     assert (edited - base).abs().max() > 1e-3
-    assert unpatch(pipe) is True and get_patch(pipe) is None
+    assert unpatch(pipe) is True and get_patch(pipe) is None and _hooks(pipe.unet) == []
     assert torch.equal(_run(pipe), base)
     assert unpatch(pipe) is False
 
@@ -81,7 +93,8 @@ def test_double_patch_equals_single_and_context_manager(pipe):
     patch(pipe, "dog", saes=saes, table=table, hookpoints=[MID])
     patch(pipe, "cat", saes=saes, table=table)
     assert torch.equal(_run(pipe), once)
-    assert len(pipe.unet._forward_pre_hooks) == 1
+    assert _hooks(pipe.unet) == [("", TIMESTEP_HOOK), (UP, EDIT_HOOK), (MID, EDIT_HOOK)]  # one set, named
+    assert not pipe.unet._forward_pre_hooks and not pipe.unet.get_submodule(UP)._forward_hooks  # no raw hooks
     outer = get_patch(pipe)
     with patched(pipe, "dog", saes=saes, table=table) as h:
         assert get_patch(pipe) is h and not torch.equal(_run(pipe), once)
@@ -184,7 +197,7 @@ def test_timestep_lookup_by_value(pipe):
 
     def spy(module, args, kwargs, out):
         seen.append(h.last_index.tolist())
-        rows.append(h._rows[UP][0].clone())
+        rows.append(h.state.rows[UP][0].clone())
 
     s = pipe.unet.register_forward_hook(spy, with_kwargs=True)
     try:
@@ -276,31 +289,39 @@ def test_reference_error_term_in_pipeline(pipe):
 
 def test_nan_activations_stay_in_their_token(pipe):
     """A NaN token in a hooked block's output stays NaN and changes no other token's edit (bit for bit)."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
     x, ehs = _unet_inputs(2)
     block = pipe.unet.get_submodule(UP)
+    registry = HookRegistry.check_if_exists_or_initialize(block)
     seen = {}
 
-    def run(poison):
-        def inject(module, args, out):
-            o = (out[0] if isinstance(out, tuple) else out.sample if hasattr(out, "sample") else out)
-            if poison:
-                o[1, :, 2, 3] = float("nan")
-            return out
+    class Poison(ModelHook):  # registered before the patch, so it runs inside the edit: the edit sees the NaN
+        def post_forward(self, module, output):
+            (output[0] if isinstance(output, tuple) else output.sample)[1, :, 2, 3] = float("nan")
+            return output
 
-        first = block.register_forward_hook(inject)
-        with patched(pipe.unet, "cat", saes=_saes(), table=_table()), torch.no_grad():
-            last = block.register_forward_hook(lambda m, a, out: seen.__setitem__(
-                poison, (out[0] if isinstance(out, tuple) else out.sample if hasattr(out, "sample") else out).clone()))
-            try:
-                pipe.unet(x, TS[0], ehs)
-            finally:
-                last.remove()
-                first.remove()
+    def capture(key):
+        return block.register_forward_hook(lambda m, a, out: seen.__setitem__(
+            key, (out[0] if isinstance(out, tuple) else out.sample if hasattr(out, "sample") else out).clone()))
+
+    def run(poison):
+        if poison:
+            registry.register_hook(Poison(), "test_poison")
+        try:
+            with patched(pipe.unet, "cat", saes=_saes(), table=_table()), torch.no_grad():
+                assert list(registry.hooks) == ["test_poison", EDIT_HOOK] if poison else [EDIT_HOOK]
+                last = capture(poison)  # torch forward hooks run after the edit
+                try:
+                    pipe.unet(x, TS[0], ehs)
+                finally:
+                    last.remove()
+        finally:
+            registry.remove_hook("test_poison", recurse=False)
         return seen[poison]
 
     clean, poisoned = run(False), run(True)
-    cap = block.register_forward_hook(lambda m, a, out: seen.__setitem__("base", (
-        out[0] if isinstance(out, tuple) else out.sample if hasattr(out, "sample") else out).clone()))
+    cap = capture("base")
     with torch.no_grad():
         pipe.unet(x, TS[0], ehs)
     cap.remove()
@@ -335,3 +356,118 @@ def test_bad_input(pipe, tmp_path):
     with pytest.raises(ValueError, match=r"no SAE for hookpoint 'up_blocks.1.attentions.1'"):
         patch(pipe, "cat", tmp_path, hookpoints=[UP])
     assert get_patch(pipe) is None  # failed patches leave nothing behind
+
+
+# -- composition with diffusers' own hook-based techniques ---------------------------------------------------------
+
+
+def _registry(module):
+    from diffusers.hooks import HookRegistry
+
+    return HookRegistry.check_if_exists_or_initialize(module)
+
+
+def test_composes_with_first_block_cache(tiny_pipe_factory):
+    """diffusers' first-block cache (on the transformer blocks inside each hooked Transformer2DModel) and the
+    patch run together, each is removable alone, and identity / bit-equal unpatch hold with the cache on."""
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+    from diffusers.hooks.hooks import CacheContext
+    from saeuron.toy import tiny_unet_config
+
+    pipe = tiny_pipe_factory(unet_config={**tiny_unet_config(), "transformer_layers_per_block": 2})
+    saes = _saes()
+    attns = [pipe.unet.get_submodule(h) for h in list_hookpoints(pipe)]  # FBC needs >= 2 transformer blocks each
+    with pytest.raises(IndexError):  # diffusers' FBC looks for transformer_blocks among the model's children:
+        apply_first_block_cache(pipe.unet, FirstBlockCacheConfig(threshold=0.3))  # a UNet has none (diffusers' limit)
+    tails = [a.transformer_blocks[1].attn1 for a in attns]
+    computed = []
+    counters = [t.register_forward_hook(lambda *a: computed.append(1)) for t in tails]
+
+    def run():
+        """One sampling run with a fresh cache: FBC's state needs a cache context, which SD does not set."""
+        computed.clear()
+        for a in attns:
+            _registry(a).reset_stateful_hooks(recurse=True)  # also clears the context
+            for tb in a.transformer_blocks:
+                for hook in _registry(tb).hooks.values():
+                    hook.state_manager.set_context(CacheContext("cond"))
+        return _run(pipe, steps=4)
+
+    try:
+        plain = _run(pipe, steps=4)
+        with patched(pipe, "cat", saes=saes, table=_table()):
+            edited_plain = _run(pipe, steps=4)
+        for a in attns:
+            apply_first_block_cache(a, FirstBlockCacheConfig(threshold=0.5))
+        fbc = run()
+        assert 0 < len(computed) < 4 * len(attns)  # the cache is on and skips some tail blocks
+        assert not torch.equal(fbc, plain)
+        n_fbc = len(computed)
+
+        h = patch(pipe, "cat", saes=saes, table=_table(fires=False))
+        assert torch.equal(run(), fbc) and len(computed) == n_fbc  # nothing fires: identity under the cache
+        patch(pipe, "cat", saes=saes, table=_table())
+        edited = run()
+        assert torch.isfinite(edited).all() and (edited - fbc).abs().max() > 1e-3  # the edit acts under the cache
+        assert _hooks(pipe.unet) == [("", TIMESTEP_HOOK), (UP, EDIT_HOOK), (MID, EDIT_HOOK)]
+
+        assert unpatch(pipe) and _hooks(pipe.unet) == []
+        assert torch.equal(run(), fbc) and len(computed) == n_fbc  # bit-equal unpatch; the cache stays and works
+        assert all(_hooks(a.transformer_blocks[0], "fbc") for a in attns)
+
+        h = patch(pipe, "cat", saes=saes, table=_table())
+        assert torch.equal(run(), edited)
+        for a in attns:  # remove the cache alone: the patch keeps working, exactly as without the cache
+            for tb in a.transformer_blocks:
+                for name in list(_registry(tb).hooks):
+                    _registry(tb).remove_hook(name, recurse=False)
+        assert get_patch(pipe) is h
+        assert torch.equal(_run(pipe, steps=4), edited_plain)
+        unpatch(pipe)
+        assert torch.equal(_run(pipe, steps=4), plain)
+    finally:
+        for c in counters:
+            c.remove()
+
+
+GROUP_OFFLOAD_HOOKS = ("group_offloading", "layer_execution_tracker", "lazy_prefetch_group_offloading")
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_composes_with_group_offloading(tiny_pipe_factory, offload_type):
+    """Group offloading (CPU -> CPU) and the patch share the UNet's HookRegistry in either order; each is
+    removable alone; outputs are bit-equal to the same configuration without offloading."""
+    pytest.importorskip("accelerate", reason="diffusers' group offloading needs accelerate (send_to_device)")
+    pipe = tiny_pipe_factory()
+    saes, table = _saes(), _table()
+    kw = dict(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"), offload_type=offload_type)
+    if offload_type == "block_level":
+        kw["num_blocks_per_group"] = 1
+    plain = _run(pipe)
+    with patched(pipe, "cat", saes=saes, table=table):
+        edited = _run(pipe)
+    assert (edited - plain).abs().max() > 1e-3
+
+    def offloaded():
+        return any(_hooks(pipe.unet, g) for g in GROUP_OFFLOAD_HOOKS)
+
+    def drop_offloading():
+        for g in GROUP_OFFLOAD_HOOKS:
+            _registry(pipe.unet).remove_hook(g, recurse=True)
+
+    h = patch(pipe, "cat", saes=saes, table=table)  # patch first, offloading on top
+    pipe.unet.enable_group_offload(**kw)
+    assert offloaded() and get_patch(pipe) is h
+    assert torch.equal(_run(pipe), edited)
+    assert unpatch(pipe) and _hooks(pipe.unet) == [] and offloaded()  # the offloading stays and works
+    assert torch.equal(_run(pipe), plain)
+    patch(pipe, "cat", saes=saes, table=_table(fires=False))  # offloading first, patch on top
+    assert torch.equal(_run(pipe), plain)  # identity
+    h = patch(pipe, "cat", saes=saes, table=table)
+    assert torch.equal(_run(pipe), edited)
+    drop_offloading()  # remove offloading alone: the patch keeps working
+    assert not offloaded() and get_patch(pipe) is h
+    assert torch.equal(_run(pipe), edited)
+    unpatch(pipe)
+    assert torch.equal(_run(pipe), plain)
+    assert list(pipe.unet.state_dict()) == list(tiny_pipe_factory().unet.state_dict())

@@ -169,7 +169,7 @@ def cmd_attack(a):
     """Attack the patched pipeline; write adversarial PNGs, attack.json and the prefix (safetensors)."""
     from ..evaluate.attack import attack, generate_adversarial, image_size, load_images
     from ..images import save_png
-    from ..patch import patched
+    from ..patching import patched
     from ..utils import atomic_save_file, atomic_write_json
 
     pipe = load_pipeline(a.model, a.device, torch_dtype(a.dtype))

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..hookpoints import get_unet
-from ..patch import get_patch
+from ..patching import get_patch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TIMESTEP_POOLS = ("train", "inference")

@@ -18,7 +18,7 @@ PATCH_KEYS = ("multiplier", "percentile", "top_n", "threshold", "hookpoints", "h
 
 
 def check_patch_kwargs(kwargs: dict, exclude=()) -> dict:
-    """``kwargs`` if every key is a :func:`saeuron.patch.patch` option (minus ``exclude``), else a clear error."""
+    """``kwargs`` if every key is a :func:`saeuron.patching.patch` option (minus ``exclude``), else a clear error."""
     valid = [k for k in PATCH_KEYS if k not in exclude]
     bad = [k for k in kwargs if k not in valid]
     if bad:

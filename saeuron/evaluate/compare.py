@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from ..minicanvas import classifiers as clf
 from ..minicanvas import data
-from ..patch import get_patch, patch
+from ..patching import get_patch, patch
 from ..utils import atomic_write, atomic_write_json, locks_folder
 from .attack import attack as run_attack
 from .attack import generate_adversarial

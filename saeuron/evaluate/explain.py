@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..concepts import check_sae_for_edit
-from ..hookpoints import get_unet, normalize_hookpoint, resolve_hookpoints
+from ..hookpoints import block_output, get_unet, normalize_hookpoint, resolve_hookpoints
 from ..images import load_font, save_png, text_size
-from ..patch import SaeuronPatch, _block_output, get_patch, patched
+from ..patching import SaeuronPatch, get_patch, patched
 from ..utils import atomic_write, atomic_write_json, locks_folder
 from .common import resolve_assets, sample_images, slug, to_pil
 
@@ -70,7 +70,7 @@ def _capture(pipe, module, sae, feats: torch.Tensor, prompts, seeds, sampling, b
     state = {"sum": None, "calls": 0, "n": 0}
 
     def hook(mod, args, output):
-        x = _block_output(output)
+        x = block_output(output)
         n = state["n"]
         x = x[n:] if x.shape[0] == 2 * n else x  # CFG: [uncond, cond] -> the conditional half
         B, C, H, W = x.shape

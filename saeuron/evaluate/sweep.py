@@ -23,7 +23,7 @@ from typing import Callable, Optional
 from tqdm.auto import tqdm
 
 from ..concepts import ConceptTable, check_percentile, check_threshold, check_top_n
-from ..patch import patched
+from ..patching import patched
 from ..utils import locks_folder
 from .common import EVAL_SEEDS, check_patch_kwargs, judge, resolve_assets, sample_images
 from .metrics import DOMAINS, Record, target_metrics
@@ -51,7 +51,7 @@ def hookpoint_choices(table, hookpoints=None) -> list:
     out = []
     for choice in hookpoints:
         names = choice.split(",") if isinstance(choice, str) else list(choice)
-        hps = tuple(sorted({table._hp(h.strip()) for h in names if h.strip()}))  # unknown -> error naming the known
+        hps = tuple(sorted({table.stored_hookpoint(h.strip()) for h in names if h.strip()}))  # unknown -> error naming the known
         if not hps:
             raise ValueError(f"empty hookpoint choice {choice!r}; hookpoints with statistics: {table.hookpoints}")
         if hps not in out:

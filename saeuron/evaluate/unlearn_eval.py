@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..hookpoints import get_unet, normalize_hookpoint
 from ..images import image_grid, save_png
 from ..minicanvas import data
-from ..patch import get_patch, patched
+from ..patching import get_patch, patched
 from ..utils import atomic_write, atomic_save_file, atomic_write_json, locks_folder
 from .common import (EVAL_SEEDS, check_classifiers, check_patch_kwargs, judge, resolve_assets, resolve_sampling,
                      sample_images, slug, to_pil)
@@ -354,7 +354,7 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
     objects; all styles plus None, the unstyled prompt). ``templates``: caption template ids (0 =
     training form, 1-2 paraphrases). ``multi``: also unlearn several targets at once: an int n (the
     first 1..n targets) or a list of target lists. ``num_inference_steps``/``guidance_scale``: None
-    keeps the pipeline's defaults. ``patch_kwargs`` go to :func:`saeuron.patch.patch` (multiplier,
+    keeps the pipeline's defaults. ``patch_kwargs`` go to :func:`saeuron.patching.patch` (multiplier,
     percentile, top_n, threshold, halves, error_term). ``progress`` shows bars and prints the markdown table.
     ``damage``: also run the damage measure (:mod:`.damage`, calibrated on the unedited images).
 

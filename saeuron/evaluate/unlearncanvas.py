@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..concepts import ConceptTable
 from ..images import save_png
-from ..patch import patched
+from ..patching import patched
 from ..utils import atomic_write, atomic_write_json, locks_folder, read_json
 from .common import EVAL_SEEDS, check_patch_kwargs, resolve_assets, sample_images, to_pil
 from .judges import ARCHES, classifier_signature, load_judges, predict_files

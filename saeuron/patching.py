@@ -1,0 +1,401 @@
+"""Patch a diffusers pipeline so that every UNet call unlearns concepts at the hooked blocks.
+
+``patch(pipe, "Cartoon", checkpoint=DIR)`` installs, through diffusers' own hook system
+(``diffusers.hooks.HookRegistry``, the mechanism of its first-block cache, group offloading and layer
+skip), two kinds of ``ModelHook``:
+
+- ``TimestepHook`` on the UNet, registered as ``"saeuron_timestep"`` (``TIMESTEP_HOOK``): its
+  ``pre_forward`` reads the timestep the UNet receives (positional argument 1 or ``timestep=``; a
+  number, a 0-d or a 1-d tensor) and picks, on the device and without a host sync, the nearest
+  timestep recorded in the concept file, then gathers that row of every hooked block's edit tables.
+  Features are looked up by timestep *value*, never by a call counter, so schedulers that repeat
+  timesteps (PNDM), call the UNet twice per step (Heun) or a different step count all work;
+- ``EditHook`` on each hooked ``Transformer2DModel``, registered as ``"saeuron_edit"`` (``EDIT_HOOK``):
+  its ``post_forward`` applies the edit of method.md section 5 to the block's output (``ops.edit_``,
+  in place): for every token and selected feature i with ``f_i > threshold_c * tau_t[i]``
+  (``threshold`` 1 = the method), ``f_i <- multiplier_c * mu[c,t][i] * f_i``, and
+  ``out = decode(f') + (x - decode(f)) = x + sum_i (f'_i - f_i) W_dec[i]``.
+
+The rows picked for the current call live in a ``PatchState`` (a diffusers ``BaseState``) shared by
+the hooks of one patch; it is a plain shared instance, not a ``StateManager``, because
+``StableDiffusionPipeline`` sets no cache context. The hooks are named, so the patch composes with
+diffusers' other hooks (tested with ``apply_first_block_cache`` on the blocks' transformer blocks and
+with group offloading) and is removed alone (``registry.remove_hook(name)``), leaving theirs in place.
+The hooks run inside the module's ``forward``: ``torch`` forward hooks on a hooked block, and
+diffusers hooks registered on it after the patch, see the edited output.
+
+Each concept is edited at the hookpoints its concept-file defaults name (a sweep may put objects and
+styles at different blocks; default: every hookpoint with an SAE), or at the ``hookpoints`` given to
+``patch``; a block no concept uses gets no hook.
+
+Everything that can be done once (selection, stacking the tables per timestep) is done at patch
+time; SAE weights and tables are copied to the activations' device and dtype on first use and cached,
+so CPU offload works. The SAEs live on the handle, not on the UNet: they never appear in
+``unet.state_dict()`` or ``save_pretrained``. Patching again replaces the previous patch and
+``unpatch`` restores the UNet's outputs exactly.
+
+With classifier-free guidance ``StableDiffusionPipeline`` concatenates ``[uncond, cond]`` along the
+batch, so ``halves="cond"``/``"uncond"`` edit only the second/first half of the batch (default
+``"both"``, as the method does). Without CFG the whole batch is conditional. For a bare UNet an even
+batch is taken to be such a pair.
+"""
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState
+
+from . import ops, reference
+from .concepts import ConceptTable, check_concepts, check_sae_for_edit, warn_shared_features
+from .hookpoints import block_output, get_unet, list_hookpoints, normalize_hookpoint, resolve_hookpoints
+from .sae import SparseAutoencoder, available_hookpoint_dirs, resolve_hookpoint_dir
+
+HALVES = ("both", "cond", "uncond")
+ERROR_TERMS = ("correct", "reference")
+TIMESTEP_HOOK = "saeuron_timestep"  # name of the UNet's hook in its diffusers HookRegistry
+EDIT_HOOK = "saeuron_edit"  # name of each hooked block's hook in its HookRegistry
+
+
+def _with_output(output, x):
+    """``output`` with its activation tensor replaced by ``x``."""
+    if hasattr(output, "sample"):
+        output.sample = x
+        return output
+    if isinstance(output, (tuple, list)):
+        return type(output)([x, *output[1:]])
+    return x
+
+
+class PatchState(BaseState):
+    """Per-UNet-call state shared by the hooks of one patch (a diffusers ``BaseState``).
+
+    ``rows``: ``{hookpoint: (feat_idx, tau, scale)}`` table rows for the current call (None: no edit);
+    ``cfg``: whether the pipeline runs with CFG now (None when unknown); ``last_index``: the
+    nearest-recorded-timestep index per sample chosen at the last UNet call (a device tensor).
+    """
+
+    def __init__(self):
+        self.rows = None
+        self.cfg = None
+        self.last_index = None
+
+    def reset(self, *args, **kwargs) -> None:
+        """Forget the last call."""
+        self.rows = None
+        self.cfg = None
+        self.last_index = None
+
+
+class TimestepHook(ModelHook):
+    """The UNet's hook: ``pre_forward`` picks the edit-table rows of the timestep this call receives."""
+
+    _is_stateful = True
+
+    def __init__(self, patch: "SaeuronPatch"):
+        super().__init__()
+        self.patch = patch
+        self.state = patch.state
+        self._per_device: dict = {}
+
+    def _on(self, device):
+        """Timesteps and the tables of all blocks packed side by side, on ``device`` (copied once per device).
+
+        Packing picks every block's rows with two gathers instead of three per block.
+        """
+        hit = self._per_device.get(device)
+        if hit is None:
+            tables = self.patch.tables
+            hps = list(tables)
+            ints = torch.cat([tables[h][0] for h in hps], 1)  # [T, sum F]
+            floats = torch.cat([tables[h][1] for h in hps] + [tables[h][2] for h in hps], 1)
+            spans, a = [], 0
+            for h in hps:
+                f = tables[h][0].shape[1]
+                spans.append((h, a, a + f))
+                a += f
+            hit = (self.patch.timesteps.to(device), ints.to(device), floats.to(device), tuple(spans), a)
+            self._per_device[device] = hit
+        return hit
+
+    def pre_forward(self, module, *args, **kwargs):
+        """Read the timestep, store the matching table rows of every hooked block in the shared state."""
+        state = self.state
+        sample = args[0] if args else kwargs.get("sample")
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if sample is None or t is None:
+            state.rows = None
+            return args, kwargs
+        ts, ints, floats, spans, total = self._on(sample.device)
+        t = t.to(sample.device) if torch.is_tensor(t) else torch.tensor(t, device=sample.device)
+        idx = (ts[None, :] - t.reshape(-1, 1).to(ts.dtype)).abs().argmin(-1)  # [1] or [B], stays on device
+        state.last_index = idx
+        fi, fl = ints[idx], floats[idx]  # [G, sum F], [G, 2 sum F]
+        state.rows = {hp: (fi[:, a:b], fl[:, a:b], fl[:, total + a:total + b]) for hp, a, b in spans}
+        state.cfg = self.patch.pipeline_cfg()
+        return args, kwargs
+
+    def reset_state(self, module):
+        """Forget the last call (diffusers' ``reset_stateful_hooks``)."""
+        self.state.reset()
+        return module
+
+
+class EditHook(ModelHook):
+    """A hooked block's hook: ``post_forward`` applies the unlearning edit to the block's output."""
+
+    def __init__(self, patch: "SaeuronPatch", hookpoint: str):
+        super().__init__()
+        self.state = patch.state
+        self.hookpoint = hookpoint
+        self.sae = patch.saes[hookpoint]
+        self.k = self.sae.cfg.k
+        self.halves = patch.halves
+        self.error_term = patch.error_term
+
+    def _span(self, b: int) -> tuple:
+        """Batch rows ``[lo, hi)`` to edit under ``halves``."""
+        if self.halves == "both":
+            return 0, b
+        cfg = self.state.cfg
+        pair = (b % 2 == 0) if cfg is None else (cfg and b % 2 == 0)
+        if not pair:  # no CFG: the whole batch is conditional
+            return (0, b) if self.halves == "cond" else (0, 0)
+        return (b // 2, b) if self.halves == "cond" else (0, b // 2)
+
+    def post_forward(self, module, output):
+        """Edit the block's output (in place when no gradient is needed) and return it."""
+        rows = self.state.rows
+        if rows is None:
+            return output
+        hp = self.hookpoint
+        fi, ta, sc = rows[hp]
+        if fi.shape[-1] == 0 and self.error_term == "correct":
+            return output  # nothing selected at this timestep
+        x = block_output(output)
+        b = x.shape[0]
+        lo, hi = self._span(b)
+        if lo >= hi:
+            return output
+        if fi.shape[0] > 1:  # per-sample timesteps
+            if fi.shape[0] != b:
+                raise ValueError(f"saeuron: {fi.shape[0]} per-sample timesteps for a batch of {b} at {hp}")
+            fi, ta, sc = (t[lo:hi].contiguous() for t in (fi, ta, sc))
+        per_image = x[0, 0].numel() if x.dim() == 4 else 1
+        rpg = per_image if fi.shape[0] > 1 else (hi - lo) * per_image
+        W_enc, b_enc, b_dec, W_dec = self.sae.weights_for(x.device, x.dtype)
+        grad = x.requires_grad and torch.is_grad_enabled()
+        if self.error_term == "reference":
+            part = reference.reference_compat_edit(x[lo:hi], W_enc, b_enc, b_dec, W_dec, self.k, fi, ta, sc, rpg,
+                                                   grad=grad)
+        elif grad:  # differentiable, out of place (e.g. attacks optimising through the patched model)
+            xt = reference.as_tokens(x[lo:hi])
+            delta = reference.edit_delta(xt, W_enc, b_enc, b_dec, W_dec, self.k, fi, ta, sc, rpg)
+            part = reference.from_tokens((xt.float() + delta).to(x.dtype), x[lo:hi])
+        else:
+            y = x if x.is_contiguous() else x.contiguous()
+            ops.edit_(y[lo:hi], W_enc, b_enc, b_dec, W_dec, self.k, fi, ta, sc, rpg)
+            return output if y is x else _with_output(output, y)
+        if not grad:
+            y = x if x.is_contiguous() else x.contiguous()
+            y[lo:hi] = part
+            return output if y is x else _with_output(output, y)
+        return _with_output(output, torch.cat([x[:lo], part, x[hi:]]))
+
+
+class SaeuronPatch:
+    """The hooks, SAEs and per-timestep edit tables of one patch; ``remove()`` or use it as a context manager.
+
+    ``state`` is the ``PatchState`` its hooks share; ``last_index`` is the nearest-recorded-timestep index
+    per sample chosen at the last UNet call (a device tensor; for inspection and tests).
+    """
+
+    def __init__(self, unet, pipe, saes: dict, modules: dict, timesteps, tables: dict, concepts: list,
+                 halves: str, error_term: str):
+        self.unet = unet
+        self._pipe = weakref.ref(pipe) if pipe is not None and pipe is not unet else None
+        self.saes = saes  # {hookpoint: SparseAutoencoder}, kept here, never registered on the UNet
+        self.modules = modules
+        self.timesteps = timesteps  # [T] float32
+        self.tables = tables  # {hookpoint: (feat_idx [T, F], tau [T, F], scale [T, F])}
+        self.concepts = concepts
+        self.halves = halves
+        self.error_term = error_term
+        self.state = PatchState()
+        self.timestep_hook = TimestepHook(self)
+        self.edit_hooks = {hp: EditHook(self, hp) for hp in modules}
+        self._installed: list = []  # (module, hook name, hook) registered by this patch
+
+    def __repr__(self):
+        feats = {h: tuple(t[0].shape) for h, t in self.tables.items()}
+        return (f"SaeuronPatch(concepts={self.concepts}, hookpoints={list(self.tables)}, tables={feats}, "
+                f"halves={self.halves!r}, error_term={self.error_term!r}, active={self.active})")
+
+    @property
+    def last_index(self):
+        """Nearest-recorded-timestep index per sample of the last UNet call (None before the first)."""
+        return self.state.last_index
+
+    def pipeline_cfg(self) -> Optional[bool]:
+        """Whether the pipeline runs with CFG now (None when unknown, e.g. a bare UNet)."""
+        pipe = self._pipe() if self._pipe is not None else None
+        if pipe is None or self.halves == "both":
+            return None
+        try:
+            return bool(pipe.do_classifier_free_guidance)
+        except Exception:
+            return None
+
+    # -- life cycle
+    @property
+    def active(self) -> bool:
+        """Whether this patch's hooks are installed."""
+        return bool(self._installed)
+
+    def install(self) -> "SaeuronPatch":
+        """(Re)install the hooks, replacing any other patch on the UNet."""
+        if self.active:
+            return self
+        unpatch(self.unet)
+        todo = [(m, EDIT_HOOK, self.edit_hooks[hp]) for hp, m in self.modules.items()]
+        todo.append((self.unet, TIMESTEP_HOOK, self.timestep_hook))
+        try:
+            for module, name, hook in todo:
+                registry = HookRegistry.check_if_exists_or_initialize(module)
+                if registry.get_hook(name) is not None:  # left by a patch whose UNet hook is gone
+                    registry.remove_hook(name, recurse=False)
+                registry.register_hook(hook, name)
+                self._installed.append((module, name, hook))
+        except BaseException:
+            self.remove()
+            raise
+        HookRegistry.check_if_exists_or_initialize(self.unet).invalidate_child_registries_cache()
+        return self
+
+    def remove(self) -> None:
+        """Remove this patch's hooks (others' hooks stay); the UNet computes exactly as before the patch."""
+        for module, name, hook in reversed(self._installed):
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            if registry.get_hook(name) is hook:
+                registry.remove_hook(name, recurse=False)
+        if self._installed:
+            HookRegistry.check_if_exists_or_initialize(self.unet).invalidate_child_registries_cache()
+        self._installed.clear()
+        self.state.rows = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def get_patch(pipe) -> Optional[SaeuronPatch]:
+    """The patch installed on ``pipe``'s UNet, or None."""
+    hook = HookRegistry.check_if_exists_or_initialize(get_unet(pipe)).get_hook(TIMESTEP_HOOK)
+    return hook.patch if isinstance(hook, TimestepHook) else None
+
+def unpatch(pipe) -> bool:
+    """Remove the saeuron patch from ``pipe`` (or a UNet); True if there was one."""
+    handle = get_patch(pipe)
+    if handle is None:
+        return False
+    handle.remove()
+    return True
+
+
+def _load_sae(hp, saes, checkpoint):
+    if saes is not None:
+        for key in (hp, f"unet.{hp}"):
+            if key in saes:
+                return saes[key]
+    if checkpoint is not None:
+        return SparseAutoencoder.load(resolve_hookpoint_dir(Path(checkpoint), hp))
+    raise ValueError(f"no SAE for hookpoint {hp!r}; SAEs were given for: {', '.join(saes or []) or '(none)'}")
+
+
+def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table: Optional[ConceptTable] = None,
+          hookpoints=None, multiplier=None, percentile=None, top_n=None, threshold=None, halves: str = "both",
+          error_term: str = "correct") -> SaeuronPatch:
+    """Unlearn ``concepts`` in ``pipe`` (a diffusers pipeline or a bare UNet) until ``unpatch``.
+
+    ``checkpoint=DIR`` holds one SAE folder per hookpoint and the concept file; alternatively pass
+    ``saes={hookpoint: SparseAutoencoder}`` and ``table=ConceptTable`` (given objects win over the
+    folder). ``hookpoints``: where every concept is edited; by default each concept is edited at its own
+    ``defaults["hookpoints"]`` in the concept file (all hookpoints with statistics unless a sweep chose),
+    and a hookpoint that no concept uses gets no hook at all.
+    ``multiplier``/``percentile``/``top_n``/``threshold`` (a factor > 0 on the edit threshold tau, 1 = the
+    method's): a number for all concepts or a dict per concept; unset -> the concept file's defaults.
+    ``halves``: "both", "cond" or "uncond" (see the module docstring).
+    ``error_term``: "correct" (``out = x + decode(f') - decode(f)``) or "reference" (the published
+    code's ``decode(f') + decode(f) - x``, a compatibility option that shifts every token by twice its
+    reconstruction error). Patching again replaces the previous patch.
+    """
+    unet = get_unet(pipe)
+    if halves not in HALVES:
+        raise ValueError(f"halves={halves!r}; valid: {', '.join(HALVES)}")
+    if error_term not in ERROR_TERMS:
+        raise ValueError(f"error_term={error_term!r}; valid: {', '.join(ERROR_TERMS)}")
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise FileNotFoundError(f"checkpoint folder {checkpoint} does not exist")
+    if table is None:
+        if checkpoint is None:
+            raise ValueError("pass checkpoint=DIR (SAE folders + concept file) or saes={hookpoint: SAE} and table=")
+        table = ConceptTable.load(checkpoint)
+    concepts = check_concepts(concepts, table.names)
+    if not concepts:
+        raise ValueError(f"no concepts to unlearn; known: {', '.join(table.names)}")
+    for c in concepts:
+        table.index(c)
+    if hookpoints is None:  # each concept where its defaults say, among the hookpoints with an SAE
+        have = {normalize_hookpoint(h) for h in (saes or {})}
+        if checkpoint is not None:
+            have |= {normalize_hookpoint(h) for h in available_hookpoint_dirs(Path(checkpoint))}
+        where = {c: [h for h in table.concept_hookpoints(c) if h in have] for c in concepts}
+        lost = [c for c, hs in where.items() if not hs]
+        if lost:
+            raise ValueError(f"no SAE for the hookpoints of {lost} ({[table.concept_hookpoints(c) for c in lost]}); "
+                             f"SAEs: {sorted(have) or 'none'}, statistics: {table.hookpoints}")
+        hps = [h for h in table.hookpoints if any(h in hs for hs in where.values())]
+    else:
+        hps = [normalize_hookpoint(h) for h in ([hookpoints] if isinstance(hookpoints, str) else hookpoints)]
+        if not hps:
+            raise ValueError(f"hookpoints is empty; hookpoints with statistics: {', '.join(table.hookpoints)}")
+        where = {c: hps for c in concepts}
+    modules = resolve_hookpoints(unet, hps)
+    widths = list_hookpoints(unet)
+    loaded, tables = {}, {}
+    for hp in hps:
+        table.stored_hookpoint(hp)  # statistics present, else an error listing those that are
+        sae = _load_sae(hp, saes, checkpoint)
+        check_sae_for_edit(table, hp, sae, error_term)  # meta device, NaN/Inf, another SAE than the concept file's
+        if sae.d_in != widths[hp]:
+            raise ValueError(f"SAE width d_in={sae.d_in} does not match hookpoint {hp!r}, which has {widths[hp]} channels")
+        if sae.num_latents != table.num_latents(hp):
+            raise ValueError(f"the SAE at {hp!r} has {sae.num_latents} latents but the concept file's statistics "
+                             f"have {table.num_latents(hp)}: they come from different SAEs")
+        loaded[hp] = sae
+        ts, fi, ta, sc = table.edit_tables(hp, [c for c in concepts if hp in where[c]], multiplier, percentile, top_n,
+                                           threshold)
+        if error_term == "reference":  # shared features: the reference's result depends on the concepts' order
+            warn_shared_features(table, hp, [c for c in concepts if hp in where[c]], percentile, top_n)
+        tables[hp] = (fi, ta, sc)
+    handle = SaeuronPatch(unet, pipe, loaded, dict(modules), ts, tables, concepts, halves, error_term)
+    return handle.install()
+
+
+@contextmanager
+def patched(pipe, concepts, checkpoint=None, **kw):
+    """``with patched(pipe, "Cartoon", checkpoint=DIR): ...``; restores the previous state on exit."""
+    prev = get_patch(pipe)
+    handle = patch(pipe, concepts, checkpoint, **kw)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+        if prev is not None:
+            prev.install()
