@@ -15,14 +15,11 @@ rows of a batch do not depend on the rank that collects it, so the store equals 
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import uuid
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -166,31 +163,6 @@ def _open_shared(out_dir, hookpoints, prompt_list, labels, config, n_batches, ra
     return store, todo
 
 
-@contextlib.contextmanager
-def distributed_from_env(backend: Optional[str] = None):
-    """Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) join a process group for the block, using
-    ``LOCAL_RANK``'s GPU when there is one; yields ``(rank, world size)``, ``(0, 1)`` when not launched so.
-
-    ``backend`` defaults to gloo, which is all collection needs (a few small messages, any device); training
-    on GPUs wants ``"nccl"``.
-    """
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or (dist.is_available() and dist.is_initialized()):
-        yield (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
-        return
-    if backend not in (None, "gloo", "nccl"):
-        raise ValueError(f"backend must be None, 'gloo' or 'nccl', got {backend!r}")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    dist.init_process_group(backend or "gloo")
-    try:
-        yield dist.get_rank(), dist.get_world_size()
-    finally:
-        dist.destroy_process_group()
-
-
 def collect(pipe, prompts, out_dir, hookpoints, *, batch_size=4, num_inference_steps=None, guidance_scale=None,
             every=1, halves="cond", tokens_per_map=None, seed=0, dtype=None, height=None, width=None,
             progress=True, max_batches=None, distributed=None) -> ActivationStore:
@@ -239,7 +211,7 @@ def collect(pipe, prompts, out_dir, hookpoints, *, batch_size=4, num_inference_s
             tokens_per_map, seed, dtype, height, width)
     if world == 1:
         try:
-            return _collect_into(*loop, todo, progress, n_batches - len(todo), n_batches, "collect")
+            return _collect_into(*loop, todo, progress, len(store.done_batches()), n_batches, "collect")
         finally:
             store.close()  # the write lock goes; the store stays readable
     err = None

@@ -447,9 +447,9 @@ def check_sae_for_edit(table: ConceptTable, hp: str, sae, error_term: str = "cor
     if not hasattr(sae, "validate") or not hasattr(sae, "cfg"):
         raise TypeError(f"the SAE for {hp!r} must be a saeuron SparseAutoencoder, got {type(sae).__name__}")
     sae.validate()
-    if sae.cfg.input_unit_norm:
-        raise ValueError(f"the SAE at {hp!r} has input_unit_norm=true: encode/forward/statistics support it, but the "
-                         "patch hook does not standardise tokens yet, so editing with it would be wrong")
+    if sae.cfg.input_unit_norm and error_term == "reference":
+        raise ValueError(f"the SAE at {hp!r} has input_unit_norm=true, which error_term='reference' does not model; "
+                         "use error_term='correct' (the edit standardises each token, x + scale_x * delta(x_n))")
     if sae.cfg.skip_connection and error_term == "reference":
         raise ValueError(f"the SAE at {hp!r} has skip_connection=true, which error_term='reference' does not model; "
                          "use error_term='correct' (the skip connection cancels out of that edit)")

@@ -91,10 +91,14 @@ def arch_list() -> str:
 
 
 def build_key(files: list[Path], with_cuda: bool, arch: str) -> str:
-    """Hash of everything that changes the binary: source contents, torch/CUDA/Python versions, flags."""
+    """Hash of everything that changes the binary: source contents, torch/CUDA/Python versions, flags, and the
+    source folder (ninja rebuilds when the sources' paths change, so two checkouts sharing one folder would
+    keep rebuilding each other's module)."""
     h = hashlib.sha256()
     for p in sorted(files, key=lambda p: p.name):
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    for folder in sorted({str(Path(p).resolve().parent) for p in files}):
+        h.update(folder.encode() + b"\0")
     for s in (torch.__version__, str(torch.version.cuda), sys.version, str(with_cuda), arch,
               " ".join(CXX_FLAGS), " ".join(NVCC_FLAGS)):
         h.update(s.encode() + b"\0")

@@ -32,9 +32,18 @@ def list_hookpoints(pipe_or_unet) -> "OrderedDict[str, int]":
     return OrderedDict((name, _channels(m)) for name, m in unet.named_modules() if _is_transformer_block(m))
 
 
+PREFIX = "unet."  # the published checkpoints name their hookpoint folders "unet.<module name>"
+
+
 def normalize_hookpoint(name: str) -> str:
     """Accept ``unet.``-prefixed names (the published checkpoints' folder names) and return the module name."""
-    return name[len("unet."):] if name.startswith("unet.") else name
+    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+
+
+def hookpoint_spellings(name: str) -> tuple:
+    """Every name a hookpoint may be stored under (module name first, then the ``unet.``-prefixed one)."""
+    base = normalize_hookpoint(name)
+    return (base, PREFIX + base)
 
 
 def resolve_hookpoints(pipe_or_unet, names) -> "OrderedDict[str, nn.Module]":

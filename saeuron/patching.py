@@ -14,15 +14,20 @@ skip), two kinds of ``ModelHook``:
   its ``post_forward`` applies the edit of method.md section 5 to the block's output (``ops.edit_``,
   in place): for every token and selected feature i with ``f_i > threshold_c * tau_t[i]``
   (``threshold`` 1 = the method), ``f_i <- multiplier_c * mu[c,t][i] * f_i``, and
-  ``out = decode(f') + (x - decode(f)) = x + sum_i (f'_i - f_i) W_dec[i]``.
+  ``out = decode(f') + (x - decode(f)) = x + sum_i (f'_i - f_i) W_dec[i]``. For an SAE with
+  ``input_unit_norm`` that change is computed on the standardised token ``x_n = (x - mean) / scale_x``
+  and added as ``x + scale_x * delta``.
 
 The rows picked for the current call live in a ``PatchState`` (a diffusers ``BaseState``) shared by
 the hooks of one patch; it is a plain shared instance, not a ``StateManager``, because
-``StableDiffusionPipeline`` sets no cache context. The hooks are named, so the patch composes with
-diffusers' other hooks (tested with ``apply_first_block_cache`` on the blocks' transformer blocks and
-with group offloading) and is removed alone (``registry.remove_hook(name)``), leaving theirs in place.
-The hooks run inside the module's ``forward``: ``torch`` forward hooks on a hooked block, and
-diffusers hooks registered on it after the patch, see the edited output.
+``StableDiffusionPipeline`` sets no cache context (the timestep hook is stateful:
+``reset_stateful_hooks`` clears it). The hooks are named, so the patch composes with diffusers' other
+hooks and is removed alone (``registry.remove_hook(name)``, see :func:`remove_diffusers_hook`),
+leaving theirs in place. Tested: ``apply_first_block_cache`` (applied to each ``Transformer2DModel``
+with >= 2 transformer blocks: diffusers finds no ``transformer_blocks`` on a UNet itself, and its
+cache needs a cache context the caller sets) and group offloading (which needs ``accelerate``). The
+hooks run inside the module's ``forward``: ``torch`` forward hooks on a hooked block, and diffusers
+hooks registered on it after the patch, see the edited output.
 
 Each concept is edited at the hookpoints its concept-file defaults name (a sweep may put objects and
 styles at different blocks; default: every hookpoint with an SAE), or at the ``hookpoints`` given to
@@ -41,6 +46,7 @@ batch is taken to be such a pair.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,6 +162,7 @@ class EditHook(ModelHook):
         self.k = self.sae.cfg.k
         self.halves = patch.halves
         self.error_term = patch.error_term
+        self.unit_norm = bool(self.sae.cfg.input_unit_norm)
 
     def _span(self, b: int) -> tuple:
         """Batch rows ``[lo, hi)`` to edit under ``halves``."""
@@ -166,6 +173,22 @@ class EditHook(ModelHook):
         if not pair:  # no CFG: the whole batch is conditional
             return (0, b) if self.halves == "cond" else (0, 0)
         return (b // 2, b) if self.halves == "cond" else (0, b // 2)
+
+    def _unit_norm_edit(self, x, weights, fi, ta, sc, rpg, grad):
+        """The edit for an ``input_unit_norm`` SAE: ``x + scale_x * delta``, ``delta`` computed on the
+        standardised tokens ``x_n = (x - mean) / scale_x`` (``SparseAutoencoder.preprocess``); tokens
+        where nothing fires are returned unchanged, bit for bit."""
+        xt = reference.as_tokens(x)
+        xn, _, scale = self.sae.preprocess(xt)
+        if grad:
+            delta = reference.edit_delta(xn, *weights, self.k, fi, ta, sc, rpg)
+        else:
+            edited = xn.clone()
+            ops.edit_(edited, *weights, self.k, fi, ta, sc, rpg)
+            delta = edited.float() - xn.float()
+        out = (xt.float() + scale * delta).to(x.dtype)
+        out = torch.where((delta != 0).any(-1, keepdim=True), out, xt)
+        return reference.from_tokens(out, x)
 
     def post_forward(self, module, output):
         """Edit the block's output (in place when no gradient is needed) and return it."""
@@ -189,7 +212,9 @@ class EditHook(ModelHook):
         rpg = per_image if fi.shape[0] > 1 else (hi - lo) * per_image
         W_enc, b_enc, b_dec, W_dec = self.sae.weights_for(x.device, x.dtype)
         grad = x.requires_grad and torch.is_grad_enabled()
-        if self.error_term == "reference":
+        if self.unit_norm:  # the SAE edits standardised tokens: x + scale_x * delta(x_n)
+            part = self._unit_norm_edit(x[lo:hi], (W_enc, b_enc, b_dec, W_dec), fi, ta, sc, rpg, grad)
+        elif self.error_term == "reference":
             part = reference.reference_compat_edit(x[lo:hi], W_enc, b_enc, b_dec, W_dec, self.k, fi, ta, sc, rpg,
                                                    grad=grad)
         elif grad:  # differentiable, out of place (e.g. attacks optimising through the patched model)
@@ -205,6 +230,26 @@ class EditHook(ModelHook):
             y[lo:hi] = part
             return output if y is x else _with_output(output, y)
         return _with_output(output, torch.cat([x[:lo], part, x[hi:]]))
+
+
+def remove_diffusers_hook(module, name: str, hook: ModelHook) -> None:
+    """Remove ``hook`` registered as ``name`` on ``module`` (nothing if another hook holds the name).
+
+    diffusers' ``HookRegistry.remove_hook`` rewires the next hook's ``forward`` to the one below the removed
+    hook; for a next hook with its own ``new_forward`` (layer skip, PEFT autocast) that unwires it, so
+    it is wired back around that forward here.
+    """
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    if registry.get_hook(name) is not hook:
+        return
+    names = list(registry.hooks)  # registration order
+    i = names.index(name)
+    after = registry.hooks[names[i + 1]] if i + 1 < len(names) else None
+    registry.remove_hook(name, recurse=False)
+    ref = getattr(after, "fn_ref", None)
+    if ref is not None and hasattr(after, "new_forward") and ref.original_forward is not None:
+        ref.original_forward = ref.forward  # diffusers put the forward below the removed hook here
+        ref.forward = functools.update_wrapper(functools.partial(after.new_forward, module), after.new_forward)
 
 
 class SaeuronPatch:
@@ -267,7 +312,7 @@ class SaeuronPatch:
             for module, name, hook in todo:
                 registry = HookRegistry.check_if_exists_or_initialize(module)
                 if registry.get_hook(name) is not None:  # left by a patch whose UNet hook is gone
-                    registry.remove_hook(name, recurse=False)
+                    remove_diffusers_hook(module, name, registry.get_hook(name))
                 registry.register_hook(hook, name)
                 self._installed.append((module, name, hook))
         except BaseException:
@@ -279,9 +324,7 @@ class SaeuronPatch:
     def remove(self) -> None:
         """Remove this patch's hooks (others' hooks stay); the UNet computes exactly as before the patch."""
         for module, name, hook in reversed(self._installed):
-            registry = HookRegistry.check_if_exists_or_initialize(module)
-            if registry.get_hook(name) is hook:
-                registry.remove_hook(name, recurse=False)
+            remove_diffusers_hook(module, name, hook)
         if self._installed:
             HookRegistry.check_if_exists_or_initialize(self.unet).invalidate_child_registries_cache()
         self._installed.clear()

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .hookpoints import hookpoint_spellings
 from .utils import atomic_save_file, atomic_write_json, read_json
 
 CFG_FILE = "cfg.json"
@@ -392,7 +393,7 @@ class SparseAutoencoder(nn.Module):
                 raise FileNotFoundError(f"no SAE checkpoint at {name_or_path} (not a folder, nor a hub id 'owner/repo')")
             from huggingface_hub import snapshot_download
 
-            patterns = None if hookpoint is None else [f"{hookpoint}/*", f"unet.{hookpoint}/*"]
+            patterns = None if hookpoint is None else [f"{n}/*" for n in hookpoint_spellings(hookpoint)]
             root = Path(snapshot_download(str(name_or_path), allow_patterns=patterns))
         return cls.load(resolve_hookpoint_dir(root, hookpoint), device=device, dtype=dtype)
 
@@ -404,7 +405,7 @@ def resolve_hookpoint_dir(root: Path, hookpoint: Optional[str]) -> Path:
         if (root / CFG_FILE).is_file():
             return root
         raise ValueError(f"{root} holds several hookpoints; name one of: {', '.join(available_hookpoint_dirs(root)) or '(none)'}")
-    for cand in (hookpoint, f"unet.{hookpoint}", hookpoint.removeprefix("unet.")):
+    for cand in dict.fromkeys((hookpoint,) + hookpoint_spellings(hookpoint)):  # as given first, then each spelling
         if (root / cand / CFG_FILE).is_file():
             return root / cand
     raise ValueError(f"no SAE for hookpoint {hookpoint!r} in {root}; available: "

@@ -423,3 +423,13 @@ def test_cuda_sources_compile(ext, tmp_path):
     launchers = _saeuron_symbols(tmp_path / "host_cuda_ops.o", False, "saeuron_cuda::")
     kernels = set().union(*(_saeuron_symbols(tmp_path / f"{Path(p).stem}.o", True, "saeuron_cuda::") for p in cu))
     assert any("edit_apply" in s for s in launchers) and launchers <= kernels, launchers - kernels
+
+
+def test_two_checkouts_never_share_a_build_folder(tmp_path):
+    """The same sources in two folders get two cache folders: ninja would rebuild a shared one on every switch."""
+    for d in ("one", "two"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "a.cpp").write_text("int f() { return 1; }\n")
+    one, two = ([tmp_path / d / "a.cpp"] for d in ("one", "two"))
+    assert extension.build_key(one, False, "") != extension.build_key(two, False, "")
+    assert extension.build_key(one, False, "") == extension.build_key(list(one), False, "")

@@ -105,8 +105,10 @@ def test_patch_refuses_what_its_hook_does_not_implement(tmp_path):
     _folder(tmp_path / "norm", {"input_unit_norm": True})
     _folder(tmp_path / "skip", skip=True)
     table = ConceptTable(["a", "b"], [1, 1], [1.0], {"hp": torch.rand(2, 1, M)})
+    norm = SparseAutoencoder.load(tmp_path / "norm")
+    check_sae_for_edit(table, "hp", norm)  # the correct edit standardises tokens (test_patch.py)
     with pytest.raises(ValueError, match="input_unit_norm"):
-        check_sae_for_edit(table, "hp", SparseAutoencoder.load(tmp_path / "norm"))
+        check_sae_for_edit(table, "hp", norm, error_term="reference")
     skip = SparseAutoencoder.load(tmp_path / "skip")
     check_sae_for_edit(table, "hp", skip)  # the correct edit does not involve the skip connection
     with pytest.raises(ValueError, match="skip_connection"):

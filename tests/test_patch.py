@@ -471,3 +471,91 @@ def test_composes_with_group_offloading(tiny_pipe_factory, offload_type):
     unpatch(pipe)
     assert torch.equal(_run(pipe), plain)
     assert list(pipe.unet.state_dict()) == list(tiny_pipe_factory().unet.state_dict())
+
+
+def test_unpatch_keeps_a_later_hook_that_replaces_forward(pipe):
+    """A diffusers hook with its own ``new_forward`` (like layer skip's) registered on a hooked block after the
+    patch keeps running after ``unpatch`` (diffusers' ``remove_hook`` alone would unwire it)."""
+    from diffusers.hooks import ModelHook
+
+    class Halve(ModelHook):  # scales the block's channels from 0.5 to 1.5 (GroupNorm would undo a plain 0.5)
+        def new_forward(self, module, *args, **kwargs):
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            o = out[0] if isinstance(out, tuple) else out.sample
+            o = o * torch.linspace(0.5, 1.5, o.shape[1])[None, :, None, None]
+            return (o, *out[1:]) if isinstance(out, tuple) else type(out)(sample=o)
+
+    x, ehs = _unet_inputs(2)
+    registry = _registry(pipe.unet.get_submodule(UP))
+    with torch.no_grad():
+        plain = pipe.unet(x, TS[0], ehs).sample
+        registry.register_hook(Halve(), "test_halve")
+        try:
+            halved = pipe.unet(x, TS[0], ehs).sample
+            assert (halved - plain).abs().max() > 1e-3
+            registry.remove_hook("test_halve", recurse=False)
+            patch(pipe, "cat", saes=_saes(), table=_table())
+            edited = pipe.unet(x, TS[0], ehs).sample
+            registry.register_hook(Halve(), "test_halve")
+            both = pipe.unet(x, TS[0], ehs).sample
+            assert not torch.equal(both, edited) and not torch.equal(both, halved)
+            unpatch(pipe)
+            assert list(registry.hooks) == ["test_halve"]
+            assert torch.equal(pipe.unet(x, TS[0], ehs).sample, halved)
+        finally:
+            registry.remove_hook("test_halve", recurse=False)
+        assert torch.equal(pipe.unet(x, TS[0], ehs).sample, plain)
+
+
+def test_input_unit_norm_sae_edits_standardised_tokens(pipe):
+    """An ``input_unit_norm`` SAE edits x + scale_x * delta(x_n), x_n the standardised token (sae.preprocess)."""
+    from diffusers.hooks import ModelHook
+
+    saes = _saes()
+    saes[UP].cfg.input_unit_norm = True
+    x, ehs = _unet_inputs(2)
+    block = pipe.unet.get_submodule(UP)
+    seen = {}
+
+    class Before(ModelHook):  # registered before the patch: sees the block's output before the edit
+        def post_forward(self, module, output):
+            seen["before"] = output[0].clone()
+            return output
+
+    registry = _registry(block)
+    registry.register_hook(Before(), "test_before")
+    after = block.register_forward_hook(lambda m, a, out: seen.__setitem__("after", out[0].clone()))
+    try:
+        with torch.no_grad():
+            plain = pipe.unet(x, TS[0], ehs).sample
+            h = patch(pipe.unet, "cat", saes=saes, table=_table(fires=False), hookpoints=[UP])
+            assert torch.equal(pipe.unet(x, TS[0], ehs).sample, plain)  # nothing fires: identity
+            h = patch(pipe.unet, "cat", saes=saes, table=_table(), hookpoints=[UP])
+            edited = pipe.unet(x, TS[0], ehs).sample
+            fi, ta, sc = h.state.rows[UP]
+        xt = reference.as_tokens(seen["before"])
+        xn, mean, scale = saes[UP].preprocess(xt)
+        torch.testing.assert_close(xn, (xt - xt.mean(-1, keepdim=True)) / (xt.std(-1, keepdim=True) + 1e-5))
+        delta = reference.edit_delta(xn, *saes[UP].weights_for("cpu", torch.float32), 4, fi, ta, sc, xt.shape[0])
+        assert (delta != 0).any(-1).float().mean() > 0.05  # the edit acts on a good share of tokens
+        got = reference.as_tokens(seen["after"])
+        torch.testing.assert_close(got, xt + scale * delta, rtol=1e-5, atol=1e-5)
+        untouched = (delta == 0).all(-1)
+        assert torch.equal(got[untouched], xt[untouched])  # bit for bit where nothing fires
+        saes[UP].cfg.input_unit_norm = False  # the plain edit of the same SAE differs
+        patch(pipe.unet, "cat", saes=saes, table=_table(), hookpoints=[UP])
+        with torch.no_grad():
+            assert not torch.equal(pipe.unet(x, TS[0], ehs).sample, edited)
+        saes[UP].cfg.input_unit_norm = True
+        patch(pipe.unet, "cat", saes=saes, table=_table(), hookpoints=[UP])  # differentiable path: same numbers
+        e = ehs.clone().requires_grad_()
+        out = pipe.unet(x, TS[0], e).sample
+        out.square().sum().backward()
+        torch.testing.assert_close(out.detach(), edited, rtol=1e-5, atol=1e-5)
+        assert e.grad is not None and torch.isfinite(e.grad).all()
+        with pytest.raises(ValueError, match="input_unit_norm"):
+            patch(pipe.unet, "cat", saes=saes, table=_table(), hookpoints=[UP], error_term="reference")
+    finally:
+        after.remove()
+        registry.remove_hook("test_before", recurse=False)
+        unpatch(pipe.unet)

@@ -266,3 +266,25 @@ def test_ddp_two_gloo_processes_agree(tmp_path):
     assert all(torch.equal(s0[n], s1[n]) for n in s0) and not (tmp_path / "store_rank1").exists()
     log = metrics(tmp_path / "store_rank0" / "hp")
     assert log[-1]["step"] == 16 and log[-1]["fvu"] < 0.8 * log[0]["fvu"]
+
+
+def test_torchrun_train_command_runs_ddp(tmp_path):
+    """``torchrun --nproc_per_node 2 -m saeuron train`` joins one process group: the ranks split the store and
+    only rank 0 writes and reports (before, each rank trained alone on everything into the same folder)."""
+    import os
+
+    x, _ = planted(n=768, d=16, atoms=24, seed=5)
+    make_store(tmp_path / "store", x)  # 16 shards of 48 rows
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "saeuron", "train",
+                           "--store", str(tmp_path / "store"), "--out", str(tmp_path / "ckpt"), "--k", "4",
+                           "--expansion", "2", "--batch-size", "64", "--dead-tokens", "0", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=400, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("SAE for up_blocks.1.attentions.1") == 1 and "trained by 2 ranks" in proc.stdout
+    log = metrics(tmp_path / "ckpt" / "up_blocks.1.attentions.1")
+    state = json.loads((tmp_path / "ckpt" / "up_blocks.1.attentions.1" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2  # one DDP run, not two lone runs into the same folder
+    assert log[-1]["step"] == 768 // 64 and log[-1]["tokens"] == 768  # the global batch of 64 split over 2 ranks
+    assert SparseAutoencoder.load(tmp_path / "ckpt" / "up_blocks.1.attentions.1").num_latents == 32

@@ -20,7 +20,8 @@ def cmd_hookpoints(a):
 def cmd_collect(a):
     """``saeuron collect``: run the pipeline over prompts and store hookpoint activations (under torchrun: the
     prompt batches are split over the ranks, which write one store together)."""
-    from ..collection import collect, distributed_from_env
+    from ..collection import collect
+    from ..distributed import distributed_from_env
 
     with distributed_from_env() as (rank, world):
         pipe = load_pipeline(a.model, a.device, torch_dtype(a.dtype))
@@ -33,17 +34,23 @@ def cmd_collect(a):
 
 
 def cmd_train(a):
-    """``saeuron train``: a TopK SAE per hookpoint of a store."""
+    """``saeuron train``: a TopK SAE per hookpoint of a store (under torchrun: DDP over the ranks)."""
     from ..store import ActivationStore
     from ..trainer import TrainConfig, train
 
     cfg = TrainConfig(k=a.k, expansion_factor=a.expansion, num_latents=a.num_latents, batch_size=a.batch_size,
                       lr=a.lr, batch_topk=not a.topk, max_tokens=a.max_tokens, epochs=a.epochs, amp_dtype=a.amp,
                       save_every=a.save_every, seed=a.seed, dead_tokens_threshold=a.dead_tokens)
+    import torch
+
+    from ..distributed import distributed_from_env
+
     store = ActivationStore(a.store)
-    for hp in a.hookpoints or store.hookpoints:
-        train(store, a.out, hp, cfg, device=torch_device(a.device))
-        print(f"SAE for {hp} in {Path(a.out) / hp}")
+    with distributed_from_env("nccl" if torch.cuda.is_available() else "gloo") as (rank, world):  # torchrun: DDP
+        for hp in a.hookpoints or store.hookpoints:
+            train(store, a.out, hp, cfg, device=torch_device(a.device))
+            if rank == 0:
+                print(f"SAE for {hp} in {Path(a.out) / hp}" + (f" (trained by {world} ranks)" if world > 1 else ""))
 
 
 def cmd_select(a):
