@@ -14,6 +14,8 @@ $(VENV)/.installed: setup.py pyproject.toml constraints.txt
 	$(PIP_INSTALL) "$(TORCH)"
 	$(PIP_INSTALL) -e ".[test,kernels]"
 	@echo "== installed: $$($(PY) -c 'import torch, diffusers, transformers; print("torch", torch.__version__, "diffusers", diffusers.__version__, "transformers", transformers.__version__)')"
+	@echo "== building the C++ extension once (the kernels are built just in time on first use; this is that use)"
+	$(PY) -c "from saeuron import ops; print('   backends:', ops.status()['ops'])"
 	touch $@
 
 install: $(VENV)/.installed
