@@ -237,7 +237,8 @@ def remove_diffusers_hook(module, name: str, hook: ModelHook) -> None:
 
     diffusers' ``HookRegistry.remove_hook`` rewires the next hook's ``forward`` to the one below the removed
     hook; for a next hook with its own ``new_forward`` (layer skip, PEFT autocast) that unwires it, so
-    it is wired back around that forward here.
+    it is wired back around that forward here. For the last hook it sets ``module.forward``, which would
+    drop an accelerate hook (``enable_model_cpu_offload``) added after it; that wrapper is kept.
     """
     registry = HookRegistry.check_if_exists_or_initialize(module)
     if registry.get_hook(name) is not hook:
@@ -245,7 +246,15 @@ def remove_diffusers_hook(module, name: str, hook: ModelHook) -> None:
     names = list(registry.hooks)  # registration order
     i = names.index(name)
     after = registry.hooks[names[i + 1]] if i + 1 < len(names) else None
+    outer = module.__dict__.get("forward")
+    # accelerate (model CPU offload) wrapped forward after this hook: its _old_forward is the registry's wrapper
+    accelerate_above = (after is None and getattr(module, "_hf_hook", None) is not None and hook.fn_ref is not None
+                        and getattr(module.__dict__.get("_old_forward"), "__wrapped__", None) is hook.fn_ref.forward)
     registry.remove_hook(name, recurse=False)
+    if accelerate_above:  # diffusers just set forward to the one below this hook, dropping accelerate's wrapper
+        below = module.__dict__.get("forward")
+        module.forward = outer
+        module._old_forward = below
     ref = getattr(after, "fn_ref", None)
     if ref is not None and hasattr(after, "new_forward") and ref.original_forward is not None:
         ref.original_forward = ref.forward  # diffusers put the forward below the removed hook here

@@ -559,3 +559,35 @@ def test_input_unit_norm_sae_edits_standardised_tokens(pipe):
         after.remove()
         registry.remove_hook("test_before", recurse=False)
         unpatch(pipe.unet)
+
+
+def test_unpatch_keeps_an_accelerate_hook_added_after_the_patch(pipe):
+    """accelerate's hooks (model CPU offload) wrap ``forward`` too; one added after the patch survives ``unpatch``."""
+    pytest.importorskip("accelerate")
+    from accelerate.hooks import ModelHook as AccelerateHook
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+    calls = []
+
+    class Count(AccelerateHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(1)
+            return args, kwargs
+
+    x, ehs = _unet_inputs(2)
+    with torch.no_grad():
+        plain = pipe.unet(x, TS[0], ehs).sample
+        patch(pipe, "cat", saes=_saes(), table=_table())
+        edited = pipe.unet(x, TS[0], ehs).sample
+        add_hook_to_module(pipe.unet, Count())
+        try:
+            assert torch.equal(pipe.unet(x, TS[0], ehs).sample, edited) and len(calls) == 1
+            unpatch(pipe)
+            assert torch.equal(pipe.unet(x, TS[0], ehs).sample, plain) and len(calls) == 2  # still wrapped
+            patch(pipe, "cat", saes=_saes(), table=_table())  # accelerate first, then the patch
+            assert torch.equal(pipe.unet(x, TS[0], ehs).sample, edited) and len(calls) == 3
+            unpatch(pipe)
+            assert torch.equal(pipe.unet(x, TS[0], ehs).sample, plain) and len(calls) == 4
+        finally:
+            remove_hook_from_module(pipe.unet)
+        assert torch.equal(pipe.unet(x, TS[0], ehs).sample, plain) and len(calls) == 4
