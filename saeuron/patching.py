@@ -58,7 +58,8 @@ from diffusers.hooks.hooks import BaseState
 
 from . import ops, reference
 from .concepts import ConceptTable, check_concepts, check_sae_for_edit, warn_shared_features
-from .hookpoints import block_output, get_unet, list_hookpoints, normalize_hookpoint, resolve_hookpoints
+from .hookpoints import (block_output, get_unet, hookpoint_spellings, list_hookpoints, normalize_hookpoint,
+                         resolve_hookpoints)
 from .sae import SparseAutoencoder, available_hookpoint_dirs, resolve_hookpoint_dir
 
 HALVES = ("both", "cond", "uncond")
@@ -362,7 +363,7 @@ def unpatch(pipe) -> bool:
 
 def _load_sae(hp, saes, checkpoint):
     if saes is not None:
-        for key in (hp, f"unet.{hp}"):
+        for key in hookpoint_spellings(hp):
             if key in saes:
                 return saes[key]
     if checkpoint is not None:
