@@ -153,8 +153,9 @@ def _reading(domain: str, target: str, res: dict) -> str:
         return (f"Reading: the unedited model itself draws {target!r} recognisably in only {100 - b['UA']:.0f}% of "
                 f"these images, so this small model cannot show its removal clearly.")
     if u["UA"] >= 75 and u["IRA"] >= 75 and u["CRA"] >= 75:
-        return (f"Reading: {target!r} is gone from {u['UA']:.0f}% of its images while the kept {domain}s stay "
-                f"recognisable in {u['IRA']:.0f}% and the {other} in {u['CRA']:.0f}% of the images.")
+        return (f"Reading: the judge no longer finds {target!r} in {u['UA']:.0f}% of its images, and still recognises "
+                f"the kept {domain}s in {u['IRA']:.0f}% and the {other} in {u['CRA']:.0f}% (compare the pictures: a "
+                f"judge can be fooled by a damaged image).")
     weak = [n for n, v in (("the target survives (UA", u["UA"]), ("kept concepts suffer (IRA", u["IRA"]),
                            (f"{other} suffer (CRA", u["CRA"])) if v < 75]
     return ("Reading: not a clean removal here: " + "; ".join(f"{w} {u[w.split('(')[1]]:.0f})" for w in weak)

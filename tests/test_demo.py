@@ -54,7 +54,7 @@ def test_demo_reading_says_when_the_effect_is_not_clean():
     from saeuron.demo import _reading
 
     clean = {"unlearned": {"UA": 100.0, "IRA": 90.0, "CRA": 95.0}, "unedited": {"UA": 0.0}}
-    assert "is gone from 100%" in _reading("style", "mosaic", clean)
+    assert "no longer finds 'mosaic' in 100%" in _reading("style", "mosaic", clean)
     weak = {"unlearned": {"UA": 40.0, "IRA": 90.0, "CRA": 60.0}, "unedited": {"UA": 0.0}}
     r = _reading("object", "arrow", weak)
     assert "not a clean removal" in r and "UA 40" in r and "CRA 60" in r and "IRA" not in r
