@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from saeuron.minicanvas import data as D
+from saeuron.minicanvas import dataset
 from saeuron.minicanvas.model import build_pipeline, load_pipeline, make_tokenizer
 from saeuron.minicanvas.train_model import caption_table, form_rows, train_model
 from saeuron.toy import word_tokenizer
@@ -107,8 +108,8 @@ def test_prompt_warnings_know_the_training_forms():
 
 
 def test_sampler_draws_training_forms_and_leaves_the_default_stream_alone():
-    a = D.sample_batch(300, torch.Generator().manual_seed(5))
-    b = D.sample_batch(300, torch.Generator().manual_seed(5), forms="train")
+    a = dataset.sample_batch(300, torch.Generator().manual_seed(5))
+    b = dataset.sample_batch(300, torch.Generator().manual_seed(5), forms="train")
     assert len(a) == 4 and len(b) == 5
     for x, y in zip(a, b[:4]):
         assert torch.equal(x, y)                           # the forms are drawn after everything else
@@ -116,12 +117,12 @@ def test_sampler_draws_training_forms_and_leaves_the_default_stream_alone():
     unstyled = sid == len(D.STYLES)
     assert set(f[~unstyled].tolist()) == set(D.TRAIN_FORMS)          # 300 draws reach every form
     assert set(f[unstyled].tolist()) <= set(D.UNSTYLED_TRAIN_FORMS) and unstyled.any()
-    hf = D.sample_forms(sid, torch.Generator().manual_seed(2), "heldout")
+    hf = dataset.sample_forms(sid, torch.Generator().manual_seed(2), "heldout")
     assert set(hf[~unstyled].tolist()) <= set(D.HELDOUT_FORMS) and set(hf[unstyled].tolist()) <= set(
         D.UNSTYLED_HELDOUT_FORMS)
-    assert torch.equal(hf, D.sample_forms(sid.tolist(), torch.Generator().manual_seed(2), "heldout"))
+    assert torch.equal(hf, dataset.sample_forms(sid.tolist(), torch.Generator().manual_seed(2), "heldout"))
     with pytest.raises(ValueError, match="unknown caption-form split"):
-        D.sample_batch(2, torch.Generator(), forms="paraphrase")
+        dataset.sample_batch(2, torch.Generator(), forms="paraphrase")
 
 
 def test_form_rows_and_caption_table():
@@ -130,7 +131,7 @@ def test_form_rows_and_caption_table():
     table = caption_table(tok, caption_forms=True)
     assert table.shape[0] == len(caps) + 1 and (table[-1, 1:] == tok.pad_token_id).any()
     g = torch.Generator().manual_seed(3)
-    _, o, s, _, f = D.sample_batch(64, g, forms="train")
+    _, o, s, _, f = dataset.sample_batch(64, g, forms="train")
     rows = lookup[o, s, f]
     assert (rows >= 0).all()
     for i in range(64):

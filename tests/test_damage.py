@@ -11,6 +11,7 @@ from saeuron.evaluate.damage import (CORRUPTIONS, DamageMeasure, corrupt, damage
                                      render_references)
 from saeuron.evaluate.metrics import DAMAGE_METRICS, Record, target_metrics
 from saeuron.minicanvas import data as D
+from saeuron.minicanvas import rendering
 from saeuron.minicanvas import defaults
 from saeuron.minicanvas.classifiers import build_classifier
 
@@ -49,9 +50,9 @@ def test_stripes_under_heavy_noise_is_flagged_though_the_judge_is_fooled(judges,
     n = 40
     oid = torch.arange(n) % len(D.OBJECTS)
     seeds = torch.arange(n) + 9_000_000
-    stripes = D.render_batch(oid, [0] * n, seeds)                # the target style, still drawn
-    checker = D.render_batch(oid, [1] * n, seeds + n)            # a kept style with the same palette
-    moved = D.render_batch(oid, [8] * n, seeds + 2 * n)          # a clean style change: what unlearning should give
+    stripes = rendering.render_batch(oid, [0] * n, seeds)                # the target style, still drawn
+    checker = rendering.render_batch(oid, [1] * n, seeds + n)            # a kept style with the same palette
+    moved = rendering.render_batch(oid, [8] * n, seeds + 2 * n)          # a clean style change: what unlearning should give
     noisy = corrupt(torch.cat([stripes, checker]), "noise", 0.75, seed=3)
     sid = torch.tensor([0] * n + [1] * n)
     j = judge(judges, noisy)
@@ -130,7 +131,7 @@ def test_damage_metrics_on_random_records():
 
 
 def test_corruptions_change_images_and_stay_in_range():
-    x = D.render_batch(["heart", "ring"], ["dots", None], [5, 6])
+    x = rendering.render_batch(["heart", "ring"], ["dots", None], [5, 6])
     for kind in CORRUPTIONS:
         y = corrupt(x, kind, seed=1)
         assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1

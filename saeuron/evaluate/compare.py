@@ -54,7 +54,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..minicanvas import classifiers as clf
-from ..minicanvas import data
+from ..minicanvas import data, rendering
 from ..patching import get_patch, patch
 from ..utils import atomic_write, atomic_write_json, locks_folder
 from .attack import attack as run_attack
@@ -170,7 +170,7 @@ def attack_target(pipe, classifiers: dict, jobs, run: dict, base_images: torch.T
     for k, prompt in enumerate(chosen):
         idx = [i for i in held if jobs[i].prompt == prompt]
         seeds = [jobs[i].seed for i in idx]
-        images = data.to_uint8(base_images[idx]).float() / 127.5 - 1  # as cached: fresh and resumed runs agree
+        images = rendering.to_uint8(base_images[idx]).float() / 127.5 - 1  # as cached: fresh and resumed runs agree
         t0 = time.perf_counter()
         res = run_attack(pipe, prompt, images, iterations=iterations, seed=k, progress=False, **(attack_kwargs or {}))
         adv = torch.stack(generate_adversarial(pipe, res, seeds, output_type="pt", **gen))

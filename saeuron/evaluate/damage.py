@@ -43,7 +43,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..minicanvas import data
+from ..minicanvas import data, dataset, rendering
 from .common import check_classifiers, judge
 
 DAMAGE_VERSION = 1
@@ -205,9 +205,9 @@ def render_references(renders_per_pair: int = 24, size: int = 32, seed: int = DA
     n_o, n_s = len(data.OBJECTS), len(data.STYLE_LABELS)
     objs = torch.arange(n_o).repeat_interleave(n_s * renders_per_pair)
     stys = torch.arange(n_s).repeat_interleave(renders_per_pair).repeat(n_o)
-    base = data.SPLIT_SEEDS["heldout"] + seed * 1000 * n_o * n_s
+    base = dataset.SPLIT_SEEDS["heldout"] + seed * 1000 * n_o * n_s
     seeds = base + torch.arange(len(objs))
-    return data.render_batch(objs, stys, seeds, size), objs, stys
+    return rendering.render_batch(objs, stys, seeds, size), objs, stys
 
 
 def fit_damage_measure(classifiers: dict, calibration: Optional[dict] = None, *, renders_per_pair: int = 24,

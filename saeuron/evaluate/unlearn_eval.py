@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..hookpoints import get_unet, normalize_hookpoint
 from ..images import image_grid, save_png
-from ..minicanvas import data
+from ..minicanvas import data, rendering
 from ..patching import get_patch, patched
 from ..utils import atomic_write, atomic_save_file, atomic_write_json, locks_folder
 from .common import (EVAL_SEEDS, check_classifiers, check_patch_kwargs, judge, resolve_assets, resolve_sampling,
@@ -168,7 +168,7 @@ def unedited_baseline(pipe, classifiers, jobs, out: Path, config: dict, sampling
             prev.install()
     base = {"images": images, **judge(classifiers, images)}
     atomic_save_file({**{k: v for k, v in base.items() if k != "images"},
-                      "images": data.to_uint8(images)}, path, metadata={"config": json.dumps(json_roundtrip(config))})
+                      "images": rendering.to_uint8(images)}, path, metadata={"config": json.dumps(json_roundtrip(config))})
     return base
 
 

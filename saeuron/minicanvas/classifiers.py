@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..utils import atomic_save_file, atomic_write_json
-from . import data
+from . import data, dataset
 
 KINDS = ("object", "style")
 CONFIG_FILE = "config.json"
@@ -160,7 +160,7 @@ def train_classifier(kind: str, steps: int = 2000, batch_size: int = 128, size: 
     losses = []
     model.train()
     for _ in tqdm(range(steps), desc=f"train {kind} classifier", disable=not progress):
-        images, oid, sid, _ = data.sample_batch(batch_size, g, "train", size)
+        images, oid, sid, _ = dataset.sample_batch(batch_size, g, "train", size)
         y = (oid if kind == "object" else sid).to(device)
         x = images.to(device)
         if augment:
@@ -208,7 +208,7 @@ def heldout_accuracy(model: SmallCNN, n: int = 2000, seed: int = 1234, size: Opt
     """Accuracy on ``n`` fresh renders from the held-out seed range (the >= 99 % gate)."""
     labels_for(model.kind)
     g = torch.Generator().manual_seed(seed)
-    images, oid, sid, _ = data.sample_batch(n, g, "heldout", size or model.size)
+    images, oid, sid, _ = dataset.sample_batch(n, g, "heldout", size or model.size)
     return evaluate(model, images, oid if model.kind == "object" else sid)
 
 

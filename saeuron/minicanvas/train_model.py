@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from ..store import derive_seed
 from ..utils import atomic_save_file, atomic_write_json, locks_folder
-from . import data
+from . import data, dataset, rendering
 from .model import build_pipeline, model_config, save_pipeline
 
 STATE_FILE = "train_state.safetensors"  # the single state file of runs saved before shards (still read)
@@ -135,8 +135,8 @@ class _Pool:
             imgs, caps = [], []
             for i in tqdm(range(0, self.n, 1024), desc=f"render pool {generation}", disable=not self.progress,
                           leave=False):
-                x, o, s, _ = data.sample_batch(min(1024, self.n - i), g, "train", self.size)
-                imgs.append(data.to_uint8(x).to(self.device))
+                x, o, s, _ = dataset.sample_batch(min(1024, self.n - i), g, "train", self.size)
+                imgs.append(rendering.to_uint8(x).to(self.device))
                 caps.append((o * (len(data.STYLES) + 1) + s).to(self.device))
             self.images, self.caps, self.gen = None, None, None  # free the old pool first
             self.images, self.caps, self.gen = torch.cat(imgs), torch.cat(caps), generation
@@ -382,13 +382,13 @@ def train_model(out_dir, config="cpu", steps: Optional[int] = None, batch_size: 
             if caption_forms:  # the pool holds object x style rows; each draw gets its own training form
                 pair = rows.cpu()
                 o, st = pair // n_s, pair % n_s
-                rows = lookup[o, st, data.sample_forms(st, g, "train")].to(device)
+                rows = lookup[o, st, dataset.sample_forms(st, g, "train")].to(device)
         else:
             if caption_forms:
-                images, o, st, _, f = data.sample_batch(batch_size, g, "train", S, forms="train")
+                images, o, st, _, f = dataset.sample_batch(batch_size, g, "train", S, forms="train")
                 rows = lookup[o, st, f].to(device)
             else:
-                images, o, st, _ = data.sample_batch(batch_size, g, "train", S)
+                images, o, st, _ = dataset.sample_batch(batch_size, g, "train", S)
                 rows = (o * n_s + st).to(device)
             x0 = images.to(device) * 2 - 1
         drop = (torch.rand(batch_size, generator=g) < cfg_dropout).to(device)
