@@ -91,16 +91,10 @@ LEGEND = ("UA (unlearning accuracy): share of the target's images in which the j
           "of the kept images, in % of the pixel range (0 = untouched). Judges: the shipped MiniCanvas classifiers.")
 
 
-def _judged(judges, images, domain) -> tuple:
-    from .evaluate.common import judge
-
-    j = judge(judges, images)
-    return j[f"pred_{domain}"], j[f"pred_{'style' if domain == 'object' else 'object'}"]
-
-
 def _unlearn_case(pipe, judges, ckpt, case, out: Path, steps: int) -> dict:
     """Images of the target and the kept concepts, before and after unlearning the target; grid + metrics."""
-    from .evaluate.common import sample_images, to_pil
+    from .evaluate.common import judge, sample_images, to_pil
+    from .evaluate.metrics import Record, target_metrics
     from .images import add_caption, image_grid, save_png
     from .minicanvas import data
     from .patching import patched
@@ -109,22 +103,21 @@ def _unlearn_case(pipe, judges, ckpt, case, out: Path, steps: int) -> dict:
     other = "style" if domain == "object" else "object"
     cols = (target,) + tuple(kept)
     cells = [(r, c) for r in rows for c in cols]  # (other-domain value, same-domain concept)
-    prompts = [data.caption(r, c) if domain == "style" else data.caption(c, r) for r, c in cells]
+    pairs = [(r, c) if domain == "style" else (c, r) for r, c in cells]  # (object, style) of each cell
+    prompts = [data.caption(o, s) for o, s in pairs]
     seeds = [188] * len(prompts)
     before = sample_images(pipe, prompts, seeds, num_inference_steps=steps, batch_size=len(prompts))
     with patched(pipe, [target], checkpoint=ckpt):
         after = sample_images(pipe, prompts, seeds, num_inference_steps=steps, batch_size=len(prompts))
-    own_id = (data.style_id if domain == "style" else data.object_id)
-    other_id = (data.object_id if domain == "style" else data.style_id)
-    want_own = torch.tensor([own_id(c) for _, c in cells])
-    want_other = torch.tensor([other_id(r) for r, _ in cells])
+    # the metrics are the evaluation's own (saeuron.evaluate.metrics)
     is_target = torch.tensor([c == target for _, c in cells])
     res = {}
     for name, imgs in (("unedited", before), ("unlearned", after)):
-        own, oth = _judged(judges, imgs, domain)
-        res[name] = {"UA": 100 * float((own[is_target] != want_own[is_target]).float().mean()),
-                     "IRA": 100 * float((own[~is_target] == want_own[~is_target]).float().mean()),
-                     "CRA": 100 * float((oth == want_other).float().mean())}
+        judged = judge(judges, imgs)
+        records = [Record((target,), domain, data.object_id(o), None if s is None else data.style_id(s), int(po),
+                          int(ps)) for (o, s), po, ps in zip(pairs, judged["pred_object"], judged["pred_style"])]
+        m = target_metrics(records)
+        res[name] = {"UA": 100 * m["ua"], "IRA": 100 * m["ira"], "CRA": 100 * m["cra"]}
     res["unlearned"]["kept change"] = 100 * float((after[~is_target] - before[~is_target]).abs().mean())
     res["unedited"]["kept change"] = 0.0
     res["images"] = {"target": int(is_target.sum()), "kept": int((~is_target).sum())}

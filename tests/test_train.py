@@ -19,15 +19,6 @@ from saeuron.trainer import TrainConfig, batch_topk_select, lr_at, sae_step_loss
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is ~10x faster than two fighting other jobs for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def planted(n=4096, d=32, atoms=64, seed=0):
     """Tokens that are sums of 3-4 of ``atoms`` known unit-norm directions with positive weights, plus noise."""
     g = torch.Generator().manual_seed(seed)

@@ -12,15 +12,6 @@ from saeuron.trainer import TrainConfig, train
 SHARDS, ROWS, D = 24, 64, 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is faster than two fighting other jobs for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_store(root) -> ActivationStore:
     """24 shards of 64 rows of width 16 (sums of sparse atoms); row ids in ``timestep`` to trace coverage."""
     g = torch.Generator().manual_seed(0)
