@@ -6,13 +6,9 @@ import inspect
 import json
 from pathlib import Path
 
+from .utils import looks_like_path
+
 SHIPPED = "minicanvas"
-
-
-def looks_like_path(model: str) -> bool:
-    """Whether ``model`` can only be a local path (``./x``, ``/x``, ``~/x``, ``a/b/c``), never a hub id."""
-    s = str(model)
-    return s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith("/") or "\\" in s
 
 
 def load_pipeline(model: str, device=None, dtype=None):

@@ -30,7 +30,7 @@ from torch import nn
 
 from . import ops
 from .hookpoints import hookpoint_spellings
-from .utils import atomic_save_file, atomic_write_json, read_json
+from .utils import atomic_save_file, atomic_write_json, looks_like_path, read_json
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -389,7 +389,7 @@ class SparseAutoencoder(nn.Module):
         root = Path(name_or_path)
         if not root.exists():
             name = str(name_or_path)
-            if name.count("/") != 1 or name.startswith((".", "/", "~")):  # not a hub id "owner/repo"
+            if name.count("/") != 1 or looks_like_path(name):  # not a hub id "owner/repo"
                 raise FileNotFoundError(f"no SAE checkpoint at {name_or_path} (not a folder, nor a hub id 'owner/repo')")
             from huggingface_hub import snapshot_download
 

@@ -287,3 +287,9 @@ def read_json(path, what: str = "JSON file"):
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{what} {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+
+
+def looks_like_path(name) -> bool:
+    """Whether ``name`` can only be a local path (``./x``, ``/x``, ``~/x``, ``a/b/c``), never a hub id ``org/name``."""
+    s = str(name)
+    return s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith("/") or "\\" in s
