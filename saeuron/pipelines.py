@@ -60,7 +60,7 @@ def sampling_defaults(pipe) -> dict:
 
 
 def resolve_sampling(pipe, num_inference_steps=None, guidance_scale=None) -> dict:
-    """The sampling settings to use: the given ones, else the pipeline's own defaults (see :func:`sampling_defaults`)."""
+    """The sampling settings to use: the given ones, else the pipeline's own (see :func:`sampling_defaults`)."""
     out = sampling_defaults(pipe)
     if num_inference_steps is not None:
         out["num_inference_steps"] = num_inference_steps
