@@ -3,7 +3,10 @@
 Forward hooks on the chosen ``Transformer2DModel`` blocks see ``[2B, C, H, W]`` under classifier-free
 guidance (unconditional half first). Each captured UNet call adds ``B * H * W`` rows per hookpoint (the
 conditional half by default), each row tagged with the timestep the UNet received and the index of its
-prompt. One prompt batch is accumulated on the CPU and written as one shard per hookpoint, so memory is
+prompt. A diffusion transformer (SD3, PixArt, Flux) works the same way: its hooked blocks' image tokens
+``[2B, L, C]`` give ``B * L`` rows per call, and the timestep is the float the transformer receives
+(Flux: sigma, i.e. the scheduler's timestep / 1000). Flux batches no CFG halves: every row is conditional.
+One prompt batch is accumulated on the CPU and written as one shard per hookpoint, so memory is
 bounded by one batch, and a killed run resumes at the first batch not marked done.
 
 Under ``torch.distributed`` (``torchrun --nproc_per_node N -m saeuron collect ...``, or ``collect`` called on
@@ -24,7 +27,7 @@ from types import SimpleNamespace
 import torch
 from tqdm.auto import tqdm
 
-from .hookpoints import get_unet, list_hookpoints, resolve_hookpoints
+from .hookpoints import block_output, get_unet, image_stream, list_hookpoints, resolve_hookpoints
 from .pipelines import resolve_sampling
 from .store import ActivationStore, derive_seed
 from .utils import FolderBusyError, check_finite_number, read_json
@@ -86,13 +89,6 @@ def _timesteps(args, kwargs):
     if t is None:
         raise ValueError("the UNet was called without a timestep (positional argument 1 or timestep=...)")
     return torch.as_tensor(t).detach().float().cpu().reshape(-1)
-
-
-def _block_output(output):
-    """The feature map a ``Transformer2DModel`` returned: ``.sample``, the first element of a tuple, or the tensor."""
-    if hasattr(output, "sample"):
-        return output.sample
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _rank_world(distributed):
@@ -252,14 +248,18 @@ def _collect_into(store, pipe, prompt_list, modules, batch_size, num_inference_s
         if st.capture:
             st.t = _timesteps(args, kwargs)
 
-    def make_hook(name, hi):
+    def make_hook(name, hi, stream):
         def hook(module, args, output):
             if st.capture:
-                st.rows[name].append(_rows(name, hi, _block_output(output).detach()))
+                st.rows[name].append(_rows(name, hi, block_output(output, stream).detach()))
         return hook
 
     def _rows(name, hi, out):
-        n, C, H, W = out.shape
+        if out.dim() == 3:  # DiT image tokens [n, L, C]
+            n, HW, C = out.shape
+        else:
+            n, C, H, W = out.shape
+            HW = H * W
         B = len(st.ids)
         t = st.t.expand(n) if st.t.numel() == 1 else st.t
         if t.numel() != n:
@@ -272,17 +272,18 @@ def _collect_into(store, pipe, prompt_list, modules, batch_size, num_inference_s
         else:
             raise RuntimeError(f"hookpoint {name} output has batch {n}; expected {B} prompts (or {2 * B} with CFG)")
         m = len(ids)
-        tok = out[sel].permute(0, 2, 3, 1).reshape(m, H * W, C)
-        if tokens_per_map is not None and tokens_per_map < H * W:
+        tok = out[sel].reshape(m, HW, C) if out.dim() == 3 else out[sel].permute(0, 2, 3, 1).reshape(m, HW, C)
+        if tokens_per_map is not None and tokens_per_map < HW:
             g = torch.Generator().manual_seed(derive_seed(seed, st.batch, st.call, hi))
-            idx = torch.rand(m, H * W, generator=g).argsort(dim=1)[:, :tokens_per_map].sort(dim=1).values
+            idx = torch.rand(m, HW, generator=g).argsort(dim=1)[:, :tokens_per_map].sort(dim=1).values
             tok = tok.gather(1, idx.to(tok.device)[..., None].expand(-1, -1, C))
         k = tok.shape[1]
         return {"x": tok.reshape(m * k, C).to(dtype or tok.dtype).cpu(),
                 "timestep": t[sel].repeat_interleave(k), "prompt_id": ids.repeat_interleave(k)}
 
     handles = [unet.register_forward_pre_hook(pre_hook, with_kwargs=True)]
-    handles += [mod.register_forward_hook(make_hook(name, hi)) for hi, (name, mod) in enumerate(modules.items())]
+    handles += [mod.register_forward_hook(make_hook(name, hi, image_stream(mod)))
+                for hi, (name, mod) in enumerate(modules.items())]
     had_bar_cfg = hasattr(pipe, "_progress_bar_config")
     old_bar_cfg = dict(getattr(pipe, "_progress_bar_config", {}))
     if hasattr(pipe, "set_progress_bar_config"):

@@ -1,5 +1,10 @@
 """Patch a diffusers pipeline so that every UNet call unlearns concepts at the hooked blocks.
 
+The denoiser may also be a diffusion transformer (SD3, PixArt, Flux: ``pipe.transformer``); "UNet" below
+stands for either. Its hooked blocks are transformer blocks whose image tokens ``[B, L, C]`` are edited as
+``B*L`` rows (a joint block's text stream is left alone, see :mod:`saeuron.hookpoints`), and its timestep
+is whatever float it receives (flow-matching sigmas * 1000 for SD3, sigmas for Flux), looked up the same way.
+
 ``patch(pipe, "Cartoon", checkpoint=DIR)`` installs, through diffusers' own hook system
 (``diffusers.hooks.HookRegistry``, the mechanism of its first-block cache, group offloading and layer
 skip), two kinds of ``ModelHook``:
@@ -58,24 +63,14 @@ from diffusers.hooks.hooks import BaseState
 
 from . import ops, reference
 from .concepts import ConceptTable, check_concepts, check_sae_for_edit, warn_shared_features
-from .hookpoints import (block_output, get_unet, hookpoint_spellings, list_hookpoints, normalize_hookpoint,
-                         resolve_hookpoints)
+from .hookpoints import (block_output, get_unet, hookpoint_spellings, image_stream, list_hookpoints,
+                         normalize_hookpoint, replace_block_output, resolve_hookpoints)
 from .sae import SparseAutoencoder, available_hookpoint_dirs, resolve_hookpoint_dir
 
 HALVES = ("both", "cond", "uncond")
 ERROR_TERMS = ("correct", "reference")
 TIMESTEP_HOOK = "saeuron_timestep"  # name of the UNet's hook in its diffusers HookRegistry
 EDIT_HOOK = "saeuron_edit"  # name of each hooked block's hook in its HookRegistry
-
-
-def _with_output(output, x):
-    """``output`` with its activation tensor replaced by ``x``."""
-    if hasattr(output, "sample"):
-        output.sample = x
-        return output
-    if isinstance(output, (tuple, list)):
-        return type(output)([x, *output[1:]])
-    return x
 
 
 class PatchState(BaseState):
@@ -132,7 +127,7 @@ class TimestepHook(ModelHook):
     def pre_forward(self, module, *args, **kwargs):
         """Read the timestep, store the matching table rows of every hooked block in the shared state."""
         state = self.state
-        sample = args[0] if args else kwargs.get("sample")
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))  # UNet / DiT
         t = args[1] if len(args) > 1 else kwargs.get("timestep")
         if sample is None or t is None:
             state.rows = None
@@ -160,6 +155,7 @@ class EditHook(ModelHook):
         self.state = patch.state
         self.hookpoint = hookpoint
         self.sae = patch.saes[hookpoint]
+        self.stream = image_stream(patch.modules[hookpoint])  # a joint DiT block: edit its image stream only
         self.k = self.sae.cfg.k
         self.halves = patch.halves
         self.error_term = patch.error_term
@@ -200,7 +196,7 @@ class EditHook(ModelHook):
         fi, ta, sc = rows[hp]
         if fi.shape[-1] == 0 and self.error_term == "correct":
             return output  # nothing selected at this timestep
-        x = block_output(output)
+        x = block_output(output, self.stream)
         b = x.shape[0]
         lo, hi = self._span(b)
         if lo >= hi:
@@ -209,8 +205,20 @@ class EditHook(ModelHook):
             if fi.shape[0] != b:
                 raise ValueError(f"saeuron: {fi.shape[0]} per-sample timesteps for a batch of {b} at {hp}")
             fi, ta, sc = (t[lo:hi].contiguous() for t in (fi, ta, sc))
-        per_image = x[0, 0].numel() if x.dim() == 4 else 1
+        per_image = x[0, 0].numel() if x.dim() == 4 else x.shape[1] if x.dim() == 3 else 1
         rpg = per_image if fi.shape[0] > 1 else (hi - lo) * per_image
+        if x.dim() == 3:  # DiT tokens [B, L, C]: rows [lo*L, hi*L) of the [B*L, C] view, L rows per sample
+            xc = x if x.is_contiguous() else x.contiguous()
+            flat = xc.view(-1, x.shape[2])
+            y = self._edit(flat, lo * per_image, hi * per_image, fi, ta, sc, rpg)
+            y = xc if y is flat else y.view(x.shape)
+        else:
+            y = self._edit(x, lo, hi, fi, ta, sc, rpg)
+        return output if y is x else replace_block_output(output, y, self.stream)
+
+    def _edit(self, x, lo, hi, fi, ta, sc, rpg):
+        """Edit rows ``[lo, hi)`` of ``x`` (a map ``[B, C, H, W]`` or tokens ``[N, C]``) with table rows ``fi/ta/sc``,
+        ``rpg`` rows of ``x[lo:hi]`` per table row; returns ``x`` itself when edited in place."""
         W_enc, b_enc, b_dec, W_dec = self.sae.weights_for(x.device, x.dtype)
         grad = x.requires_grad and torch.is_grad_enabled()
         if self.unit_norm:  # the SAE edits standardised tokens: x + scale_x * delta(x_n)
@@ -225,12 +233,12 @@ class EditHook(ModelHook):
         else:
             y = x if x.is_contiguous() else x.contiguous()
             ops.edit_(y[lo:hi], W_enc, b_enc, b_dec, W_dec, self.k, fi, ta, sc, rpg)
-            return output if y is x else _with_output(output, y)
+            return y
         if not grad:
             y = x if x.is_contiguous() else x.contiguous()
             y[lo:hi] = part
-            return output if y is x else _with_output(output, y)
-        return _with_output(output, torch.cat([x[:lo], part, x[hi:]]))
+            return y
+        return torch.cat([x[:lo], part, x[hi:]])
 
 
 def remove_diffusers_hook(module, name: str, hook: ModelHook) -> None:
@@ -374,7 +382,7 @@ def _load_sae(hp, saes, checkpoint):
 def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table: Optional[ConceptTable] = None,
           hookpoints=None, multiplier=None, percentile=None, top_n=None, threshold=None, halves: str = "both",
           error_term: str = "correct") -> SaeuronPatch:
-    """Unlearn ``concepts`` in ``pipe`` (a diffusers pipeline or a bare UNet) until ``unpatch``.
+    """Unlearn ``concepts`` in ``pipe`` (a diffusers pipeline, a bare UNet or a bare DiT) until ``unpatch``.
 
     ``checkpoint=DIR`` holds one SAE folder per hookpoint and the concept file; alternatively pass
     ``saes={hookpoint: SparseAutoencoder}`` and ``table=ConceptTable`` (given objects win over the
@@ -391,6 +399,9 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
     unet = get_unet(pipe)
     if halves not in HALVES:
         raise ValueError(f"halves={halves!r}; valid: {', '.join(HALVES)}")
+    if halves != "both" and type(unet).__name__.startswith("Flux"):
+        raise ValueError(f"halves={halves!r}: Flux never batches CFG halves together (its true CFG is a separate "
+                         "transformer call), so only halves='both' is defined")
     if error_term not in ERROR_TERMS:
         raise ValueError(f"error_term={error_term!r}; valid: {', '.join(ERROR_TERMS)}")
     if checkpoint is not None and not Path(checkpoint).is_dir():

@@ -10,7 +10,8 @@ from .common import add_edit_args, eval_checkpoint, patch_kwargs, read_prompts, 
 
 
 def cmd_hookpoints(a):
-    """``saeuron hookpoints``: print the UNet's Transformer2DModel blocks and their channels."""
+    """``saeuron hookpoints``: print the denoiser's hookpoints (a UNet's Transformer2DModel blocks, a DiT's
+    transformer blocks) and their channels."""
     from ..hookpoints import list_hookpoints
 
     for name, ch in list_hookpoints(load_pipeline(a.model, "cpu")).items():
@@ -111,7 +112,8 @@ def add_stage_parsers(sub):
         s.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
         s.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
 
-    s = sub.add_parser("hookpoints", help="list the UNet's Transformer2DModel blocks and their channels")
+    s = sub.add_parser("hookpoints", help="list the denoiser's hookpoints (UNet: Transformer2DModel blocks; DiT: transformer "
+                       "blocks) and their channels")
     s.add_argument("--model", default="minicanvas",
                    help="pipeline folder, 'minicanvas' (the shipped model; the default) or a hub id")
     s.set_defaults(fn=cmd_hookpoints)
@@ -121,7 +123,7 @@ def add_stage_parsers(sub):
     s.add_argument("--prompts", required=True, help=".txt (one per line) or .json (list or {concept: [prompts]})")
     s.add_argument("--out", required=True,
                    help="store folder (rerun to resume; under torchrun the ranks split the batches and share it)")
-    s.add_argument("--hookpoints", nargs="+", required=True, help="e.g. up_blocks.1.attentions.1")
+    s.add_argument("--hookpoints", nargs="+", required=True, help="e.g. up_blocks.1.attentions.1 (UNet) or transformer_blocks.3 (DiT)")
     sampling_args(s)
     s.add_argument("--batch-size", type=int, default=4, help="prompts per pipeline call")
     s.add_argument("--every", type=int, default=1, help="keep every n-th denoising step")
