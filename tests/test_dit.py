@@ -287,3 +287,20 @@ def test_command_line_stages_on_a_dit_pipeline_folder(tmp_path, capsys):
           "--prompt", "a cat", "--seeds", "1", "--out", str(tmp_path / "img"), *size])
     out = tmp_path / "img"
     assert (out / "grid.png").is_file() and len(list((out / "unlearned").glob("*.png"))) == 1
+
+
+def test_explain_draws_feature_maps_of_a_dit_block(pipes, tmp_path):
+    """``explain`` reads a joint block's image stream and lays its tokens out on the patch grid."""
+    from saeuron.evaluate.explain import explain
+
+    pipe = pipes["sd3"]
+    ts = _timesteps_seen(pipe, "sd3")
+    size, pipe.default_sample_size = pipe.default_sample_size, 2  # 16 px images (the tiny VAE's factor is 8)
+    try:
+        res = explain(pipe, saes=_saes("sd3"), table=_table("sd3", ts), concept="cat", out_dir=tmp_path,
+                      prompts=PROMPTS["cat"], other_prompts=PROMPTS["dog"], hookpoint="transformer_blocks.1",
+                      num_inference_steps=2, guidance_scale=5.0, top_features=3, top_images=1, progress=False)
+    finally:
+        pipe.default_sample_size = size
+    assert (tmp_path / "explain_cat.png").is_file()
+    assert res["hookpoint"] == "transformer_blocks.1"

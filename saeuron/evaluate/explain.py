@@ -16,6 +16,7 @@ feature and the numbers as JSON:
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..concepts import check_sae_for_edit
-from ..hookpoints import block_output, get_unet, normalize_hookpoint, resolve_hookpoints
+from ..hookpoints import block_output, get_unet, image_stream, normalize_hookpoint, resolve_hookpoints
 from ..images import load_font, save_png, text_size
 from ..patching import SaeuronPatch, get_patch, patched
 from ..utils import atomic_write, atomic_write_json, locks_folder
@@ -69,10 +70,19 @@ def _capture(pipe, module, sae, feats: torch.Tensor, prompts, seeds, sampling, b
     """Generate (prompt, seed) pairs; return images and the mean-over-steps maps [N, F, h, w] of ``feats``."""
     state = {"sum": None, "calls": 0, "n": 0}
 
+    stream = image_stream(module)
+
     def hook(mod, args, output):
-        x = block_output(output)
+        x = block_output(output, stream)
         n = state["n"]
         x = x[n:] if x.shape[0] == 2 * n else x  # CFG: [uncond, cond] -> the conditional half
+        if x.dim() == 3:  # DiT image tokens [B, L, C] on a square patch grid -> a map
+            B, L, C = x.shape
+            H = W = math.isqrt(L)
+            if H * W != L:
+                raise ValueError(f"explain draws feature maps on a square patch grid; this block returned {L} image "
+                                 "tokens per image (generate square images)")
+            x = x.reshape(B, H, W, C).permute(0, 3, 1, 2)
         B, C, H, W = x.shape
         vals, idx = sae.encode(x.detach().permute(0, 2, 3, 1).reshape(-1, C).to(sae.device))
         dense = (vals.float()[:, :, None] * (idx[:, :, None] == feats[None, None, :].to(idx.device))).sum(1)
