@@ -7,7 +7,11 @@ build``) the demo
 2. runs the method at small scale to show every stage works: collects a block's activations over a
    few concept-labelled prompts, trains an SAE briefly, computes statistics and selects features;
 3. with the *shipped* SAE, unlearns one style and one object, writes before/after grids (PNG) and a
-   UA/IRA/CRA table judged by the shipped classifiers, and prints where everything is.
+   UA/IRA/CRA table judged by the shipped classifiers, with the damage measure (:mod:`.evaluate.damage`,
+   calibrated on the unedited model's own images of every training prompt, as ``saeuron minicanvas eval``
+   calibrates): the damaged share of the target and of the kept images and UA counting only undamaged
+   images; the reading never calls a concept removed when its images are damaged. It prints where
+   everything is.
 
 Without the shipped defaults it runs the same stages on a small pipeline built from configs with
 random weights (the pictures then show *where* the edit acts, not a concept vanishing).
@@ -88,11 +92,31 @@ LEGEND = ("UA (unlearning accuracy): share of the target's images in which the j
           "IRA (in-domain retain accuracy): share of the kept concepts' images still judged correctly; "
           "CRA (cross-domain retain accuracy): share of all edited images whose other attribute (the object when a "
           "style is unlearned, and the reverse) is still judged correctly; kept change: mean absolute pixel change "
-          "of the kept images, in % of the pixel range (0 = untouched). Judges: the shipped MiniCanvas classifiers.")
+          "of the kept images, in % of the pixel range (0 = untouched); damaged target / kept: share of the target's "
+          "/ the kept concepts' images that are no clean picture of what they should still show (saeuron.evaluate."
+          "damage, calibrated on the unedited model's images); UA undamaged: UA counting an image as unlearned only "
+          "if it is undamaged. Judges: the shipped MiniCanvas classifiers.")
+CALIBRATION_SEED = 188  # the demo's damage measure is calibrated on the unedited images of every training prompt here
 
 
-def _unlearn_case(pipe, judges, ckpt, case, out: Path, steps: int) -> dict:
-    """Images of the target and the kept concepts, before and after unlearning the target; grid + metrics."""
+def fit_demo_damage(pipe, judges, steps: int):
+    """The demo's damage measure: calibrated on the unedited model's images of every training-form prompt (seed
+    ``CALIBRATION_SEED``, ``steps`` steps), as ``saeuron minicanvas eval`` calibrates on its unedited images."""
+    from .evaluate.common import judge, sample_images
+    from .evaluate.damage import fit_damage_measure
+    from .minicanvas import data
+
+    pairs = [(o, s) for s in list(data.STYLES) + [None] for o in data.OBJECTS]
+    images = sample_images(pipe, [data.caption(o, s) for o, s in pairs], [CALIBRATION_SEED] * len(pairs),
+                           num_inference_steps=steps, batch_size=len(pairs))
+    return fit_damage_measure(judges, {**judge(judges, images), "objects": [o for o, _ in pairs],
+                                       "styles": [s for _, s in pairs],
+                                       "source": f"unedited model, training form, seed {CALIBRATION_SEED}"})
+
+
+def _unlearn_case(pipe, judges, ckpt, case, out: Path, steps: int, damage=None) -> dict:
+    """Images of the target and the kept concepts, before and after unlearning the target; grid + metrics
+    (``damage``: a fitted damage measure, which adds the damaged shares and UA undamaged)."""
     from .evaluate.common import judge, sample_images, to_pil
     from .evaluate.metrics import Record, target_metrics
     from .images import add_caption, image_grid, save_png
@@ -114,10 +138,18 @@ def _unlearn_case(pipe, judges, ckpt, case, out: Path, steps: int) -> dict:
     res = {}
     for name, imgs in (("unedited", before), ("unlearned", after)):
         judged = judge(judges, imgs)
+        flags = [None] * len(pairs)
+        if damage is not None:
+            flags = damage.score(judged, [o for o, _ in pairs], [s for _, s in pairs], (target,), domain)["damaged"]
+            flags = [bool(f) for f in flags]
         records = [Record((target,), domain, data.object_id(o), None if s is None else data.style_id(s), int(po),
-                          int(ps)) for (o, s), po, ps in zip(pairs, judged["pred_object"], judged["pred_style"])]
+                          int(ps), d)
+                   for (o, s), po, ps, d in zip(pairs, judged["pred_object"], judged["pred_style"], flags)]
         m = target_metrics(records)
         res[name] = {"UA": 100 * m["ua"], "IRA": 100 * m["ira"], "CRA": 100 * m["cra"]}
+        if damage is not None:
+            res[name].update({"damaged target": 100 * m["damage_target"], "damaged kept": 100 * m["damage_kept"],
+                              "UA undamaged": 100 * m["ua_undamaged"]})
     res["unlearned"]["kept change"] = 100 * float((after[~is_target] - before[~is_target]).abs().mean())
     res["unedited"]["kept change"] = 0.0
     res["images"] = {"target": int(is_target.sum()), "kept": int((~is_target).sum())}
@@ -130,39 +162,65 @@ def _unlearn_case(pipe, judges, ckpt, case, out: Path, steps: int) -> dict:
                       label_width=110, font_size=13)
     reading = _reading(domain, target, res)
     u = res["unlearned"]
+    dmg = (f"  damaged: target {u['damaged target']:.0f}%, kept {u['damaged kept']:.0f}%  UA undamaged "
+           f"{u['UA undamaged']:.0f}" if "damaged target" in u else "")
     grid = add_caption(grid, [f"Unlearning the {domain} {target!r} with the shipped SAE (seed 188, {steps} steps). "
                               f"UA {u['UA']:.0f}  IRA {u['IRA']:.0f}  CRA {u['CRA']:.0f}  kept change "
-                              f"{u['kept change']:.1f}%", reading])
+                              f"{u['kept change']:.1f}%" + dmg, reading])
     res["grid"] = str(save_png(grid, out / f"unlearn_{domain}_{target}.png"))
     res["reading"] = reading
     return res
 
 
 def _reading(domain: str, target: str, res: dict) -> str:
-    """One line saying what the numbers mean, including when the effect is not clean."""
+    """One line saying what the numbers mean, including when the effect is not clean.
+
+    With the damage measure (``"damaged target"``, ``"damaged kept"``, ``"UA undamaged"`` in ``res["unlearned"]``)
+    a removal is only called clean when UA counting undamaged images alone reaches 75 and at most 25 % of the kept
+    images are damaged: an image the judge misreads because it is broken is not an unlearned one."""
     u, b = res["unlearned"], res["unedited"]
     other = "styles" if domain == "object" else "objects"
     if b["UA"] > 25:
         return (f"Reading: the unedited model itself draws {target!r} recognisably in only {100 - b['UA']:.0f}% of "
                 f"these images, so this small model cannot show its removal clearly.")
-    if u["UA"] >= 75 and u["IRA"] >= 75 and u["CRA"] >= 75:
-        return (f"Reading: the judge no longer finds {target!r} in {u['UA']:.0f}% of its images, and still recognises "
-                f"the kept {domain}s in {u['IRA']:.0f}% and the {other} in {u['CRA']:.0f}% (compare the pictures: a "
-                f"judge can be fooled by a damaged image).")
-    weak = [n for n, v in (("the target survives (UA", u["UA"]), ("kept concepts suffer (IRA", u["IRA"]),
-                           (f"{other} suffer (CRA", u["CRA"])) if v < 75]
-    return ("Reading: not a clean removal here: " + "; ".join(f"{w} {u[w.split('(')[1]]:.0f})" for w in weak)
+    dt, dk, uu = u.get("damaged target"), u.get("damaged kept"), u.get("UA undamaged")
+    weak = []
+    if u["UA"] < 75:
+        weak.append(f"the target survives (UA {u['UA']:.0f})")
+    elif uu is not None and uu < 75:
+        weak.append(f"the target's images are damaged ({dt:.0f}% flagged: UA undamaged {uu:.0f}, not UA "
+                    f"{u['UA']:.0f})")
+    if u["IRA"] < 75:
+        weak.append(f"kept concepts suffer (IRA {u['IRA']:.0f})")
+    if u["CRA"] < 75:
+        weak.append(f"{other} suffer (CRA {u['CRA']:.0f})")
+    if dk is not None and dk > 25:
+        weak.append(f"kept images are damaged ({dk:.0f}% flagged)")
+    if not weak:
+        undamaged = "" if uu is None else f", {uu:.0f}% as undamaged pictures"
+        return (f"Reading: the judge no longer finds {target!r} in {u['UA']:.0f}% of its images{undamaged}, and still "
+                f"recognises the kept {domain}s in {u['IRA']:.0f}% and the {other} in {u['CRA']:.0f}% (compare the "
+                f"pictures: a judge can be fooled by a damaged image).")
+    return ("Reading: not a clean removal here: " + "; ".join(weak)
             + ". See benchmarks/RESULTS.md for the five-seed figures.")
 
 
 def _table(results: dict) -> str:
-    lines = ["| unlearned | images (target / kept) | UA | IRA | CRA | kept change | unedited UA / IRA / CRA |",
-             "|---|---|---|---|---|---|---|"]
+    dmg = all("damaged target" in r["unlearned"] for r in results.values())
+    head = "| unlearned | images (target / kept) | UA | IRA | CRA | kept change |"
+    head += " damaged target / kept | UA undamaged |" if dmg else ""
+    head += " unedited UA / IRA / CRA |" + (" unedited damaged target / kept |" if dmg else "")
+    lines = [head, "|---" * head.count(" |") + "|"]
     for (domain, target), r in results.items():
         u, b = r["unlearned"], r["unedited"]
-        lines.append(f"| {domain} {target!r} | {r['images']['target']} / {r['images']['kept']} | {u['UA']:.1f} | "
-                     f"{u['IRA']:.1f} | {u['CRA']:.1f} | {u['kept change']:.2f}% | {b['UA']:.1f} / {b['IRA']:.1f} / "
-                     f"{b['CRA']:.1f} |")
+        line = (f"| {domain} {target!r} | {r['images']['target']} / {r['images']['kept']} | {u['UA']:.1f} | "
+                f"{u['IRA']:.1f} | {u['CRA']:.1f} | {u['kept change']:.2f}% |")
+        if dmg:
+            line += f" {u['damaged target']:.1f}% / {u['damaged kept']:.1f}% | {u['UA undamaged']:.1f} |"
+        line += f" {b['UA']:.1f} / {b['IRA']:.1f} / {b['CRA']:.1f} |"
+        if dmg:
+            line += f" {b['damaged target']:.1f}% / {b['damaged kept']:.1f}% |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -190,16 +248,21 @@ def _minicanvas_demo(out: Path, quick: bool) -> dict:
 
     steps = 10 if quick else DEFAULT_STEPS
     t = _stage("3/3 unlearn with the shipped SAEs: a style and an object, the target beside kept concepts")
+    damage = fit_demo_damage(pipe, judges, steps)
+    cal = damage.calibration
+    print(f"   damage measure calibrated on {cal['images']} unedited images ({cal['source']}; "
+          f"{100 * cal['flagged_clean']:.1f}% of them flagged)")
     results = {}
     for case in DEMO_CASES:
-        r = _unlearn_case(pipe, judges, ckpt, case, out, steps)
+        r = _unlearn_case(pipe, judges, ckpt, case, out, steps, damage)
         results[(case[0], case[1])] = r
         print(f"   {r['grid']}")
     tables = _table(results)
     readings = [r["reading"] for r in results.values()]
     text = "\n".join(["## saeuron demo: unlearning on MiniCanvas", "", tables, "", *readings, "", LEGEND, ""])
     (out / "metrics.md").write_text(text)
-    atomic_write_json({f"{d}:{t}": r for (d, t), r in results.items()}, out / "metrics.json")
+    atomic_write_json({**{f"{d}:{t}": r for (d, t), r in results.items()},
+                       "damage": {**damage.config(), "calibration": damage.calibration}}, out / "metrics.json")
     print("\n" + tables + "\n\n" + "\n".join(readings) + "\n\n" + LEGEND)
     grids = [r["grid"] for r in results.values()]
     print(f"\nDone in {time.time() - t0:.0f}s (unlearning stage {time.time() - t:.0f}s).\nGrids (each row: the "

@@ -86,6 +86,37 @@ def test_compare_table_resume_and_exact_restore(micro, tmp_path, monkeypatch):
                                                             "An image of ring in stripes style."]
         assert s["style_ua"] == per[m]["style"]["stripes"]["metrics"]["ua"]
     assert "### Per target" in res["table"] and re.search(r"\| UCE \| object \| circle \|", res["table"])
+    # the control's movement: an explicit figure with its pass/fail against 5 points
+    u = res["unedited"]["summary"]
+    assert res["control"]["move_points"] == pytest.approx(100 * (u["ua_after_attack"] - u["ua_before_attack"]))
+    assert res["control"]["pass"] == (abs(res["control"]["move_points"]) <= 5)
+    assert "- Control (the unedited model under the attack): UA " in res["table"]
+    assert ("PASS" if res["control"]["pass"] else "FAIL") in res["table"].split("- Control")[1].splitlines()[0]
+    # the damage measure, per target, per seed and mean, as `saeuron minicanvas eval` reports it
+    assert res["damage"]["calibration"]["images"] == 4 and res["config"]["damage"] is True
+    for m in list(METHODS) + ["unedited"]:
+        runs = per[m] if m != "unedited" else res["unedited"]["per_target"]
+        s = res["summary"][m] if m != "unedited" else res["unedited"]["summary"]
+        for d, t in (("style", "stripes"), ("object", "circle")):
+            mt = runs[d][t]["metrics"]
+            assert 0 <= mt["ua_undamaged"] <= mt["ua"] and mt["damage_target"] is not None
+            assert s[f"{d}_damage_target"] == mt["damage_target"] and s[f"{d}_ua_undamaged"] == mt["ua_undamaged"]
+            one = runs[d][t]["per_seed"]["188"]                       # one seed: per seed = pooled
+            assert all(one[k] == mt[k] for k in ("ua", "ira", "cra", "damage_target", "damage_kept", "ua_undamaged"))
+        assert list(s["per_seed"]) == ["188"] and s["per_seed"]["188"]["style_damage_kept"] == s["style_damage_kept"]
+    dtab = res["table"].split("### Damage, per seed and mean")[1].split("### Per target")[0]
+    for name in ("SAeUron", "UCE", "ESD", "*(unedited)*"):
+        assert f"| {name} | 188 |" in dtab and f"| {name} | **mean** |" in dtab
+    assert "style UA undamaged | style damage target | style damage kept" in dtab
+    # exactly the numbers `saeuron minicanvas eval` gives for the same target, grid and sampling
+    from saeuron.evaluate.unlearn_eval import evaluate_unlearning
+
+    ev = evaluate_unlearning(pipe, clfs, assets / "checkpoint", targets=["stripes"], domain="style",
+                             objects=GRID["objects"], styles=GRID["styles"], seeds=GRID["seeds"], num_inference_steps=2,
+                             batch_size=8, out_dir=tmp_path / "eval", progress=False)
+    assert ev["damage"]["calibration"] == res["damage"]["calibration"]
+    for k in ("ua", "damage_target", "damage_kept", "ua_undamaged"):
+        assert ev["per_target"]["stripes"][k] == per["saeuron"]["style"]["stripes"]["metrics"][k], k
     on_disk = json.loads((tmp_path / "comparison.json").read_text())
     assert on_disk["summary"] == json.loads(json.dumps(res["summary"]))
     assert (tmp_path / "comparison.md").read_text() == res["table"]
@@ -134,6 +165,14 @@ def test_cli_compare(micro, tmp_path, monkeypatch, capsys):
     assert res["config"]["object_targets"] == ["ring"] and res["config"]["style_targets"] == []
     assert res["summary"]["uce"]["ua_after_attack"] is None and res["summary"]["uce"]["style_ua"] is None
     assert "| UCE |" in printed and "comparison:" in printed
+    assert res["damage"]["calibration"]["images"] == 2 and res["summary"]["uce"]["object_damage_kept"] is not None
+    assert res["control"] is None and "- Control" not in printed                # no attack: no control figure
+    main(["minicanvas", "compare", "--methods", "uce", "--style-targets", "--object-targets", "ring", "--objects",
+          "circle", "ring", "--styles", "stripes", "--no-attack", "--no-damage", "--steps", "2", "--device", "cpu",
+          "--out", str(tmp_path / "nodmg")])
+    res = json.loads((tmp_path / "nodmg" / "comparison.json").read_text())
+    assert res["damage"] is None and "object_damage_kept" not in res["summary"]["uce"]
+    assert "### Damage" not in capsys.readouterr().out
 
     main(["minicanvas", "compare", "--methods", "esd", "--esd-iterations", "2", "--esd-lr", "0.01", "--style-targets",
           "--object-targets", "ring", "--objects", "circle", "ring", "--styles", "stripes", "--no-attack",
@@ -170,3 +209,72 @@ def test_markdown_attack_note(before, after, note):
     md = markdown(result)
     assert f"SAeUron's UA {note} under the attack" in md
     assert ("FAIL" in md) == (100 * (before - after) > 5)
+
+
+def test_per_seed_damage_table_and_means():
+    """Per-seed metrics of a run (synthetic predictions and damage flags over two seeds) and the damage table."""
+    from saeuron.evaluate.compare import damage_table, markdown, per_seed_metrics, summarise
+    from saeuron.evaluate.metrics import target_metrics
+    from saeuron.evaluate.unlearn_eval import build_jobs, run_records
+
+    jobs = build_jobs(["circle", "ring"], ["stripes", "checker"], seeds=(1, 2))
+    sid = [j.style for j in jobs]
+    # seed 1: the stripes images read as checker and are damaged; seed 2: read as checker, clean
+    pred_s = [1 for _ in jobs]
+    pred_o = [j.object for j in jobs]
+    damaged = [j.seed == 1 and s == 0 for j, s in zip(jobs, sid)]
+    per = per_seed_metrics(jobs, ("stripes",), "style", pred_o, pred_s, damaged)
+    assert list(per) == ["1", "2"]
+    assert per["1"]["ua"] == per["2"]["ua"] == 1.0
+    assert per["1"]["ua_undamaged"] == 0.0 and per["2"]["ua_undamaged"] == 1.0
+    assert per["1"]["damage_target"] == 1.0 and per["2"]["damage_target"] == 0.0 and per["1"]["damage_kept"] == 0.0
+    pooled = target_metrics(run_records(jobs, ("stripes",), "style", pred_o, pred_s, damaged), ("stripes",), "style")
+    assert pooled["ua_undamaged"] == pytest.approx((per["1"]["ua_undamaged"] + per["2"]["ua_undamaged"]) / 2)
+    run = {"metrics": pooled, "per_seed": per, "attack": None, "edit": None}
+    runs = {"saeuron": {"style": {"stripes": run}}}
+    summary = summarise(runs, ["saeuron"])
+    assert summary["saeuron"]["per_seed"]["1"]["style_ua_undamaged"] == 0.0
+    assert summary["saeuron"]["style_ua_undamaged"] == 0.5 and summary["saeuron"]["style_damage_target"] == 0.5
+    result = {"summary": summary, "per_target": runs, "unedited": {"summary": {}, "per_target": {}},
+              "damage": {"calibration": {"images": 4, "source": "test", "flagged_clean": 0.0}},
+              "config": {"style_targets": ["stripes"], "object_targets": [], "num_images_per_run": 8, "seeds": [1, 2],
+                         "num_inference_steps": 2, "guidance_scale": 1.5, "attack": False}}
+    table = damage_table(result)
+    rows = {tuple(c.strip() for c in r.split("|")[1:3]): [c.strip() for c in r.split("|")[3:-1]]
+            for r in table.splitlines()[2:]}
+    assert rows[("SAeUron", "1")][:4] == ["100.0", "0.0", "100.0", "0.0"]      # UA, UA undamaged, damage t / k
+    assert rows[("SAeUron", "2")][:4] == ["100.0", "100.0", "0.0", "0.0"]
+    assert rows[("SAeUron", "**mean**")][:4] == ["100.0", "50.0", "50.0", "0.0"]
+    assert rows[("SAeUron", "**mean**")][4:] == ["-"] * 4                       # no object target
+    md = markdown(result)
+    assert "### Damage, per seed and mean" in md and "UA undamaged counts a target image" in md
+    assert "| damage target | damage kept | UA undamaged |" in md.split("### Per target")[1]
+    # without the damage measure: no damage table, no damage cells
+    plain = {**result, "damage": None,
+             "summary": summarise({"saeuron": {"style": {"stripes": {**run, "metrics": {"ua": 1.0, "ira": 1.0,
+                                                                                         "cra": 1.0}}}}}, ["saeuron"])}
+    assert damage_table(plain) == "" and "### Damage" not in markdown(plain)
+
+
+def test_evaluation_calibrates_damage_on_the_model_it_judges(micro, tmp_path):
+    """No stored calibration: each evaluation calibrates the damage measure on the judged model's own unedited images,
+    so a different model in the same output folder gets its own calibration (and its own cached runs)."""
+    import copy
+
+    from saeuron.evaluate.unlearn_eval import evaluate_unlearning
+
+    assets, pipe, clfs = micro
+    other = copy.deepcopy(pipe)
+    with torch.no_grad():
+        for p_ in other.unet.conv_out.parameters():
+            p_.add_(0.05 * torch.randn(p_.shape, generator=torch.Generator().manual_seed(0)))
+    kw = dict(targets=["stripes"], domain="style", objects=["circle", "ring", "star"], styles=["stripes", "checker"],
+              seeds=(188,), num_inference_steps=2, batch_size=8, progress=False)
+    a = evaluate_unlearning(pipe, clfs, assets / "checkpoint", out_dir=tmp_path / "shared", **kw)
+    b = evaluate_unlearning(other, clfs, assets / "checkpoint", out_dir=tmp_path / "shared", **kw)
+    fresh = evaluate_unlearning(other, clfs, assets / "checkpoint", out_dir=tmp_path / "fresh", **kw)
+    assert b["damage"]["calibration"] == fresh["damage"]["calibration"]
+    assert b["damage"]["calibration"]["threshold"] != a["damage"]["calibration"]["threshold"]
+    drop_grid = lambda m: {k: v for k, v in m.items() if k != "grid"}  # noqa: E731  (the grids' paths differ)
+    assert drop_grid(b["per_target"]["stripes"]) == drop_grid(fresh["per_target"]["stripes"])
+    assert b["baseline"]["per_run"] == fresh["baseline"]["per_run"]   # the other model's own unedited images

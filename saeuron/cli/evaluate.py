@@ -126,7 +126,7 @@ def cmd_minicanvas_compare(a):
                           attack_kwargs=None if a.attack_placement is None else {"placement": a.attack_placement},
                           esd_iterations=a.esd_iterations, esd_kwargs=None if a.esd_lr is None else {"lr": a.esd_lr},
                           num_inference_steps=a.steps, guidance_scale=a.guidance,
-                          batch_size=a.batch_size, out_dir=a.out, resume=not a.no_resume)
+                          batch_size=a.batch_size, out_dir=a.out, resume=not a.no_resume, damage=not a.no_damage)
     print(f"comparison: {res['files']['json']} and {res['files']['markdown']}")
 
 
@@ -134,7 +134,8 @@ def add_minicanvas_compare_parser(subparsers):
     """``compare`` under ``saeuron minicanvas``: methods x (style/object UA/IRA/CRA, UA under attack, time, memory)."""
     from ..evaluate.protocol import METHODS
 
-    s = subparsers.add_parser("compare", help="SAeUron vs UCE vs ESD: same targets, metrics and attack; one table")
+    s = subparsers.add_parser("compare", help="SAeUron vs UCE vs ESD: same targets, metrics, damage and attack; one "
+                                              "table (and the attack control's movement, bar 5 points)")
     add_eval_model_args(s)
     s.add_argument("--classifiers", default=None, help="folder with object/ and style/ classifiers (default: shipped)")
     s.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
@@ -161,6 +162,9 @@ def add_minicanvas_compare_parser(subparsers):
     s.add_argument("--out", default="minicanvas_compare",
                    help="output folder; finished runs are cached there and reused (default: minicanvas_compare)")
     s.add_argument("--no-resume", action="store_true", help="recompute everything instead of reusing cached runs")
+    s.add_argument("--no-damage", action="store_true",
+                   help="skip the damage measure (damaged share of target and kept images, UA undamaged; as "
+                        "'minicanvas eval' reports it, per seed and mean)")
     s.set_defaults(fn=cmd_minicanvas_compare)
     return s
 

@@ -1,4 +1,4 @@
-"""``saeuron minicanvas train|build`` (and, from :mod:`.evaluate`, ``eval`` and ``compare``): the offline
+"""``saeuron minicanvas train|build|gates`` (and, from :mod:`.evaluate`, ``eval`` and ``compare``): the offline
 MiniCanvas world."""
 from __future__ import annotations
 
@@ -31,6 +31,44 @@ def cmd_minicanvas_build(a):
                    command=cli_command(), num_threads=a.threads, stages=a.stages, settings=_key_values(a.set))
 
 
+def cmd_minicanvas_gates(a):
+    """``saeuron minicanvas gates``: the build's model gates (``build.model_gates``) on any saved pipeline folder."""
+    import torch
+
+    from ..minicanvas import classifiers as clf
+    from ..minicanvas.build import CONTROL_DEFAULTS, cli_command, gate_lines, model_gates
+    from ..minicanvas.defaults import load_classifiers
+    from ..minicanvas.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline
+    from ..utils import atomic_write_json
+
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_pipeline(a.pipeline, device)
+    judges = clf.load_classifiers(a.classifiers, device) if a.classifiers else load_classifiers(device)
+    forms = {"auto": None, "yes": True, "no": False}[a.caption_forms]
+    control = None
+    if not a.no_control:
+        given = {"prompts": a.control_prompts, "iterations": a.control_iterations, "seeds": a.control_seeds}
+        control = {**CONTROL_DEFAULTS["cpu"], **{k: v for k, v in given.items() if v is not None}}
+    gates = model_gates(pipe, judges, caption_forms=forms, seeds=a.seeds, form_seeds=a.form_seeds,
+                        heldout_forms=not a.no_heldout_forms, control=control, damage=not a.no_damage_check,
+                        num_inference_steps=DEFAULT_STEPS if a.steps is None else a.steps,
+                        guidance_scale=DEFAULT_GUIDANCE if a.guidance is None else a.guidance,
+                        batch_size=a.batch_size, progress=not a.no_progress)
+    info = Path(a.pipeline) / "minicanvas.json"
+    trained = json.loads(info.read_text()) if info.is_file() else {}
+    gates.update(pipeline=str(a.pipeline), classifiers=a.classifiers or "shipped", command=cli_command(),
+                 model_steps=trained.get("steps"))
+    print(f"gates of {a.pipeline} (trained {trained.get('steps', '?')} steps; caption forms: "
+          f"{'yes' if gates['caption_forms'] else 'no'})")
+    for line in gate_lines(gates):
+        print(f"  {line}")
+    if a.out:
+        atomic_write_json(gates, a.out)
+        print(f"written to {a.out}")
+
+
 def _key_values(items) -> dict:
     """``["guidance=2", 'sae={"k": 8}']`` -> ``{"guidance": 2, "sae": {"k": 8}}`` (values read as JSON, else text)."""
     out = {}
@@ -45,8 +83,55 @@ def _key_values(items) -> dict:
     return out
 
 
+def add_minicanvas_gates_parser(mcs):
+    """``gates`` under ``saeuron minicanvas``: the unedited model's gates on a saved pipeline folder."""
+    from ..evaluate.protocol import EVAL_SEEDS  # the build's GATE_SEEDS (importing the build would import torch)
+
+    s = mcs.add_parser("gates", help="measure the unedited model's gates (training form, held-out caption forms, "
+                                     "attack control) on a saved pipeline folder, without a build",
+                       description="The build's gates stage on any saved MiniCanvas pipeline (e.g. a mid-training "
+                                   "checkpoint): judge accuracy on the training form over every prompt x --seeds "
+                                   "(gates 98 % objects / 99 % styles for a model trained on caption forms, else "
+                                   "95 %), over every prompt of every held-out caption form x --form-seeds (gate "
+                                   "90 %), and the prefix attack's control (the unedited model's UA may move by at "
+                                   "most 5 points). The held-out forms and the control are measured for any model "
+                                   "unless skipped. Prints a short table with progress bars; --out writes the JSON "
+                                   "(atomically).")
+    s.add_argument("--pipeline", required=True, help="saved MiniCanvas pipeline folder (with model_index.json)")
+    s.add_argument("--classifiers", default=None,
+                   help="folder with object/ and style/ judges (default: the shipped ones)")
+    s.add_argument("--seeds", type=int, nargs="+", default=list(EVAL_SEEDS),
+                   help="seeds of the training-form gate (default: the protocol seeds %(default)s)")
+    s.add_argument("--form-seeds", type=int, nargs="+", default=None,
+                   help="seeds of the held-out-form gate (default: --seeds)")
+    s.add_argument("--caption-forms", default="auto", choices=["auto", "yes", "no"],
+                   help="which training-form gates apply: the caption-forms model's (98/99 %%) or the old model's "
+                        "(95 %%); auto reads it from the tokenizer (default %(default)s)")
+    s.add_argument("--no-heldout-forms", action="store_true", help="skip the held-out caption forms")
+    s.add_argument("--no-control", action="store_true", help="skip the attack control")
+    s.add_argument("--no-damage-check", action="store_true",
+                   help="skip the damage measure's check (calibrated on the first seed's training-form images, the "
+                        "share of the other seeds' images it flags; not a gate)")
+    s.add_argument("--control-prompts", type=int, default=None,
+                   help="attacked prompts per target in the control, every style and object a target (default: the "
+                        "build's, build.CONTROL_DEFAULTS['cpu']: 5)")
+    s.add_argument("--control-iterations", type=int, default=None,
+                   help="attack iterations in the control (default: the build's: 40)")
+    s.add_argument("--control-seeds", type=int, nargs="+", default=None,
+                   help="seeds of the control (default: the build's: 188)")
+    s.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 25)")
+    s.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's, 1.5)")
+    s.add_argument("--batch-size", type=int, default=64, help="images per pipeline call (default %(default)s)")
+    s.add_argument("--out", default=None, metavar="FILE.json", help="write the gates as JSON (atomically)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(fn=cmd_minicanvas_gates)
+    return s
+
+
 def add_minicanvas_parser(sub):
-    """``saeuron minicanvas train|build`` (and ``eval``): the offline MiniCanvas world."""
+    """``saeuron minicanvas train|build|gates`` (and ``eval``, ``compare``): the offline MiniCanvas world."""
     mc = sub.add_parser("minicanvas", help="the offline MiniCanvas world: train its model, build the shipped defaults")
     mcs = mc.add_subparsers(dest="minicanvas_cmd", required=True)
     s = mcs.add_parser("train", help="train the MiniCanvas text-to-image model (resumes from --out)")
@@ -92,6 +177,7 @@ def add_minicanvas_parser(sub):
                         "--set 'sae={\"k\": 8}'; a changed setting redoes the stages that read it, and a later "
                         "build without it goes back to the config's default")
     s.set_defaults(fn=cmd_minicanvas_build)
+    add_minicanvas_gates_parser(mcs)
     add_minicanvas_eval_parser(mcs)  # `saeuron minicanvas eval` (saeuron.evaluate)
     add_minicanvas_compare_parser(mcs)  # `saeuron minicanvas compare` (saeuron.evaluate.compare)
     return mc

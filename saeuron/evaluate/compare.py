@@ -13,6 +13,14 @@ same prompts and seeds without the prefix). The prefix starts from random words 
 weights restored bit-exactly, which is checked). The same attack also runs on the unedited model, as a
 control: on a small model the optimised prefix can by itself stop the concept being drawn, and the
 unedited row's "UA after attack" shows how much of any method's "after" is the prefix rather than the edit.
+The control's movement (its UA under the attack minus its UA without, in points) is reported with a pass/fail
+against ``CONTROL_BAR`` (5 points, issue 21): ``result["control"]``, a note under the table, and
+:func:`attack_control` measures it alone (the build's gates use it).
+
+Every run is also judged by the damage measure (:mod:`.damage`, ``damage=True``), exactly as ``saeuron minicanvas
+eval`` does (:func:`.unlearn_eval.fit_run_damage`: calibrated on the unedited model's training-form images of the
+grid; :func:`.unlearn_eval.evaluate_run` with the measure): the damaged share of the target images, of the kept
+images, and UA counting only undamaged images, per target, per seed and as means (the "Damage" table).
 
 How each method is applied to target T:
 
@@ -41,7 +49,8 @@ under, so a rerun skips what is done. The unedited baseline is
 ``out_dir/baseline.safetensors`` (the same file and key as ``evaluate_unlearning``'s). Outputs:
 ``comparison.json`` (fractions) and ``comparison.md`` (percents): one table, rows = methods (plus the
 unedited model for reference), columns = style UA/IRA/CRA, object UA/IRA/CRA, UA before and after the
-attack, time and memory, with the per-target detail below it; grids in ``out_dir/grids/<method>/``.
+attack, time and memory; then the damage table (rows = method x seed, and the mean over seeds), with the
+per-target detail below it; grids in ``out_dir/grids/<method>/``.
 """
 from __future__ import annotations
 
@@ -60,16 +69,17 @@ from ..utils import atomic_write, atomic_write_json, locks_folder
 from .attack import attack as run_attack
 from .attack import generate_adversarial
 from .baselines import PeakMemory, esd_train, process_rss, uce_edit, unet_device
-from .common import check_classifiers, check_patch_kwargs, resolve_assets, resolve_sampling, slug
-from .metrics import DOMAINS, mean_metrics, target_metrics
+from .common import check_classifiers, check_patch_kwargs, resolve_assets, resolve_sampling, sample_images, slug
+from .metrics import DAMAGE_METRICS, DOMAINS, mean_metrics, target_metrics
 from .protocol import METHODS
-from .unlearn_eval import (baseline_config, build_jobs, edit_signature, evaluate_run, json_roundtrip,
-                           load_cached_result, run_records, unedited_baseline, weights_fingerprint)
+from .unlearn_eval import (baseline_config, build_jobs, damage_flags, edit_signature, evaluate_run, fit_run_damage,
+                           json_roundtrip, load_cached_result, run_records, unedited_baseline, weights_fingerprint)
 
 METHOD_NAMES = {"saeuron": "SAeUron", "uce": "UCE", "esd": "ESD"}
 ESD_VARIANT = {"style": "xattn", "object": "noxattn"}  # ESD-x for styles, ESD-u for objects (as published)
 COMPARISON_FILE = "comparison.json"
 ATTACK_BAR = 5.0  # points: the SAE edit's averaged UA may drop at most this much under the attack
+CONTROL_BAR = 5.0  # points: the unedited model's averaged UA may move (either way) at most this much (issue 21)
 COLUMNS = ("style_ua", "style_ira", "style_cra", "object_ua", "object_ira", "object_cra", "ua_before_attack",
            "ua_after_attack")
 MiB = 2 ** 20
@@ -185,6 +195,84 @@ def attack_target(pipe, classifiers: dict, jobs, run: dict, base_images: torch.T
                 ua_after=1 - sum(p == tid for p in after_all) / len(after_all), prompts=rows)
 
 
+def attack_settings(attack_kwargs: Optional[dict] = None) -> dict:
+    """The attack's keyword arguments as the comparison runs it: the prefix starts from no MiniCanvas concept word
+    (``init_exclude``: every object and style), then ``attack_kwargs``."""
+    return {"init_exclude": list(data.OBJECTS + data.STYLES), **(attack_kwargs or {})}
+
+
+def control_movement(ua_before: float, ua_after: float, bar: float = CONTROL_BAR) -> dict:
+    """The attack control's movement: ``{"ua_before", "ua_after", "move_points" (after - before, in points),
+    "bar_points", "pass"}``; it passes when the unedited model's UA moves by at most ``bar`` points either way."""
+    move = 100 * (float(ua_after) - float(ua_before))
+    return {"ua_before": float(ua_before), "ua_after": float(ua_after), "move_points": move, "bar_points": float(bar),
+            "pass": abs(round(move, 6)) <= bar}
+
+
+def attack_control(pipe, classifiers: dict, *, seeds=(188,), style_targets=None, object_targets=None,
+                   prompts: Optional[int] = 5, iterations: int = 40, attack_kwargs: Optional[dict] = None,
+                   num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
+                   batch_size: int = 16, base_images: Optional[torch.Tensor] = None, progress: bool = True) -> dict:
+    """The comparison's attack control alone: the prefix attack on the unedited ``pipe`` for every target.
+
+    The grid is every object x style (+ unstyled) in the training form x ``seeds``; targets default to every
+    style and every object. Each target is attacked as in :func:`compare_methods` (:func:`attack_target` on its
+    first ``prompts`` prompts, ``iterations`` Adam steps, the unedited images as the attack's targets).
+    ``base_images``: the unedited images of that grid ([N, 3, H, W] in [0, 1], in ``build_jobs`` order), when
+    already generated. Returns :func:`control_movement` of the mean UA over targets (before = the same prompts
+    and seeds without the prefix) plus ``"per_target": {domain: {target: attack}}``, ``"targets"``,
+    ``"attacked_images"``, ``"prompts_per_target"``, ``"iterations"``, ``"seeds"``, ``"sampling"``.
+    """
+    check_classifiers(classifiers)
+    if get_patch(pipe) is not None:
+        raise ValueError("the attack control runs on the unedited model: remove the pipeline's SAE patch first")
+    if iterations < 1 or (prompts is not None and prompts < 1):
+        raise ValueError(f"iterations ({iterations}) and prompts ({prompts}, or None: all) must be >= 1")
+    seeds = [int(x) for x in ([seeds] if isinstance(seeds, int) else seeds)]
+    jobs = build_jobs(None, None, seeds, (0,))
+    targets = {"style": _targets("style", style_targets, jobs, None, False),
+               "object": _targets("object", object_targets, jobs, None, False)}
+    if not targets["style"] and not targets["object"]:
+        raise ValueError("no target to attack: give style_targets and/or object_targets (None: all)")
+    steps, guidance = resolve_sampling(pipe, num_inference_steps, guidance_scale)
+    sampling = dict(num_inference_steps=steps, guidance_scale=guidance, batch_size=batch_size)
+    if base_images is None:
+        base_images = sample_images(pipe, [j.prompt for j in jobs], [j.seed for j in jobs], **sampling)
+    if len(base_images) != len(jobs):
+        raise ValueError(f"base_images holds {len(base_images)} images but the grid has {len(jobs)} (objects x "
+                         "styles + unstyled x seeds)")
+    pred = clf.classify(classifiers, base_images.float().cpu())
+    run = {"pred_object": pred["object"].tolist(), "pred_style": pred["style"].tolist()}
+    kw = attack_settings(attack_kwargs)
+    todo = [(d, t) for d in DOMAINS for t in targets[d]]
+    per: dict = {d: {} for d in DOMAINS if targets[d]}
+    for domain, target in tqdm(todo, desc="attack control (unedited)", unit="target", disable=not progress):
+        per[domain][target] = attack_target(pipe, classifiers, jobs, run, base_images, target, domain, prompts=prompts,
+                                            iterations=iterations, sampling=sampling, attack_kwargs=kw)
+    flat = [a for d in per for a in per[d].values()]
+    out = control_movement(sum(a["ua_before"] for a in flat) / len(flat), sum(a["ua_after"] for a in flat) / len(flat))
+    out.update(per_target=per, targets=len(flat), attacked_images=sum(len(p["seeds"]) for a in flat
+                                                                     for p in a["prompts"]),
+               prompts_per_target=prompts, iterations=iterations, seeds=seeds,
+               sampling={"num_inference_steps": steps, "guidance_scale": guidance},
+               attack={k: v for k, v in kw.items() if k != "init_exclude"},
+               rule=f"the unedited model's UA under the attack minus without it, mean over targets; passes when it "
+                    f"moves by at most {CONTROL_BAR:g} points")
+    return out
+
+
+def per_seed_metrics(jobs, group, domain: str, pred_o, pred_s, damaged=None) -> dict:
+    """``{seed: metrics}``: :func:`.metrics.target_metrics` of one run on the images of each seed on its own (with the
+    damage metrics when the per-image ``damaged`` flags are given). Seeds are keys as text ("188"), as JSON has them."""
+    out = {}
+    for seed in dict.fromkeys(j.seed for j in jobs):
+        idx = [i for i, j in enumerate(jobs) if j.seed == seed]
+        records = run_records([jobs[i] for i in idx], group, domain, [pred_o[i] for i in idx],
+                              [pred_s[i] for i in idx], None if damaged is None else [damaged[i] for i in idx])
+        out[str(seed)] = target_metrics(records, group, domain)
+    return out
+
+
 def _targets(domain: str, given, jobs, table, need_table: bool) -> list:
     """The targets of a domain: ``given`` checked against the grid (and the concept file), or the grid's concepts."""
     labels = data.STYLES if domain == "style" else data.OBJECTS
@@ -216,14 +304,17 @@ def _secs(v) -> str:
 
 
 def summarise(runs: dict, methods) -> dict:
-    """Per method: mean style/object UA, IRA, CRA, mean UA before/after the attack, mean time, max memory."""
+    """Per method: mean style/object UA, IRA, CRA (and, when measured, damage_target, damage_kept, ua_undamaged),
+    mean UA before/after the attack, mean time, max memory; ``per_seed``: the same metrics per seed when the runs
+    carry ``per_seed`` (means over targets)."""
     out = {}
     for m in methods:
         per = runs.get(m, {})
         row = {}
         for d in DOMAINS:
-            mean = mean_metrics({t: r["metrics"] for t, r in per.get(d, {}).items()}, ("ua", "ira", "cra"))
-            row.update({f"{d}_{k}": v for k, v in mean.items()})
+            ms = {t: r["metrics"] for t, r in per.get(d, {}).items()}
+            keys = ("ua", "ira", "cra") + (DAMAGE_METRICS if any("damage_target" in x for x in ms.values()) else ())
+            row.update({f"{d}_{k}": v for k, v in mean_metrics(ms, keys).items()})
         flat = [r for d in DOMAINS for r in per.get(d, {}).values()]
         atk = [r["attack"] for r in flat if r.get("attack")]
         row["ua_before_attack"] = sum(a["ua_before"] for a in atk) / len(atk) if atk else None
@@ -235,8 +326,39 @@ def summarise(runs: dict, methods) -> dict:
         row["added_memory_bytes"] = max((e["added_memory_bytes"] for e in edits), default=None)
         row["memory_kind"] = edits[0]["memory_kind"] if edits else None
         row["targets"] = len(flat)
+        seeds = list(dict.fromkeys(s for r in flat for s in r.get("per_seed", {})))
+        if seeds:
+            row["per_seed"] = {}
+            for seed in seeds:
+                cell = {}
+                for d in DOMAINS:
+                    ms = {t: r["per_seed"][seed] for t, r in per.get(d, {}).items() if seed in r.get("per_seed", {})}
+                    keys = ("ua", "ira", "cra") + (DAMAGE_METRICS if any("damage_target" in x for x in ms.values())
+                                                   else ())
+                    cell.update({f"{d}_{k}": v for k, v in mean_metrics(ms, keys).items()})
+                row["per_seed"][seed] = cell
         out[m] = row
     return out
+
+
+DAMAGE_COLUMNS = tuple(f"{d}_{k}" for d in DOMAINS for k in ("ua", "ua_undamaged", "damage_target", "damage_kept"))
+
+
+def damage_table(result: dict) -> str:
+    """The damage table: rows = method x seed and the method's mean over seeds; per domain UA, UA undamaged, and the
+    damaged share of target and of kept images (percent). Empty when no run was judged for damage."""
+    rows = {**result["summary"], "unedited": result["unedited"]["summary"]}
+    if not any(r.get(c) is not None for r in rows.values() for c in DAMAGE_COLUMNS[1:4] + DAMAGE_COLUMNS[5:]):
+        return ""
+    names = {"ua": "UA", "ua_undamaged": "UA undamaged", "damage_target": "damage target", "damage_kept": "damage kept"}
+    head = ["method", "seed"] + [f"{c.split('_', 1)[0]} {names[c.split('_', 1)[1]]}" for c in DAMAGE_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for m, row in rows.items():
+        name = METHOD_NAMES.get(m, m) if m != "unedited" else "*(unedited)*"
+        for seed, cell in row.get("per_seed", {}).items():
+            lines.append(f"| {name} | {seed} | " + " | ".join(_pct(cell.get(c)) for c in DAMAGE_COLUMNS) + " |")
+        lines.append(f"| {name} | **mean** | " + " | ".join(_pct(row.get(c)) for c in DAMAGE_COLUMNS) + " |")
+    return "\n".join(lines)
 
 
 def markdown(result: dict) -> str:
@@ -262,6 +384,19 @@ def markdown(result: dict) -> str:
                      "the same attack on the model no method touched, i.e. what the prefix does by itself.")
     notes.append(f"Time: seconds to apply the method, mean per target. Memory ({', '.join(kinds) or '-'}): peak while "
                  "applying it (max over targets) and its increase over the memory in use before.")
+    ctrl = result.get("control")
+    if ctrl:
+        d = round(ctrl["move_points"], 1)
+        notes.append(f"Control (the unedited model under the attack): UA {_pct(ctrl['ua_before'])} -> "
+                     f"{_pct(ctrl['ua_after'])}, moves by {d + 0.0:+.1f} points (bar: at most {ctrl['bar_points']:g} "
+                     f"either way): {'PASS' if ctrl['pass'] else 'FAIL'}.")
+    dmg = result.get("damage")
+    if dmg:
+        cal = dmg.get("calibration", {})
+        notes.append(f"Damage (saeuron.evaluate.damage, as `saeuron minicanvas eval`): an image is damaged when it is "
+                     f"no clean picture of what it should still show; calibrated on {cal.get('images')} unedited "
+                     f"images ({cal.get('source')}), of which {_pct(cal.get('flagged_clean'))} % are flagged. UA "
+                     "undamaged counts a target image as unlearned only if it is undamaged.")
     s = result["summary"].get("saeuron", {})
     if s.get("attack_drop_points") is not None:
         ok = s["attack_drop_points"] <= ATTACK_BAR
@@ -269,8 +404,10 @@ def markdown(result: dict) -> str:
         how = f"drops by {d:.1f} points" if d > 0 else f"does not drop (changes by {0.0 - d:+.1f} points)"
         notes.append(f"SAeUron's UA {how} under the attack (bar: a drop of at most {ATTACK_BAR:g}): "
                      f"{'PASS' if ok else 'FAIL'}.")
+    damaged = bool(dmg)
     detail = ["| method | domain | target | UA | IRA | CRA | UA before attack | UA after attack | time (s) "
-              "| peak memory (MiB) |", "|---" * 10 + "|"]
+              "| peak memory (MiB) |" + (" damage target | damage kept | UA undamaged |" if damaged else ""),
+              "|---" * (13 if damaged else 10) + "|"]
     for m, per in {**result["per_target"], "unedited": result["unedited"]["per_target"]}.items():
         for d in DOMAINS:
             for t, r in per.get(d, {}).items():
@@ -278,8 +415,11 @@ def markdown(result: dict) -> str:
                 name = METHOD_NAMES.get(m, "*(unedited)*")
                 detail.append(f"| {name} | {d} | {t} | {_pct(mt['ua'])} | {_pct(mt['ira'])} | {_pct(mt['cra'])} | "
                               f"{_pct(a.get('ua_before'))} | {_pct(a.get('ua_after'))} | "
-                              f"{_secs(e.get('seconds'))} | {_mib(e.get('peak_memory_bytes'))} |")
-    return (head + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n\n### Per target\n\n"
+                              f"{_secs(e.get('seconds'))} | {_mib(e.get('peak_memory_bytes'))} |"
+                              + ("".join(f" {_pct(mt.get(k))} |" for k in DAMAGE_METRICS) if damaged else ""))
+    dtab = damage_table(result)
+    return (head + "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+            + (f"\n\n### Damage, per seed and mean\n\n{dtab}" if dtab else "") + "\n\n### Per target\n\n"
             + "\n".join(detail) + "\n")
 
 
@@ -291,7 +431,7 @@ def compare_methods(pipe, classifiers: dict, checkpoint=None, *, saes=None, tabl
                     uce_kwargs: Optional[dict] = None, patch_kwargs: Optional[dict] = None,
                     num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
                     batch_size: int = 16, out_dir="minicanvas_compare", grid_rows: int = 6, resume: bool = True,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, damage: bool = True) -> dict:
     """Apply each method to each target, evaluate UA/IRA/CRA and UA under the attack; write and return one table.
 
     ``classifiers``: ``{"object", "style"}`` judges. ``checkpoint`` (or ``saes``/``table``): the SAEs and
@@ -300,11 +440,15 @@ def compare_methods(pipe, classifiers: dict, checkpoint=None, *, saes=None, tabl
     ``styles``/``seeds``/``templates``: the prompt grid, as in ``evaluate_unlearning`` (default all objects,
     all styles + unstyled). ``attack_prompts``: attack the first n prompts per target (None: all).
     ``esd_kwargs``/``uce_kwargs``/``patch_kwargs``/``attack_kwargs`` override the methods' and the attack's
-    arguments. ``num_inference_steps``/``guidance_scale``: None keeps the pipeline's defaults.
+    arguments. ``num_inference_steps``/``guidance_scale``: None keeps the pipeline's defaults. ``damage``: judge
+    every run with the damage measure, as ``saeuron minicanvas eval`` does.
 
     Returns ``{"config", "summary": {method: row}, "per_target": {method: {domain: {target: run}}},
-    "unedited", "table", "files"}``; rows hold fractions (style_ua ... ua_after_attack), attack_drop_points,
-    seconds, peak/added memory bytes; a run holds metrics, edit (time, memory, config) and attack.
+    "unedited", "control", "damage", "table", "files"}``; rows hold fractions (style_ua ... ua_after_attack, and
+    with ``damage`` {style,object}_{damage_target,damage_kept,ua_undamaged}), attack_drop_points, seconds,
+    peak/added memory bytes and ``per_seed`` ({seed: the metrics on that seed's images}); a run holds metrics,
+    per_seed, edit (time, memory, config) and attack. ``control``: :func:`control_movement` of the unedited row
+    under the attack (None without the attack); ``damage``: the measure and its calibration (None without).
     """
     methods = list(dict.fromkeys([methods] if isinstance(methods, str) else methods))
     bad = [m for m in methods if m not in METHODS]
@@ -338,13 +482,13 @@ def compare_methods(pipe, classifiers: dict, checkpoint=None, *, saes=None, tabl
                 esd_kwargs=esd_kwargs or {}, esd_iterations=esd_iterations,
                 steps=num_inference_steps, grid=(grid_objects, grid_styles), attack=attack,
                 attack_iterations=attack_iterations, attack_prompts=attack_prompts,
-                attack_kwargs={"init_exclude": list(data.OBJECTS + data.STYLES), **(attack_kwargs or {})},
-                sampling=sampling, grid_rows=grid_rows)
+                attack_kwargs=attack_settings(attack_kwargs), sampling=sampling, grid_rows=grid_rows, damage=None)
     prev = get_patch(pipe)  # the methods must start from the unedited model
     if prev is not None:
         prev.remove()
     try:
         base = unedited_baseline(pipe, classifiers, jobs, out, base_cfg, sampling, resume, progress)
+        measure = opts["damage"] = fit_run_damage(classifiers, jobs, base) if damage else None
         control = (_attack_unedited(pipe, classifiers, jobs, targets, base, base_cfg, out, opts, resume, progress)
                    if attack else {})
         runs = _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out, opts, resume, progress)
@@ -353,19 +497,32 @@ def compare_methods(pipe, classifiers: dict, checkpoint=None, *, saes=None, tabl
             prev.install()
 
     bpo, bps = base["pred_object"].tolist(), base["pred_style"].tolist()
-    unedited = {d: {t: {"metrics": target_metrics(run_records(jobs, (t,), d, bpo, bps), (t,), d),
-                        **({"attack": control[d][t]} if control else {})} for t in targets[d]} for d in DOMAINS}
+    unedited = {d: {} for d in DOMAINS}
+    for d in DOMAINS:
+        for t in targets[d]:
+            flags = damage_flags(measure, base, jobs, (t,), d) if measure is not None else None
+            unedited[d][t] = {"metrics": target_metrics(run_records(jobs, (t,), d, bpo, bps, flags), (t,), d),
+                              "per_seed": per_seed_metrics(jobs, (t,), d, bpo, bps, flags),
+                              **({"attack": control[d][t]} if control else {})}
+    for m in methods:
+        for d, per in runs[m].items():
+            for t, r in per.items():
+                r["per_seed"] = per_seed_metrics(jobs, (t,), d, r["pred_object"], r["pred_style"], r.get("damaged"))
+    unedited_summary = summarise({"unedited": unedited}, ["unedited"])["unedited"]
     result = {
         "config": {"methods": methods, "style_targets": targets["style"], "object_targets": targets["object"],
                    "seeds": seeds, "templates": templates, "objects": grid_objects, "styles": grid_styles,
                    "num_images_per_run": len(jobs), "num_inference_steps": num_inference_steps,
                    "guidance_scale": guidance_scale, "attack": attack, "attack_iterations": attack_iterations,
                    "attack_prompts": attack_prompts, "esd_iterations": esd_iterations,
-                   "checkpoint": None if checkpoint is None else str(checkpoint),
-                   "units": "metrics are fractions; seconds per target; memory in bytes"},
+                   "checkpoint": None if checkpoint is None else str(checkpoint), "damage": damage,
+                   "units": "metrics are fractions; seconds per target; memory in bytes; move_points in points"},
         "summary": summarise(runs, methods),
         "per_target": runs,
-        "unedited": {"summary": summarise({"unedited": unedited}, ["unedited"])["unedited"], "per_target": unedited},
+        "unedited": {"summary": unedited_summary, "per_target": unedited},
+        "control": (control_movement(unedited_summary["ua_before_attack"], unedited_summary["ua_after_attack"])
+                    if control else None),
+        "damage": None if measure is None else {**measure.config(), "calibration": measure.calibration},
     }
     result["table"] = markdown(result)
     result["files"] = {"json": str(out / COMPARISON_FILE), "markdown": str(out / "comparison.md")}
@@ -397,6 +554,8 @@ def _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out: Pat
             edit_cfg = {k: v for k, v in kw["esd_kwargs"].items() if k != "progress"}
         cfg = {"baseline": base_cfg, "method": method, "domain": domain, "target": target, "edit": edit_cfg,
                "attack": _attack_config(o), "grid_rows": o["grid_rows"]}
+        if o["damage"] is not None:
+            cfg["damage"] = o["damage"].config()
         path = out / "runs" / method / f"{domain}_{slug(target)}.json"
         res = load_cached_result(path, cfg) if resume else None
         if res is None:
@@ -405,7 +564,7 @@ def _run_all(pipe, classifiers, jobs, targets, methods, base, base_cfg, out: Pat
                 t0 = time.perf_counter()
                 run = evaluate_run(pipe, classifiers, jobs, (target,), domain, base, sampling=o["sampling"],
                                    grid_path=out / "grids" / method / f"{domain}_{slug(target)}.png",
-                                   grid_rows=o["grid_rows"], progress=progress)
+                                   grid_rows=o["grid_rows"], progress=progress, damage=o["damage"])
                 run["eval_seconds"] = time.perf_counter() - t0
                 if o["attack"]:
                     run["attack"] = _attack(pipe, classifiers, jobs, run, base, target, domain, o)
@@ -446,5 +605,6 @@ def _attack_unedited(pipe, classifiers, jobs, targets, base, base_cfg, out: Path
     return found
 
 
-__all__ = ["compare_methods", "applied", "attack_target", "caption_templates", "esd_prompts", "uce_arguments",
-           "summarise", "markdown", "METHODS"]
+__all__ = ["compare_methods", "applied", "attack_target", "attack_control", "attack_settings", "control_movement",
+           "per_seed_metrics", "caption_templates", "esd_prompts", "uce_arguments", "summarise", "markdown",
+           "damage_table", "METHODS", "CONTROL_BAR", "ATTACK_BAR", "DAMAGE_COLUMNS"]

@@ -6,7 +6,12 @@ and each resumes where a killed run stopped (classifiers are quick and simply re
 1. ``classifiers``: object and style judges (``classifiers.train_classifier``) -> ``classifiers/{object,style}``;
 2. ``model``: the text-to-image model (``train_model``, checkpoints in ``work_dir/model``) -> ``model/`` (fp16);
 3. ``gates``: held-out render accuracy of both classifiers (gate >= 99 %) and their accuracy on the
-   images the unedited model generates for every training prompt x seed (gate >= 95 %) -> ``gates.json``;
+   images the unedited model generates for every training prompt x seed (gate >= 95 %; for a model trained
+   on caption forms the issue-21 gates: objects >= 98 %, styles >= 99 %, and also >= 90 % on every prompt in
+   the held-out caption forms, and the prefix attack's control moving the unedited model's UA by at most 5
+   points; :func:`model_gates`, also ``saeuron minicanvas gates`` on any saved pipeline), plus a check of the
+   damage measure on this model's own images (calibrated on its first seed, flagged share of the others; not a
+   gate: every evaluation calibrates the measure on the judged model's unedited images) -> ``gates.json``;
 4. ``collect``: activations at the ``hookpoints`` setting's blocks over every object x style (+ unstyled)
    training prompt (``saeuron.collect``, in ``work_dir/activations``);
 5. ``sae``: a TopK SAE per hookpoint (``saeuron.train``, state in ``work_dir/sae``) -> ``checkpoint/<hookpoint>/``;
@@ -32,6 +37,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -52,12 +58,22 @@ DEPENDS = {"classifiers": (), "model": (), "gates": ("classifiers", "model"), "c
            "sae": ("collect",), "concepts": ("collect", "sae")}
 # the settings each stage reads: changing one redoes that stage (and its dependents) on the next build
 STAGE_SETTINGS = {"classifiers": ("classifier_steps", "classifier_batch"), "model": ("model",),
-                  "gates": ("heldout_n", "gate_seeds", "sample_steps", "guidance", "sample_batch"),
+                  "gates": ("heldout_n", "gate_seeds", "sample_steps", "guidance", "sample_batch", "form_gate_seeds",
+                            "attack_control"),
                   "collect": ("hookpoints", "collect_repeats", "collect_batch", "collect_dtype", "sample_steps",
                               "guidance"),
                   "sae": ("sae",), "concepts": ("top_n", "multiplier")}
 GATE_SEEDS = (188, 288, 588, 688, 888)  # the UnlearnCanvas evaluation seeds
 HELDOUT_GATE, GENERATED_GATE = 0.99, 0.95
+# issue 21, for a model trained on caption forms: the training form on the protocol seeds, and the held-out forms
+FORM_GATES = {"object": 0.98, "style": 0.99}
+HELDOUT_FORM_GATE = 0.90
+# the attack control of the gates (``model_gates(control=...)``, ``compare.attack_control`` arguments), per config:
+# the protocol of benchmarks/RESULTS.md (seed 188, the first 5 prompts of every style and object, 40 iterations)
+CONTROL_DEFAULTS = {"micro": dict(seeds=(188,), prompts=1, iterations=1, style_targets=("stripes",),
+                                  object_targets=("circle",)),
+                    "cpu": dict(seeds=(188,), prompts=5, iterations=40),
+                    "gpu": dict(seeds=(188,), prompts=5, iterations=40)}
 MAX_FILE_BYTES = 16 * 2 ** 20
 
 # per model config: every setting of every stage (``settings=`` overrides any of them).
@@ -68,6 +84,9 @@ MAX_FILE_BYTES = 16 * 2 ** 20
 # analogy (styles are removed there); the two 8x8 up-block transformers carry the objects (an object sweep
 # on tuning seed 1 scored (UA+IRA)/2 = 77 and 72 there against 64 at 16x16; benchmarks/RESULTS.md). Each
 # concept's sweep picks its own hookpoint (``ConceptTable.defaults[c]["hookpoints"]``).
+# ``form_gate_seeds`` (None: the ``gate_seeds``) and ``attack_control`` (None: ``CONTROL_DEFAULTS[config]``; a dict
+# overrides entries of it; false skips the control) only act when the model is trained on caption forms. Both
+# default to None, so builds recorded before they existed keep their gates.
 BUILD_DEFAULTS = {
     "micro": dict(hookpoints=("up_blocks.0.attentions.1",), classifier_steps=30, classifier_batch=32,
                   model=dict(steps=30, batch_size=16),
@@ -75,14 +94,14 @@ BUILD_DEFAULTS = {
                   collect_repeats=1, collect_batch=55, collect_dtype="fp32",
                   sae=dict(k=4, expansion_factor=4, batch_size=256, lr=2e-3, epochs=1, dead_tokens_threshold=100_000,
                            save_every=1000),
-                  top_n=2, multiplier=-1.0),
+                  top_n=2, multiplier=-1.0, form_gate_seeds=None, attack_control=None),
     "cpu": dict(hookpoints=("up_blocks.1.attentions.1", "up_blocks.0.attentions.0", "up_blocks.0.attentions.1"),
                 classifier_steps=2000, classifier_batch=128, model={}, heldout_n=2000, gate_seeds=GATE_SEEDS,
                 sample_steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, sample_batch=64,
                 collect_repeats=2, collect_batch=22, collect_dtype="fp16",
                 sae=dict(k=16, expansion_factor=16, batch_size=4096, lr=8e-4, epochs=4, dead_tokens_threshold=1_000_000,
                          save_every=250),
-                top_n=5, multiplier=-1.0),
+                top_n=5, multiplier=-1.0, form_gate_seeds=None, attack_control=None),
     "gpu": dict(hookpoints=("up_blocks.1.attentions.1", "up_blocks.1.attentions.2", "up_blocks.0.attentions.1",
                             "up_blocks.0.attentions.2"),
                 classifier_steps=4000, classifier_batch=256, model={}, heldout_n=5000, gate_seeds=GATE_SEEDS,
@@ -90,7 +109,7 @@ BUILD_DEFAULTS = {
                 collect_repeats=4, collect_batch=55, collect_dtype="fp16",
                 sae=dict(k=16, expansion_factor=16, batch_size=4096, lr=6e-4, epochs=4, dead_tokens_threshold=2_000_000,
                          save_every=500),
-                top_n=5, multiplier=-1.0),
+                top_n=5, multiplier=-1.0, form_gate_seeds=None, attack_control=None),
 }
 
 
@@ -121,32 +140,62 @@ def concept_prompts() -> dict:
 
 # ---------------------------------------------------------------- gates
 
+def gate_jobs(seeds=GATE_SEEDS, forms: Optional[str] = None) -> list:
+    """The images a gate generates: ``(object id, style id, seed)`` for every training prompt x seed (``forms``
+    None: the training form, form 0), or ``(object id, style id, seed, form)`` for every prompt in every caption form
+    of the split ``forms`` ("train", "heldout", "all"; styled prompts in ``data.caption_forms(split)``, unstyled ones
+    in ``data.caption_forms(split, unstyled=True)``). Style-major, then object, then form, then seed."""
+    seeds = [int(x) for x in ([seeds] if isinstance(seeds, int) else seeds)]
+    if not seeds:
+        raise ValueError("need at least one seed")
+    unstyled = len(data.STYLES)
+    if forms is None:
+        return [(o, s, seed) for s in range(len(data.STYLE_LABELS)) for o in range(len(data.OBJECTS)) for seed in seeds]
+    data.check_split(forms)
+    return [(o, s, seed, f) for s in range(len(data.STYLE_LABELS)) for o in range(len(data.OBJECTS))
+            for f in data.caption_forms(forms, unstyled=s == unstyled) for seed in seeds]
+
+
+def form_key(style_id: int, form: int) -> str:
+    """The name of a caption form in gate reports: "styled 14" or "unstyled 10" (the indices of
+    ``data.CAPTION_FORMS`` and ``data.UNSTYLED_CAPTION_FORMS`` differ)."""
+    return f"{'unstyled' if style_id == len(data.STYLES) else 'styled'} {form}"
+
+
 @torch.no_grad()
 def generated_accuracy(pipe, classifiers: dict, seeds=GATE_SEEDS, num_inference_steps: int = DEFAULT_STEPS,
                        guidance_scale: float = DEFAULT_GUIDANCE, batch_size: int = 64, progress: bool = True,
-                       return_images: bool = False) -> dict:
+                       return_images: bool = False, forms: Optional[str] = None) -> dict:
     """Accuracy of the object and style classifiers on the model's images for every training prompt x seed.
 
     One CPU generator per image (seeded by its seed), so batching never changes an image. Returns
     ``{"object": acc, "style": acc, "n": images, "per_object": {...}, "per_style": {...}}`` (and
-    ``"images"`` [N, 3, H, W] in [0, 1] plus ``"jobs"`` [(object id, style id, seed)] when asked).
+    ``"images"`` [N, 3, H, W] in [0, 1] plus ``"jobs"`` (see :func:`gate_jobs`) when asked).
+    ``forms``: None generates the training form; a caption-form split ("heldout", "train", "all") generates
+    every prompt in each of its forms instead and adds ``"per_form": {form_key: {"object", "style", "n",
+    "caption"}}``. The pipeline's warnings about prompt forms it was not trained on are silenced here: measuring
+    those forms is the point.
     """
     from tqdm.auto import tqdm
 
-    jobs = [(o, s, int(seed)) for s in range(len(data.STYLE_LABELS)) for o in range(len(data.OBJECTS))
-            for seed in seeds]
-    if not jobs:
-        raise ValueError("need at least one seed")
+    jobs = gate_jobs(seeds, forms)
+
+    def prompt(job):
+        return data.caption(job[0], job[1], 0) if forms is None else data.form_caption(job[0], job[1], job[3])
+
     images = []
-    for i in tqdm(range(0, len(jobs), batch_size), desc="gate: generate", disable=not progress):
-        chunk = jobs[i:i + batch_size]
-        out = pipe([data.caption(o, s, 0) for o, s, _ in chunk], num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, output_type="pt",
-                   generator=[torch.Generator().manual_seed(seed) for *_, seed in chunk])
-        images.append(out.images.float().cpu())
+    desc = "gate: generate" + ("" if forms is None else f" ({forms} caption forms)")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="MiniCanvas", category=UserWarning)
+        for i in tqdm(range(0, len(jobs), batch_size), desc=desc, disable=not progress):
+            chunk = jobs[i:i + batch_size]
+            out = pipe([prompt(j) for j in chunk], num_inference_steps=num_inference_steps,
+                       guidance_scale=guidance_scale, output_type="pt",
+                       generator=[torch.Generator().manual_seed(j[2]) for j in chunk])
+            images.append(out.images.float().cpu())
     images = torch.cat(images)
-    oid = torch.tensor([o for o, _, _ in jobs])
-    sid = torch.tensor([s for _, s, _ in jobs])
+    oid = torch.tensor([j[0] for j in jobs])
+    sid = torch.tensor([j[1] for j in jobs])
     pred = clf.classify(classifiers, images)
     ok = {"object": pred["object"] == oid, "style": pred["style"] == sid}
     res = {"object": ok["object"].float().mean().item(), "style": ok["style"].float().mean().item(), "n": len(jobs),
@@ -154,9 +203,157 @@ def generated_accuracy(pipe, classifiers: dict, seeds=GATE_SEEDS, num_inference_
                           for i, name in enumerate(data.OBJECTS)},
            "per_style": {name: {k: ok[k][sid == i].float().mean().item() for k in ok}
                          for i, name in enumerate(data.STYLE_LABELS)}}
+    if forms is not None:
+        keys = [form_key(j[1], j[3]) for j in jobs]
+        res["per_form"] = {}
+        for key in dict.fromkeys(sorted(keys, key=lambda k: (k.startswith("unstyled"), int(k.split()[1])))):
+            m = torch.tensor([k == key for k in keys])
+            unstyled, f = key.startswith("unstyled"), int(key.split()[1])
+            res["per_form"][key] = {
+                "object": ok["object"][m].float().mean().item(), "style": ok["style"][m].float().mean().item(),
+                "n": int(m.sum()),
+                "caption": (data.UNSTYLED_CAPTION_FORMS if unstyled else data.CAPTION_FORMS)[f]}
     if return_images:
         res.update(images=images, jobs=jobs)
     return res
+
+
+def trained_on_forms(pipe) -> bool:
+    """Whether a MiniCanvas pipeline was trained on the caption forms (its tokenizer knows every form's words,
+    which ``train_model(..., caption_forms=True)`` gives it and the form-0 vocabulary does not)."""
+    return set(data.vocabulary(with_forms=True)) <= {w.lower() for w in pipe.tokenizer.get_vocab()}
+
+
+def _gate(accuracy: float, gate: float) -> dict:
+    return {"accuracy": accuracy, "gate": gate, "pass": accuracy >= gate}
+
+
+def damage_check(classifiers: dict, images: torch.Tensor, jobs: list) -> dict:
+    """The damage measure (:mod:`saeuron.evaluate.damage`) on this model: calibrated on its training-form images of
+    the first seed (as an evaluation calibrates on its unedited images), then the share of its images of the other
+    seeds that it flags (clean images: about 3 % expected). With one seed the check is in-sample."""
+    from ..evaluate.common import judge
+    from ..evaluate.damage import fit_damage_measure
+
+    first = jobs[0][2]
+    cal = [i for i, j in enumerate(jobs) if j[2] == first]
+    rest = [i for i, j in enumerate(jobs) if j[2] != first] or cal
+    judged = judge(classifiers, images)
+
+    def part(idx):
+        return {**{k: v[idx] for k, v in judged.items()}, "objects": [jobs[i][0] for i in idx],
+                "styles": [jobs[i][1] for i in idx]}
+
+    measure = fit_damage_measure(classifiers, {**part(cal), "source": f"unedited model, training form, seed {first}"})
+    check = part(rest)
+    flagged = measure.score(check, check["objects"], check["styles"])["damaged"].float().mean().item()
+    return {"calibration": measure.calibration, "calibration_seeds": [first],
+            "check_seeds": sorted({jobs[i][2] for i in rest}), "check_images": len(rest), "flagged_clean": flagged,
+            "rule": "share of the unedited model's own training-form images flagged as damaged (not a gate)"}
+
+
+def model_gates(pipe, classifiers: dict, *, caption_forms: Optional[bool] = None, seeds=GATE_SEEDS,
+                form_seeds=None, heldout_forms: Optional[bool] = None, control=None, damage: bool = True,
+                num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
+                batch_size: int = 64, progress: bool = True, return_images: bool = False) -> dict:
+    """The unedited model's gates (the build's ``gates`` stage and ``saeuron minicanvas gates``).
+
+    * ``generated``: object and style accuracy of the judges on the training form, every prompt x ``seeds``
+      (gates ``FORM_GATES``, 98 % / 99 %, for a model trained on caption forms; else ``GENERATED_GATE``, 95 %);
+    * ``heldout_forms`` (when ``heldout_forms``, default: ``caption_forms``): the same over every prompt in
+      every held-out caption form (``data.caption_forms("heldout")`` and its unstyled forms) x ``form_seeds``
+      (default ``seeds``), gate ``HELDOUT_FORM_GATE`` (90 %), with per-form figures in ``heldout_forms_detail``;
+    * ``attack_control`` (when ``control`` is a dict of :func:`saeuron.evaluate.compare.attack_control`
+      arguments, e.g. ``CONTROL_DEFAULTS["cpu"]``): the prefix attack on the unedited model; its UA may move by at
+      most ``CONTROL_BAR`` (5) points. Its target images are the training-form images above when its seeds are
+      among ``seeds``;
+    * ``damage_check`` (when ``damage``; not a gate): :func:`damage_check` on the training-form images.
+
+    ``caption_forms``: None reads it from the pipeline (:func:`trained_on_forms`). Returns ``{"generated",
+    "generated_detail", ["heldout_forms", "heldout_forms_detail"], ["attack_control"], ["damage_check"],
+    "caption_forms", "sampling", "counts", "pass"}`` (plus ``"images"``/``"jobs"`` of the training form when asked).
+    """
+    if caption_forms is None:
+        caption_forms = trained_on_forms(pipe)
+    heldout_forms = caption_forms if heldout_forms is None else heldout_forms
+    seeds = [int(x) for x in ([seeds] if isinstance(seeds, int) else seeds)]
+    form_seeds = seeds if form_seeds is None else [int(x) for x in ([form_seeds] if isinstance(form_seeds, int)
+                                                                    else form_seeds)]
+    sampling = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, batch_size=batch_size,
+                    progress=progress)
+    gen = generated_accuracy(pipe, classifiers, seeds, return_images=True, **sampling)
+    images, jobs = gen.pop("images"), gen.pop("jobs")
+    gates = {"generated": {k: _gate(gen[k], FORM_GATES[k] if caption_forms else GENERATED_GATE) for k in clf.KINDS},
+             "generated_detail": gen}
+    counts = {"generated": gen["n"]}
+    if heldout_forms:
+        held = generated_accuracy(pipe, classifiers, form_seeds, forms="heldout", **sampling)
+        held["forms"] = {"styled": list(data.caption_forms("heldout")),
+                         "unstyled": list(data.caption_forms("heldout", unstyled=True))}
+        gates["heldout_forms"] = {k: _gate(held[k], HELDOUT_FORM_GATE) for k in clf.KINDS}
+        gates["heldout_forms_detail"] = held
+        counts["heldout_forms"] = held["n"]
+    if control:
+        from ..evaluate.compare import attack_control
+
+        kw = dict(control)
+        cseeds = [int(x) for x in kw.pop("seeds", seeds[:1])]
+        index = {j: i for i, j in enumerate(jobs)}
+        base = None
+        if set(cseeds) <= set(seeds):  # the same images (one generator per image): reuse them
+            from ..evaluate.unlearn_eval import build_jobs
+
+            base = images[[index[(j.object, data.style_id(j.style), j.seed)]
+                           for j in build_jobs(None, None, cseeds, (0,))]]
+        ctrl = attack_control(pipe, classifiers, seeds=cseeds, base_images=base,
+                              num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              batch_size=min(batch_size, 16), progress=progress, **kw)
+        gates["attack_control"] = ctrl
+        counts["attack_control"] = ctrl["attacked_images"]
+    if damage:
+        gates["damage_check"] = damage_check(classifiers, images, jobs)
+    gates.update(caption_forms=caption_forms,
+                 sampling={"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                           "seeds": seeds, **({"form_seeds": form_seeds} if heldout_forms else {})},
+                 counts=counts)
+    gates["pass"] = all(gate_passes(gates).values())
+    if return_images:
+        gates.update(images=images, jobs=jobs)
+    return gates
+
+
+def gate_passes(gates: dict) -> dict:
+    """``{"part kind": pass}`` of every gate measured in a gates record (e.g. "generated object", "attack_control")."""
+    out = {f"{part} {k}": g["pass"] for part in ("heldout", "generated", "heldout_forms") for k, g in
+           gates.get(part, {}).items()}
+    if "attack_control" in gates:
+        out["attack_control"] = gates["attack_control"]["pass"]
+    return out
+
+
+def gate_lines(gates: dict) -> list:
+    """The gates as short lines of text, one per gate (what the build and ``saeuron minicanvas gates`` print)."""
+    names = {"heldout": "classifier renders", "generated": "training form", "heldout_forms": "held-out forms"}
+    lines = []
+    for part in ("heldout", "generated", "heldout_forms"):
+        for k, g in gates.get(part, {}).items():
+            lines.append(f"{names[part]:<18} {k:<6} {100 * g['accuracy']:6.1f} %  (gate >= {100 * g['gate']:.0f} %)  "
+                         f"{'PASS' if g['pass'] else 'FAIL'}")
+    if "heldout_forms_detail" in gates:
+        for key, f in gates["heldout_forms_detail"]["per_form"].items():
+            lines.append(f"  form {key:<12} object {100 * f['object']:5.1f} %  style {100 * f['style']:5.1f} %  "
+                         f"({f['n']} images: {f['caption']!r})")
+    if "attack_control" in gates:
+        c = gates["attack_control"]
+        lines.append(f"{'attack control':<18} UA {100 * c['ua_before']:.1f} -> {100 * c['ua_after']:.1f} %: moves "
+                     f"{c['move_points']:+.1f} points (bar: at most {c['bar_points']:g})  "
+                     f"{'PASS' if c['pass'] else 'FAIL'}")
+    if "damage_check" in gates:
+        d = gates["damage_check"]
+        lines.append(f"{'damage measure':<18} {100 * d['flagged_clean']:.1f} % of {d['check_images']} clean images of "
+                     f"seeds {d['check_seeds']} flagged (calibrated on seed {d['calibration_seeds'][0]}; not a gate)")
+    lines.append(f"all gates: {'PASS' if all(gate_passes(gates).values()) else 'FAIL'}")
+    return lines
 
 
 def _sample_grid(images: torch.Tensor, jobs: list, path: Path) -> Path:
@@ -318,27 +515,27 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
             pipe = load_pipeline(paths["model"], device)
             held = {k: clf.heldout_accuracy(classifiers[k], n=st["heldout_n"], seed=derive_seed(seed, "heldout"))
                     for k in clf.KINDS}
-            gen = generated_accuracy(pipe, classifiers, st["gate_seeds"], st["sample_steps"], st["guidance"],
-                                     st["sample_batch"], progress, return_images=True)
-            grid = _sample_grid(gen.pop("images"), gen.pop("jobs"), work / "samples.png")
-            gates = {
-                "heldout": {k: {"accuracy": v, "gate": HELDOUT_GATE, "pass": v >= HELDOUT_GATE}
-                            for k, v in held.items()},
-                "generated": {k: {"accuracy": gen[k], "gate": GENERATED_GATE, "pass": gen[k] >= GENERATED_GATE}
-                              for k in clf.KINDS},
-                "generated_detail": gen,
-                "sampling": {"num_inference_steps": st["sample_steps"], "guidance_scale": st["guidance"],
-                             "seeds": list(st["gate_seeds"])},
-                "samples": str(grid)}
-            gates["pass"] = all(g["pass"] for part in ("heldout", "generated") for g in gates[part].values())
+            forms = bool(st["model"].get("caption_forms"))
+            control = None
+            if forms and st["attack_control"] is not False:
+                control = {**CONTROL_DEFAULTS[config], **(st["attack_control"] or {})}
+            model = model_gates(pipe, classifiers, caption_forms=forms, seeds=st["gate_seeds"],
+                                form_seeds=st["form_gate_seeds"], control=control,
+                                num_inference_steps=st["sample_steps"], guidance_scale=st["guidance"],
+                                batch_size=st["sample_batch"], progress=progress, return_images=True)
+            grid = _sample_grid(model.pop("images"), model.pop("jobs"), work / "samples.png")
+            gates = {"heldout": {k: _gate(v, HELDOUT_GATE) for k, v in held.items()}, **model, "samples": str(grid)}
+            gates["counts"]["heldout"] = st["heldout_n"]
+            gates["pass"] = all(gate_passes(gates).values())
             atomic_write_json(gates, out_dir / GATES_FILE)
-            for part in ("heldout", "generated"):
-                for k, g in gates[part].items():
-                    say(f"gate {part} {k}: {100 * g['accuracy']:.1f} % (gate {100 * g['gate']:.0f} %) "
-                        f"{'PASS' if g['pass'] else 'FAIL'}")
+            for line in gate_lines(gates):
+                say(f"gate {line}")
             say(f"sample grid: {grid}")
-            finish(name, t0, **{p: {k: g["accuracy"] for k, g in gates[p].items()} for p in ("heldout", "generated")},
-                   all_pass=gates["pass"])
+            parts = [p for p in ("heldout", "generated", "heldout_forms") if p in gates]
+            info = {p: {k: g["accuracy"] for k, g in gates[p].items()} for p in parts}
+            if "attack_control" in gates:
+                info["attack_control_move_points"] = gates["attack_control"]["move_points"]
+            finish(name, t0, **info, all_pass=gates["pass"])
         elif name == "collect":
             pipe = pipe or load_pipeline(paths["model"], device)
             store = collect(pipe, training_prompts(st["collect_repeats"]), paths["activations"], hookpoints,
@@ -403,4 +600,6 @@ def cli_command(argv=None) -> str:
 
 
 __all__ = ["build_defaults", "build_settings", "dependents", "BUILD_DEFAULTS", "DEPENDS", "STAGE_SETTINGS", "STAGES",
-           "concept_prompts", "training_prompts", "generated_accuracy", "cli_command"]
+           "concept_prompts", "training_prompts", "generated_accuracy", "model_gates", "gate_jobs", "gate_lines",
+           "gate_passes", "form_key", "trained_on_forms", "damage_check", "cli_command", "FORM_GATES", "HELDOUT_FORM_GATE",
+           "CONTROL_DEFAULTS"]
