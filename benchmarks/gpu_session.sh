@@ -16,6 +16,7 @@ from saeuron import ops
 t = time.time(); print(ops.status()); print(f"backend selection + JIT build: {time.time() - t:.1f}s")
 PY
 python3 -m pytest tests/test_gpu.py tests/test_edit_fire_first.py tests/test_kernels_triton.py tests/test_ops_reference.py \
+  tests/test_ops_validation.py tests/test_ext.py::test_sources_and_supports \
   -q -x -p no:cacheprovider \
   2>&1 | tee "$OUT/tests.log" | tail -5
 python3 -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" \

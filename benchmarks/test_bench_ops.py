@@ -94,7 +94,7 @@ def test_edit_call(benchmark, variant, frac, n, dtype):
         fn = lambda: eager_edit(x, W_enc, b_enc, b_dec, W_dec, K, feat, tau, scale)  # noqa: E731
     else:
         ops.set_backend(variant)
-        if ops.backend_for("edit_", DEVICE) != variant:
+        if ops.backend_for("edit_", DEVICE, dtype) != variant:
             ops.set_backend(None)
             pytest.skip(f"{variant} backend not available here: {ops.status()['errors'].get(variant, '')}")
         fn = lambda: ops.edit_(y.copy_(x), W_enc, b_enc, b_dec, W_dec, K, feat, tau, scale)  # noqa: E731

@@ -1,7 +1,12 @@
 // Python bindings: plain pybind11 functions (no torch.library registration, so nothing clashes
 // with the saeuron::* custom ops of saeuron/ops.py, which call these from their bodies). Each
 // function dispatches on the device of its first tensor; signatures mirror saeuron/reference.py.
+// Arguments were validated once by saeuron/ops.py; the only errors raised here say that this build
+// has no kernel for a device.
 #include <torch/csrc/utils/pybind.h>  // tensor casters; much lighter than torch/extension.h
+
+#include <string>
+#include <vector>
 
 #include "ext.h"
 
@@ -81,17 +86,36 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.doc() = "saeuron compiled ops (C++ for CPU tensors, CUDA kernels when built with CUDA)";
   m.def("cuda_enabled", [] { return se::kCuda; }, "Whether this build has the CUDA kernels.");
+  // What this build instantiates, declared beside each binding: kernels()[op][device type] = dtype names.
+  // saeuron.ops chooses backends by (op, device type, dtype) from it (extension.CompiledBackend.supports),
+  // so no call reaches a binding for a device or dtype it has no kernel for.
+  py::dict kernels;
+  const std::vector<std::string> all = {"float32", "float16", "bfloat16", "float64"};
+  const std::vector<std::string> fp32_fp16_bf16 = {"float32", "float16", "bfloat16"};  // fp32 ranking/GEMMs
+  auto declare = [&](const char* op, const std::vector<std::string>& cpu, const std::vector<std::string>& cuda) {
+    py::dict per;
+    per["cpu"] = py::cast(cpu);
+    if (se::kCuda) per["cuda"] = py::cast(cuda);
+    kernels[op] = per;
+  };
   m.def("topk_encode", &se::topk_encode, "Per-token top-k SAE codes (CUDA only).", arg("x"), arg("W_enc"),
         arg("b_enc"), arg("b_dec"), arg("k"), nogil);
+  declare("topk_encode", {}, fp32_fp16_bf16);  // CPU: the reference (MKL GEMM + topk)
   m.def("sparse_decode", &se::sparse_decode, "Decode sparse codes.", arg("values"), arg("indices"), arg("W_dec"),
         arg("b_dec") = py::none(), arg("residual") = py::none(), nogil);
+  declare("sparse_decode", all, all);
   m.def("sparse_decode_bwd", &se::sparse_decode_bwd, "Gradients of sparse_decode.", arg("grad_out"), arg("values"),
         arg("indices"), arg("W_dec"), nogil);
+  declare("sparse_decode_bwd", all, all);
   m.def("gather_encode", &se::gather_encode, "Pre-activations at chosen latents.", arg("x"), arg("W_enc"),
         arg("b_enc"), arg("b_dec"), arg("indices"), nogil);
+  declare("gather_encode", all, all);
   m.def("gather_encode_bwd", &se::gather_encode_bwd, "Gradients of gather_encode.", arg("grad_values"), arg("x"),
         arg("W_enc"), arg("b_dec"), arg("indices"), arg("values"), nogil);
+  declare("gather_encode_bwd", all, all);
   m.def("edit_", &se::edit_, "In-place unlearning edit of tokens [N, d] or a [B, C, H, W] map.", arg("x"),
         arg("W_enc"), arg("b_enc"), arg("b_dec"), arg("W_dec"), arg("k"), arg("feat_idx"), arg("tau"), arg("scale"),
         arg("rows_per_group"), nogil);
+  declare("edit_", all, fp32_fp16_bf16);
+  m.def("kernels", [kernels] { return kernels; }, "{op: {device type: [dtype names]}} this build has kernels for.");
 }

@@ -34,13 +34,23 @@ template <> struct Conv<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
 };
 
-#define SAEURON_DISPATCH_FLOAT(dt, T, ...)                         \
-  switch (dt) {                                                    \
+// Instantiates __VA_ARGS__ for the launcher dtype dt: every float dtype (the training ops) ...
+#define SAEURON_DISPATCH_FLOAT(dt, T, ...)                             \
+  switch (dt) {                                                        \
     case DType::f32: { using T = float; __VA_ARGS__; } break;          \
     case DType::f16: { using T = __half; __VA_ARGS__; } break;         \
     case DType::bf16: { using T = __nv_bfloat16; __VA_ARGS__; } break; \
     case DType::f64: { using T = double; __VA_ARGS__; } break;         \
-    default: return cudaErrorInvalidValue;                         \
+    default: return cudaErrorInvalidValue;                             \
+  }
+
+// ... or fp32, fp16 and bf16 only (the edit: it ranks fp32 pre-activations; bindings.cpp declares no float64).
+#define SAEURON_DISPATCH_FP32_FP16_BF16(dt, T, ...)                    \
+  switch (dt) {                                                        \
+    case DType::f32: { using T = float; __VA_ARGS__; } break;          \
+    case DType::f16: { using T = __half; __VA_ARGS__; } break;         \
+    case DType::bf16: { using T = __nv_bfloat16; __VA_ARGS__; } break; \
+    default: return cudaErrorInvalidValue;                             \
   }
 
 #define SAEURON_RETURN_IF_ERROR(...)           \

@@ -1,5 +1,8 @@
-// CPU implementations (ATen, at::parallel_for, fp32 accumulation; fp64 stays fp64) and the checks
-// shared with the CUDA bridge. Semantics are exactly those of saeuron/reference.py.
+// CPU implementations (ATen, at::parallel_for, fp32 accumulation; fp64 stays fp64). Semantics are exactly
+// those of saeuron/reference.py. Arguments were validated once by saeuron/ops.py (shapes, one float dtype,
+// int64 ids, one device); what stays here guards memory safety when the extension is called directly:
+// latent ids are checked against [0, M) before any row is read (check_index_range; the edit skips them as
+// padding), .contiguous() precedes raw-pointer reads, and ATen's typed pointers refuse a wrong dtype.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -14,40 +17,9 @@
 
 namespace saeuron_ext {
 
-// ------------------------------------------------------------------------------------- checks
+// ------------------------------------------------------------------------------------- memory safety
 
-static void check_dtype(const Tensor& t, at::ScalarType want, const char* name, const char* op) {
-  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " has dtype ", t.scalar_type(), " but the op runs in ", want,
-              "; cast all float inputs to one dtype (float32, float16, bfloat16 or float64)");
-}
-
-static void check_float_dtype(const Tensor& t, const char* op) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16 || s == at::kDouble, op, ": dtype ", s,
-              " is not supported; valid: float32, float16, bfloat16, float64");
-}
-
-void check_sae_code(const Tensor& values, const Tensor& indices, const Tensor& W, const char* op) {
-  TORCH_CHECK(values.dim() == 2 && indices.sizes() == values.sizes(), op, ": values ", values.sizes(),
-              " and indices ", indices.sizes(), " must both be [N, k]");
-  TORCH_CHECK(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices.scalar_type());
-  TORCH_CHECK(W.dim() == 2, op, ": the weight matrix must be [M, d], got ", W.sizes());
-  check_float_dtype(W, op);
-  check_dtype(values, W.scalar_type(), "values", op);
-}
-
-static void check_encoder(const Tensor& x, const Tensor& W_enc, const Tensor& b_enc, const Tensor& b_dec,
-                          const char* op) {
-  check_float_dtype(x, op);
-  TORCH_CHECK(W_enc.dim() == 2 && W_enc.size(1) == x.size(1), op, ": activation width ", x.size(1),
-              " does not match the SAE input width d_in=", W_enc.size(-1));
-  TORCH_CHECK(b_enc.dim() == 1 && b_enc.size(0) == W_enc.size(0) && b_dec.dim() == 1 && b_dec.size(0) == x.size(1),
-              op, ": bias shapes ", b_enc.sizes(), ", ", b_dec.sizes(), " do not fit W_enc ", W_enc.sizes());
-  check_dtype(W_enc, x.scalar_type(), "W_enc", op);
-  check_dtype(b_enc, x.scalar_type(), "b_enc", op);
-  check_dtype(b_dec, x.scalar_type(), "b_dec", op);
-}
-
+// Latent ids are data: saeuron/ops.py does not read them, so every id is checked before its row is read.
 static void check_index_range(const Tensor& idx, int64_t M, const char* op) {
   const int64_t* p = idx.const_data_ptr<int64_t>();
   for (int64_t i = 0, n = idx.numel(); i < n; ++i)
@@ -101,21 +73,11 @@ std::tuple<Tensor, Tensor> topk_dense(const Tensor& x, const Tensor& W_enc, cons
 
 Tensor sparse_decode_cpu(const Tensor& values, const Tensor& indices, const Tensor& W_dec, const OptTensor& b_dec,
                          const OptTensor& residual) {
-  check_sae_code(values, indices, W_dec, "sparse_decode");
   const int64_t N = values.size(0), k = values.size(1), M = W_dec.size(0), d = W_dec.size(1);
   const Tensor v = values.contiguous(), idx = indices.contiguous(), W = W_dec.contiguous();
   Tensor b, res;
-  if (b_dec.has_value() && b_dec->defined()) {
-    TORCH_CHECK(b_dec->dim() == 1 && b_dec->size(0) == d, "sparse_decode: b_dec ", b_dec->sizes(), " must be [", d, "]");
-    check_dtype(*b_dec, W.scalar_type(), "b_dec", "sparse_decode");
-    b = b_dec->contiguous();
-  }
-  if (residual.has_value() && residual->defined()) {
-    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == N && residual->size(1) == d, "sparse_decode: residual ",
-                residual->sizes(), " must be [", N, ", ", d, "]");
-    check_dtype(*residual, W.scalar_type(), "residual", "sparse_decode");
-    res = residual->contiguous();
-  }
+  if (b_dec.has_value() && b_dec->defined()) b = b_dec->contiguous();
+  if (residual.has_value() && residual->defined()) res = residual->contiguous();
   check_index_range(idx, M, "sparse_decode");
   Tensor out = at::empty({N, d}, W.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, W.scalar_type(), "saeuron_sparse_decode_cpu", [&] {
@@ -149,11 +111,7 @@ Tensor sparse_decode_cpu(const Tensor& values, const Tensor& indices, const Tens
 
 std::tuple<Tensor, Tensor, Tensor> sparse_decode_bwd_cpu(const Tensor& grad_out, const Tensor& values,
                                                          const Tensor& indices, const Tensor& W_dec) {
-  check_sae_code(values, indices, W_dec, "sparse_decode_bwd");
   const int64_t N = values.size(0), k = values.size(1), M = W_dec.size(0), d = W_dec.size(1);
-  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == N && grad_out.size(1) == d, "sparse_decode_bwd: grad_out ",
-              grad_out.sizes(), " must be [", N, ", ", d, "]");
-  check_dtype(grad_out, W_dec.scalar_type(), "grad_out", "sparse_decode_bwd");
   const Tensor g = grad_out.contiguous(), v = values.contiguous(), idx = indices.contiguous(), W = W_dec.contiguous();
   check_index_range(idx, M, "sparse_decode_bwd");
   Tensor gv = at::empty({N, k}, v.options()), gW = at::empty({M, d}, W.options()), gb = at::empty({d}, W.options());
@@ -203,10 +161,6 @@ std::tuple<Tensor, Tensor, Tensor> sparse_decode_bwd_cpu(const Tensor& grad_out,
 
 Tensor gather_encode_cpu(const Tensor& x, const Tensor& W_enc, const Tensor& b_enc, const Tensor& b_dec,
                          const Tensor& indices) {
-  TORCH_CHECK(x.dim() == 2 && indices.dim() == 2 && indices.size(0) == x.size(0), "gather_encode: x ", x.sizes(),
-              " must be [N, d] and indices ", indices.sizes(), " [N, k]");
-  TORCH_CHECK(indices.scalar_type() == at::kLong, "gather_encode: indices must be int64, got ", indices.scalar_type());
-  check_encoder(x, W_enc, b_enc, b_dec, "gather_encode");
   const int64_t N = x.size(0), d = x.size(1), k = indices.size(1), M = W_enc.size(0);
   const Tensor xx = x.contiguous(), W = W_enc.contiguous(), be = b_enc.contiguous(), bd = b_dec.contiguous(),
                idx = indices.contiguous();
@@ -240,17 +194,6 @@ Tensor gather_encode_cpu(const Tensor& x, const Tensor& W_enc, const Tensor& b_e
 std::tuple<Tensor, Tensor, Tensor, Tensor> gather_encode_bwd_cpu(const Tensor& grad_values, const Tensor& x,
                                                                  const Tensor& W_enc, const Tensor& b_dec,
                                                                  const Tensor& indices, const Tensor& values) {
-  TORCH_CHECK(x.dim() == 2 && indices.dim() == 2 && indices.size(0) == x.size(0) &&
-                  grad_values.sizes() == indices.sizes() && values.sizes() == indices.sizes(),
-              "gather_encode_bwd: x ", x.sizes(), " must be [N, d]; grad_values ", grad_values.sizes(), ", values ",
-              values.sizes(), " and indices ", indices.sizes(), " [N, k]");
-  TORCH_CHECK(indices.scalar_type() == at::kLong, "gather_encode_bwd: indices must be int64");
-  check_float_dtype(x, "gather_encode_bwd");
-  TORCH_CHECK(W_enc.dim() == 2 && W_enc.size(1) == x.size(1) && b_dec.dim() == 1 && b_dec.size(0) == x.size(1),
-              "gather_encode_bwd: W_enc ", W_enc.sizes(), " and b_dec ", b_dec.sizes(), " do not fit x ", x.sizes());
-  for (auto [t, name] : {std::pair<const Tensor*, const char*>{&W_enc, "W_enc"}, {&b_dec, "b_dec"},
-                         {&grad_values, "grad_values"}, {&values, "values"}})
-    check_dtype(*t, x.scalar_type(), name, "gather_encode_bwd");
   const int64_t N = x.size(0), d = x.size(1), k = indices.size(1), M = W_enc.size(0);
   const Tensor xx = x.contiguous(), W = W_enc.contiguous(), bd = b_dec.contiguous(), idx = indices.contiguous(),
                gvals = grad_values.contiguous(), vals = values.contiguous();
@@ -313,7 +256,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gather_encode_bwd_cpu(const Tensor& g
 // ------------------------------------------------------------------------------------- edit (fire-first)
 //
 // Arguments were validated once by saeuron/ops.py: x is [N, d] or [B, C, H, W] (any strides), the weights
-// share x's dtype, feat_idx is an int64 [G, F] table, tau and scale float32 [G, F], all contiguous.
+// share x's dtype, feat_idx is an int64 [G, F] table, tau and scale float32 [G, F], all contiguous. Ids
+// outside [0, M) are padding: skipped before any read.
 // 1. Gathered GEMM: for each table row g, the pre-activations of its F selected latents on its tokens.
 //    A token where no selected feature passes (value > tau with a non-zero coefficient) is done: never
 //    written, so it stays bit for bit unchanged.

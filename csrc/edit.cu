@@ -9,7 +9,8 @@
 //                value at a lower index; never itself).
 //   edit_apply:  one block per candidate token: the entries with fewer than k latents beating them are
 //                edited, x += sum_j (scale_j - 1) f_j W_dec[feat_j] in table order (fp32), written in place.
-// Tokens with nothing passing are never written: bit for bit unchanged.
+// Tokens with nothing passing are never written: bit for bit unchanged. Instantiated for fp32, fp16 and bf16
+// (no float64 CUDA edit: saeuron.ops runs float64 edits on GPUs on the reference).
 #include "common.cuh"
 
 namespace saeuron_cuda {
@@ -89,7 +90,7 @@ __global__ void __launch_bounds__(NT) edit_apply_kernel(T* x, TokenView xv, cons
                                                         const int64_t* feat, const float* scale, const float* pv,
                                                         const int* cnt, const int* flag, int64_t k, int64_t G,
                                                         int64_t F, int64_t rpg) {
-  using A = typename AccT<T>::type;
+  using A = float;  // fp32 accumulation (T is fp32, fp16 or bf16)
   const int64_t r = blockIdx.x;
   if (!flag[r]) return;
   const int64_t g = r / rpg < G - 1 ? r / rpg : G - 1;
@@ -118,7 +119,7 @@ cudaError_t edit_select(const float* S, const float* c, const int64_t* feat_idx,
                         DType dt, cudaStream_t stream) {
   if (N == 0) return cudaSuccess;
   const int64_t rpg = rows_per_group > 0 ? rows_per_group : 1;
-  SAEURON_DISPATCH_FLOAT(dt, T, {
+  SAEURON_DISPATCH_FP32_FP16_BF16(dt, T, {
     edit_select_kernel<T><<<ceil_div(N, NT), NT, 0, stream>>>(S, c, feat_idx, tau, scale, pv, flag, N, M, G, F, rpg);
   });
   return cudaGetLastError();
@@ -130,7 +131,7 @@ cudaError_t edit_count(const float* P, const float* c, int64_t r0, int64_t rows,
   if (rows == 0) return cudaSuccess;
   if (rows > int64_t(0x7FFFFFFF)) return cudaErrorInvalidValue;
   const int64_t rpg = rows_per_group > 0 ? rows_per_group : 1;
-  SAEURON_DISPATCH_FLOAT(dt, T, {
+  SAEURON_DISPATCH_FP32_FP16_BF16(dt, T, {
     edit_count_kernel<T><<<static_cast<unsigned int>(rows), NT, 0, stream>>>(P, c, r0, M, feat_idx, tau, scale, pv,
                                                                               flag, cnt, G, F, rpg);
   });
@@ -143,7 +144,7 @@ cudaError_t edit_apply(void* x, TokenView xv, DType dt, const void* W_dec, int64
   if (N == 0 || F == 0 || G == 0 || d == 0) return cudaSuccess;
   if (N > int64_t(0x7FFFFFFF)) return cudaErrorInvalidValue;
   const int64_t rpg = rows_per_group > 0 ? rows_per_group : 1;
-  SAEURON_DISPATCH_FLOAT(dt, T, {
+  SAEURON_DISPATCH_FP32_FP16_BF16(dt, T, {
     edit_apply_kernel<T><<<static_cast<unsigned int>(N), NT, 0, stream>>>(
         static_cast<T*>(x), xv, static_cast<const T*>(W_dec), d, feat_idx, scale, pv, cnt, flag, k, G, F, rpg);
   });

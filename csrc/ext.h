@@ -12,10 +12,10 @@ namespace saeuron_ext {
 using at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 
-// Shared argument checks of the training ops (clear messages naming what was wrong and what is valid);
-// edit_'s arguments are validated once, in saeuron/ops.py.
-void check_sae_code(const Tensor& values, const Tensor& indices, const Tensor& W, const char* op);
-// Dense top-k (ATen matmul + topk), exactly reference.topk_encode; any device.
+// Arguments are validated once, in saeuron/ops.py; these functions trust them (see cpu_ops.cpp for the
+// memory-safety guards that stay).
+// Dense top-k (ATen matmul + topk), exactly reference.topk_encode; any device (the CUDA bridge's path for
+// k above the fused kernel's limit).
 std::tuple<Tensor, Tensor> topk_dense(const Tensor& x, const Tensor& W_enc, const Tensor& b_enc,
                                       const Tensor& b_dec, int64_t k);
 

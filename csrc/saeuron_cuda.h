@@ -38,7 +38,8 @@ cudaError_t topk_encode(const void* x, TokenView xv, DType dt, const void* W_enc
 // ---------------------------------------------------------------- fire-first edit
 // Around the cuBLAS GEMMs of the bridge (cuda_ops.cpp). Tables feat_idx/tau/scale are [G, F] contiguous;
 // token r uses row min(r / rows_per_group, G - 1); ids outside [0, M) never fire. c [M] is the folded
-// bias b_enc - W_enc b_dec (fp32). All buffers are fp32/int32 [N, F] or [N] and contiguous.
+// bias b_enc - W_enc b_dec (fp32). All buffers are fp32/int32 [N, F] or [N] and contiguous. dt (the type of x
+// and W_dec) in {f32, f16, bf16}: other values return cudaErrorInvalidValue.
 // S [N, G*F]: x W_enc[feat]^T (fp32). Writes pv (passing values, -1 elsewhere) and flag (candidates).
 cudaError_t edit_select(const float* S, const float* c, const int64_t* feat_idx, const float* tau,
                         const float* scale, float* pv, int* flag, int64_t N, int64_t M, int64_t G, int64_t F,
@@ -56,7 +57,7 @@ cudaError_t edit_apply(void* x, TokenView xv, DType dt, const void* W_dec, int64
                        cudaStream_t stream);
 
 // ---------------------------------------------------------------- training ops
-// All tensors contiguous. Out-of-range latent ids contribute nothing (checked on the host side).
+// All tensors contiguous, dt any DType. Latent ids outside [0, M) contribute nothing (masked before any read).
 // b_dec and residual may be null.
 cudaError_t sparse_decode(const void* values, const int64_t* indices, const void* W_dec, const void* b_dec,
                           const void* residual, void* out, int64_t N, int k, int64_t d, int64_t M, DType dt,

@@ -265,7 +265,7 @@ cudaError_t topk_encode(const void* x, TokenView xv, DType dt, const void* W_enc
     case DType::f32: SAEURON_TOPK(float);
     case DType::f16: SAEURON_TOPK(__half);
     case DType::bf16: SAEURON_TOPK(__nv_bfloat16);
-    default: return cudaErrorInvalidValue;  // fp64: the binding layer uses the dense path
+    default: return cudaErrorInvalidValue;  // fp64: no kernel (saeuron.ops runs the reference)
   }
 #undef SAEURON_TOPK
 }

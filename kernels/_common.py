@@ -1,4 +1,4 @@
-"""Shared runtime facts for the Triton backend: interpreter mode, dtypes, devices.
+"""Shared runtime facts for the Triton backend: interpreter mode, dtypes, devices, block sizes.
 
 Triton decides at decoration time whether ``@triton.jit`` kernels are compiled for a GPU or run by
 its NumPy interpreter (``TRITON_INTERPRET=1``), so :data:`INTERPRET` is read once at import. The
@@ -12,7 +12,7 @@ import torch
 import triton
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)  # the dtypes the kernels take (no float64)
 
 
 def _gpu_driver() -> bool:
@@ -47,8 +47,3 @@ def dot_mode(dtype: torch.dtype) -> tuple[bool, bool]:
     """
     return dtype == torch.float32, INTERPRET and dtype == torch.bfloat16
 
-
-def check_float(name: str, t: torch.Tensor) -> None:
-    """Raise a clear error for tensors this backend cannot take (it runs fp32, fp16 and bf16)."""
-    if t.dtype not in FLOATS:
-        raise TypeError(f"{name} has dtype {t.dtype}; the Triton backend takes float32, float16 or bfloat16")

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_float, next_pow2
+from ._common import INTERPRET, next_pow2
 
 
 @triton.jit
@@ -47,26 +47,19 @@ def row_blocks(n: int, k: int, d: int) -> tuple[int, int]:
 
 
 def sparse_decode(values, indices, W_dec, b_dec=None, residual=None):
-    """``sum_j values[:, j] W_dec[indices[:, j]] (+ b_dec) (+ residual)`` as ``[N, d]`` in W_dec.dtype."""
-    check_float("W_dec", W_dec)
-    check_float("values", values)
-    if values.dim() != 2 or values.shape != indices.shape:
-        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be [N, k]")
-    if W_dec.dim() != 2:
-        raise ValueError(f"W_dec must be [M, d], got shape {tuple(W_dec.shape)}")
+    """``sum_j values[:, j] W_dec[indices[:, j]] (+ b_dec) (+ residual)`` as ``[N, d]`` in W_dec.dtype.
+
+    Arguments as :func:`saeuron.ops.sparse_decode` validated them; ids outside ``[0, M)`` are masked.
+    """
     n, k = values.shape
     m, d = W_dec.shape
-    if b_dec is not None and b_dec.shape != (d,):
-        raise ValueError(f"b_dec {tuple(b_dec.shape)} must be [d] = [{d}]")
-    if residual is not None and residual.shape != (n, d):
-        raise ValueError(f"residual {tuple(residual.shape)} must be [N, d] = [{n}, {d}]")
     out = torch.empty(n, d, dtype=W_dec.dtype, device=W_dec.device)
     if n == 0 or d == 0:
         return out
     r, bd = row_blocks(n, k, d)
     W = W_dec.contiguous()
     _sparse_decode_kernel[(triton.cdiv(n, r), triton.cdiv(d, bd))](
-        values.contiguous(), indices.to(torch.int64).contiguous(), W,
+        values.contiguous(), indices.contiguous(), W,
         W if b_dec is None else b_dec.contiguous(), W if residual is None else residual.contiguous(), out,
         n, k, m, d, HAS_B=b_dec is not None, HAS_R=residual is not None, R=r, KP=next_pow2(k), BD=bd,
         num_warps=4)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, check_float, dot_mode, next_pow2
+from ._common import INTERPRET, dot_mode, next_pow2
 
 IDX_MAX = tl.constexpr(2**31 - 1)  # (constexprs go right of tensors: the interpreter needs it)
 FLT_MAX = tl.constexpr(3.4028234663852886e38)
@@ -264,25 +264,11 @@ def launch_tiles(x, W_enc, c, p):
     return cand
 
 
-def check_encoder(x, W_enc, b_enc, b_dec, k: int) -> None:
-    """Clear errors for shapes/dtypes the encoder kernels cannot take."""
-    for name, t in (("x", x), ("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec)):
-        check_float(name, t)
-    if W_enc.dim() != 2 or W_enc.shape[1] != x.shape[1]:
-        raise ValueError(f"W_enc {tuple(W_enc.shape)} must be [M, d] with d = {x.shape[1]} (the width of x)")
-    if b_enc.shape != (W_enc.shape[0],) or b_dec.shape != (x.shape[1],):
-        raise ValueError(f"b_enc {tuple(b_enc.shape)} must be [M] and b_dec {tuple(b_dec.shape)} must be [d]")
-    if not 1 <= k <= W_enc.shape[0]:
-        raise ValueError(f"k={k} must be between 1 and the number of latents {W_enc.shape[0]}")
-    if W_enc.shape[0] >= 2**31:
-        raise ValueError(f"{W_enc.shape[0]} latents do not fit the packed 31-bit index")
-
-
 def topk_encode(x, W_enc, b_enc, b_dec, k: int):
-    """Per-token top-k of ``ReLU(W_enc (x - b_dec) + b_enc)``: ``(values [N, k] x.dtype desc, indices int64)``."""
-    if x.dim() != 2:
-        raise ValueError(f"topk_encode takes tokens [N, d], got shape {tuple(x.shape)}")
-    check_encoder(x, W_enc, b_enc, b_dec, k)
+    """Per-token top-k of ``ReLU(W_enc (x - b_dec) + b_enc)``: ``(values [N, k] x.dtype desc, indices int64)``.
+
+    Arguments as :func:`saeuron.ops.topk_encode` validated them; ``x [N, d]`` may be strided.
+    """
     n, d = x.shape
     m = W_enc.shape[0]
     vals = torch.empty(n, k, dtype=x.dtype, device=x.device)

@@ -38,7 +38,6 @@ import torch
 
 from .utils import LOCK_NAME, FolderBusyError, FolderLock, atomic_write_json
 
-CPU_OPS = ("sparse_decode", "gather_encode", "gather_encode_bwd", "sparse_decode_bwd", "edit_")
 CUDA_SOURCES = ("cuda_ops.cpp",)  # .cpp files compiled only in CUDA builds (all .cu files are too)
 CXX_FLAGS = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for is inline OpenMP, serial without it
 NVCC_FLAGS = ["-O3", "-lineinfo"]
@@ -193,15 +192,18 @@ class CompiledBackend:
     def __init__(self, module, with_cuda: bool, path: Path):
         self.module, self.with_cuda, self.path = module, with_cuda, path
 
-    def supports(self, op: str, device) -> bool:
-        """Whether this build has a kernel for ``op`` on tensors of ``device``'s type."""
-        kind = torch.device(device).type
-        if kind == "cpu":
-            return op in CPU_OPS
-        return kind == "cuda" and self.with_cuda and op != "supports" and callable(getattr(self, op, None))
+    @functools.cached_property
+    def kernels(self) -> dict:
+        """``{op: {device type: dtype names}}``: what this build instantiates, as csrc/bindings.cpp declares it."""
+        return {op: {dev: frozenset(names) for dev, names in per.items()} for op, per in self.module.kernels().items()}
+
+    def supports(self, op: str, device, dtype: torch.dtype) -> bool:
+        """Whether this build has a kernel for ``op`` on tensors of ``device``'s type and ``dtype``."""
+        name = str(dtype).removeprefix("torch.")
+        return name in self.kernels.get(op, {}).get(torch.device(device).type, ())
 
     def topk_encode(self, x, W_enc, b_enc, b_dec, k):
-        """See :func:`saeuron.reference.topk_encode` (CUDA only)."""
+        """See :func:`saeuron.reference.topk_encode` (CUDA tensors only)."""
         return tuple(self.module.topk_encode(x, W_enc, b_enc, b_dec, int(k)))
 
     def sparse_decode(self, values, indices, W_dec, b_dec=None, residual=None):

@@ -1,25 +1,53 @@
-"""The one seam for hot ops: picks, per op and device, the compiled extension, Triton or PyTorch.
+"""The one seam for hot ops: validates their arguments once, then picks, per op, device type and dtype,
+the compiled extension, Triton or PyTorch.
 
 Every op is a ``torch.library`` custom op (``saeuron::<name>``) with a fake implementation, so
 ``torch.compile`` sees one opaque node and CUDA graph capture works. The body of each op calls
-the implementation of the backend chosen for the op and the tensors' device:
+the implementation of the backend chosen for the op and the tensors' device type and dtype:
 
 - ``cuda``: the extension built just in time from ``csrc/`` (CUDA kernels for GPU tensors, C++
-  for CPU tensors; ops it lacks for a device fall through to the next backend);
+  for CPU tensors);
 - ``triton``: the kernels in ``saeuron.kernels`` (GPU, or CPU under ``TRITON_INTERPRET=1``);
 - ``torch``: :mod:`saeuron.reference`, always available.
 
-Automatic choice follows :data:`AUTO_ORDER`, a static order per device type and op justified by
-the measured tables in ``benchmarks/RESULTS.md``: on the CPU the C++ fire-first edit (about 0.01x,
-0.1x and 1.1x the dense encoder GEMM with 0, 5 and 100 % of the tokens firing) beats the reference
-(2-6x), while the reference's MKL GEMM + topk stays the CPU path of the training ops. ``SAEURON_BACKEND=cuda|triton|torch`` (or :func:`set_backend`) forces
-a backend; when it cannot serve an op the next one in :data:`BACKENDS` is used. Whenever a faster
-backend than the one used cannot run, one warning says why.
+Backend choice. Each backend declares ``supports(op, device, dtype)``: ``torch`` everything, ``triton``
+float32/float16/bfloat16 where its kernels run, ``cuda`` what the built module instantiates (its
+``kernels()`` table, declared next to each binding in ``csrc/bindings.cpp``). For a call, the candidates
+are :data:`AUTO_ORDER`'s entry for the device type and op (or, when a backend is forced with
+``SAEURON_BACKEND=cuda|triton|torch`` or :func:`set_backend`, it and those after it in :data:`BACKENDS`);
+the first that loads, supports ``(op, device type, dtype)`` and, on a GPU, passes a self-check against
+the reference runs it. The choice is cached per ``(op, device type, dtype, forced backend)``. The order
+is static, justified by the measured tables in ``benchmarks/RESULTS.md``: on the CPU the C++ fire-first
+edit (about 0.01x, 0.1x and 1.1x the dense encoder GEMM with 0, 5 and 100 % of the tokens firing) beats
+the reference (2-6x), while the reference's MKL GEMM + topk stays the CPU path of the training ops.
+Whenever a faster backend than the one used cannot run, one warning says why.
 
-Arguments are validated here, once; the backends trust them (no second check on the hot path).
+Validation, once and here. The public ops (:func:`topk_encode`, :func:`sparse_decode`,
+:func:`gather_encode`, :func:`edit_`) check every argument before any backend runs: tensors where
+tensors are due, dims and shapes (``x [N, d]`` or, for ``edit_``, ``[B, C, H, W]``; ``W [M, d]``;
+``b_enc [M]``, ``b_dec [d]``; codes ``[N, k]``; tables ``[G, F]``), one float dtype (float32, float16,
+bfloat16 or float64) for all float inputs, integer latent ids, float thresholds and scales, one device,
+``1 <= k <= M``, ``rows_per_group >= 1``. Errors name the argument and what is valid: ``ValueError``
+for shapes, devices and ranges, ``TypeError`` for dtypes and non-integers. The backends then get
+normalised tensors: contiguous (except the ``x`` that ``edit_`` updates in place, whose strides every
+backend addresses), ids int64, ``edit_`` thresholds and scales float32. The ``*_bwd`` ops are internal,
+fed the forward's saved tensors, and not validated again.
+
+The backends (Triton wrappers, C++/CUDA bridges) check none of this again. They keep only guards of
+memory safety for direct calls, and dispatch errors:
+
+- latent ids are data, not shapes: checking them here would read every id (a host synchronisation on a
+  GPU), so ops does not. Ids outside ``[0, M)`` are padding for ``edit_``: they never fire and no backend
+  reads their rows. In the codes of :func:`sparse_decode` / :func:`gather_encode` they are a caller error
+  that ops does not catch: the C++ CPU ops raise on one before any read (a pass over the ids, no
+  measurable cost), the GPU kernels (Triton, CUDA) mask it (it contributes nothing), the reference raises
+  (an IndexError on the CPU). Either way an out-of-range id never reads out of bounds;
+- the errors that say a build has no kernel for a device or dtype (and ATen itself refuses a typed
+  pointer of the wrong dtype). The ``.contiguous()`` calls left in backends are no-ops on what ops passes.
 """
 from __future__ import annotations
 
+import operator
 import os
 import warnings
 from typing import Optional
@@ -31,7 +59,10 @@ from . import reference
 BACKENDS = ("cuda", "triton", "torch")
 #: The hot ops, declared once: each backend implements them as attributes of the same name.
 OPS = ("topk_encode", "sparse_decode", "gather_encode", "gather_encode_bwd", "sparse_decode_bwd", "edit_")
-#: Automatic backend order per device type and op (ops not named: the device's ``"*"`` entry).
+#: The float dtypes the ops take (every backend declares which of them it runs).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: Automatic backend order per device type and op (ops not named: the device's ``"*"`` entry); a backend
+#: that does not support the call's dtype is skipped.
 #: CPU (measured, benchmarks/RESULTS.md): the compiled fire-first edit beats the reference 3-400x;
 #: the other ops stay on the reference (MKL GEMM + topk). GPU (no kernel has been timed on a GPU yet;
 #: benchmarks/gpu_session.sh times them all): the Triton edit skips the dense GEMM for row blocks with
@@ -62,7 +93,8 @@ class _TorchBackend:
     edit_ = staticmethod(reference.edit_)
 
     @staticmethod
-    def supports(op: str, device: torch.device) -> bool:
+    def supports(op: str, device: torch.device, dtype: torch.dtype) -> bool:
+        """The reference runs every op on every device and dtype."""
         return True
 
 
@@ -120,20 +152,24 @@ def _warn_once(key, msg):
         warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
-def _selfcheck(fn, op: str, device: torch.device) -> Optional[str]:
-    """Run ``fn`` once on small random fp16 inputs and compare with the reference; the reason if it differs.
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
-    Run once per backend, op and GPU before a compiled kernel is trusted with real work, so a kernel that
-    is wrong on this device (driver, architecture) falls back instead of silently corrupting images.
+
+def _selfcheck(fn, op: str, device: torch.device, dtype: torch.dtype = torch.float16) -> Optional[str]:
+    """Run ``fn`` once on small random inputs of ``dtype`` and compare with the reference; the reason if it differs.
+
+    Run once per backend, op, GPU and dtype before a compiled kernel is trusted with real work, so a kernel
+    that is wrong on this device (driver, architecture) falls back instead of silently corrupting images.
     """
     g = torch.Generator().manual_seed(1234)
-    n, d, m, k, dt = 37, 64, 384, 8, torch.float16
+    n, d, m, k, dt = 37, 64, 384, 8, dtype
     r = lambda *s, sc=1.0: (torch.randn(*s, generator=g) * sc).to(device, dt)  # noqa: E731
     x, W_enc, b_enc, b_dec, W_dec = r(n, d), r(m, d, sc=d ** -0.5), r(m, sc=0.1), r(d, sc=0.1), r(m, d, sc=0.2)
     _, idx = reference.topk_encode(x, W_enc, b_enc, b_dec, k)
     vals = reference.gather_encode(x, W_enc, b_enc, b_dec, idx)
     gv = r(n, k)
-    feat = idx[:3, 0][None]
+    feat = idx[:3, 0][None].contiguous()
     tau, scale = torch.zeros(1, 3, device=device), torch.full((1, 3), -2.0, device=device)
     cases = {
         "topk_encode": lambda f: (f(x, W_enc, b_enc, b_dec, k)[0], reference.topk_encode(x, W_enc, b_enc, b_dec, k)[0]),
@@ -148,10 +184,11 @@ def _selfcheck(fn, op: str, device: torch.device) -> Optional[str]:
         "edit_": lambda f: (_run_edit(f, x, W_enc, b_enc, b_dec, W_dec, k, feat, tau, scale),
                             _run_edit(reference.edit_, x, W_enc, b_enc, b_dec, W_dec, k, feat, tau, scale)),
     }
+    tol = 5e-2 if dtype == torch.bfloat16 else 2e-2
     try:
         got, want = cases[op](fn)
         err = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-6))
-        return None if err < 2e-2 else f"self-check against the reference failed (relative error {err:.3g})"
+        return None if err < tol else f"self-check against the reference failed (relative error {err:.3g})"
     except Exception as e:  # noqa: BLE001  any failure means: do not use this kernel here
         return f"self-check raised {type(e).__name__}: {e}"
 
@@ -162,33 +199,39 @@ def _run_edit(fn, x, *args):
     return y
 
 
-def backend_for(op: str, device: torch.device) -> str:
-    """Name of the backend that runs ``op`` for tensors on ``device``."""
-    key = (op, device.type, requested_backend())
-    if key in _choice:
-        return _choice[key][0]
+def backend_for(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Name of the backend that runs ``op`` for tensors of ``dtype`` on ``device``."""
+    return _choose(op, torch.device(device), dtype)[0]
+
+
+def _choose(op: str, device: torch.device, dtype: torch.dtype) -> tuple:
+    """``(backend name, implementation)`` for ``op`` on ``device``'s type and ``dtype``, chosen once and cached."""
+    key = (op, device.type, dtype, requested_backend())
+    hit = _choice.get(key)
+    if hit is not None:
+        return hit
     cands = _candidates(op, device)
     for i, name in enumerate(cands):
         mod = _load(name)
-        if mod is not None and hasattr(mod, op) and mod.supports(op, device):
+        if mod is not None and hasattr(mod, op) and mod.supports(op, device, dtype):
             if device.type == "cuda" and name != "torch":
-                why = _selfcheck(getattr(mod, op), op, device)
+                why = _selfcheck(getattr(mod, op), op, device, dtype)
                 if why is not None:
-                    _load_errors[name] = f"{op}: {why}"
+                    _load_errors[name] = f"{op} ({_dtype_name(dtype)}): {why}"
                     continue
             if i > 0:
-                why = "; ".join(f"{c}: {_load_errors.get(c, 'does not implement ' + op + ' on ' + device.type)}" for c in cands[:i])
+                why = "; ".join(f"{c}: " + _load_errors.get(
+                    c, f"does not implement {op} on {device.type} for {_dtype_name(dtype)}") for c in cands[:i])
                 _warn_once(("fallback",) + cands[:i] + (device.type,),
                            f"saeuron: faster backend unavailable for {op} on {device.type} ({why}); using {name}. "
                            f"Set SAEURON_BACKEND to choose explicitly.")
             _choice[key] = (name, getattr(mod, op))
-            return name
+            return _choice[key]
     raise RuntimeError("no saeuron backend available")  # unreachable: torch always is
 
 
-def _impl(op: str, device: torch.device):
-    backend_for(op, device)
-    return _choice[(op, device.type, requested_backend())][1]
+def _impl(op: str, device: torch.device, dtype: torch.dtype):
+    return _choose(op, device, dtype)[1]
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -196,7 +239,7 @@ def _impl(op: str, device: torch.device):
 @torch.library.custom_op("saeuron::topk_encode", mutates_args=())
 def _topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl("topk_encode", x.device)(x, W_enc, b_enc, b_dec, k)
+    return _impl("topk_encode", x.device, x.dtype)(x, W_enc, b_enc, b_dec, k)
 
 
 @_topk_encode.register_fake
@@ -207,7 +250,7 @@ def _(x, W_enc, b_enc, b_dec, k):
 @torch.library.custom_op("saeuron::sparse_decode", mutates_args=())
 def _sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
                    b_dec: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> torch.Tensor:
-    return _impl("sparse_decode", values.device)(values, indices, W_dec, b_dec, residual)
+    return _impl("sparse_decode", W_dec.device, W_dec.dtype)(values, indices, W_dec, b_dec, residual)
 
 
 @_sparse_decode.register_fake
@@ -218,7 +261,7 @@ def _(values, indices, W_dec, b_dec, residual):
 @torch.library.custom_op("saeuron::sparse_decode_bwd", mutates_args=())
 def _sparse_decode_bwd(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                        W_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _impl("sparse_decode_bwd", grad_out.device)(grad_out, values, indices, W_dec)
+    return _impl("sparse_decode_bwd", W_dec.device, W_dec.dtype)(grad_out, values, indices, W_dec)
 
 
 @_sparse_decode_bwd.register_fake
@@ -244,7 +287,7 @@ _sparse_decode.register_autograd(_sd_backward, setup_context=_sd_setup)
 @torch.library.custom_op("saeuron::gather_encode", mutates_args=())
 def _gather_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
                    indices: torch.Tensor) -> torch.Tensor:
-    return _impl("gather_encode", x.device)(x, W_enc, b_enc, b_dec, indices)
+    return _impl("gather_encode", x.device, x.dtype)(x, W_enc, b_enc, b_dec, indices)
 
 
 @_gather_encode.register_fake
@@ -256,7 +299,7 @@ def _(x, W_enc, b_enc, b_dec, indices):
 def _gather_encode_bwd(grad_values: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor,
                        indices: torch.Tensor, values: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _impl("gather_encode_bwd", x.device)(grad_values, x, W_enc, b_dec, indices, values)
+    return _impl("gather_encode_bwd", x.device, x.dtype)(grad_values, x, W_enc, b_dec, indices, values)
 
 
 @_gather_encode_bwd.register_fake
@@ -281,10 +324,7 @@ _gather_encode.register_autograd(_ge_backward, setup_context=_ge_setup)
 @torch.library.custom_op("saeuron::edit_", mutates_args=("x",))
 def _edit_(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, W_dec: torch.Tensor,
            k: int, feat_idx: torch.Tensor, tau: torch.Tensor, scale: torch.Tensor, rows_per_group: int) -> None:
-    # float64 asks for reference precision: the GPU kernels rank fp32 pre-activations, so it runs the reference
-    # there (the C++ CPU op computes in float64)
-    fn = reference.edit_ if x.dtype == torch.float64 and x.device.type != "cpu" else _impl("edit_", x.device)
-    fn(x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale, rows_per_group)
+    _impl("edit_", x.device, x.dtype)(x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale, rows_per_group)
 
 
 @_edit_.register_fake
@@ -292,83 +332,171 @@ def _(x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale, rows_per_group):
     return None
 
 
+# --------------------------------------------------------------------------- validation (the only one)
+
+_VALID_FLOATS = "float32, float16, bfloat16 or float64"
+
+
+def _tensor(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _float(name: str, t) -> torch.Tensor:
+    _tensor(name, t)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; valid: {_VALID_FLOATS}")
+    return t
+
+
+def _ids(name: str, t) -> torch.Tensor:
+    _tensor(name, t)
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TypeError(f"{name} has dtype {t.dtype}; it must hold integer latent ids (int64, int32, ...)")
+    return t
+
+
+def _same_device(ref_name: str, ref: torch.Tensor, named: dict) -> None:
+    for name, t in named.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}: move all tensors to one "
+                             f"device")
+
+
+def _same_dtype(ref_name: str, ref: torch.Tensor, named: dict) -> None:
+    for name, t in named.items():
+        if t is not None and t.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}: cast all float inputs to one "
+                            f"dtype ({_VALID_FLOATS})")
+
+
+def _shape(name: str, t: torch.Tensor, want: tuple, what: str) -> None:
+    if tuple(t.shape) != tuple(want):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; it must be {what} = {list(want)}")
+
+
+def _check_encoder(x_name: str, x: torch.Tensor, width: int, W_enc, b_enc, b_dec) -> None:
+    """The encoder weights fit activations of ``width`` channels and share ``x``'s dtype and device."""
+    _tensor("W_enc", W_enc)
+    if W_enc.dim() != 2:
+        raise ValueError(f"W_enc must be [M, d], got shape {tuple(W_enc.shape)}")
+    if W_enc.shape[1] != width:
+        raise ValueError(f"activation width {width} does not match the SAE input width d_in={W_enc.shape[1]} "
+                         f"(W_enc {tuple(W_enc.shape)})")
+    _shape("b_enc", _tensor("b_enc", b_enc), (W_enc.shape[0],), "[M]")
+    _shape("b_dec", _tensor("b_dec", b_dec), (width,), "[d]")
+    named = {"W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec}
+    _same_dtype(x_name, x, named)
+    _same_device(x_name, x, named)
+
+
+def _check_k(k, m: int) -> int:
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise TypeError(f"k must be an integer, got {type(k).__name__}") from None
+    if not 1 <= k <= m:
+        raise ValueError(f"k={k} must be between 1 and the number of latents {m}")
+    return k
+
+
+def _tokens(op: str, x) -> torch.Tensor:
+    _float("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"{op} takes tokens x [N, d], got shape {tuple(x.shape)}")
+    return x
+
+
 # --------------------------------------------------------------------------- public API
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _check_float(name_tensors: dict, dtype: torch.dtype):
-    for name, t in name_tensors.items():
-        if t is not None and t.dtype != dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but the op runs in {dtype}: cast all float inputs to one "
-                            f"dtype (float32, float16 or bfloat16)")
-
-
-def _check_sae(x_width: int, W_enc, b_enc, b_dec, k: int):
-    if W_enc.dim() != 2 or W_enc.shape[1] != x_width:
-        raise ValueError(f"activation width {x_width} does not match the SAE input width d_in={W_enc.shape[-1]}")
-    if b_enc.shape != (W_enc.shape[0],) or b_dec.shape != (x_width,):
-        raise ValueError(f"bias shapes {tuple(b_enc.shape)}, {tuple(b_dec.shape)} do not fit W_enc {tuple(W_enc.shape)}")
-    if not 1 <= k <= W_enc.shape[0]:
-        raise ValueError(f"k={k} must be between 1 and the number of latents {W_enc.shape[0]}")
-
 
 def topk_encode(x, W_enc, b_enc, b_dec, k: int):
     """Per-token top-k SAE codes ``(values [N, k], indices [N, k] int64)`` of ``x [N, d]``, no [N, M] buffer."""
-    if x.dim() != 2:
-        raise ValueError(f"topk_encode takes tokens [N, d], got shape {tuple(x.shape)}")
-    _check_sae(x.shape[1], W_enc, b_enc, b_dec, k)
-    _check_float({"W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec}, x.dtype)
-    return _topk_encode(x.contiguous(), W_enc, b_enc, b_dec, int(k))
+    _tokens("topk_encode", x)
+    _check_encoder("x", x, x.shape[1], W_enc, b_enc, b_dec)
+    k = _check_k(k, W_enc.shape[0])
+    return _topk_encode(x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous(), k)
 
 
 def sparse_decode(values, indices, W_dec, b_dec=None, residual=None):
-    """``sum_j values[:, j] W_dec[indices[:, j]] (+ b_dec) (+ residual)``; differentiable, sparse backward."""
-    if values.shape != indices.shape or values.dim() != 2:
+    """``sum_j values[:, j] W_dec[indices[:, j]] (+ b_dec) (+ residual)``; differentiable, sparse backward.
+
+    ``values [N, k]`` in ``W_dec``'s dtype, ``indices [N, k]`` integer ids, ``W_dec [M, d]``, ``b_dec [d]``,
+    ``residual [N, d]``.
+    """
+    _float("W_dec", W_dec)
+    if W_dec.dim() != 2:
+        raise ValueError(f"W_dec must be [M, d], got shape {tuple(W_dec.shape)}")
+    _tensor("values", values)
+    _ids("indices", indices)
+    if values.dim() != 2 or values.shape != indices.shape:
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must both be [N, k]")
-    _check_float({"values": values, "b_dec": b_dec, "residual": residual}, W_dec.dtype)
-    return _sparse_decode(values, indices.long(), W_dec, b_dec, residual)
+    n, d = values.shape[0], W_dec.shape[1]
+    if b_dec is not None:
+        _shape("b_dec", _tensor("b_dec", b_dec), (d,), "[d]")
+    if residual is not None:
+        _shape("residual", _tensor("residual", residual), (n, d), "[N, d]")
+    _same_dtype("W_dec", W_dec, {"values": values, "b_dec": b_dec, "residual": residual})
+    _same_device("W_dec", W_dec, {"values": values, "indices": indices, "b_dec": b_dec, "residual": residual})
+    return _sparse_decode(values.contiguous(), indices.long().contiguous(), W_dec.contiguous(),
+                          None if b_dec is None else b_dec.contiguous(),
+                          None if residual is None else residual.contiguous())
 
 
 def gather_encode(x, W_enc, b_enc, b_dec, indices):
-    """Differentiable pre-activations at chosen latents; gradients touch only those latents' rows."""
-    _check_float({"W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec}, x.dtype)
-    return _gather_encode(x, W_enc, b_enc, b_dec, indices.long())
+    """Differentiable pre-activations ``[N, k]`` of ``x [N, d]`` at the latents ``indices [N, k]``; gradients
+    touch only those latents' rows."""
+    _tokens("gather_encode", x)
+    _check_encoder("x", x, x.shape[1], W_enc, b_enc, b_dec)
+    _ids("indices", indices)
+    if indices.dim() != 2 or indices.shape[0] != x.shape[0]:
+        raise ValueError(f"indices has shape {tuple(indices.shape)}; it must be [N, k] with N = {x.shape[0]} "
+                         f"(the tokens of x)")
+    _same_device("x", x, {"indices": indices})
+    return _gather_encode(x.contiguous(), W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous(),
+                          indices.long().contiguous())
 
 
 def edit_(x, W_enc, b_enc, b_dec, W_dec, k: int, feat_idx, tau, scale, rows_per_group: Optional[int] = None):
     """In place: ``x += sum over fired selected features of (scale - 1) f_i W_dec[i]`` (see reference.edit_).
 
-    ``x`` is ``[N, d]`` tokens or a ``[B, C, H, W]`` block output. ``feat_idx/tau/scale`` are
-    ``[F]`` or ``[G, F]`` tables; token row r uses table row ``min(r // rows_per_group, G-1)``.
-    Ids outside ``[0, M)`` are padding and never fire. Validated here once; backends trust it.
+    ``x`` is ``[N, d]`` tokens or a ``[B, C, H, W]`` block output (any strides). ``feat_idx`` (integer ids),
+    ``tau`` and ``scale`` (floats) are ``[F]`` or ``[G, F]`` tables; token row r uses table row
+    ``min(r // rows_per_group, G-1)`` (default: the tokens split evenly over the G rows). Ids outside
+    ``[0, M)`` are padding and never fire.
     """
+    _float("x", x)
     if x.dim() not in (2, 4):
         raise ValueError(f"edit_ takes tokens [N, d] or a map [B, C, H, W], got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"x has dtype {x.dtype}; valid: float32, float16, bfloat16, float64")
     width = x.shape[1]
-    _check_sae(width, W_enc, b_enc, b_dec, k)
-    _check_float({"W_enc": W_enc, "b_enc": b_enc, "b_dec": b_dec, "W_dec": W_dec}, x.dtype)
+    _check_encoder("x", x, width, W_enc, b_enc, b_dec)
+    _tensor("W_dec", W_dec)
     if W_dec.shape != W_enc.shape:
         raise ValueError(f"W_dec {tuple(W_dec.shape)} must have the shape of W_enc {tuple(W_enc.shape)}")
-    if feat_idx.dim() == 1:
+    _same_dtype("x", x, {"W_dec": W_dec})
+    k = _check_k(k, W_enc.shape[0])
+    _ids("feat_idx", feat_idx)
+    for name, t in (("tau", tau), ("scale", scale)):
+        if not _tensor(name, t).is_floating_point():
+            raise TypeError(f"{name} has dtype {t.dtype}; it must be a float table (float32 is used)")
+    if feat_idx.dim() == 1 and tau.dim() == 1 and scale.dim() == 1:
         feat_idx, tau, scale = feat_idx[None], tau[None], scale[None]
     if feat_idx.dim() != 2 or not (feat_idx.shape == tau.shape == scale.shape):
         raise ValueError(f"feat_idx {tuple(feat_idx.shape)}, tau {tuple(tau.shape)}, scale {tuple(scale.shape)} "
                          f"must be equal [G, F] (or [F]) tables")
-    if feat_idx.is_floating_point() or feat_idx.is_complex():
-        raise TypeError(f"feat_idx has dtype {feat_idx.dtype}; it must hold integer latent ids")
-    for name, t in (("W_enc", W_enc), ("b_enc", b_enc), ("b_dec", b_dec), ("W_dec", W_dec), ("feat_idx", feat_idx),
-                    ("tau", tau), ("scale", scale)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}: move all tensors to one device")
-    n = x.numel() // width if width else 0
+    _same_device("x", x, {"W_dec": W_dec, "feat_idx": feat_idx, "tau": tau, "scale": scale})
     if rows_per_group is None:
+        n = x.numel() // width if width else 0
         rows_per_group = max(n // max(feat_idx.shape[0], 1), 1)
-    _edit_(x, W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous(), W_dec.contiguous(), int(k),
-           feat_idx.long().contiguous(), tau.float().contiguous(), scale.float().contiguous(),
-           max(int(rows_per_group), 1))
+    else:
+        try:
+            rows_per_group = operator.index(rows_per_group)
+        except TypeError:
+            raise TypeError(f"rows_per_group must be an integer, got {type(rows_per_group).__name__}") from None
+        if rows_per_group < 1:
+            raise ValueError(f"rows_per_group={rows_per_group} must be >= 1")
+    _edit_(x, W_enc.contiguous(), b_enc.contiguous(), b_dec.contiguous(), W_dec.contiguous(), k,
+           feat_idx.long().contiguous(), tau.float().contiguous(), scale.float().contiguous(), rows_per_group)
     return x
 
 
@@ -378,8 +506,9 @@ def edit(x, *args, **kwargs):
 
 
 def status() -> dict:
-    """Which backend each op would use on CPU and (if present) CUDA, plus load errors: for bug reports."""
+    """Which backend each op would use on CPU and (if present) CUDA, per dtype, plus load errors: for bug reports."""
     devs = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     return {"requested": requested_backend() or "auto",
-            "ops": {f"{op}@{d.type}": backend_for(op, d) for op in OPS for d in devs},
+            "ops": {f"{op}@{d.type}": {_dtype_name(dt): backend_for(op, d, dt) for dt in FLOAT_DTYPES}
+                    for op in OPS for d in devs},
             "errors": dict(_load_errors)}

@@ -102,9 +102,16 @@ def test_sources_and_supports(ext):
     everything = {p.name for p in extension.sources(True)}
     assert {"cpu_ops.cpp", "bindings.cpp"} <= cpu_only and not any(n.endswith(".cu") for n in cpu_only)
     assert "cuda_ops.cpp" not in cpu_only and {"cuda_ops.cpp", "topk_encode.cu", "edit.cu"} <= everything
-    assert ext.supports("edit_", CPU) and ext.supports("gather_encode_bwd", "cpu")
-    assert not ext.supports("topk_encode", CPU)
-    assert ext.supports("edit_", torch.device("cuda")) == (torch.cuda.is_available() and ext.with_cuda)
+    F32, F64 = torch.float32, torch.float64
+    assert set(ext.kernels) == set(ops.OPS), "the build declares what it has for exactly the ops of ops.OPS"
+    assert ext.supports("edit_", CPU, F32) and ext.supports("gather_encode_bwd", "cpu", torch.bfloat16)
+    assert ext.supports("edit_", CPU, F64) and ext.supports("sparse_decode", CPU, torch.float16)
+    assert not any(ext.supports("topk_encode", CPU, dt) for dt in ops.FLOAT_DTYPES)
+    assert not ext.supports("edit_", CPU, torch.int64) and not ext.supports("no_such_op", CPU, F32)
+    assert ext.supports("edit_", torch.device("cuda"), F32) == ext.with_cuda
+    assert not ext.supports("edit_", torch.device("cuda"), F64)  # the CUDA edit ranks fp32: no float64 kernel
+    assert not ext.supports("topk_encode", torch.device("cuda"), F64)
+    assert ext.supports("gather_encode", torch.device("cuda"), F64) == ext.with_cuda
     assert ext.module.cuda_enabled() == ext.with_cuda == extension.cuda_buildable()
 
 
@@ -174,15 +181,40 @@ def test_training_ops_float64_and_fresh_outputs(ext):
         _close(a, b, torch.float64)
 
 
-def test_bad_indices_raise_clear_errors(ext):
+@pytest.mark.parametrize("bad", [64, -1, 1 << 40])
+def test_bounds_guard_raises_on_out_of_range_ids_in_direct_calls(ext, bad):
+    """ops validates shapes and dtypes but never reads ids; the C++ ops check each one before reading its row."""
     W_enc, b_enc, b_dec, W_dec = _weights(8, 64, torch.float32)
-    vals, idx = torch.rand(3, 2), torch.tensor([[0, 1], [2, 64], [3, 4]])
-    with pytest.raises(RuntimeError, match="index 64 is out of range; valid latent ids are 0..63"):
+    x, vals, idx = torch.randn(3, 8), torch.rand(3, 2), torch.tensor([[0, 1], [2, bad], [3, 4]])
+    msg = f"index {bad} is out of range; valid latent ids are 0..63"
+    with pytest.raises(RuntimeError, match=msg):
         ext.sparse_decode(vals, idx, W_dec)
-    with pytest.raises(RuntimeError, match="dtype"):
-        ext.gather_encode(torch.randn(3, 8).half(), W_enc, b_enc, b_dec, idx.clamp(max=63))
+    with pytest.raises(RuntimeError, match=msg):
+        ext.sparse_decode_bwd(torch.randn(3, 8), vals, idx, W_dec)
+    with pytest.raises(RuntimeError, match=msg):
+        ext.gather_encode(x, W_enc, b_enc, b_dec, idx)
+    with pytest.raises(RuntimeError, match=msg):
+        ext.gather_encode_bwd(torch.rand(3, 2), x, W_enc, b_dec, idx, vals)
+    with pytest.raises(RuntimeError, match=msg):  # through ops (with the C++ backend forced), the same guard
+        ops.set_backend("cuda")
+        try:
+            ops.sparse_decode(vals, idx, W_dec)
+        finally:
+            ops.set_backend(None)
+    y = x.clone()  # edit_: such an id is padding, never read, never fires (a finite tau, a scale != 1)
+    ext.edit_(y, W_enc, b_enc, b_dec, W_dec, 2, torch.tensor([[bad]]), torch.full((1, 1), -1.0),
+              torch.full((1, 1), -1.0), 3)
+    assert torch.equal(y, x)
+
+
+def test_dispatch_errors_stay(ext):
+    """The only other errors of the bindings: no kernel for a device (or, in CUDA builds, a dtype)."""
+    W_enc, b_enc, b_dec, _ = _weights(8, 64, torch.float32)
     with pytest.raises(RuntimeError, match="no CPU kernel"):
         ext.topk_encode(torch.randn(3, 8), W_enc, b_enc, b_dec, 2)
+    meta = torch.empty(3, 2, device="meta")
+    with pytest.raises(RuntimeError, match="has no kernel for device meta"):
+        ext.sparse_decode(meta, meta.long(), torch.empty(64, 8, device="meta"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -260,8 +292,9 @@ def test_edit_noops_leave_x_bit_equal(ext):
 
 def test_seam_routes_cpu_ops_to_extension(ext, fresh_ops, monkeypatch):
     monkeypatch.setenv("SAEURON_BACKEND", "cuda")
-    for op in extension.CPU_OPS:
-        assert ops.backend_for(op, CPU) == "cuda"
+    for op in set(ops.OPS) - {"topk_encode"}:  # (topk_encode: the fallback warning is checked below)
+        for dt in ops.FLOAT_DTYPES:
+            assert ops.backend_for(op, CPU, dt) == "cuda", (op, dt)
     d, m, k = 24, 96, 6
     W_enc, b_enc, b_dec, W_dec = _weights(d, m, torch.float32)
     x = torch.randn(2, d, 3, 4)

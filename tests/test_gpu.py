@@ -30,7 +30,7 @@ def _case(n, d, m, k, dtype, seed=0):
 def test_ops_match_reference_on_gpu(backend, n, d, m, k, dtype):
     x, W_enc, b_enc, b_dec, W_dec = _case(n, d, m, k, dtype)
     for op in ("topk_encode", "sparse_decode", "edit_", "gather_encode"):
-        assert ops.backend_for(op, CUDA) == backend, ops.status()
+        assert ops.backend_for(op, CUDA, dtype) == backend, ops.status()
     vals, idx = ops.topk_encode(x, W_enc, b_enc, b_dec, k)
     rv, _ = reference.topk_encode(x, W_enc, b_enc, b_dec, k)
     tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
@@ -44,6 +44,19 @@ def test_ops_match_reference_on_gpu(backend, n, d, m, k, dtype):
     want = x.clone()
     reference.edit_(want, W_enc, b_enc, b_dec, W_dec, k, feat, tau, scale, n)
     torch.testing.assert_close(got.float(), want.float(), atol=5 * tol, rtol=5 * tol)
+
+
+def test_float64_edit_runs_the_reference_on_gpu(backend):
+    """Neither GPU backend declares a float64 edit (they rank fp32 pre-activations): ops chooses the reference."""
+    assert ops.backend_for("edit_", CUDA, torch.float64) == "torch"
+    assert ops.backend_for("gather_encode", CUDA, torch.float64) == ("cuda" if backend == "cuda" else "torch")
+    x, W_enc, b_enc, b_dec, W_dec = _case(300, 64, 512, 8, torch.float64)
+    _, idx = reference.topk_encode(x, W_enc, b_enc, b_dec, 8)
+    feat = idx[:4, 0][None]
+    tau, scale = torch.zeros(1, 4, device=CUDA), torch.full((1, 4), -2.0, device=CUDA)
+    want = x.clone()
+    reference.edit_(want, W_enc, b_enc, b_dec, W_dec, 8, feat, tau, scale, 300)
+    assert torch.equal(ops.edit(x, W_enc, b_enc, b_dec, W_dec, 8, feat, tau, scale), want)
 
 
 def test_edit_under_cuda_graph_capture(backend):

@@ -375,21 +375,27 @@ def test_opcheck_with_triton_backend(triton_backend):
                                        torch.zeros(1, 2, device=DEV), torch.full((1, 2), -1.0, device=DEV), n))
 
 
-def test_supports_and_bad_inputs():
-    assert K.supports("topk_encode", DEV) and K.supports("edit_", DEV)
-    assert not K.supports("no_such_op", DEV) and not K.supports("topk_encode", torch.device("meta"))
-    W_enc, b_enc, b_dec, W_dec = _weights(8, 32)
-    with pytest.raises(TypeError, match="float64"):
-        K.topk_encode(_x(3, 8).double(), W_enc.double(), b_enc.double(), b_dec.double(), 2)
-    with pytest.raises(ValueError, match="k=40"):
-        K.topk_encode(_x(3, 8), W_enc, b_enc, b_dec, 40)
-    with pytest.raises(ValueError, match="width of x"):
-        K.topk_encode(_x(3, 9), W_enc, b_enc, b_dec, 2)
-    with pytest.raises(ValueError, match="must be equal"):  # edit_ arguments are validated once, in ops
-        ops.edit_(_x(3, 8), W_enc, b_enc, b_dec, W_dec, 2, torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 3),
-                  torch.zeros(1, 2), 3)
-    with pytest.raises(ValueError, match=r"\[N, k\]"):
-        K.sparse_decode(torch.rand(3, 2), torch.zeros(3, 3, dtype=torch.long), W_dec)
+def test_supports_by_dtype():
+    """fp32/fp16/bf16 kernels for every op where Triton runs; no float64, no other device, no other name."""
+    for op in ops.OPS:
+        assert all(K.supports(op, DEV, dt) for dt in (F32, F16, BF16)) and not K.supports(op, DEV, torch.float64), op
+    assert not K.supports("no_such_op", DEV, F32) and not K.supports("topk_encode", torch.device("meta"), F32)
+
+
+def test_seam_sends_float64_past_triton(triton_backend, monkeypatch):
+    """Forced Triton has no float64 kernels: ops runs float64 calls on the next backend (the reference)."""
+    monkeypatch.setattr(ops, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="triton: does not implement .* for float64"):
+        for op in ops.OPS:
+            assert ops.backend_for(op, DEV, torch.float64) == "torch" and ops.backend_for(op, DEV, F32) == "triton"
+    d, m, k, n = 16, 96, 6, 21
+    W_enc, b_enc, b_dec, W_dec = (t.double() for t in _weights(d, m))
+    x = _x(n, d).double()
+    _, idx = reference.topk_encode(x, W_enc, b_enc, b_dec, k)
+    feat, tau, scale = idx[0, :3], torch.zeros(3, device=DEV), torch.full((3,), -2.0, device=DEV)
+    want = x.clone()
+    reference.edit_(want, W_enc, b_enc, b_dec, W_dec, k, feat[None], tau[None], scale[None], n)
+    assert torch.equal(ops.edit(x, W_enc, b_enc, b_dec, W_dec, k, feat, tau, scale), want)
 
 
 _COMPILE_SCRIPT = r'''
