@@ -166,20 +166,23 @@ def test_nothing_fires_is_bit_for_bit_noop(ext):
 
 
 def test_triton_edit_matches_reference_interpreted():
-    """The Triton kernels under TRITON_INTERPRET=1 on a small subset of the same random cases."""
+    """The Triton kernels under TRITON_INTERPRET=1 against the reference on 1000 random cases (small shapes: the
+    interpreter runs a program instance at a time), every layout, firing fraction, tie and dtype of ``make_case``."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("set TRITON_INTERPRET=1 to run the Triton kernels on the CPU")
     K = pytest.importorskip("saeuron.kernels.backend")
-    edited = 0
-    for seed in range(240):
-        edited += check_case(K.edit_, make_case(seed, small=True))
-    assert edited > 5
+    edited, kinds = 0, set()
+    for seed in range(1000):
+        case = make_case(seed, small=True)
+        edited += check_case(K.edit_, case)
+        kinds.add((case[-1]["layout"], case[-1]["frac"], case[-1]["tied"]))
+    assert edited > 100 and len(kinds) == 18, (edited, kinds)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_gpu_backends_match_reference(backend):
-    """On a GPU: the CUDA and Triton fire-first edits against the reference, 600 random cases each."""
+    """On a GPU: the CUDA and Triton fire-first edits against the reference, 1000 random cases each."""
     ops.set_backend(backend)
     try:
         if ops.backend_for("edit_", torch.device("cuda")) != backend:
@@ -192,7 +195,7 @@ def test_gpu_backends_match_reference(backend):
                       scale.to(dev), rpg)
             x.copy_(y.cpu())
 
-        for seed in range(600):
+        for seed in range(1000):
             check_case(on_gpu, make_case(seed))
     finally:
         ops.set_backend(None)
