@@ -6,7 +6,8 @@ For concept c at timestep t (method.md section 4; ``mu`` comes from :func:`saeur
 
     score_t(i, c) = mu[c,t][i] / (sum_j mu[c,t][j] + 1e-8) - mu[~c,t][i] / (sum_j mu[~c,t][j] + 1e-8)
 
-``mu[~c,t]`` is the prompt-count-weighted mean over all *other concepts'* prompts. A
+``mu[~c,t]`` is the prompt-count-weighted mean over all *other concepts'* prompts. For an SAE trained with concept
+supervision a concept's default may instead be the ``reserved`` rule: exactly the latents the SAE reserves for it. A
 :class:`ConceptTable` keeps ``mu`` for every concept, timestep and hookpoint, so any subset of the
 concepts can be unlearned later, with any selection rule, without recomputing anything. It is saved as
 ``concepts.safetensors`` + ``concepts.json`` next to the SAE folders of a checkpoint.
@@ -29,6 +30,10 @@ JSON_FILE = "concepts.json"
 FORMAT = "saeuron.concepts"
 VERSION = 1
 DEFAULTS = {"multiplier": -1.0, "percentile": 99.99, "top_n": None, "hookpoints": None, "threshold": 1.0}
+# defaults a concept file holds only when set: "reserved": true selects the latents a concept-supervised SAE reserves
+# for the concept (saeuron.supervision) instead of the percentile/top_n rule; absent (false) in every other file
+OPTIONAL_DEFAULTS = {"reserved": False}
+DEFAULT_KEYS = frozenset(DEFAULTS) | frozenset(OPTIONAL_DEFAULTS)
 EPS = 1e-8
 
 
@@ -117,7 +122,10 @@ class ConceptTable:
     ``hookpoints``: where c is edited when ``patch`` is not told (None: every hookpoint of the table;
     a sweep may pick, e.g., a coarser block for objects than for styles), and ``threshold``: a factor on
     the edit threshold ``tau`` (1 = the method's; larger edits only where a feature fires strongly, which
-    spares other concepts on whose tokens it fires weakly).
+    spares other concepts on whose tokens it fires weakly). Optionally ``reserved: true`` (only present when
+    set): select the latents the hookpoint's concept-supervised SAE reserves for c (recorded in
+    ``metadata["hookpoint_sae"][hp]["concept_latents"]``) instead of the percentile/top_n rule, which explicit
+    ``percentile``/``top_n`` arguments still pick.
     """
 
     def __init__(self, names, counts, timesteps, mu: dict, defaults=None, metadata=None):
@@ -151,13 +159,13 @@ class ConceptTable:
             self.mu[normalize_hookpoint(hp)] = m.contiguous()
         if not self.mu:
             raise ValueError("a concept table needs statistics for at least one hookpoint")
+        self.metadata = dict(metadata or {})  # before the defaults: a "reserved" default is checked against it
         self.defaults = self.complete_defaults(defaults)
-        self.metadata = dict(metadata or {})
 
     def complete_defaults(self, defaults) -> dict:
         """Every concept's defaults (one dict for all concepts, or one per concept) completed and validated."""
         defaults = dict(defaults or {})
-        if set(defaults) <= set(DEFAULTS):  # one dict for all concepts
+        if set(defaults) <= DEFAULT_KEYS:  # one dict for all concepts
             out = {n: {**DEFAULTS, **defaults} for n in self.names}
         else:
             unknown = [k for k in defaults if k not in self.names]
@@ -166,9 +174,9 @@ class ConceptTable:
                                  f"(or give one dict with keys {list(DEFAULTS)} for all)")
             out = {n: {**DEFAULTS, **defaults.get(n, {})} for n in self.names}
         for n, d in out.items():
-            extra = [k for k in d if k not in DEFAULTS]
+            extra = [k for k in d if k not in DEFAULT_KEYS]
             if extra:
-                raise ValueError(f"defaults of {n!r} have unknown keys {extra}; valid: {', '.join(DEFAULTS)}")
+                raise ValueError(f"defaults of {n!r} have unknown keys {extra}; valid: {', '.join(sorted(DEFAULT_KEYS))}")
             if d["hookpoints"] is not None:
                 hps = [d["hookpoints"]] if isinstance(d["hookpoints"], str) else list(d["hookpoints"])
                 for h in hps:
@@ -179,7 +187,35 @@ class ConceptTable:
                 d["hookpoints"] = [normalize_hookpoint(h) for h in hps]
             d["threshold"] = check_threshold(d["threshold"], f"the defaults of {n!r}")
             check_defaults(d, f"the defaults of {n!r}")
+            if d.get("reserved") not in (None, False):
+                if d["reserved"] is not True:
+                    raise ValueError(f"defaults of {n!r}: reserved must be true or false, got {d['reserved']!r}")
+                hps = d["hookpoints"] if d["hookpoints"] is not None else list(self.mu)
+                lacking = [h for h in hps if self.reserved_latents(h, n) is None]
+                if lacking:
+                    raise ValueError(f"defaults of {n!r}: reserved=true, but the SAE at {lacking} reserves no latents "
+                                     f"for {n!r} (its reservation names: {sorted(self.reservation(lacking[0]))}); "
+                                     "train that SAE with concept supervision, or limit the concept's hookpoints")
+            else:
+                d.pop("reserved", None)  # absent = false: files without reserved selection stay as before
         return out
+
+    def reservation(self, hp: str) -> dict:
+        """``{concept: [latent ids]}`` the SAE at ``hp`` reserves (concept-supervised training), ``{}`` if none."""
+        rec = (self.metadata.get("hookpoint_sae") or {}).get(self.stored_hookpoint(hp))
+        res = rec.get("concept_latents") if isinstance(rec, dict) else None
+        return dict(res) if isinstance(res, dict) else {}
+
+    def reserved_latents(self, hp: str, concept: str):
+        """The latent ids (a sorted LongTensor) the SAE at ``hp`` reserves for ``concept``, or None."""
+        ids = self.reservation(hp).get(concept)
+        if not ids:
+            return None
+        ids = torch.tensor(sorted(int(i) for i in ids), dtype=torch.int64)
+        if int(ids.max()) >= self.num_latents(hp) or int(ids.min()) < 0:
+            raise ValueError(f"the concept file's reservation for {concept!r} at {hp!r} names latents {ids.tolist()} "
+                             f"outside [0, {self.num_latents(hp)}): it is corrupt; rerun select")
+        return ids
 
     def check_sae(self, hp: str, sae) -> None:
         """Raise if ``sae`` is not the SAE this table's statistics at ``hp`` were computed with.
@@ -276,11 +312,19 @@ class ConceptTable:
             return self.defaults[concept]["threshold"]
         return check_threshold(threshold, f"the edit of {concept!r}")
 
-    def rule(self, concept: str, percentile=None, top_n=None) -> tuple:
-        """``("top_n", n)`` or ``("percentile", p)`` for ``concept``: explicit arguments beat its defaults."""
+    def rule(self, concept: str, percentile=None, top_n=None, reserved=None) -> tuple:
+        """``("top_n", n)``, ``("percentile", p)`` or ``("reserved", True)`` for ``concept``: explicit arguments beat
+        its defaults (``reserved=False`` asks for its percentile/top_n default even when ``reserved`` is its default)."""
         self.index(concept)
         if percentile is not None and top_n is not None:
             raise ValueError(f"give percentile or top_n for {concept!r}, not both")
+        if reserved is not None and not isinstance(reserved, bool):
+            raise ValueError(f"reserved for {concept!r} must be True, False or None, got {reserved!r}")
+        if reserved and (percentile is not None or top_n is not None):
+            raise ValueError(f"give reserved=True or a percentile/top_n for {concept!r}, not both")
+        if reserved or (reserved is None and top_n is None and percentile is None
+                        and self.defaults[concept].get("reserved", False)):
+            return "reserved", True
         if top_n is None and percentile is None:
             d = self.defaults[concept]
             top_n, percentile = d["top_n"], d["percentile"]
@@ -290,14 +334,23 @@ class ConceptTable:
             return "top_n", check_top_n(top_n, f"the selection of {concept!r}")
         return "percentile", check_percentile(percentile, f"the selection of {concept!r}")
 
-    def select(self, hp: str, concept: str, percentile=None, top_n=None) -> list:
+    def select(self, hp: str, concept: str, percentile=None, top_n=None, reserved=None) -> list:
         """Selected feature ids per timestep (a list of T sorted LongTensors).
 
         ``percentile``: features whose score exceeds that quantile of ``score_t``; ``top_n``: the n
         highest-scoring features per timestep. Either way a feature is only selected when it fires for
         the concept (``mu[c,t][i] > 0``) and its score is positive (more typical of c than of the rest).
+        ``reserved`` (or a ``reserved`` default): the latents the SAE at ``hp`` reserves for the concept, at every
+        timestep at which they fire for it (``mu[c,t][i] > 0``), whatever their score.
         """
-        kind, val = self.rule(concept, percentile, top_n)
+        kind, val = self.rule(concept, percentile, top_n, reserved)
+        if kind == "reserved":
+            ids = self.reserved_latents(hp, concept)
+            if ids is None:
+                raise ValueError(f"the reserved rule for {concept!r} at {hp!r}: the SAE there reserves no latents for "
+                                 f"it (its reservation names: {sorted(self.reservation(hp)) or 'none'})")
+            fires = self.mu[self.stored_hookpoint(hp)][self.index(concept)][:, ids] > 0  # [T, n]
+            return [ids[row] for row in fires]
         s = self.scores(hp, concept).double()
         ok = (self.mu[self.stored_hookpoint(hp)][self.index(concept)] > 0) & (s > 0)
         if kind == "percentile":
@@ -312,7 +365,7 @@ class ConceptTable:
         return [row.nonzero().flatten() for row in keep]
 
     def edit_tables(self, hp: str, concepts, multipliers=None, percentiles=None, top_ns=None,
-                    thresholds=None) -> tuple:
+                    thresholds=None, reserved=None) -> tuple:
         """Per-timestep edit tables for unlearning ``concepts`` at ``hp``: ``(timesteps, feat_idx, tau, scale)``.
 
         ``feat_idx [T, F]`` int64 holds the union of the concepts' selected features at each timestep,
@@ -322,13 +375,14 @@ class ConceptTable:
         suppression, whatever the order of ``concepts`` (the reference code applies one concept after the
         other, so there the result depends on the order; ``error_term="reference"`` therefore reproduces
         the reference only when the concepts share no feature). Rows are padded to a common F with ``(0, +inf, 1.0)``, which never edits; F is 0
-        when nothing is selected. ``multipliers``/``percentiles``/``top_ns``/``thresholds``: a number for
-        all concepts or a dict per concept; unset values fall back to each concept's defaults.
+        when nothing is selected. ``multipliers``/``percentiles``/``top_ns``/``thresholds``/``reserved``: a value for
+        all concepts or a dict per concept; unset values fall back to each concept's defaults (``reserved``: see
+        :meth:`select`; the reserved latents enter the same tables, with the same tau and scale as any feature).
         """
         hp = self.stored_hookpoint(hp)
         concepts = check_concepts(concepts, self.names)
         for d, what in ((multipliers, "multipliers"), (percentiles, "percentiles"), (top_ns, "top_ns"),
-                        (thresholds, "thresholds")):
+                        (thresholds, "thresholds"), (reserved, "reserved")):
             if isinstance(d, dict):
                 extra = [k for k in d if k not in self.names]
                 if extra:
@@ -342,7 +396,7 @@ class ConceptTable:
             ci = self.index(c)
             mult = _per_concept(multipliers, c)
             mult = self.defaults[c]["multiplier"] if mult is None else check_multiplier(mult, f"the edit of {c!r}")
-            sel = self.select(hp, c, _per_concept(percentiles, c), _per_concept(top_ns, c))
+            sel = self.select(hp, c, _per_concept(percentiles, c), _per_concept(top_ns, c), _per_concept(reserved, c))
             mask = torch.zeros(T, M, dtype=torch.bool)
             for t, idx in enumerate(sel):
                 mask[t, idx] = True

@@ -13,6 +13,10 @@ Two optional parts of those layouts are implemented:
   ``x_n = (x - mean(x)) / (std(x) + 1e-5)`` (mean and unbiased std over the d channels), the SAE runs on
   ``x_n``, and the reconstruction is mapped back, ``x_hat = x_hat_n * (std(x) + 1e-5) + mean(x)``.
 
+One optional field records a training choice that does not change the math: ``concept_latents``
+(``{concept: [latent ids]}``, written by concept-supervised training, :mod:`saeuron.supervision`), the latents
+reserved for each concept; a checkpoint without it is unsupervised.
+
 Any other cfg.json field that would change the math (sparsify's ``activation="groupmax"``,
 ``transcode``, SAeUron's ``sample_topk``, or a field saeuron does not know, set to a non-empty value)
 is refused at load with an error naming it, rather than loaded and computed wrongly.
@@ -75,6 +79,7 @@ class SaeConfig:
     normalize_decoder: bool = True
     input_unit_norm: bool = False  # standardise each token before encoding (published SAeUron code)
     skip_connection: bool = False  # sparsify's linear skip W_skip [d, d]
+    concept_latents: Optional[dict] = None  # {concept: [latent ids]} reserved by concept-supervised training
     extra: dict = field(default_factory=dict)  # other cfg.json fields (training-only or disabled), kept for round trips
 
     @property
@@ -86,6 +91,8 @@ class SaeConfig:
         """The cfg.json fields (extra fields first, then the known ones)."""
         d = asdict(self)
         extra = d.pop("extra")
+        if not d["concept_latents"]:  # unsupervised: cfg.json exactly as before the field existed
+            del d["concept_latents"]
         return {**extra, **d}
 
     @classmethod
@@ -106,12 +113,36 @@ class SaeConfig:
             if name in d and not isinstance(d[name], bool):
                 raise ValueError(f"cfg.json field {name!r} must be true or false, got {d[name]!r}")
         _check_fields(d)
+        if d.get("concept_latents") is not None:
+            check_concept_latents(d["concept_latents"])
         if not d.get("num_latents") and not d.get("expansion_factor", 16):
             raise ValueError("cfg.json needs num_latents > 0 or expansion_factor > 0")
         return cls(**{k: v for k, v in d.items() if k in _KNOWN}, extra={k: v for k, v in d.items() if k not in _KNOWN})
 
 
 _KNOWN = {f.name for f in fields(SaeConfig)} - {"extra"}
+
+
+def check_concept_latents(value, num_latents: Optional[int] = None) -> dict:
+    """``value`` if it is a ``{concept: [distinct latent ids >= 0 (and < num_latents)]}`` dict whose concepts share
+    no latent, else a ValueError naming the problem (the cfg.json field ``concept_latents``)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"cfg.json field 'concept_latents' must be an object {{concept: [latent ids]}}, got {value!r}")
+    seen: dict = {}
+    for name, ids in value.items():
+        ok = isinstance(ids, list) and ids and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        if not ok:
+            raise ValueError(f"cfg.json field 'concept_latents': concept {name!r} needs a non-empty list of latent ids "
+                             f">= 0, got {ids!r}")
+        for i in ids:
+            if num_latents is not None and i >= num_latents:
+                raise ValueError(f"cfg.json field 'concept_latents': latent {i} of concept {name!r} is outside the "
+                                 f"SAE's {num_latents} latents")
+            if i in seen:
+                raise ValueError(f"cfg.json field 'concept_latents': latent {i} is reserved for both {seen[i]!r} "
+                                 f"and {name!r}")
+            seen[i] = name
+    return value
 
 
 class EncoderOutput(NamedTuple):
@@ -366,6 +397,11 @@ class SparseAutoencoder(nn.Module):
             cfg.num_latents = m
         if cfg.k > m:
             raise ValueError(f"corrupt checkpoint {path}: cfg.json k={cfg.k} exceeds the {m} latents")
+        if cfg.concept_latents is not None:
+            try:
+                check_concept_latents(cfg.concept_latents, m)
+            except ValueError as e:
+                raise ValueError(f"corrupt checkpoint {path}: {e}") from None
         dtype = dtype or state["encoder.weight"].dtype
         sae = cls(cfg, device="meta")
         sae.to_empty(device=device)

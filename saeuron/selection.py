@@ -9,6 +9,11 @@ Prompts without a concept (a ``None`` label) belong to no concept and are ignore
 ``mu[c]`` nor in ``mu[~c]`` (the method defines ``mu[~c]`` over the other concepts only). A prompt may
 belong to several concepts when ``concepts`` is given as a dict (e.g. an object and a style); its tokens
 then count for each. Scores and feature selection on ``mu`` live in :class:`saeuron.concepts.ConceptTable`.
+
+An SAE trained with concept supervision (:mod:`saeuron.supervision`) carries ``concept_latents`` in its cfg.json;
+the statistics record them per hookpoint (``metadata["hookpoint_sae"][hp]["concept_latents"]``), and
+``build_concept_file(..., reserved=True)`` (``saeuron select --reserved``) makes "select exactly the concept's
+reserved latents" the default rule of every concept that has some (``defaults[c]["reserved"] = true``).
 """
 from __future__ import annotations
 
@@ -20,13 +25,15 @@ from typing import Optional
 import torch
 
 from . import ops
-from .concepts import DEFAULTS, ConceptTable, check_defaults, unknown_name_error
+from .concepts import DEFAULT_KEYS, DEFAULTS, ConceptTable, check_defaults, unknown_name_error
 from .hookpoints import normalize_hookpoint
 from .utils import FolderLock
 
 
-def _concept_members(store, concepts) -> tuple:
-    """``(names, [[prompt ids] per concept])`` from the store's labels or a ``{concept: prompts}`` dict."""
+def concept_members(store, concepts) -> tuple:
+    """``(names, [[prompt ids] per concept])`` from the store's labels (``concepts`` None) or a ``{concept: prompts}``
+    dict (prompt ids or prompt strings; a prompt may belong to several concepts). Also used by concept-supervised
+    training (:mod:`saeuron.supervision`)."""
     prompts = store.prompts
     if concepts is None:
         labels = store.labels
@@ -89,7 +96,7 @@ def compute_statistics(store, sae, hookpoint, concepts=None, *, batch_size: int 
     if sae.d_in != d:
         raise ValueError(f"SAE width d_in={sae.d_in} does not match the store's width {d} at hookpoint {hookpoint!r}")
     sae.validate()
-    names, members = _concept_members(store, concepts)
+    names, members = concept_members(store, concepts)
     C, P, M = len(names), len(store.prompts), sae.num_latents
     device = torch.device(device) if device is not None else sae.device
     W_enc, b_enc, b_dec, _ = sae.weights_for(device, sae.dtype)  # the SAE itself stays where it is
@@ -187,12 +194,16 @@ def compute_statistics(store, sae, hookpoint, concepts=None, *, batch_size: int 
     meta = {"store": str(getattr(store, "root", "")), "hookpoint_sae": {normalize_hookpoint(hookpoint): {"d_in": sae.d_in,
             "num_latents": M, "k": sae.cfg.k, "dtype": str(sae.dtype).replace("torch.", ""), "fingerprints": prints,
             "dropped_rows": dropped[0]}}}
+    if sae.cfg.concept_latents:  # concept-supervised SAE: its reservation, for the "reserved" selection rule
+        meta["hookpoint_sae"][normalize_hookpoint(hookpoint)]["concept_latents"] = {
+            str(c): [int(i) for i in ids] for c, ids in sae.cfg.concept_latents.items()}
     return ConceptTable(names, counts, ts[order], {normalize_hookpoint(hookpoint): mu}, metadata=meta)
 
 
 def build_concept_file(store, saes, out_dir=None, hookpoints=None, concepts=None, *, multiplier: float = -1.0,
                        percentile: Optional[float] = 99.99, top_n: Optional[int] = None, defaults=None,
-                       batch_size: int = 4096, device=None, progress: bool = True) -> ConceptTable:
+                       batch_size: int = 4096, device=None, progress: bool = True,
+                       reserved: bool = False) -> ConceptTable:
     """The ``select`` stage: statistics for every hookpoint into one concept file saved in ``out_dir``.
 
     ``store``: an ActivationStore or its folder. ``saes``: a checkpoint folder (one SAE folder per
@@ -200,6 +211,11 @@ def build_concept_file(store, saes, out_dir=None, hookpoints=None, concepts=None
     ``{hookpoint: SparseAutoencoder}``, or one SAE (with one hookpoint). ``hookpoints`` defaults to every
     store hookpoint that has an SAE. ``multiplier``/``percentile``/``top_n`` become every concept's
     defaults; ``defaults`` may instead give a dict per concept.
+
+    ``reserved=True`` (concept-supervised SAEs): every concept for which some SAE reserves latents gets the default
+    rule ``reserved`` (its reserved latents, at every timestep at which they fire for it; the percentile/top_n stay
+    as the explicit alternative), limited to the hookpoints whose SAE reserves latents for it when not all do; the
+    other concepts keep the unsupervised rule. An error when no SAE reserves latents for any concept.
     """
     from .sae import SparseAutoencoder, available_hookpoint_dirs, resolve_hookpoint_dir
 
@@ -237,6 +253,12 @@ def build_concept_file(store, saes, out_dir=None, hookpoints=None, concepts=None
         raise TypeError(f"saes must be a checkpoint folder, a {{hookpoint: SAE}} dict or an SAE, got {type(saes).__name__}")
     if out_dir is None:
         raise ValueError("out_dir is required when saes are not given as a checkpoint folder")
+    if not isinstance(reserved, bool):
+        raise ValueError(f"reserved must be True or False, got {reserved!r}")
+    if reserved and not any(getattr(s.cfg, "concept_latents", None) for s in saes.values()):
+        raise ValueError(f"reserved=True selects the latents a concept-supervised SAE reserves, but none of the SAEs "
+                         f"for {list(saes)} reserves any (no concept_latents in their cfg.json); train with "
+                         "`saeuron train --concept-supervision W`, or leave reserved out")
     if defaults is None:  # checked before the (long) statistics pass, not after it
         defaults = check_defaults({**DEFAULTS, "multiplier": multiplier, "percentile": percentile, "top_n": top_n},
                                   "build_concept_file")
@@ -245,9 +267,32 @@ def build_concept_file(store, saes, out_dir=None, hookpoints=None, concepts=None
         tables = [compute_statistics(store, sae, h, concepts, batch_size=batch_size, device=device, progress=progress)
                   for h, sae in saes.items()]
         table = ConceptTable.merge(tables)
+        if reserved:
+            defaults = reserved_defaults(table, defaults)
         table.defaults = table.complete_defaults(defaults)
         table.save(out_dir)
     return table
+
+
+def reserved_defaults(table: ConceptTable, defaults: dict) -> dict:
+    """Per-concept defaults with ``reserved: true`` for every concept some hookpoint's SAE reserves latents for (its
+    ``hookpoints`` narrowed to those hookpoints when not all of them do); ``defaults``: one dict for all concepts or
+    one per concept. An error when no concept of the table has reserved latents."""
+    per = dict(defaults) if set(defaults) - DEFAULT_KEYS else {n: dict(defaults) for n in table.names}
+    where = {n: [h for h in table.hookpoints if table.reserved_latents(h, n) is not None] for n in table.names}
+    if not any(where.values()):
+        raise ValueError(f"no concept of {table.names} has latents reserved by the SAEs (their reservations name "
+                         f"{sorted({c for h in table.hookpoints for c in table.reservation(h)})}): the concepts must "
+                         "be named as in training")
+    out = {}
+    for n in table.names:
+        d = {**per.get(n, {})}
+        if where[n]:
+            d["reserved"] = True
+            if len(where[n]) < len(table.hookpoints) and d.get("hookpoints") is None:
+                d["hookpoints"] = where[n]
+        out[n] = d
+    return out
 
 
 select = build_concept_file  # the stage's name in the data path (saeuron.select)

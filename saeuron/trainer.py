@@ -11,6 +11,12 @@ One optimiser step (method.md section 2):
 4. renormalise decoder rows, remove the gradient parallel to them, clip to ``grad_clip``, Adam step,
    renormalise again.
 
+Optional concept supervision (``TrainConfig.concept_supervision > 0``, off by default; :mod:`saeuron.supervision`):
+latents ``0 .. C*n-1`` are reserved for the store's C concepts and ``concept_supervision * L_sup`` joins the loss,
+pushing each labelled row's own concepts' latents into its top k and the other concepts' latents off. The
+reservation is written into the SAE's ``cfg.json`` (``concept_latents``). With the weight 0 nothing of this runs
+and training is exactly the unsupervised trainer's.
+
 BatchTopK gives a variable number of latents per row; it is stored exactly as per-row top-``kmax``
 indices (``kmax`` = most entries any row holds) with a 0/1 mask on the values.
 
@@ -18,7 +24,7 @@ Checkpoints go to ``out_dir/<hookpoint>/`` (sparsify layout, :meth:`SparseAutoen
 ``trainer_state.safetensors``: weights, Adam moments and dead-latent counters as tensors, the
 position in the data (step, epoch, batch) as JSON metadata, all in one atomically written file, so
 an interrupted run resumes to the same weights as an uninterrupted one. ``metrics.jsonl`` logs
-FVU, AuxK loss, dead fraction, L0 and learning rate.
+FVU, AuxK loss, dead fraction, L0 and learning rate (and ``sup``, the mean ``L_sup``, with concept supervision).
 
 Under ``torch.distributed`` (``torchrun``; gloo or nccl) each rank reads its own part of every
 batch, gradients and dead-latent counters are all-reduced, and only rank 0 writes files.
@@ -41,6 +47,7 @@ from tqdm.auto import tqdm
 
 from . import ops
 from .sae import SaeConfig, SparseAutoencoder
+from .supervision import check_supervision, membership, reserve_latents, row_thresholds, supervision_loss
 from .utils import FolderLock, atomic_save_file, atomic_write_json
 
 STATE_FILE = "trainer_state.safetensors"
@@ -51,6 +58,7 @@ AMP_DTYPES = {None: None, "none": None, "fp32": None, "float32": None, "bf16": t
               "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 # a resumed run must agree with the saved one on these, or the continuation is a different run
 RESUME_KEYS = ("k", "expansion_factor", "num_latents", "batch_size", "batch_topk", "seed")
+SUPERVISION_KEYS = {"concept_supervision": 0.0, "latents_per_concept": 1}  # checked too, defaults for older checkpoints
 STREAM_KEYS = ("max_resident_shards",)  # the order rows are read from a store in (checked when the checkpoint has it)
 
 
@@ -79,6 +87,10 @@ class TrainConfig:
     # ActivationStore data: shards resident in memory at once (the shuffle buffer; memory is about this many
     # shards plus a few batches, so a store larger than memory streams); also sets how far rows are shuffled
     max_resident_shards: int = 4
+    # concept supervision (saeuron.supervision; the SAEmnesia idea): the weight of the supervised term, 0 = off (the
+    # unsupervised SAeUron trainer, the default), and how many latents each concept reserves
+    concept_supervision: float = 0.0
+    latents_per_concept: int = 1
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -108,6 +120,10 @@ class TrainConfig:
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be None or >= 1")
         amp_dtype(self.amp_dtype)
+        try:
+            check_supervision(self.concept_supervision, self.latents_per_concept)
+        except ValueError as e:
+            raise ValueError(f"TrainConfig.{e}") from None
 
 
 def amp_dtype(name: Optional[str]) -> Optional[torch.dtype]:
@@ -172,11 +188,13 @@ class _StoreBatches:
                                               world_size=world_size, drop_last=True,
                                               buffer_shards=self.max_resident_shards)) for r in range(world_size))
 
-    def iter(self, batch_size, seed, epoch, rank, world_size, start_batch, device) -> Iterator[torch.Tensor]:
+    def iter(self, batch_size, seed, epoch, rank, world_size, start_batch, device,
+             prompt_ids: bool = False) -> Iterator:
+        """The batches' tokens ``x``, or ``(x, prompt_id)`` pairs with ``prompt_ids`` (concept supervision)."""
         for batch in self.store.iter_batches(self.hookpoint, batch_size, shuffle=True, seed=seed, epoch=epoch,
                                              rank=rank, world_size=world_size, start_batch=start_batch,
                                              drop_last=True, device=device, buffer_shards=self.max_resident_shards):
-            yield batch["x"]
+            yield (batch["x"], batch["prompt_id"]) if prompt_ids else batch["x"]
 
 
 def _batches(data, hookpoint, max_resident_shards=4):
@@ -190,11 +208,21 @@ def _batches(data, hookpoint, max_resident_shards=4):
 # --------------------------------------------------------------------------- one step
 
 class StepOutput(NamedTuple):
-    loss: torch.Tensor  # fvu + auxk_alpha * auxk, differentiable
+    loss: torch.Tensor  # fvu + auxk_alpha * auxk (+ concept_supervision * sup), differentiable
     fvu: torch.Tensor  # detached scalars from here on
     auxk: torch.Tensor
     l0: torch.Tensor  # mean number of non-zero latents per token
     fired: torch.Tensor  # [M] bool: latents non-zero on some token of this batch
+    sup: Optional[torch.Tensor] = None  # the concept-supervised term L_sup (None without supervision)
+
+
+class Supervision(NamedTuple):
+    """One batch's concept supervision for :func:`sae_step_loss` (see :mod:`saeuron.supervision`)."""
+
+    weight: float  # concept_supervision
+    latents: torch.Tensor  # [C*n] int64 reserved latent ids, concept-major
+    targets: torch.Tensor  # [N, C] bool: the concepts of each row's prompt
+    latents_per_concept: int
 
 
 @torch.no_grad()
@@ -224,10 +252,11 @@ def _fvu(err: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def sae_step_loss(sae: SparseAutoencoder, x: torch.Tensor, k: int, batch_topk: bool = True,
                   dead_mask: Optional[torch.Tensor] = None, auxk_alpha: float = 1 / 32,
-                  dtype: Optional[torch.dtype] = None) -> StepOutput:
+                  dtype: Optional[torch.dtype] = None, supervision: Optional[Supervision] = None) -> StepOutput:
     """Training loss of one batch ``x [N, d]`` through the sparse ops (selection without grad, then
     ``gather_encode`` + ``sparse_decode``), with AuxK over the latents in ``dead_mask``; ``dtype``
-    is the compute dtype (bf16/fp16 autocast; the parameters stay in their own dtype)."""
+    is the compute dtype (bf16/fp16 autocast; the parameters stay in their own dtype). ``supervision`` adds
+    ``weight * L_sup`` over the reserved latents' dense pre-activations (:func:`saeuron.supervision.supervision_loss`)."""
     dtype = dtype or sae.dtype
     W_enc, b_enc, b_dec, W_dec = (p.to(dtype) for p in (sae.encoder.weight, sae.encoder.bias, sae.b_dec, sae.W_dec))
     xf = x.float()
@@ -236,9 +265,10 @@ def sae_step_loss(sae: SparseAutoencoder, x: torch.Tensor, k: int, batch_topk: b
         if batch_topk:
             pre = torch.relu((xa - b_dec) @ W_enc.t() + b_enc)
             idx, mask = batch_topk_select(pre, k)
+            row_topk = pre.topk(k, dim=1, sorted=False).values if supervision is not None else None
             del pre
         else:
-            idx = ops.topk_encode(xa, W_enc.detach(), b_enc.detach(), b_dec.detach(), k)[1]
+            row_topk, idx = ops.topk_encode(xa, W_enc.detach(), b_enc.detach(), b_dec.detach(), k)
             mask = None
     vals = ops.gather_encode(xa, W_enc, b_enc, b_dec, idx)
     if mask is not None:
@@ -260,12 +290,22 @@ def sae_step_loss(sae: SparseAutoencoder, x: torch.Tensor, k: int, batch_topk: b
         e_hat = ops.sparse_decode(aux_vals, aux_idx, W_dec).float()
         auxk = scale * _fvu(e_hat - e, e)
         loss = fvu + auxk_alpha * auxk
+    sup = None
+    if supervision is not None:
+        with torch.no_grad():
+            thr = vals.detach()[mask].amin() if mask is not None else None  # BatchTopK's threshold
+            theta = row_thresholds(row_topk, thr)
+        R = supervision.latents
+        z = (xa - b_dec.detach()) @ W_enc[R].t() + b_enc[R]  # [N, C*n] before the ReLU, differentiable
+        sup = supervision_loss(z, supervision.targets, theta, supervision.latents_per_concept)
+        loss = loss + supervision.weight * sup
+        sup = sup.detach()
     with torch.no_grad():
         nz = vals.detach() > 0
         fired = torch.zeros(sae.num_latents, dtype=torch.bool, device=x.device)
         fired[idx[nz]] = True
         l0 = nz.sum() / x.shape[0]
-    return StepOutput(loss, fvu.detach(), auxk.detach(), l0, fired)
+    return StepOutput(loss, fvu.detach(), auxk.detach(), l0, fired, sup)
 
 
 def dead_fraction(tokens_since_fired: torch.Tensor, threshold: int) -> float:
@@ -366,10 +406,17 @@ def _trim_metrics(path: Path, step: int) -> None:
 # --------------------------------------------------------------------------- the loop
 
 def train(data, out_dir, hookpoint: Optional[str] = None, cfg: TrainConfig = TrainConfig(), *, device=None,
-          progress: bool = True, resume: bool = True) -> SparseAutoencoder:
+          progress: bool = True, resume: bool = True, concepts=None) -> SparseAutoencoder:
     """Train a TopK SAE on ``data`` (an ActivationStore hookpoint or a ``[N, d]`` tensor); checkpoints
-    and resume state go to ``out_dir/<hookpoint>/`` (``out_dir`` itself when ``hookpoint`` is None)."""
+    and resume state go to ``out_dir/<hookpoint>/`` (``out_dir`` itself when ``hookpoint`` is None).
+
+    With ``cfg.concept_supervision > 0`` ``data`` must be an ActivationStore whose prompts carry concept labels, or
+    ``concepts`` (``{concept: [prompt ids or prompts]}``, as for :func:`saeuron.selection.build_concept_file`) says
+    which prompts belong to which concept; see :mod:`saeuron.supervision`."""
     cfg.validate()
+    if concepts is not None and not cfg.concept_supervision:
+        raise ValueError("concepts= only matters for concept-supervised training; set TrainConfig.concept_supervision "
+                         "> 0 (e.g. 1.0), or leave concepts out")
     rank, world = _dist()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of ranks ({world})")
@@ -396,6 +443,13 @@ def train(data, out_dir, hookpoint: Optional[str] = None, cfg: TrainConfig = Tra
     sae_cfg = SaeConfig(d_in=d_in, expansion_factor=cfg.expansion_factor, num_latents=cfg.num_latents, k=cfg.k)
     if not 1 <= cfg.k <= sae_cfg.latents:
         raise ValueError(f"k={cfg.k} must be between 1 and the number of latents {sae_cfg.latents}")
+    member = None  # [P, C] prompt -> concepts, with concept supervision
+    if cfg.concept_supervision:
+        if not isinstance(batches, _StoreBatches):
+            raise ValueError("concept supervision needs an ActivationStore (rows with prompt ids and concept labels), "
+                             "not a tensor of tokens; or set TrainConfig.concept_supervision=0")
+        names, member = membership(data, concepts)
+        sae_cfg.concept_latents = reserve_latents(names, cfg.latents_per_concept, sae_cfg.latents, cfg.k)
     with torch.random.fork_rng(devices=[]):  # the init depends on cfg.seed only, not on global RNG state
         torch.manual_seed(cfg.seed)
         sae = SparseAutoencoder(sae_cfg)
@@ -408,7 +462,7 @@ def train(data, out_dir, hookpoint: Optional[str] = None, cfg: TrainConfig = Tra
     lock = FolderLock(folder, "training an SAE in") if rank == 0 else None  # a second run into it fails clearly
     try:
         return _train_locked(batches, folder, hookpoint, cfg, device, progress, resume, rank, world, local_bs, cdtype,
-                             d_in, epoch_steps, total, sae, opt, params, tokens_since_fired, sae_cfg)
+                             d_in, epoch_steps, total, sae, opt, params, tokens_since_fired, sae_cfg, member)
     finally:
         if lock is not None:
             lock.release()
@@ -423,18 +477,29 @@ def _finite_rows(x: torch.Tensor, cdtype) -> torch.Tensor:
 
 
 def _train_locked(batches, folder, hookpoint, cfg, device, progress, resume, rank, world, local_bs, cdtype, d_in,
-                  epoch_steps, total, sae, opt, params, tokens_since_fired, sae_cfg) -> SparseAutoencoder:
+                  epoch_steps, total, sae, opt, params, tokens_since_fired, sae_cfg, member=None) -> SparseAutoencoder:
     """The training loop of :func:`train`, run while the output folder's lock is held."""
     step, epoch, pos, tokens = 0, 0, 0, 0
     skipped = 0  # rows dropped for NaN/Inf
     meta_fixed = {"d_in": d_in, "hookpoint": hookpoint, "world_size": world, "total_steps": total,
                   "epoch_steps": epoch_steps, "config": asdict(cfg)}
+    supervised = member is not None
+    if supervised:
+        meta_fixed["concept_latents"] = sae_cfg.concept_latents
+        reserved = torch.tensor([i for ids in sae_cfg.concept_latents.values() for i in ids], dtype=torch.long,
+                                device=device)
+        member = member.to(device)
     if resume and (folder / STATE_FILE).is_file():
         meta, tokens_since_fired = _load_state(folder, sae, opt, device)
         old = meta.get("config", {})
         keys = RESUME_KEYS + (STREAM_KEYS if isinstance(batches, _StoreBatches) else ())
         bad = [f"{k}: saved {old.get(k)!r}, now {getattr(cfg, k)!r}" for k in keys
                if old.get(k) != getattr(cfg, k) and (k in old or k in RESUME_KEYS)]
+        for k, dflt in SUPERVISION_KEYS.items():  # absent in checkpoints of runs before the option: the default
+            if (supervised or old.get("concept_supervision", 0.0)) and old.get(k, dflt) != getattr(cfg, k):
+                bad.append(f"{k}: saved {old.get(k, dflt)!r}, now {getattr(cfg, k)!r}")
+        if supervised and meta.get("concept_latents") != sae_cfg.concept_latents:
+            bad.append(f"concept_latents: saved {meta.get('concept_latents')!r}, now {sae_cfg.concept_latents!r}")
         if meta.get("d_in") != d_in:
             bad.append(f"d_in: saved {meta.get('d_in')}, data has {d_in}")
         if bad:
@@ -472,10 +537,17 @@ def _train_locked(batches, folder, hookpoint, cfg, device, progress, resume, ran
     bar = tqdm(total=total, initial=step, disable=not progress or rank != 0, desc=f"train {hookpoint or 'sae'}",
                dynamic_ncols=True)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # fvu, auxk, l0, steps since last log
+    sup_sum = torch.zeros((), dtype=torch.float64, device=device)  # L_sup since last log (supervised runs)
     while step < total and epoch < cfg.epochs:
-        it = batches.iter(local_bs, cfg.seed, epoch, rank, world, pos, device)
+        if supervised:
+            it = batches.iter(local_bs, cfg.seed, epoch, rank, world, pos, device, prompt_ids=True)
+        else:
+            it = batches.iter(local_bs, cfg.seed, epoch, rank, world, pos, device)
         while step < total:
             x = next(it, None) if pos < epoch_steps[epoch] else None
+            pid = None
+            if supervised and x is not None:
+                x, pid = x
             if world > 1:  # ranks may hold unequal shares: all stop when one runs dry
                 have = torch.tensor([x is not None], dtype=torch.int32, device=device)
                 if int(_all_reduce_(have, dist.ReduceOp.MIN)) == 0:
@@ -498,6 +570,8 @@ def _train_locked(batches, folder, hookpoint, cfg, device, progress, resume, ran
                                   f"{METRICS_FILE} as 'skipped_rows'")
                 skipped += n_bad
                 x = x[ok]
+                if pid is not None:
+                    pid = pid[ok.to(pid.device)]
             if step == 0:  # b_dec = geometric median of the first batch; every rank starts from rank 0's weights
                 sae.init_b_dec(x.float())
                 if world > 1:
@@ -506,7 +580,11 @@ def _train_locked(batches, folder, hookpoint, cfg, device, progress, resume, ran
                             dist.broadcast(p.data, 0)
 
             dead = tokens_since_fired >= cfg.dead_tokens_threshold if cfg.dead_tokens_threshold else None
-            out = sae_step_loss(sae, x, cfg.k, cfg.batch_topk, dead, cfg.auxk_alpha, cdtype)
+            sup = None
+            if supervised:
+                sup = Supervision(float(cfg.concept_supervision), reserved, member[pid.to(device)],
+                                  cfg.latents_per_concept)
+            out = sae_step_loss(sae, x, cfg.k, cfg.batch_topk, dead, cfg.auxk_alpha, cdtype, supervision=sup)
             scaler.scale(out.loss).backward()
             if world > 1:
                 for p in params:
@@ -527,6 +605,8 @@ def _train_locked(batches, folder, hookpoint, cfg, device, progress, resume, ran
             tokens_since_fired[fired] = 0
             step, pos, tokens = step + 1, pos + 1, tokens + x.shape[0] * world
             sums += torch.stack([out.fvu.double(), out.auxk.double(), out.l0.double(), sums.new_ones(())])
+            if out.sup is not None:
+                sup_sum += out.sup.double()
             if step % cfg.log_every == 0 or step == total:
                 stats = _all_reduce_(sums.clone()) / world
                 n = stats[3].item()
@@ -534,6 +614,9 @@ def _train_locked(batches, folder, hookpoint, cfg, device, progress, resume, ran
                        "l0": stats[2].item() / n,
                        "dead_frac": (dead_fraction(tokens_since_fired, cfg.dead_tokens_threshold)),
                        "lr": lr_at(step - 1, total, cfg.lr, cfg.warmup_steps), "skipped_rows": skipped}
+                if supervised:
+                    rec["sup"] = _all_reduce_(sup_sum.clone()).item() / world / n
+                    sup_sum.zero_()
                 sums.zero_()
                 if not scaler.is_enabled() and not (math.isfinite(rec["fvu"]) and math.isfinite(rec["auxk"])):
                     # checked where the log already syncs (no extra host sync per step); every rank sees the same
@@ -560,4 +643,4 @@ def _train_locked(batches, folder, hookpoint, cfg, device, progress, resume, ran
     return sae
 
 
-__all__ = ["TrainConfig", "train", "sae_step_loss", "batch_topk_select", "lr_at", "StepOutput"]
+__all__ = ["TrainConfig", "train", "sae_step_loss", "batch_topk_select", "lr_at", "StepOutput", "Supervision"]

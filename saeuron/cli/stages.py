@@ -41,7 +41,12 @@ def cmd_train(a):
 
     cfg = TrainConfig(k=a.k, expansion_factor=a.expansion, num_latents=a.num_latents, batch_size=a.batch_size,
                       lr=a.lr, batch_topk=not a.topk, max_tokens=a.max_tokens, epochs=a.epochs, amp_dtype=a.amp,
-                      save_every=a.save_every, seed=a.seed, dead_tokens_threshold=a.dead_tokens)
+                      save_every=a.save_every, seed=a.seed, dead_tokens_threshold=a.dead_tokens,
+                      concept_supervision=a.concept_supervision, latents_per_concept=a.latents_per_concept)
+    cfg.validate()  # a bad setting fails here, before the store is opened
+    concepts = read_prompts(a.concepts) if a.concepts else None
+    if concepts is not None and not isinstance(concepts, dict):
+        raise SystemExit(f"--concepts {a.concepts} must hold a JSON object {{concept: [prompts]}}")
     import torch
 
     from ..distributed import distributed_from_env
@@ -49,7 +54,7 @@ def cmd_train(a):
     store = ActivationStore(a.store)
     with distributed_from_env("nccl" if torch.cuda.is_available() else "gloo") as (rank, world):  # torchrun: DDP
         for hp in a.hookpoints or store.hookpoints:
-            train(store, a.out, hp, cfg, device=torch_device(a.device))
+            train(store, a.out, hp, cfg, device=torch_device(a.device), concepts=concepts)
             if rank == 0:
                 print(f"SAE for {hp} in {Path(a.out) / hp}" + (f" (trained by {world} ranks)" if world > 1 else ""))
 
@@ -62,7 +67,7 @@ def cmd_select(a):
     concepts = read_prompts(a.concepts) if a.concepts else None
     table = build_concept_file(ActivationStore(a.store), a.checkpoint, hookpoints=a.hookpoints, concepts=concepts,
                                multiplier=a.multiplier, percentile=a.percentile, top_n=a.top_n,
-                               device=torch_device(a.device))
+                               device=torch_device(a.device), reserved=a.reserved)
     print(f"concept file for {len(table.names)} concepts in {a.checkpoint}: {', '.join(table.names)}")
 
 
@@ -151,6 +156,14 @@ def add_stage_parsers(sub):
                    help='save a resumable checkpoint every n steps (default %(default)s)')
     s.add_argument("--dead-tokens", type=int, default=10_000_000, help="tokens without firing before a latent is dead")
     s.add_argument("--seed", type=int, default=0, help='random seed (default %(default)s)')
+    s.add_argument("--concept-supervision", type=float, default=0.0, metavar="WEIGHT",
+                   help="weight of the concept-supervised term (SAEmnesia-style; under evaluation, issue 22): reserve "
+                        "latents for each concept of the store and train each to fire on its concept's tokens only; "
+                        "the reservation goes into cfg.json (default 0: off, the unsupervised SAeUron trainer)")
+    s.add_argument("--latents-per-concept", type=int, default=1, metavar="N",
+                   help="latents reserved per concept with --concept-supervision (default %(default)s)")
+    s.add_argument("--concepts", default=None,
+                   help="JSON {concept: [prompts]} for --concept-supervision (default: the store's labels)")
     s.add_argument("--device", default=None, help='cpu or cuda (default: cuda if available)')
     s.set_defaults(fn=cmd_train)
 
@@ -162,6 +175,10 @@ def add_stage_parsers(sub):
     s.add_argument("--multiplier", type=float, default=-1.0, help="default per-concept multiplier (gamma < 0)")
     s.add_argument("--percentile", type=float, default=99.99, help="default selection percentile")
     s.add_argument("--top-n", type=int, default=None, help="select the top n features per timestep instead")
+    s.add_argument("--reserved", action="store_true",
+                   help="default rule of every concept a concept-supervised SAE reserves latents for (train "
+                        "--concept-supervision): select exactly those latents (the percentile/top-n rule stays for "
+                        "the other concepts and as the explicit alternative)")
     s.add_argument("--device", default=None, help='cpu or cuda (default: cuda if available)')
     s.set_defaults(fn=cmd_select)
 
