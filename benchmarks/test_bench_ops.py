@@ -3,6 +3,12 @@
 The fire-first edit's cost depends on how many tokens have a selected feature above its threshold, so
 every backend is timed with 0 %, 5 % and 100 % of the tokens firing. CPU: the issue's shape (d 1280,
 M 20480, k 32, F 32, N 4096, fp32); ``SAEURON_BENCH_SMOKE=1`` shrinks it to a seconds-long smoke run.
+
+Each backend variant is forced (``ops.set_backend``), so it is never measured or swapped. The ``auto`` variant
+runs the automatic choice, as a pipeline would: measured on its first call of the shape class (or read from the
+autotune cache; the fire fraction is data, not part of the key, so the 0 % case's choice also serves 5 % and
+100 %); its row is renamed ``auto=<backend>`` and ``extra_info`` records the choice, where it came from and the
+timings it was made on.
 """
 import os
 import statistics
@@ -82,7 +88,7 @@ def _run(benchmark, fn, group, variant, floor):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("frac", FRACS, ids=lambda f: f"fire{int(f * 100)}pct")
-@pytest.mark.parametrize("variant", ("gemm", "eager") + BACKENDS)
+@pytest.mark.parametrize("variant", ("gemm", "eager") + BACKENDS + ("auto",))
 def test_edit_call(benchmark, variant, frac, n, dtype):
     x, W_enc, b_enc, b_dec, W_dec, feat, tau, scale = _case(n, dtype, frac)
     group = f"edit d={D} M={M} k={K} F={NF} N={n} {str(dtype).split('.')[-1]} fire {int(frac * 100)}%"
@@ -93,12 +99,26 @@ def test_edit_call(benchmark, variant, frac, n, dtype):
     elif variant == "eager":
         fn = lambda: eager_edit(x, W_enc, b_enc, b_dec, W_dec, K, feat, tau, scale)  # noqa: E731
     else:
-        ops.set_backend(variant)
-        if ops.backend_for("edit_", DEVICE, dtype) != variant:
+        ops.set_backend(None if variant == "auto" else variant)
+        if variant == "auto" and not ops.autotune_enabled():
+            pytest.skip("SAEURON_AUTOTUNE=0: the automatic choice is the static order")
+        if variant != "auto" and ops.backend_for("edit_", DEVICE, dtype) != variant:
             ops.set_backend(None)
             pytest.skip(f"{variant} backend not available here: {ops.status()['errors'].get(variant, '')}")
         fn = lambda: ops.edit_(y.copy_(x), W_enc, b_enc, b_dec, W_dec, K, feat, tau, scale)  # noqa: E731
     try:
-        _run(benchmark, fn, group, variant, floor)
+        _run(benchmark, fn, group, variant, floor)  # (auto: the warm-up round measures or reads the cache)
+        if variant == "auto":
+            _record_auto_choice(benchmark, n, dtype)
     finally:
         ops.set_backend(None)
+
+
+def _record_auto_choice(benchmark, n, dtype):
+    """Name the ``auto`` row after the backend the automatic choice picked for this case's shape class."""
+    pow2 = 1 << (n - 1).bit_length()
+    picked = [e for e in ops.status()["measured"] if e["op"] == "edit_" and e["shape"]["N"] == pow2
+              and e["shape"]["M"] == M and e["dtype"] == str(dtype).split(".")[-1]]
+    if picked:
+        benchmark.extra_info.update(variant=f"auto={picked[0]['backend']}", auto_choice=picked[0]["backend"],
+                                    auto_source=picked[0]["source"], auto_ms=picked[0]["ms"])

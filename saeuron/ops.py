@@ -1,5 +1,5 @@
-"""The one seam for hot ops: validates their arguments once, then picks, per op, device type and dtype,
-the compiled extension, Triton or PyTorch.
+"""The one seam for hot ops: validates their arguments once, then picks, per op, device, dtype and shape
+class, the compiled extension, Triton or PyTorch (by measured speed, see "Measured choice").
 
 Every op is a ``torch.library`` custom op (``saeuron::<name>``) with a fake implementation, so
 ``torch.compile`` sees one opaque node and CUDA graph capture works. The body of each op calls
@@ -15,12 +15,30 @@ float32/float16/bfloat16 where its kernels run, ``cuda`` what the built module i
 ``kernels()`` table, declared next to each binding in ``csrc/bindings.cpp``). For a call, the candidates
 are :data:`AUTO_ORDER`'s entry for the device type and op (or, when a backend is forced with
 ``SAEURON_BACKEND=cuda|triton|torch`` or :func:`set_backend`, it and those after it in :data:`BACKENDS`);
-the first that loads, supports ``(op, device type, dtype)`` and, on a GPU, passes a self-check against
-the reference runs it. The choice is cached per ``(op, device type, dtype, forced backend)``. The order
-is static, justified by the measured tables in ``benchmarks/RESULTS.md``: on the CPU the C++ fire-first
-edit (about 0.01x, 0.1x and 1.1x the dense encoder GEMM with 0, 5 and 100 % of the tokens firing) beats
-the reference (2-6x), while the reference's MKL GEMM + topk stays the CPU path of the training ops.
-Whenever a faster backend than the one used cannot run, one warning says why.
+a candidate is usable when it loads, supports ``(op, device type, dtype)`` and, on a GPU, passes a
+self-check against the reference. The static choice (:func:`backend_for`) is the first usable candidate,
+cached per ``(op, device type, dtype, forced backend)``; with a forced backend it always runs. Whenever a
+backend earlier in the order cannot run, one warning says why.
+
+Measured choice. Unless a backend is forced or ``SAEURON_AUTOTUNE=0``, when two or more candidates are
+usable the first real call of each key times them all on that call's own arguments (``edit_`` on a copy of
+``x``, refreshed before each call, so the caller's tensor only sees the one real call afterwards): one untimed
+warm-up call (it absorbs Triton's compilation; on the CPU a warm-up longer than
+:data:`AUTOTUNE_BUDGET_S` is the sample), then up to :data:`AUTOTUNE_REPS` timed calls until
+:data:`AUTOTUNE_BUDGET_S` seconds are spent (CUDA events on GPUs, ``time.perf_counter`` on the CPU); the
+lowest time wins (ties: the static order), and a candidate that raises is dropped. The key is ``(op,
+device type, device name, dtype, shape class)``: the device name is ``torch.cuda.get_device_name`` on
+GPUs and the CPU model with torch's thread count on the CPU; the shape class (:func:`shape_class`) is the
+SAE's widths ``d`` and ``M`` and ``k`` exactly, the token count ``N`` rounded up to a power of two, and
+for ``edit_`` also the number of selected features ``F`` rounded up to a power of two and ``x``'s layout
+(tokens ``[N, d]`` or a map, contiguous or strided). The fire-first edit's cost depends on how many
+tokens fire, which is data, so the first call's data stands for its key. Choices are kept in memory
+and in ``<SAEURON_CACHE_DIR or ~/.cache/saeuron>/autotune.json`` (written atomically; entries keyed also
+by the torch version, the usable candidates and the extension's build key), so later processes reuse
+them without timing; a corrupt or foreign file is ignored with one warning and rewritten. Nothing is
+timed while a CUDA graph is being captured or under ``torch.compile`` tracing: then the cached choice,
+else the static one, runs. :func:`status` lists the measured choices, with their timings, next to the
+static ones.
 
 Validation, once and here. The public ops (:func:`topk_encode`, :func:`sparse_decode`,
 :func:`gather_encode`, :func:`edit_`) check every argument before any backend runs: tensors where
@@ -47,9 +65,13 @@ memory safety for direct calls, and dispatch errors:
 """
 from __future__ import annotations
 
+import functools
 import operator
 import os
+import platform
+import time
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -61,24 +83,35 @@ BACKENDS = ("cuda", "triton", "torch")
 OPS = ("topk_encode", "sparse_decode", "gather_encode", "gather_encode_bwd", "sparse_decode_bwd", "edit_")
 #: The float dtypes the ops take (every backend declares which of them it runs).
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-#: Automatic backend order per device type and op (ops not named: the device's ``"*"`` entry); a backend
-#: that does not support the call's dtype is skipped.
-#: CPU (measured, benchmarks/RESULTS.md): the compiled fire-first edit beats the reference 3-400x;
-#: the other ops stay on the reference (MKL GEMM + topk). GPU (no kernel has been timed on a GPU yet;
-#: benchmarks/gpu_session.sh times them all): the Triton edit skips the dense GEMM for row blocks with
-#: no candidate, the CUDA edit always runs it (cuBLAS, no host sync), so Triton comes first; top-k
-#: encode keeps cuBLAS + torch.topk, the only GPU timing on record (performance.md), ahead of the
-#: unmeasured fused kernels.
+#: Candidate backends per device type and op (ops not named: the device's ``"*"`` entry), in the static
+#: order: the first usable one runs when nothing is measured (``SAEURON_AUTOTUNE=0``, one usable candidate,
+#: CUDA graph capture or ``torch.compile`` tracing before a measurement exists); otherwise the measured
+#: fastest of the usable ones runs (see the module docstring). A backend that does not support the call's
+#: dtype is skipped.
+#: CPU (measured, benchmarks/RESULTS.md): the compiled fire-first edit beats the reference 3-400x; for the
+#: other ops the reference (MKL GEMM + topk) comes first and the C++ ops second (no C++ top-k encode).
+#: GPU (no kernel has been timed on a GPU yet; benchmarks/gpu_session.sh times them all): the Triton edit
+#: skips the dense GEMM for row blocks with no candidate, the CUDA edit always runs it (cuBLAS, no host
+#: sync), so Triton comes first; top-k encode keeps cuBLAS + torch.topk, the only GPU timing on record
+#: (performance.md), ahead of the unmeasured fused kernels.
 AUTO_ORDER = {
-    "cpu": {"edit_": ("cuda", "torch"), "*": ("torch",)},
+    "cpu": {"edit_": ("cuda", "torch"), "topk_encode": ("torch",), "*": ("torch", "cuda")},
     "cuda": {"edit_": ("triton", "cuda", "torch"), "topk_encode": ("torch", "triton", "cuda"), "*": BACKENDS},
 }
+#: Measuring: seconds of timed calls per candidate at most (at least one timed call each), and timed calls at most.
+AUTOTUNE_BUDGET_S = 0.5
+AUTOTUNE_REPS = 5
+#: The ``format`` field of the autotune cache file; a file without it is foreign and ignored.
+AUTOTUNE_FORMAT = "saeuron-autotune/1"
 
 _forced: Optional[str] = None
 _modules: dict = {}
 _load_errors: dict = {}
 _choice: dict = {}
 _warned: set = set()
+_usable_cache: dict = {}  # (op, device type, dtype, forced) -> ((name, fn), ...) usable, in the static order
+_tuned: dict = {}  # (op, device type, device index, dtype, shape class) -> the entry that decides (see _decide)
+_disk: dict = {}  # cache file path -> {key string: entry} as read once from disk (empty when unreadable)
 
 
 class _TorchBackend:
@@ -136,6 +169,7 @@ def set_backend(name: Optional[str]) -> None:
         raise ValueError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)} or auto")
     _forced = None if name == "auto" else name
     _choice.clear()
+    _usable_cache.clear()
 
 
 def _candidates(op: str, device: torch.device) -> tuple:
@@ -200,38 +234,267 @@ def _run_edit(fn, x, *args):
 
 
 def backend_for(op: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """Name of the backend that runs ``op`` for tensors of ``dtype`` on ``device``."""
+    """Name of the backend that runs ``op`` for tensors of ``dtype`` on ``device`` when nothing is measured: the
+    first usable candidate (a forced backend, or the static order). Measured choices: :func:`status`."""
     return _choose(op, torch.device(device), dtype)[0]
 
 
+def _usable_impl(name: str, op: str, device: torch.device, dtype: torch.dtype):
+    """``name``'s implementation of ``op`` if it loads, supports the call and (GPU) passes the self-check, else None."""
+    mod = _load(name)
+    if mod is None or not hasattr(mod, op) or not mod.supports(op, device, dtype):
+        return None
+    if device.type == "cuda" and name != "torch":
+        why = _selfcheck(getattr(mod, op), op, device, dtype)
+        if why is not None:
+            _load_errors[name] = f"{op} ({_dtype_name(dtype)}): {why}"
+            return None
+    return getattr(mod, op)
+
+
 def _choose(op: str, device: torch.device, dtype: torch.dtype) -> tuple:
-    """``(backend name, implementation)`` for ``op`` on ``device``'s type and ``dtype``, chosen once and cached."""
+    """``(backend name, implementation)``: the first usable candidate for ``op`` on ``device``'s type and ``dtype``,
+    chosen once and cached; one warning when candidates before it cannot run."""
     key = (op, device.type, dtype, requested_backend())
     hit = _choice.get(key)
     if hit is not None:
         return hit
     cands = _candidates(op, device)
     for i, name in enumerate(cands):
-        mod = _load(name)
-        if mod is not None and hasattr(mod, op) and mod.supports(op, device, dtype):
-            if device.type == "cuda" and name != "torch":
-                why = _selfcheck(getattr(mod, op), op, device, dtype)
-                if why is not None:
-                    _load_errors[name] = f"{op} ({_dtype_name(dtype)}): {why}"
-                    continue
-            if i > 0:
-                why = "; ".join(f"{c}: " + _load_errors.get(
-                    c, f"does not implement {op} on {device.type} for {_dtype_name(dtype)}") for c in cands[:i])
-                _warn_once(("fallback",) + cands[:i] + (device.type,),
-                           f"saeuron: faster backend unavailable for {op} on {device.type} ({why}); using {name}. "
-                           f"Set SAEURON_BACKEND to choose explicitly.")
-            _choice[key] = (name, getattr(mod, op))
-            return _choice[key]
+        fn = _usable_impl(name, op, device, dtype)
+        if fn is None:
+            continue
+        if i > 0:
+            why = "; ".join(f"{c}: " + _load_errors.get(
+                c, f"does not implement {op} on {device.type} for {_dtype_name(dtype)}") for c in cands[:i])
+            _warn_once(("fallback",) + cands[:i] + (device.type,),
+                       f"saeuron: faster backend unavailable for {op} on {device.type} ({why}); using {name}. "
+                       f"Set SAEURON_BACKEND to choose explicitly.")
+        _choice[key] = (name, fn)
+        return _choice[key]
     raise RuntimeError("no saeuron backend available")  # unreachable: torch always is
 
 
-def _impl(op: str, device: torch.device, dtype: torch.dtype):
-    return _choose(op, device, dtype)[1]
+def _usable(op: str, device: torch.device, dtype: torch.dtype) -> tuple:
+    """Every usable candidate ``(name, implementation)`` in the static order (all are loaded), cached."""
+    key = (op, device.type, dtype, requested_backend())
+    hit = _usable_cache.get(key)
+    if hit is None:
+        first, first_fn = _choose(op, device, dtype)  # those before it are not usable: checked there
+        cands = _candidates(op, device)
+        later = ((name, _usable_impl(name, op, device, dtype)) for name in cands[cands.index(first) + 1:])
+        hit = _usable_cache[key] = ((first, first_fn),) + tuple((name, fn) for name, fn in later if fn is not None)
+    return hit
+
+
+# --------------------------------------------------------------------------- measured choice
+
+def autotune_enabled() -> bool:
+    """Whether automatic choice measures the usable backends (``SAEURON_AUTOTUNE``, default on; ``0`` turns it off)."""
+    return os.environ.get("SAEURON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+_CODES_AND_WEIGHTS = {"sparse_decode": (0, 2), "gather_encode": (4, 1), "gather_encode_bwd": (0, 2),
+                      "sparse_decode_bwd": (1, 3)}
+
+
+def shape_class(op: str, args) -> tuple:
+    """The regime of a call of ``op`` with the (validated) ``args`` of its backend signature, as ``(name, value)``
+    pairs: the SAE's widths ``d``, ``M`` and ``k`` exactly, the token count ``N`` rounded up to a power of two and,
+    for ``edit_``, the selected features ``F`` (rounded up to a power of two) and ``x``'s layout."""
+    if op == "edit_":
+        x, W, k, feat = args[0], args[1], args[5], args[6]
+        n = x.numel() // x.shape[1] if x.shape[1] else 0
+        layout = ("tokens" if x.dim() == 2 else "map") + ("" if x.is_contiguous() else "-strided")
+        return (("d", W.shape[1]), ("M", W.shape[0]), ("k", int(k)), ("F", _pow2(feat.shape[-1])), ("N", _pow2(n)),
+                ("x", layout))
+    if op == "topk_encode":  # x, W_enc, b_enc, b_dec, k
+        W, n, k = args[1], args[0].shape[0], int(args[4])
+    else:  # the positions of the codes [N, k] and of the weight matrix [M, d]
+        codes, weights = _CODES_AND_WEIGHTS[op]
+        W, (n, k) = args[weights], args[codes].shape
+    return (("d", W.shape[1]), ("M", W.shape[0]), ("k", k), ("N", _pow2(n)))
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device) -> str:
+    """What the measured choice is keyed by besides the device type: the GPU's name, or the CPU model and torch's
+    thread count (which decides between the multi-threaded GEMM and the C++ ops)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"{_cpu_model()} x{torch.get_num_threads()} threads"
+    return device.type
+
+
+def autotune_cache_file() -> Path:
+    """The file that keeps measured choices across processes: ``autotune.json`` in the extension's cache root
+    (``SAEURON_CACHE_DIR`` or ``~/.cache/saeuron``)."""
+    from .extension import cache_root
+
+    return cache_root() / "autotune.json"
+
+
+def _build_id() -> str:
+    path = getattr(_modules.get("cuda"), "path", None)
+    return Path(path).name if path is not None else "none"
+
+
+def _entry_key(op, device, dtype, names, shape) -> str:
+    build = _build_id() if "cuda" in names else "-"
+    return "|".join([op, device.type, device_name(device), _dtype_name(dtype), ",".join(f"{k}={v}" for k, v in shape),
+                     "+".join(names), f"torch={torch.__version__}", f"build={build}"])
+
+
+def _parse_cache(path: Path) -> tuple:
+    """``(choices, None)`` from the cache file (``{}`` when it is missing), or ``({}, why)`` when it is corrupt or
+    foreign."""
+    from .utils import read_json
+
+    if not path.exists():
+        return {}, None
+    try:
+        data = read_json(path, "the autotune cache")
+    except (OSError, ValueError) as e:
+        return {}, str(e)
+    if not isinstance(data, dict) or data.get("format") != AUTOTUNE_FORMAT or not isinstance(data.get("choices"), dict):
+        return {}, f"{path} is not a saeuron autotune cache (its format is not {AUTOTUNE_FORMAT!r})"
+    return dict(data["choices"]), None
+
+
+def _cached(path: Path) -> dict:
+    """The choices in ``path``, read once per process; a corrupt or foreign file: one warning, then none."""
+    if path not in _disk:
+        choices, why = _parse_cache(path)
+        if why is not None:
+            _warn_once(("autotune-cache", str(path)), f"saeuron: ignoring {why}; backends are measured again and the "
+                                                      f"file rewritten")
+        _disk[path] = choices
+    return _disk[path]
+
+
+def _save(path: Path, key: str, entry: dict) -> None:
+    """Merge ``entry`` into the cache file: re-read it (another process may have added choices since), add this
+    process's choices, write a temporary file and ``os.replace`` it into place (readers never see half a file)."""
+    from .extension import private_dir
+    from .utils import atomic_write_json
+
+    mine = _cached(path)
+    mine[key] = entry
+    try:
+        private_dir(path.parent, follow=True)
+        merged = _parse_cache(path)[0]
+        merged.update(mine)
+        atomic_write_json({"format": AUTOTUNE_FORMAT, "choices": merged}, path)
+    except (OSError, RuntimeError) as e:
+        _warn_once(("autotune-write", str(path)), f"saeuron: cannot write the autotune cache {path} ({e}); measured "
+                                                  f"choices are kept for this process only")
+
+
+def _time_one(fn, op: str, device: torch.device, args) -> float:
+    """Seconds of one call of ``fn`` on ``args``: the lowest of up to :data:`AUTOTUNE_REPS` timed calls after one
+    warm-up, stopping once :data:`AUTOTUNE_BUDGET_S` seconds are timed. ``edit_`` runs on a copy of ``x`` with its
+    strides, refreshed outside the timed span before each call, never on the caller's tensor."""
+    gpu = device.type == "cuda"
+    x = args[0]
+    work = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device) if op == "edit_" else None
+    call_args = tuple(args) if work is None else (work,) + tuple(args[1:])
+    if gpu:
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples, spent = [], 0.0
+    for i in range(1 + AUTOTUNE_REPS):
+        if work is not None:
+            work.copy_(x)
+        if gpu:
+            with torch.cuda.device(device):
+                start.record()
+                fn(*call_args)
+                end.record()
+            end.synchronize()
+            dt = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            fn(*call_args)
+            dt = time.perf_counter() - t0
+        if i > 0 or (not gpu and dt >= AUTOTUNE_BUDGET_S):  # the warm-up is a sample only when a CPU call is slow
+            samples.append(dt)
+            spent += dt
+        if spent >= AUTOTUNE_BUDGET_S:
+            break
+    return min(samples)
+
+
+def _measure(op: str, device: torch.device, usable: tuple, args) -> dict:
+    """Time every usable candidate on ``args``; the entry ``{"backend", "ms"}`` (a candidate that raises is dropped)."""
+    ms, failed = {}, {}
+    for name, fn in usable:
+        try:
+            ms[name] = round(_time_one(fn, op, device, args) * 1e3, 4)
+        except Exception as e:  # noqa: BLE001  a candidate that cannot run this call is not chosen
+            failed[name] = f"{type(e).__name__}: {e}"
+    if not ms:
+        return {}
+    best = min(ms, key=lambda n: (ms[n], [u for u, _ in usable].index(n)))
+    return {"backend": best, "ms": ms, **({"failed": failed} if failed else {})}
+
+
+def _no_measuring(device: torch.device) -> bool:
+    """True under ``torch.compile`` tracing or while a CUDA graph is being captured: timing must not run there."""
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _pick(op: str, device: torch.device, dtype: torch.dtype, args):
+    """The implementation that runs this call: the static choice, or the measured fastest (see the module docstring)."""
+    name, fn = _choose(op, device, dtype)
+    if requested_backend() is not None or not autotune_enabled():
+        return fn
+    fast = (op, device.type, device.index, torch.get_num_threads(), dtype, shape_class(op, args))
+    hit = _tuned.get(fast)
+    if hit is not None:
+        return hit["fn"]
+    usable = _usable(op, device, dtype)
+    if len(usable) < 2:
+        return fn
+    names = tuple(n for n, _ in usable)
+    key = _entry_key(op, device, dtype, names, fast[-1])
+    path = autotune_cache_file()
+    entry = _cached(path).get(key)
+    source = "cache"
+    if not (isinstance(entry, dict) and entry.get("backend") in names and isinstance(entry.get("ms"), dict)):
+        if _no_measuring(device):
+            return fn
+        entry, source = _measure(op, device, usable, args), "measured"
+        if not entry:
+            return fn
+        _save(path, key, entry)
+    chosen = dict(usable)[entry["backend"]]
+    _tuned[fast] = {"fn": chosen, "key": key, "op": op, "device": device.type, "device_name": device_name(device),
+                    "dtype": _dtype_name(dtype), "shape": dict(fast[-1]), "static": name, "backend": entry["backend"],
+                    "ms": dict(entry["ms"]), "source": source}
+    return chosen
+
+
+def _run(op: str, device: torch.device, dtype: torch.dtype, *args):
+    return _pick(op, device, dtype, args)(*args)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -239,7 +502,7 @@ def _impl(op: str, device: torch.device, dtype: torch.dtype):
 @torch.library.custom_op("saeuron::topk_encode", mutates_args=())
 def _topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
                  k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return _impl("topk_encode", x.device, x.dtype)(x, W_enc, b_enc, b_dec, k)
+    return _run("topk_encode", x.device, x.dtype, x, W_enc, b_enc, b_dec, k)
 
 
 @_topk_encode.register_fake
@@ -250,7 +513,7 @@ def _(x, W_enc, b_enc, b_dec, k):
 @torch.library.custom_op("saeuron::sparse_decode", mutates_args=())
 def _sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
                    b_dec: Optional[torch.Tensor], residual: Optional[torch.Tensor]) -> torch.Tensor:
-    return _impl("sparse_decode", W_dec.device, W_dec.dtype)(values, indices, W_dec, b_dec, residual)
+    return _run("sparse_decode", W_dec.device, W_dec.dtype, values, indices, W_dec, b_dec, residual)
 
 
 @_sparse_decode.register_fake
@@ -261,7 +524,7 @@ def _(values, indices, W_dec, b_dec, residual):
 @torch.library.custom_op("saeuron::sparse_decode_bwd", mutates_args=())
 def _sparse_decode_bwd(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                        W_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _impl("sparse_decode_bwd", W_dec.device, W_dec.dtype)(grad_out, values, indices, W_dec)
+    return _run("sparse_decode_bwd", W_dec.device, W_dec.dtype, grad_out, values, indices, W_dec)
 
 
 @_sparse_decode_bwd.register_fake
@@ -287,7 +550,7 @@ _sparse_decode.register_autograd(_sd_backward, setup_context=_sd_setup)
 @torch.library.custom_op("saeuron::gather_encode", mutates_args=())
 def _gather_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
                    indices: torch.Tensor) -> torch.Tensor:
-    return _impl("gather_encode", x.device, x.dtype)(x, W_enc, b_enc, b_dec, indices)
+    return _run("gather_encode", x.device, x.dtype, x, W_enc, b_enc, b_dec, indices)
 
 
 @_gather_encode.register_fake
@@ -299,7 +562,7 @@ def _(x, W_enc, b_enc, b_dec, indices):
 def _gather_encode_bwd(grad_values: torch.Tensor, x: torch.Tensor, W_enc: torch.Tensor, b_dec: torch.Tensor,
                        indices: torch.Tensor, values: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _impl("gather_encode_bwd", x.device, x.dtype)(grad_values, x, W_enc, b_dec, indices, values)
+    return _run("gather_encode_bwd", x.device, x.dtype, grad_values, x, W_enc, b_dec, indices, values)
 
 
 @_gather_encode_bwd.register_fake
@@ -324,7 +587,7 @@ _gather_encode.register_autograd(_ge_backward, setup_context=_ge_setup)
 @torch.library.custom_op("saeuron::edit_", mutates_args=("x",))
 def _edit_(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor, W_dec: torch.Tensor,
            k: int, feat_idx: torch.Tensor, tau: torch.Tensor, scale: torch.Tensor, rows_per_group: int) -> None:
-    _impl("edit_", x.device, x.dtype)(x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale, rows_per_group)
+    _run("edit_", x.device, x.dtype, x, W_enc, b_enc, b_dec, W_dec, k, feat_idx, tau, scale, rows_per_group)
 
 
 @_edit_.register_fake
@@ -506,9 +769,16 @@ def edit(x, *args, **kwargs):
 
 
 def status() -> dict:
-    """Which backend each op would use on CPU and (if present) CUDA, per dtype, plus load errors: for bug reports."""
+    """For bug reports: the forced backend, whether measuring is on, the static choice of each op on CPU and (if
+    present) CUDA per dtype, the static order, the choices this process measured or read from the cache (with their
+    timings in milliseconds and the static choice they replace), every choice in the cache file, and load errors."""
+    path = autotune_cache_file()
     devs = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     return {"requested": requested_backend() or "auto",
+            "autotune": autotune_enabled(),
             "ops": {f"{op}@{d.type}": {_dtype_name(dt): backend_for(op, d, dt) for dt in FLOAT_DTYPES}
                     for op in OPS for d in devs},
+            "static_order": {f"{op}@{d.type}": list(_candidates(op, d)) for op in OPS for d in devs},
+            "measured": [{k: v for k, v in e.items() if k != "fn"} for e in _tuned.values()],
+            "autotune_cache": {"file": str(path), "choices": dict(_cached(path))},
             "errors": dict(_load_errors)}

@@ -5,6 +5,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU in CI
+# Deterministic backend choice (the static order) and no writes to the user's cache; tests/test_ops_autotune.py
+# turns measuring on where it tests it.
+os.environ["SAEURON_AUTOTUNE"] = "0"
 torch.set_num_threads(1)  # tiny models: threads only add overhead and contention on small CI machines
 
 

@@ -201,6 +201,7 @@ def test_backend_choice_depends_on_dtype(monkeypatch):
     monkeypatch.setattr(ops, "_warned", set())
     monkeypatch.setattr(ops, "_forced", None)
     monkeypatch.delenv("SAEURON_BACKEND", raising=False)
+    monkeypatch.setenv("SAEURON_AUTOTUNE", "0")  # static order: measuring would call the fake more times
     assert ops.AUTO_ORDER["cpu"]["edit_"][0] == "cuda"
     W32 = _weights()
     x = torch.randn(N, D)
