@@ -304,8 +304,11 @@ _CODES_AND_WEIGHTS = {"sparse_decode": (0, 2), "gather_encode": (4, 1), "gather_
 
 def shape_class(op: str, args) -> tuple:
     """The regime of a call of ``op`` with the (validated) ``args`` of its backend signature, as ``(name, value)``
-    pairs: the SAE's widths ``d``, ``M`` and ``k`` exactly, the token count ``N`` rounded up to a power of two and,
-    for ``edit_``, the selected features ``F`` (rounded up to a power of two) and ``x``'s layout."""
+    pairs: the SAE's widths ``d`` and ``M`` exactly, the token count ``N`` rounded up to a power of two and,
+    for ``edit_``, the SAE's ``k`` exactly, the selected features ``F`` (rounded up to a power of two) and ``x``'s
+    layout; for the other ops the codes' width ``k`` rounded up to a power of two (BatchTopK training hands the
+    sparse ops codes ``[N, k']`` whose width changes every step: an exact ``k'`` would time the backends again at
+    every step)."""
     if op == "edit_":
         x, W, k, feat = args[0], args[1], args[5], args[6]
         n = x.numel() // x.shape[1] if x.shape[1] else 0
@@ -317,7 +320,7 @@ def shape_class(op: str, args) -> tuple:
     else:  # the positions of the codes [N, k] and of the weight matrix [M, d]
         codes, weights = _CODES_AND_WEIGHTS[op]
         W, (n, k) = args[weights], args[codes].shape
-    return (("d", W.shape[1]), ("M", W.shape[0]), ("k", k), ("N", _pow2(n)))
+    return (("d", W.shape[1]), ("M", W.shape[0]), ("k", _pow2(int(k))), ("N", _pow2(n)))
 
 
 @functools.lru_cache(maxsize=None)

@@ -271,6 +271,16 @@ def test_shape_class_of_every_op():
         want[:3] + (("F", 2), ("N", 32), ("x", "map-strided")))
 
 
+def test_batchtopk_code_widths_share_a_shape_class():
+    """BatchTopK hands the sparse training ops codes [N, k'] whose width changes every step: widths within one power
+    of two are one class (timed once), so training is not timed again at every step."""
+    W_enc = torch.randn(M, D)
+    classes = {ops.shape_class("sparse_decode", (torch.randn(8, kk), torch.zeros(8, kk, dtype=torch.long), W_enc,
+                                                 None, None)) for kk in range(K + 1, 2 * K + 1)}
+    assert len(classes) == 1 if K & (K - 1) == 0 else len(classes) <= 2, classes
+    assert dict(next(iter(classes)))["k"] >= K + 1
+
+
 @pytest.fixture(scope="module")
 def ext():
     try:
