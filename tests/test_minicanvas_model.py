@@ -345,6 +345,20 @@ def test_build_defaults_micro_end_to_end(tmp_path, monkeypatch, capsys):
     build_defaults(out, "micro", seed=3, progress=False, settings={"multiplier": -2.0, "guidance": 2.0})
     assert f"removed the SAE of {mid}" in capsys.readouterr().out and not (out / "checkpoint" / mid).exists()
     assert ConceptTable.load(out / "checkpoint").hookpoints == [HP]
+    # concept supervision (issue 22's lever): the SAE and the concept file are redone, nothing else
+    sup = {"multiplier": -2.0, "guidance": 2.0, "supervise": {"concepts": "objects"}}
+    rec = build_defaults(out, "micro", seed=3, progress=False, settings=sup)
+    said = capsys.readouterr().out
+    assert "sae: its settings changed (supervise)" in said and "collect: already done, skipped" in said
+    sae_cfg = json.loads((out / "checkpoint" / HP / "cfg.json").read_text())
+    assert sorted(sae_cfg["concept_latents"]) == sorted(data.OBJECTS)
+    table = ConceptTable.load(out / "checkpoint")
+    assert table.defaults["circle"].get("reserved") is True and not table.defaults["stripes"].get("reserved")
+    circle = sae_cfg["concept_latents"]["circle"]
+    picked = [t.tolist() for t in table.select(HP, "circle") if t.numel()]
+    assert picked and all(x == circle for x in picked)  # its reserved latent, at every timestep where it fires
+    with pytest.raises(ValueError, match="supervise"):
+        build_defaults(out, "micro", seed=3, progress=False, settings={"supervise": {"concept": "objects"}})
 
 
 def test_every_build_setting_is_read_by_a_stage():

@@ -62,7 +62,7 @@ STAGE_SETTINGS = {"classifiers": ("classifier_steps", "classifier_batch"), "mode
                             "attack_control"),
                   "collect": ("hookpoints", "collect_repeats", "collect_batch", "collect_dtype", "sample_steps",
                               "guidance"),
-                  "sae": ("sae",), "concepts": ("top_n", "multiplier")}
+                  "sae": ("sae", "supervise"), "concepts": ("top_n", "multiplier", "supervise")}
 GATE_SEEDS = (188, 288, 588, 688, 888)  # the UnlearnCanvas evaluation seeds
 HELDOUT_GATE, GENERATED_GATE = 0.99, 0.95
 # issue 21, for a model trained on caption forms: the training form on the protocol seeds, and the held-out forms
@@ -84,6 +84,9 @@ MAX_FILE_BYTES = 16 * 2 ** 20
 # analogy (styles are removed there); the two 8x8 up-block transformers carry the objects (an object sweep
 # on tuning seed 1 scored (UA+IRA)/2 = 77 and 72 there against 64 at 16x16; benchmarks/RESULTS.md). Each
 # concept's sweep picks its own hookpoint (``ConceptTable.defaults[c]["hookpoints"]``).
+# ``supervise`` (None: off) trains the SAEs with concept supervision (issue 22's lever, see saeuron.supervision):
+# ``{"concepts": "objects" | "styles" | "all", "weight": 1.0, "latents_per_concept": 1}`` (missing keys take these
+# values); the concepts stage then makes each supervised concept's reserved latents its selection rule.
 # ``form_gate_seeds`` (None: the ``gate_seeds``) and ``attack_control`` (None: ``CONTROL_DEFAULTS[config]``; a dict
 # overrides entries of it; false skips the control) only act when the model is trained on caption forms. Both
 # default to None, so builds recorded before they existed keep their gates.
@@ -94,14 +97,14 @@ BUILD_DEFAULTS = {
                   collect_repeats=1, collect_batch=55, collect_dtype="fp32",
                   sae=dict(k=4, expansion_factor=4, batch_size=256, lr=2e-3, epochs=1, dead_tokens_threshold=100_000,
                            save_every=1000),
-                  top_n=2, multiplier=-1.0, form_gate_seeds=None, attack_control=None),
+                  top_n=2, multiplier=-1.0, form_gate_seeds=None, attack_control=None, supervise=None),
     "cpu": dict(hookpoints=("up_blocks.1.attentions.1", "up_blocks.0.attentions.0", "up_blocks.0.attentions.1"),
                 classifier_steps=2000, classifier_batch=128, model={}, heldout_n=2000, gate_seeds=GATE_SEEDS,
                 sample_steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, sample_batch=64,
                 collect_repeats=2, collect_batch=22, collect_dtype="fp16",
                 sae=dict(k=16, expansion_factor=16, batch_size=4096, lr=8e-4, epochs=4, dead_tokens_threshold=1_000_000,
                          save_every=250),
-                top_n=5, multiplier=-1.0, form_gate_seeds=None, attack_control=None),
+                top_n=5, multiplier=-1.0, form_gate_seeds=None, attack_control=None, supervise=None),
     "gpu": dict(hookpoints=("up_blocks.1.attentions.1", "up_blocks.1.attentions.2", "up_blocks.0.attentions.1",
                             "up_blocks.0.attentions.2"),
                 classifier_steps=4000, classifier_batch=256, model={}, heldout_n=5000, gate_seeds=GATE_SEEDS,
@@ -109,7 +112,7 @@ BUILD_DEFAULTS = {
                 collect_repeats=4, collect_batch=55, collect_dtype="fp16",
                 sae=dict(k=16, expansion_factor=16, batch_size=4096, lr=6e-4, epochs=4, dead_tokens_threshold=2_000_000,
                          save_every=500),
-                top_n=5, multiplier=-1.0, form_gate_seeds=None, attack_control=None),
+                top_n=5, multiplier=-1.0, form_gate_seeds=None, attack_control=None, supervise=None),
 }
 
 
@@ -123,6 +126,32 @@ def build_settings(config: str = "cpu", settings: Optional[dict] = None) -> dict
             raise ValueError(f"unknown build setting {k!r}; valid: {', '.join(out)}")
         out[k] = {**out[k], **v} if isinstance(out[k], dict) and isinstance(v, dict) else v
     return out
+
+
+SUPERVISE_DEFAULTS = {"concepts": "objects", "weight": 1.0, "latents_per_concept": 1}
+
+
+def supervision_settings(value) -> Optional[dict]:
+    """The ``supervise`` build setting completed with :data:`SUPERVISE_DEFAULTS` (None when off); a clear error
+    for anything else."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, dict) or set(value) - set(SUPERVISE_DEFAULTS):
+        raise ValueError(f"supervise={value!r}: give null (off) or a dict with keys among "
+                         f"{sorted(SUPERVISE_DEFAULTS)}, e.g. {SUPERVISE_DEFAULTS}")
+    out = {**SUPERVISE_DEFAULTS, **value}
+    if out["concepts"] not in ("objects", "styles", "all"):
+        raise ValueError(f"supervise concepts={out['concepts']!r}; valid: objects, styles, all")
+    return out
+
+
+def supervised_concepts(which: str) -> dict:
+    """``{concept: [prompts]}`` of the concepts ``which`` ("objects", "styles", "all") names (see
+    :func:`concept_prompts`)."""
+    names = {"objects": data.OBJECTS, "styles": data.STYLES, "all": tuple(data.OBJECTS) + tuple(data.STYLES)}[which]
+    return {c: p for c, p in concept_prompts().items() if c in names}
 
 
 def training_prompts(repeats: int = 1) -> list:
@@ -412,6 +441,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
     from .train_model import train_model
 
     st = build_settings(config, settings)
+    supervision_settings(st["supervise"])  # a bad value fails here, before any stage runs
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown build stages {unknown}; valid: {', '.join(STAGES)}")
@@ -550,9 +580,13 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
                     shutil.rmtree(paths["checkpoint"] / old)
                     say(f"removed the SAE of {old} (not among the hookpoints {hookpoints})")
             fvu = {}
+            sup = supervision_settings(st["supervise"])
+            extra = {} if sup is None else {"concept_supervision": float(sup["weight"]),
+                                            "latents_per_concept": int(sup["latents_per_concept"])}
             for hp in hookpoints:
-                tc = TrainConfig(seed=seed, **st["sae"])
-                sae = train(store, paths["sae_work"], hp, tc, device=device, progress=progress)
+                tc = TrainConfig(seed=seed, **st["sae"], **extra)
+                sae = train(store, paths["sae_work"], hp, tc, device=device, progress=progress,
+                            concepts=None if sup is None else supervised_concepts(sup["concepts"]))
                 sae.cpu().save(paths["checkpoint"] / hp)
                 x = store.read_shard(hp, 0)["x"].float()
                 fvu[hp] = round(SparseAutoencoder.load(paths["checkpoint"] / hp).fvu(x), 5)
@@ -562,7 +596,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
             store = ActivationStore(paths["activations"])
             table = build_concept_file(store, paths["checkpoint"], hookpoints=hookpoints, concepts=concept_prompts(),
                                        multiplier=st["multiplier"], percentile=None, top_n=st["top_n"], device=device,
-                                       progress=progress)
+                                       progress=progress, reserved=supervision_settings(st["supervise"]) is not None)
             finish(name, t0, concepts=table.names, timesteps=len(table.timesteps))
     record = json.loads(record_path.read_text())
     if record.get("oversize_files"):
