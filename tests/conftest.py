@@ -38,6 +38,15 @@ def tiny_pipe(tiny_pipe_factory):
     return tiny_pipe_factory()
 
 
+def sae_weights(num_latents: int, d_in: int, dtype=torch.float32, seed: int = 0) -> tuple:
+    """Random ``(W_enc, b_enc, b_dec, W_dec)`` of the ops' signatures (unit-norm decoder rows), for op tests."""
+    g = torch.Generator().manual_seed(seed)
+    W_enc = torch.randn(num_latents, d_in, generator=g) / d_in ** 0.5
+    b_enc, b_dec = torch.randn(num_latents, generator=g) * 0.1, torch.randn(d_in, generator=g) * 0.1
+    W_dec = torch.nn.functional.normalize(torch.randn(num_latents, d_in, generator=g), dim=1)
+    return tuple(t.to(dtype) for t in (W_enc, b_enc, b_dec, W_dec))
+
+
 def make_sae(d_in=32, num_latents=128, k=4, seed=0, dtype=torch.float32):
     """A random SAE with non-trivial biases (not zeros) for op and patch tests."""
     from saeuron.toy import random_sae

@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import sae_weights
 from saeuron import extension, ops
 from saeuron import reference as R
 
@@ -79,11 +80,7 @@ def tuned(monkeypatch, tmp_path):
 
 
 def _weights(dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    W_enc = torch.randn(M, D, generator=g) / D ** 0.5
-    b_enc, b_dec = torch.randn(M, generator=g) * 0.1, torch.randn(D, generator=g) * 0.1
-    W_dec = torch.nn.functional.normalize(torch.randn(M, D, generator=g), dim=1)
-    return tuple(t.to(dtype) for t in (W_enc, b_enc, b_dec, W_dec))
+    return sae_weights(M, D, dtype)
 
 
 def _edit_args(n, dtype=torch.float32):
