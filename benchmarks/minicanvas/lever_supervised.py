@@ -1,12 +1,12 @@
 """Probe (issue 22): concept-supervised SAEs (``TrainConfig.concept_supervision``) at the 8x8 blocks of the shipped
 MiniCanvas model, objects unlearned with their reserved latents, tuning seeds only.
 
-    python benchmarks/minicanvas/lever_supervised.py WORK SEED HOOKPOINT OBJECTS MULTIPLIERS THRESHOLDS OUT.jsonl
+    python benchmarks/minicanvas/lever_supervised.py WORK SEED HOOKPOINT OBJECTS MULTIPLIERS THRESHOLDS OUT.jsonl [LPC]
     python benchmarks/minicanvas/lever_supervised.py runs/sup 1 up_blocks.0.attentions.0 circle,ring -1,-5 1 out.jsonl
 
 Collects the build's training prompts (form 0, 2 repeats, the cond half, fp16) at both 8x8 blocks into WORK/acts,
 trains there the SAE of HOOKPOINT with the shipped build's settings plus concept supervision of the 10 objects (one
-reserved latent each), writes a concept file (objects + styles; objects take the reserved rule) into WORK/ckpt, and
+reserved latent each, or LPC), writes a concept file (objects + styles; objects take the reserved rule) into WORK/ckpt, and
 scores each object x multiplier x threshold on SEED (UA / IRA / CRA over the 110 training-form prompts). Every step
 resumes: finished stores, SAEs and concept files are reused.
 """
@@ -36,6 +36,7 @@ objects = sys.argv[4].split(",")
 mults = [float(m) for m in sys.argv[5].split(",")]
 thrs = [float(t) for t in sys.argv[6].split(",")]
 out = Path(sys.argv[7])
+lpc = int(sys.argv[8]) if len(sys.argv) > 8 else 1
 torch.set_num_threads(1)
 pipe = defaults.load_pipeline()
 t0 = time.time()
@@ -48,7 +49,8 @@ objs = {o: p for o, p in concept_prompts().items() if o in data.OBJECTS}
 for h in [hp]:  # only the block evaluated (the store holds both)
     if not (work / "ckpt" / h / "cfg.json").exists():
         tc = TrainConfig(seed=0, k=16, expansion_factor=16, batch_size=4096, lr=8e-4, epochs=4,
-                         dead_tokens_threshold=1_000_000, save_every=250, concept_supervision=1.0)
+                         dead_tokens_threshold=1_000_000, save_every=250, concept_supervision=1.0,
+                         latents_per_concept=lpc)
         sae = train(store, work / "sae_work", h, tc, device="cpu", concepts=objs)
         sae.cpu().save(work / "ckpt" / h)
         x = store.read_shard(h, 0)["x"].float()
@@ -72,7 +74,7 @@ for o in objects:
             recs = [Record((o,), "object", j.object, j.style, int(a), int(b))
                     for j, a, b in zip(jobs, p["pred_object"].tolist(), p["pred_style"].tolist())]
             r = target_metrics(recs, (o,), "object")
-            rec = {"seed": seed, "object": o, "hookpoint": hp, "multiplier": m, "threshold": t, "ua": r["ua"],
+            rec = {"seed": seed, "object": o, "hookpoint": hp, "latents_per_concept": lpc, "multiplier": m, "threshold": t, "ua": r["ua"],
                    "ira": r["ira"], "cra": r["cra"], "s": round(time.time() - t1, 1)}
             print(json.dumps(rec), flush=True)
             with open(out, "a") as f:
