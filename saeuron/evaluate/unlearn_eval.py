@@ -173,17 +173,26 @@ def unedited_baseline(pipe, classifiers, jobs, out: Path, config: dict, sampling
 
 
 def _grid(jobs, group, domain, base_images, images, path: Path, rows: int) -> str:
-    """Save a few prompts (first seed and template; target prompts first) as rows of original | unlearned."""
+    """Save the target(s) and every kept concept side by side: a pair of columns original | unlearned per concept
+    of ``domain`` in the grid (targets first, then the kept ones in grid order, unstyled prompts as their own
+    column), one row per value of the other domain (up to ``rows``), first seed and template, 96 px per image."""
     first = [i for i, j in enumerate(jobs) if j.seed == jobs[0].seed and j.template == jobs[0].template]
+    same = (lambda j: j.style) if domain == "style" else (lambda j: j.object)
+    other = (lambda j: j.object) if domain == "style" else (lambda j: j.style)
     tid = set(_group_ids(group, domain))
-    hit = [i for i in first if (jobs[i].style if domain == "style" else jobs[i].object) in tid]
-    miss = [i for i in first if i not in set(hit)]
-    pick = hit[:(rows + 1) // 2]
-    pick += miss[:rows - len(pick)]
-    pick += [i for i in hit if i not in pick][:rows - len(pick)]
-    grid = image_grid([[to_pil(base_images[i], 96), to_pil(images[i], 96)] for i in pick],
-                      row_labels=[f"{jobs[i].prompt} (seed {jobs[i].seed})" for i in pick],
-                      col_labels=["original", "unlearned: " + ", ".join(group)])
+    concepts = list(dict.fromkeys(same(jobs[i]) for i in first))
+    concepts = [c for c in concepts if c in tid] + [c for c in concepts if c not in tid]
+    values = list(dict.fromkeys(other(jobs[i]) for i in first))[:rows]
+    at = {(same(jobs[i]), other(jobs[i])): i for i in first}
+    kind = "object" if domain == "style" else "style"  # the other domain: one row per value
+    label = (lambda v, k: "unstyled" if v is None else (data.STYLES if k == "style" else data.OBJECTS)[v])  # noqa: E731
+    blank = to_pil(torch.ones_like(base_images[0]), 96)
+    grid_rows = [[im for c in concepts for im in ((to_pil(base_images[at[c, v]], 96), to_pil(images[at[c, v]], 96))
+                                                  if (c, v) in at else (blank, blank))] for v in values]
+    cols = [f"{label(c, domain)} ({'TARGET' if c in tid else 'kept'}): {w}" for c in concepts
+            for w in ("original", "unlearned")]
+    grid = image_grid(grid_rows, row_labels=[f"{kind}: {label(v, kind)}" for v in values], col_labels=cols,
+                      label_width=110)
     return str(save_png(grid, path))
 
 
