@@ -187,3 +187,60 @@ def test_time_limited_sittings_then_the_build_resumes_the_finished_state(tmp_pat
     assert "please" in pipe.tokenizer.get_vocab()
     info = json.loads((tmp_path / "build" / "model" / "minicanvas.json").read_text())
     assert info["hparams"]["caption_forms"] is True and info["steps"] == kw["steps"]
+
+
+def test_collect_captions_cover_training_forms_and_never_heldout_ones():
+    from saeuron.minicanvas.build import collect_captions, collect_forms, concept_prompts, training_prompts
+
+    n = len(D.OBJECTS) * (len(D.STYLES) + 1)
+    plain = collect_captions(2)
+    assert [c for _, _, c in plain] == D.all_captions((0,), unstyled=True) * 2      # the shipped recipe, unchanged
+    rows = collect_captions(3, forms=True)
+    assert len(rows) == 3 * n and [c for _, _, c in rows[:n]] == D.all_captions((0,), unstyled=True)
+    styled = {f: s for f, s in D.caption_forms("all").items()}
+    used = {False: set(), True: set()}
+    for o, s, cap in rows:
+        forms = D.caption_forms("all", unstyled=s is None)
+        f = [i for i in forms if D.form_caption(o, s, i) == cap]
+        assert f, cap                                                    # each row is a caption of its own pair
+        used[s is None].update(f)
+    assert used[False] == set(D.TRAIN_FORMS) and used[True] == set(D.UNSTYLED_TRAIN_FORMS)
+    assert not used[False] & set(D.HELDOUT_FORMS) and not used[True] & set(D.UNSTYLED_HELDOUT_FORMS)
+    assert len(set(c for _, _, c in rows[n:])) == 2 * n                  # later repeats: new sentences each time
+    assert training_prompts(3, True) == [c for _, _, c in rows] and len(styled) == len(D.CAPTION_FORMS)
+    # concept prompts: exactly the collected prompts, each under its object and its style
+    cp = concept_prompts(3, forms=True)
+    assert set().union(*cp.values()) == {c for _, _, c in rows}
+    for o, s, cap in rows:
+        assert cap in cp[o] and (s is None or cap in cp[s])
+        assert all(cap not in cp[c] for c in cp if c not in (o, s))
+    assert concept_prompts() == concept_prompts(4)                        # form 0 alone: repeats change nothing
+    # the build setting: null follows the model
+    assert collect_forms({"model": {"caption_forms": True}, "collect_forms": None}) is True
+    assert collect_forms({"model": {}, "collect_forms": None}) is False
+    assert collect_forms({"model": {"caption_forms": True}, "collect_forms": False}) is False
+    for bad, kw in ((0, dict()), (2, dict(forms="yes"))):
+        with pytest.raises(ValueError, match="repeats|forms"):
+            collect_captions(bad, **kw)
+    with pytest.raises(ValueError, match="collect_forms='yes'"):
+        collect_forms({"model": {}, "collect_forms": "yes"})
+
+
+def test_build_collects_and_scores_over_the_training_forms(tmp_path):
+    """A caption-forms build (micro) collects its second repeat in other training forms and scores concepts over
+    exactly those prompts; a bad ``collect_forms`` fails before any stage runs."""
+    from saeuron.concepts import ConceptTable
+    from saeuron.minicanvas.build import build_defaults, training_prompts
+    from saeuron.store import ActivationStore
+
+    out, work = tmp_path / "b", tmp_path / "b.work"
+    with pytest.raises(ValueError, match="collect_forms"):
+        build_defaults(out, "micro", work_dir=work, progress=False, settings={"collect_forms": 1})
+    assert not out.exists() or not (out / "BUILD.json").exists()
+    settings = {"model": {"caption_forms": True}, "collect_repeats": 2, "attack_control": False}
+    rec = build_defaults(out, "micro", work_dir=work, progress=False, settings=settings)
+    assert rec["settings"]["collect_forms"] is None and rec["stages"]["concepts"]["done"]
+    store = ActivationStore(work / "activations")
+    assert store.prompts == training_prompts(2, forms=True) != training_prompts(2)
+    table = ConceptTable.load(out / "checkpoint")
+    assert set(table.names) == set(D.OBJECTS) | set(D.STYLES)

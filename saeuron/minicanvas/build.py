@@ -13,7 +13,9 @@ and each resumes where a killed run stopped (classifiers are quick and simply re
    damage measure on this model's own images (calibrated on its first seed, flagged share of the others; not a
    gate: every evaluation calibrates the measure on the judged model's unedited images) -> ``gates.json``;
 4. ``collect``: activations at the ``hookpoints`` setting's blocks over every object x style (+ unstyled)
-   training prompt (``saeuron.collect``, in ``work_dir/activations``);
+   training prompt, ``collect_repeats`` times (``saeuron.collect``, in ``work_dir/activations``); for a model
+   trained on caption forms (or with ``collect_forms`` true) the repeats after the first put each prompt in
+   another training caption form (:func:`collect_captions`), so SAEs and statistics see words, not one sentence;
 5. ``sae``: a TopK SAE per hookpoint (``saeuron.train``, state in ``work_dir/sae``) -> ``checkpoint/<hookpoint>/``;
 6. ``concepts``: the concept file over every object and every style concept (a prompt belongs to its
    object and to its style) with a top-n-per-timestep default rule -> ``checkpoint/concepts.*``.
@@ -61,8 +63,9 @@ STAGE_SETTINGS = {"classifiers": ("classifier_steps", "classifier_batch"), "mode
                   "gates": ("heldout_n", "gate_seeds", "sample_steps", "guidance", "sample_batch", "form_gate_seeds",
                             "attack_control"),
                   "collect": ("hookpoints", "collect_repeats", "collect_batch", "collect_dtype", "sample_steps",
-                              "guidance"),
-                  "sae": ("sae", "supervise"), "concepts": ("top_n", "multiplier", "supervise")}
+                              "guidance", "collect_forms"),
+                  "sae": ("sae", "supervise", "collect_forms"),
+                  "concepts": ("top_n", "multiplier", "supervise", "collect_forms")}
 GATE_SEEDS = (188, 288, 588, 688, 888)  # the UnlearnCanvas evaluation seeds
 HELDOUT_GATE, GENERATED_GATE = 0.99, 0.95
 # issue 21, for a model trained on caption forms: the training form on the protocol seeds, and the held-out forms
@@ -89,7 +92,8 @@ MAX_FILE_BYTES = 16 * 2 ** 20
 # values); the concepts stage then makes each supervised concept's reserved latents its selection rule.
 # ``form_gate_seeds`` (None: the ``gate_seeds``) and ``attack_control`` (None: ``CONTROL_DEFAULTS[config]``; a dict
 # overrides entries of it; false skips the control) only act when the model is trained on caption forms. Both
-# default to None, so builds recorded before they existed keep their gates.
+# default to None, so builds recorded before they existed keep their gates. ``collect_forms`` (None: follow
+# ``model["caption_forms"]``; true / false) collects, and so scores concepts, over the training caption forms.
 BUILD_DEFAULTS = {
     "micro": dict(hookpoints=("up_blocks.0.attentions.1",), classifier_steps=30, classifier_batch=32,
                   model=dict(steps=30, batch_size=16),
@@ -97,14 +101,16 @@ BUILD_DEFAULTS = {
                   collect_repeats=1, collect_batch=55, collect_dtype="fp32",
                   sae=dict(k=4, expansion_factor=4, batch_size=256, lr=2e-3, epochs=1, dead_tokens_threshold=100_000,
                            save_every=1000),
-                  top_n=2, multiplier=-1.0, form_gate_seeds=None, attack_control=None, supervise=None),
+                  top_n=2, multiplier=-1.0, form_gate_seeds=None, attack_control=None, supervise=None,
+                  collect_forms=None),
     "cpu": dict(hookpoints=("up_blocks.1.attentions.1", "up_blocks.0.attentions.0", "up_blocks.0.attentions.1"),
                 classifier_steps=2000, classifier_batch=128, model={}, heldout_n=2000, gate_seeds=GATE_SEEDS,
                 sample_steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, sample_batch=64,
                 collect_repeats=2, collect_batch=22, collect_dtype="fp16",
                 sae=dict(k=16, expansion_factor=16, batch_size=4096, lr=8e-4, epochs=4, dead_tokens_threshold=1_000_000,
                          save_every=250),
-                top_n=5, multiplier=-1.0, form_gate_seeds=None, attack_control=None, supervise=None),
+                top_n=5, multiplier=-1.0, form_gate_seeds=None, attack_control=None, supervise=None,
+                  collect_forms=None),
     "gpu": dict(hookpoints=("up_blocks.1.attentions.1", "up_blocks.1.attentions.2", "up_blocks.0.attentions.1",
                             "up_blocks.0.attentions.2"),
                 classifier_steps=4000, classifier_batch=256, model={}, heldout_n=5000, gate_seeds=GATE_SEEDS,
@@ -112,7 +118,8 @@ BUILD_DEFAULTS = {
                 collect_repeats=4, collect_batch=55, collect_dtype="fp16",
                 sae=dict(k=16, expansion_factor=16, batch_size=4096, lr=6e-4, epochs=4, dead_tokens_threshold=2_000_000,
                          save_every=500),
-                top_n=5, multiplier=-1.0, form_gate_seeds=None, attack_control=None, supervise=None),
+                top_n=5, multiplier=-1.0, form_gate_seeds=None, attack_control=None, supervise=None,
+                  collect_forms=None),
 }
 
 
@@ -147,24 +154,65 @@ def supervision_settings(value) -> Optional[dict]:
     return out
 
 
-def supervised_concepts(which: str) -> dict:
+def supervised_concepts(which: str, repeats: int = 1, forms: bool = False) -> dict:
     """``{concept: [prompts]}`` of the concepts ``which`` ("objects", "styles", "all") names (see
-    :func:`concept_prompts`)."""
+    :func:`concept_prompts`, which ``repeats`` and ``forms`` go to)."""
     names = {"objects": data.OBJECTS, "styles": data.STYLES, "all": tuple(data.OBJECTS) + tuple(data.STYLES)}[which]
-    return {c: p for c, p in concept_prompts().items() if c in names}
+    return {c: p for c, p in concept_prompts(repeats, forms).items() if c in names}
 
 
-def training_prompts(repeats: int = 1) -> list:
-    """Every object x style (+ unstyled) prompt in the training form, style-major, ``repeats`` times over."""
-    return data.all_captions((0,), unstyled=True) * repeats
-
-
-def concept_prompts() -> dict:
-    """``{concept: [prompts]}``: each object with its prompts in every style (+ unstyled), each style with its
-    prompts of every object. A prompt belongs to one object and (unless unstyled) one style concept."""
-    out = {o: [data.caption(o, s, 0) for s in list(data.STYLES) + [None]] for o in data.OBJECTS}
-    out.update({s: [data.caption(o, s, 0) for o in data.OBJECTS] for s in data.STYLES})
+def collect_captions(repeats: int = 1, forms: bool = False) -> list:
+    """``[(object, style or None, caption)]``: what the collect stage generates, style-major, then object, ``repeats``
+    times over. Without ``forms`` every repeat is the training form (form 0). With ``forms`` (a model trained on
+    caption forms) the first repeat is form 0 and each later one puts every object x style in another *training*
+    form (``data.caption_forms("train")``, form 0 left out), rotating so that the forms are used about equally;
+    held-out forms never occur, so the held-out-form results stay held out."""
+    if not (isinstance(repeats, int) and not isinstance(repeats, bool) and repeats >= 1):
+        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+    if not isinstance(forms, bool):
+        raise ValueError(f"forms must be True or False, got {forms!r}")
+    styles = list(data.STYLES) + [None]
+    others = {u: [f for f in data.caption_forms("train", unstyled=u) if f != 0] for u in (False, True)}
+    n = len(styles) * len(data.OBJECTS)
+    out = []
+    for r in range(repeats):
+        for si, s in enumerate(styles):
+            for oi, o in enumerate(data.OBJECTS):
+                f = 0
+                if forms and r > 0:
+                    pool = others[s is None]
+                    f = pool[((r - 1) * n + si * len(data.OBJECTS) + oi) % len(pool)]
+                out.append((o, s, data.form_caption(o, s, f)))
     return out
+
+
+def training_prompts(repeats: int = 1, forms: bool = False) -> list:
+    """The collect stage's prompts: every object x style (+ unstyled), ``repeats`` times over, in the training form
+    or (``forms``) in the training caption forms (:func:`collect_captions`)."""
+    return [c for _, _, c in collect_captions(repeats, forms)]
+
+
+def concept_prompts(repeats: int = 1, forms: bool = False) -> dict:
+    """``{concept: [prompts]}`` over the collect stage's prompts (:func:`collect_captions` with the same ``repeats``
+    and ``forms``; each prompt once): each object with its prompts in every style (+ unstyled), each style with its
+    prompts of every object. A prompt belongs to one object and (unless unstyled) one style concept."""
+    out = {c: [] for c in tuple(data.OBJECTS) + tuple(data.STYLES)}
+    for o, s, cap in collect_captions(repeats, forms):
+        for c in (o, s):
+            if c is not None and cap not in out[c]:
+                out[c].append(cap)
+    return out
+
+
+def collect_forms(st: dict) -> bool:
+    """Whether a build's collect stage (and so its SAEs and statistics) covers the training caption forms: the
+    ``collect_forms`` setting, or, when that is None, whether the model is trained on caption forms."""
+    v = st.get("collect_forms")
+    if v is None:
+        return bool((st.get("model") or {}).get("caption_forms"))
+    if not isinstance(v, bool):
+        raise ValueError(f"collect_forms={v!r}: give null (follow the model's caption_forms), true or false")
+    return v
 
 
 # ---------------------------------------------------------------- gates
@@ -442,6 +490,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
 
     st = build_settings(config, settings)
     supervision_settings(st["supervise"])  # a bad value fails here, before any stage runs
+    collect_forms(st)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown build stages {unknown}; valid: {', '.join(STAGES)}")
@@ -568,7 +617,8 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
             finish(name, t0, **info, all_pass=gates["pass"])
         elif name == "collect":
             pipe = pipe or load_pipeline(paths["model"], device)
-            store = collect(pipe, training_prompts(st["collect_repeats"]), paths["activations"], hookpoints,
+            store = collect(pipe, training_prompts(st["collect_repeats"], collect_forms(st)), paths["activations"],
+                            hookpoints,
                             batch_size=st["collect_batch"], num_inference_steps=st["sample_steps"],
                             guidance_scale=st["guidance"], halves="cond", seed=seed, dtype=st["collect_dtype"],
                             progress=progress)
@@ -586,7 +636,8 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
             for hp in hookpoints:
                 tc = TrainConfig(seed=seed, **st["sae"], **extra)
                 sae = train(store, paths["sae_work"], hp, tc, device=device, progress=progress,
-                            concepts=None if sup is None else supervised_concepts(sup["concepts"]))
+                            concepts=None if sup is None else supervised_concepts(sup["concepts"], st["collect_repeats"],
+                                                                                 collect_forms(st)))
                 sae.cpu().save(paths["checkpoint"] / hp)
                 x = store.read_shard(hp, 0)["x"].float()
                 fvu[hp] = round(SparseAutoencoder.load(paths["checkpoint"] / hp).fvu(x), 5)
@@ -594,7 +645,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
             finish(name, t0, fvu_shard0=fvu)
         elif name == "concepts":
             store = ActivationStore(paths["activations"])
-            table = build_concept_file(store, paths["checkpoint"], hookpoints=hookpoints, concepts=concept_prompts(),
+            table = build_concept_file(store, paths["checkpoint"], hookpoints=hookpoints, concepts=concept_prompts(st["collect_repeats"], collect_forms(st)),
                                        multiplier=st["multiplier"], percentile=None, top_n=st["top_n"], device=device,
                                        progress=progress, reserved=supervision_settings(st["supervise"]) is not None)
             finish(name, t0, concepts=table.names, timesteps=len(table.timesteps))
@@ -634,6 +685,6 @@ def cli_command(argv=None) -> str:
 
 
 __all__ = ["build_defaults", "build_settings", "dependents", "BUILD_DEFAULTS", "DEPENDS", "STAGE_SETTINGS", "STAGES",
-           "concept_prompts", "training_prompts", "generated_accuracy", "model_gates", "gate_jobs", "gate_lines",
+           "concept_prompts", "training_prompts", "collect_captions", "collect_forms", "generated_accuracy", "model_gates", "gate_jobs", "gate_lines",
            "gate_passes", "form_key", "trained_on_forms", "damage_check", "cli_command", "FORM_GATES", "HELDOUT_FORM_GATE",
            "CONTROL_DEFAULTS"]
