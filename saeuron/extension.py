@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch
 
-from .utils import LOCK_NAME, FolderBusyError, FolderLock, atomic_write_json
+from .utils import LOCK_NAME, FolderBusyError, FolderLock, atomic_write_json, file_sha256
 
 CUDA_SOURCES = ("cuda_ops.cpp",)  # .cpp files compiled only in CUDA builds (all .cu files are too)
 CXX_FLAGS = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for is inline OpenMP, serial without it
@@ -148,14 +148,6 @@ def check_sources_private(files: list) -> None:
             raise RuntimeError(f"the extension sources {p} are writable by group or others (mode "
                                f"{stat.S_IMODE(mode):o}): refusing to compile and load them; run `chmod go-w {p}`")
 
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 (hex) of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verified_build(build_dir: Path, so: Path, key: str) -> bool:

@@ -3,6 +3,7 @@ output folder (:class:`FolderLock`), and checks of values where they enter."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 import json
 import math
@@ -293,3 +294,12 @@ def looks_like_path(name) -> bool:
     """Whether ``name`` can only be a local path (``./x``, ``/x``, ``~/x``, ``a/b/c``), never a hub id ``org/name``."""
     s = str(name)
     return s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith("/") or "\\" in s
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -10,7 +10,7 @@ import warnings
 import pytest
 
 from saeuron import extension
-from saeuron.utils import FolderLock
+from saeuron.utils import FolderLock, file_sha256
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ def _load(f):
 def test_build_is_recorded_and_reused(fake):
     _load(fake)
     rec = json.loads((fake.dir / extension.MANIFEST).read_text())
-    assert rec["file"] == fake.so_name and rec["sha256"] == extension.file_sha256(fake.dir / fake.so_name)
+    assert rec["file"] == fake.so_name and rec["sha256"] == file_sha256(fake.dir / fake.so_name)
     assert [c["built"] for c in fake.calls] == [True]
     _load(fake)  # verified: loaded as is
     assert [c["built"] for c in fake.calls] == [True, False]

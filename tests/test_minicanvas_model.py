@@ -413,3 +413,45 @@ def test_cli_minicanvas_build_set(tmp_path, capsys):
         main(base + ["--set", "multiplier"])
     with pytest.raises(SystemExit, match="unknown build setting 'guidence'; valid: .*guidance"):
         main(base + ["--set", "guidence=2"])
+
+
+def test_build_takes_its_judges_from_a_folder(tmp_path, capsys):
+    """``classifiers_from``: the judges are loaded from a folder (or the shipped ones), checked, saved into the build
+    with their source and sha256 recorded; a folder without judges fails before any stage runs; switching back to
+    training redoes the stage."""
+    from safetensors.torch import load_file
+
+    from saeuron.minicanvas import classifiers as clf
+    from saeuron.minicanvas.build import build_defaults
+    from saeuron.utils import file_sha256
+
+    src = tmp_path / "a"
+    build_defaults(src, "micro", seed=5, progress=False, stages=("classifiers",))
+    out = tmp_path / "b"
+    rec = build_defaults(out, "micro", seed=5, progress=False, stages=("classifiers",),
+                         settings={"classifiers_from": str(src / "classifiers")})
+    stage = rec["stages"]["classifiers"]
+    assert stage["done"] and stage["source"] == str(src / "classifiers") and "final_loss" not in stage
+    for k in clf.KINDS:
+        mine, theirs = load_file(out / "classifiers" / k / clf.WEIGHTS_FILE), load_file(src / "classifiers" / k / clf.WEIGHTS_FILE)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[n], theirs[n]) for n in mine)
+        assert stage["sha256"][k] == file_sha256(out / "classifiers" / k / clf.WEIGHTS_FILE)
+    bad = tmp_path / "not_judges"
+    (bad / "object").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"classifiers_from=.*missing .*style.*classifier\.safetensors"):
+        build_defaults(tmp_path / "c", "micro", seed=5, progress=False, settings={"classifiers_from": str(bad)})
+    assert not (tmp_path / "c" / "BUILD.json").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="give null"):
+        build_defaults(tmp_path / "c", "micro", seed=5, progress=False, settings={"classifiers_from": 3})
+    capsys.readouterr()
+    rec = build_defaults(out, "micro", seed=5, progress=False, stages=("classifiers",))  # back to training them
+    assert "classifiers: its settings changed (classifiers_from), will be redone" in capsys.readouterr().out
+    assert "final_loss" in rec["stages"]["classifiers"] and "source" not in rec["stages"]["classifiers"]
+
+
+def test_build_setting_shipped_judges_names_the_package_folder():
+    from saeuron.minicanvas.build import build_settings, classifiers_source
+    from saeuron.minicanvas.defaults import assets_dir
+
+    assert classifiers_source(build_settings("cpu", {"classifiers_from": "shipped"})) == assets_dir() / "classifiers"
+    assert classifiers_source(build_settings("cpu")) is None

@@ -4,6 +4,9 @@ Stages, in order; each is skipped when ``out_dir/BUILD.json`` records it done an
 and each resumes where a killed run stopped (classifiers are quick and simply redone):
 
 1. ``classifiers``: object and style judges (``classifiers.train_classifier``) -> ``classifiers/{object,style}``;
+   with the ``classifiers_from`` setting (a folder with ``object/`` and ``style/`` judges, or "shipped") they are
+   loaded from there, checked and saved into the build instead (the judges read renders, not the model, so a
+   rebuild for a retrained model may keep them; BUILD.json records the source and the weights' sha256);
 2. ``model``: the text-to-image model (``train_model``, checkpoints in ``work_dir/model``) -> ``model/`` (fp16);
 3. ``gates``: held-out render accuracy of both classifiers (gate >= 99 %) and their accuracy on the
    images the unedited model generates for every training prompt x seed (gate >= 95 %; for a model trained
@@ -46,7 +49,7 @@ from typing import Optional
 import torch
 
 from ..store import derive_seed
-from ..utils import atomic_write_json, locks_folder
+from ..utils import atomic_write_json, file_sha256, locks_folder
 from . import classifiers as clf
 from . import data
 from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, load_pipeline, model_config, save_pipeline
@@ -59,7 +62,7 @@ STAGES = ("classifiers", "model", "gates", "collect", "sae", "concepts")
 DEPENDS = {"classifiers": (), "model": (), "gates": ("classifiers", "model"), "collect": ("model",),
            "sae": ("collect",), "concepts": ("collect", "sae")}
 # the settings each stage reads: changing one redoes that stage (and its dependents) on the next build
-STAGE_SETTINGS = {"classifiers": ("classifier_steps", "classifier_batch"), "model": ("model",),
+STAGE_SETTINGS = {"classifiers": ("classifier_steps", "classifier_batch", "classifiers_from"), "model": ("model",),
                   "gates": ("heldout_n", "gate_seeds", "sample_steps", "guidance", "sample_batch", "form_gate_seeds",
                             "attack_control"),
                   "collect": ("hookpoints", "collect_repeats", "collect_batch", "collect_dtype", "sample_steps",
@@ -94,6 +97,7 @@ MAX_FILE_BYTES = 16 * 2 ** 20
 # overrides entries of it; false skips the control) only act when the model is trained on caption forms. Both
 # default to None, so builds recorded before they existed keep their gates. ``collect_forms`` (None: follow
 # ``model["caption_forms"]``; true / false) collects, and so scores concepts, over the training caption forms.
+# ``classifiers_from`` (None: train the judges) takes the judges from a folder (or "shipped": the package's own).
 BUILD_DEFAULTS = {
     "micro": dict(hookpoints=("up_blocks.0.attentions.1",), classifier_steps=30, classifier_batch=32,
                   model=dict(steps=30, batch_size=16),
@@ -102,7 +106,7 @@ BUILD_DEFAULTS = {
                   sae=dict(k=4, expansion_factor=4, batch_size=256, lr=2e-3, epochs=1, dead_tokens_threshold=100_000,
                            save_every=1000),
                   top_n=2, multiplier=-1.0, form_gate_seeds=None, attack_control=None, supervise=None,
-                  collect_forms=None),
+                  collect_forms=None, classifiers_from=None),
     "cpu": dict(hookpoints=("up_blocks.1.attentions.1", "up_blocks.0.attentions.0", "up_blocks.0.attentions.1"),
                 classifier_steps=2000, classifier_batch=128, model={}, heldout_n=2000, gate_seeds=GATE_SEEDS,
                 sample_steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, sample_batch=64,
@@ -110,7 +114,7 @@ BUILD_DEFAULTS = {
                 sae=dict(k=16, expansion_factor=16, batch_size=4096, lr=8e-4, epochs=4, dead_tokens_threshold=1_000_000,
                          save_every=250),
                 top_n=5, multiplier=-1.0, form_gate_seeds=None, attack_control=None, supervise=None,
-                  collect_forms=None),
+                  collect_forms=None, classifiers_from=None),
     "gpu": dict(hookpoints=("up_blocks.1.attentions.1", "up_blocks.1.attentions.2", "up_blocks.0.attentions.1",
                             "up_blocks.0.attentions.2"),
                 classifier_steps=4000, classifier_batch=256, model={}, heldout_n=5000, gate_seeds=GATE_SEEDS,
@@ -119,7 +123,7 @@ BUILD_DEFAULTS = {
                 sae=dict(k=16, expansion_factor=16, batch_size=4096, lr=6e-4, epochs=4, dead_tokens_threshold=2_000_000,
                          save_every=500),
                 top_n=5, multiplier=-1.0, form_gate_seeds=None, attack_control=None, supervise=None,
-                  collect_forms=None),
+                  collect_forms=None, classifiers_from=None),
 }
 
 
@@ -202,6 +206,27 @@ def concept_prompts(repeats: int = 1, forms: bool = False) -> dict:
             if c is not None and cap not in out[c]:
                 out[c].append(cap)
     return out
+
+
+def classifiers_source(st: dict) -> Optional[Path]:
+    """The folder the ``classifiers_from`` setting names (None: the build trains its judges); "shipped" is the
+    package's own judges. A clear error, before any stage runs, when the folder lacks a judge."""
+    v = st.get("classifiers_from")
+    if v is None:
+        return None
+    if v == "shipped":
+        from .defaults import assets_dir
+        v = assets_dir() / "classifiers"
+    if not isinstance(v, (str, Path)) or not str(v):
+        raise ValueError(f"classifiers_from={v!r}: give null (train the judges), \"shipped\" or a folder path")
+    root = Path(v)
+    missing = [str(root / k / f) for k in clf.KINDS for f in (clf.WEIGHTS_FILE, clf.CONFIG_FILE)
+               if not (root / k / f).is_file()]
+    if missing:
+        raise ValueError(f"classifiers_from={str(v)!r}: not a folder of MiniCanvas judges, missing {missing} (expected "
+                         f"{'/, '.join(clf.KINDS)}/ each with {clf.WEIGHTS_FILE} and {clf.CONFIG_FILE}, as a build's "
+                         "classifiers/ folder)")
+    return root
 
 
 def collect_forms(st: dict) -> bool:
@@ -491,6 +516,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
     st = build_settings(config, settings)
     supervision_settings(st["supervise"])  # a bad value fails here, before any stage runs
     collect_forms(st)
+    judges_from = classifiers_source(st)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown build stages {unknown}; valid: {', '.join(STAGES)}")
@@ -573,7 +599,13 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
         invalidate_dependents(name)
         t0 = time.time()
         say(f"{name} ...")
-        if name == "classifiers":
+        if name == "classifiers" and judges_from is not None:
+            judges = clf.load_classifiers(judges_from, "cpu")  # safetensors + config, checked on load
+            for kind, m in judges.items():
+                clf.save_classifier(m, paths["classifiers"] / kind)
+            finish(name, t0, source=str(st["classifiers_from"]),
+                   sha256={k: file_sha256(paths["classifiers"] / k / clf.WEIGHTS_FILE) for k in clf.KINDS})
+        elif name == "classifiers":
             loss = {}
             for kind in clf.KINDS:
                 m = clf.train_classifier(kind, steps=st["classifier_steps"], batch_size=st["classifier_batch"],
@@ -684,7 +716,7 @@ def cli_command(argv=None) -> str:
     return " ".join([prog] + [shlex.quote(a) for a in argv[1:]])
 
 
-__all__ = ["build_defaults", "build_settings", "dependents", "BUILD_DEFAULTS", "DEPENDS", "STAGE_SETTINGS", "STAGES",
+__all__ = ["build_defaults", "classifiers_source", "build_settings", "dependents", "BUILD_DEFAULTS", "DEPENDS", "STAGE_SETTINGS", "STAGES",
            "concept_prompts", "training_prompts", "collect_captions", "collect_forms", "generated_accuracy", "model_gates", "gate_jobs", "gate_lines",
            "gate_passes", "form_key", "trained_on_forms", "damage_check", "cli_command", "FORM_GATES", "HELDOUT_FORM_GATE",
            "CONTROL_DEFAULTS"]
