@@ -33,7 +33,7 @@ from saeuron.minicanvas import data, defaults
 from saeuron.sae import SparseAutoencoder
 
 torch.set_num_threads(1)
-HOOKPOINTS = ("up_blocks.0.attentions.0", "up_blocks.0.attentions.1")
+BLOCKS_8X8 = ("up_blocks.0.attentions.0", "up_blocks.0.attentions.1")  # where the objects are edited
 
 
 class RecordingProcessor:
@@ -60,17 +60,17 @@ def word_positions(pipe, prompt, word):
     return pos
 
 
-def token_statistics(pipe, saes, table, powers, repeats=2, batch=22):
+def token_statistics(pipe, saes, table, powers, hookpoints, repeats=2, batch=22):
     """``{power: {hp: mu [C, T, M]}}`` over the training-form prompts, each token weighted by attention^power."""
     prompts = [(o, s, data.caption(o, s, 0)) for o in data.OBJECTS for s in list(data.STYLES) + [None]]
     C, T = len(table.names), len(table.timesteps)
-    sums = {p: {hp: torch.zeros(C, T, saes[hp].num_latents, dtype=torch.float64) for hp in HOOKPOINTS} for p in powers}
+    sums = {p: {hp: torch.zeros(C, T, saes[hp].num_latents, dtype=torch.float64) for hp in hookpoints} for p in powers}
     counts = torch.zeros(C)
     ts = table.timesteps.tolist()
     unet = pipe.unet
-    sinks, outs = {hp: [] for hp in HOOKPOINTS}, {hp: [] for hp in HOOKPOINTS}
+    sinks, outs = {hp: [] for hp in hookpoints}, {hp: [] for hp in hookpoints}
     handles, saved = [], {}
-    for hp in HOOKPOINTS:
+    for hp in hookpoints:
         blk = unet.get_submodule(hp)
         a = blk.transformer_blocks[0].attn2
         saved[hp] = a.processor
@@ -82,11 +82,11 @@ def token_statistics(pipe, saes, table, powers, repeats=2, batch=22):
         for r in range(repeats):
             for b0 in range(0, len(prompts), batch):
                 chunk = prompts[b0:b0 + batch]
-                for hp in HOOKPOINTS:
+                for hp in hookpoints:
                     sinks[hp].clear(); outs[hp].clear()
                 steps.clear()
                 gens = [torch.Generator().manual_seed(1000 + r * len(prompts) + b0 + i) for i in range(len(chunk))]
-                pipe([c for _, _, c in chunk], generator=gens, output_type="pt")
+                pipe([c for _, _, c in chunk], generator=gens, output_type="pt", num_inference_steps=T)
                 n = len(chunk)
                 for o, s, cap in chunk:
                     counts[table.index(o)] += 1
@@ -94,7 +94,7 @@ def token_statistics(pipe, saes, table, powers, repeats=2, batch=22):
                         counts[table.index(s)] += 1
                 for step, t in enumerate(steps):
                     ti = min(range(T), key=lambda j: abs(ts[j] - t))
-                    for hp in HOOKPOINTS:
+                    for hp in hookpoints:
                         out = outs[hp][step][n:]  # cond half
                         x = out.permute(0, 2, 3, 1).reshape(n, -1, out.shape[1])
                         att = sinks[hp][step][n:]  # [n, HW, L]
@@ -116,7 +116,7 @@ def token_statistics(pipe, saes, table, powers, repeats=2, batch=22):
     finally:
         for h in handles:
             h.remove()
-        for hp in HOOKPOINTS:
+        for hp in hookpoints:
             unet.get_submodule(hp).transformer_blocks[0].attn2.set_processor(saved[hp])
     # each prompt adds one weighted mean per timestep row: dividing by its concept's prompt count gives the mean
     return {p: {hp: (m / counts.double()[:, None, None]).float() for hp, m in d.items()} for p, d in sums.items()}
@@ -142,9 +142,10 @@ def main():
     if cache.is_file():
         stats = torch.load(cache)
     else:
-        stats = token_statistics(pipe, saes, table, powers=sorted({0.0, 1.0, 2.0, power}))
+        stats = token_statistics(pipe, saes, table, sorted({0.0, 1.0, 2.0, power}),
+                                 [h for h in BLOCKS_8X8 if h in saes])
         torch.save(stats, cache)
-    for hp in HOOKPOINTS:  # sanity: the uniform weights of this pass select what the shipped file selects
+    for hp in stats[0.0]:  # sanity: the uniform weights of this pass select what the shipped file selects
         tab0 = ConceptTable(table.names, table.counts, table.timesteps, {hp: stats[0.0][hp]})
         for o in objects:
             a = set(torch.cat(table.select(hp, o, top_n=8)).tolist())
@@ -165,12 +166,13 @@ def main():
     scorer = make_scorer(pipe, clf, saes, table, domain="object", seeds=(seed,), batch_size=55)
     for o in objects:
         d = table.defaults[o]
+        hps = tuple(d["hookpoints"] or table.hookpoints)
         for tn in top_ns:
             for m in mults:
                 t0 = time.time()
-                r = scorer(o, "top_n", tn, m, tuple(d["hookpoints"]), d["threshold"])
+                r = scorer(o, "top_n", tn, m, hps, d["threshold"])
                 rec = {"seed": seed, "object": o, "score": f"token-weighted (attention^{power:g})",
-                       "hookpoints": d["hookpoints"], "threshold": d["threshold"], "top_n": tn, "multiplier": m,
+                       "hookpoints": list(hps), "threshold": d["threshold"], "top_n": tn, "multiplier": m,
                        "ua": r["ua"], "ira": r["ira"], "cra": r["cra"], "s": round(time.time() - t0, 1)}
                 print(json.dumps(rec), flush=True)
                 with open(out, "a") as f:
