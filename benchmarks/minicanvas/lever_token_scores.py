@@ -11,16 +11,18 @@ style word; unstyled prompts count for their object only, as in the shipped file
 are selected) change: the edit thresholds tau and the scales stay the shipped table's. It patches
 ``ConceptTable.scores`` in this process.
 
-    python benchmarks/minicanvas/lever_token_scores.py SEED OBJECTS TOP_NS MULTIPLIERS POWER OUT.jsonl [BUILD]
+    python benchmarks/minicanvas/lever_token_scores.py SEED OBJECTS TOP_NS MULTIPLIERS POWER OUT.jsonl [MODEL CKPT]
     python benchmarks/minicanvas/lever_token_scores.py 1 circle,ring,hexagon,cross,arrow 2,8 -20,-50 1 out.jsonl
 
-BUILD: a build folder (``saeuron minicanvas build --out BUILD``, with ``model/`` and ``checkpoint/``); default the
+MODEL, CKPT: a pipeline folder (e.g. a build's ``model/``) and an SAE + concept-file folder (e.g. a build's
+``checkpoint/``, or a swept copy of it: each object is edited at its default block and threshold); default the
 shipped assets. The judges are always the shipped ones.
 
 The statistics pass generates the 110 training-form prompts twice (seeds 1000+i, 25 steps, the model's guidance),
 about 2 min on one core; it is cached in ``OUT.stats.pt``.
 """
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ from saeuron.evaluate.sweep import make_scorer
 from saeuron.minicanvas import data, defaults
 from saeuron.sae import SparseAutoencoder
 
-torch.set_num_threads(1)
+torch.set_num_threads(int(os.environ.get("THREADS", "1")))  # 1 beside other jobs; 2 alone
 BLOCKS_8X8 = ("up_blocks.0.attentions.0", "up_blocks.0.attentions.1")  # where the objects are edited
 
 
@@ -131,8 +133,7 @@ def main():
     clf = defaults.load_classifiers()
     if len(sys.argv) > 7:
         from saeuron.minicanvas.model import load_pipeline
-        build = Path(sys.argv[7])
-        pipe, ck = load_pipeline(build / "model"), build / "checkpoint"
+        pipe, ck = load_pipeline(sys.argv[7]), Path(sys.argv[8])
     else:
         pipe, ck = defaults.load_pipeline(), defaults.checkpoint_dir()
     pipe.set_progress_bar_config(disable=True)
