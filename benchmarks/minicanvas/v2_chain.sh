@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issues 21 and 22: finish the MiniCanvas v2 retrain, build it, sweep its concept defaults on tuning seed 1, then
-# run the token-score lever on it. Every step resumes where an interrupted run stopped (the training from its last
+# run two of issue 22's levers on it (token-weighted scores; wider SAEs at the 8x8 blocks). Every step resumes where an interrupted run stopped (the training from its last
 # checkpoint, the build stage by stage, the sweeps point by point, the lever's statistics from their cache), so the
 # script is simply run again after a kill. Meant for the background on the 2-core CPU machine:
 #
@@ -10,7 +10,8 @@
 # other: the folder is locked). Nothing else should run beside it: two 2-thread jobs stall each other on 2 cores;
 # pause it with `kill -STOP` / `kill -CONT` (of the running python) for a short measurement instead.
 # Outputs (git-ignored, under build/): minicanvas_v2/ (the build: BUILD.json, gates.json, model, judges, SAEs,
-# concept file), minicanvas_v2_sweep/ (the checkpoint with swept defaults), lever_token_v2_seed1.jsonl.
+# concept file), minicanvas_v2_sweep/ (the checkpoint with swept defaults), lever_token_v2_seed1.jsonl,
+# lever_width_e64k16/ckpt (its concept file holds the width lever's sweep).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -46,4 +47,6 @@ if [ "$DONE" -lt 20 ]; then
   THREADS=2 $PY benchmarks/minicanvas/lever_token_scores.py 1 circle,ring,hexagon,cross,arrow 2,8 -20,-50 1 \
     build/lever_token_v2_seed1.jsonl "$OUT/model" "$CK"
 fi
+say "width lever (issue 22): 8x8 SAEs with 4x the latents (expansion 64, k 16), the same object grid"
+THREADS=2 $PY benchmarks/minicanvas/lever_width.py "$OUT" build/lever_width_e64k16 64 16 circle,ring,hexagon,cross,arrow
 say "all done"
