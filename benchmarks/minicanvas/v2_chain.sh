@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issues 21 and 22: finish the MiniCanvas v2 retrain, build it, sweep its concept defaults on tuning seed 1, then
-# run two of issue 22's levers on it (token-weighted scores; wider SAEs at the 8x8 blocks). Every step resumes where
+# run three of issue 22's levers on it (token-weighted scores; wider 8x8 SAEs; both 8x8 blocks at once). Every step resumes where
 # an interrupted run stopped (the training from its last checkpoint, the build stage by stage, the sweeps point by
 # point, the levers' statistics and SAEs from their files), so the script is simply run again after a kill. Meant for the background on the 2-core CPU machine:
 #
@@ -11,7 +11,7 @@
 # pause it with `kill -STOP` / `kill -CONT` (of the running python) for a short measurement instead.
 # Outputs (git-ignored, under build/): minicanvas_v2/ (the build: BUILD.json, gates.json, model, judges, SAEs,
 # concept file), minicanvas_v2_sweep/ (the checkpoint with swept defaults), lever_token_v2_seed1.jsonl,
-# lever_width_e64k16/ckpt (its concept file holds the width lever's sweep).
+# lever_width_e64k16/ckpt and lever_both_ckpt (their concept files hold the levers' sweeps).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -49,4 +49,12 @@ if [ "$DONE" -lt 20 ]; then
 fi
 say "width lever (issue 22): 8x8 SAEs with 4x the latents (expansion 64, k 16), the same object grid"
 THREADS=2 $PY benchmarks/minicanvas/lever_width.py "$OUT" build/lever_width_e64k16 64 16 circle,ring,hexagon,cross,arrow
+say "several-blocks lever (issue 22): each object also at both 8x8 blocks at once (the other points reused)"
+BOTH=build/lever_both_ckpt
+if [ ! -f "$BOTH/concepts.json" ]; then
+  rm -rf "$BOTH.tmp" && cp -r "$CK" "$BOTH.tmp" && mv "$BOTH.tmp" "$BOTH"
+fi
+OMP_NUM_THREADS=2 $SAE sweep --model "$OUT/model" --checkpoint "$BOTH" --domain object --seeds 1 \
+  --hookpoints up_blocks.0.attentions.0 up_blocks.0.attentions.1 up_blocks.0.attentions.0,up_blocks.0.attentions.1 \
+  --thresholds 1 10 --top-ns 2 8 --multipliers -20 -50 --batch-size 55
 say "all done"
