@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issues 21 and 22: finish the MiniCanvas v2 retrain, build it, sweep its concept defaults on tuning seed 1, then
-# run three of issue 22's levers on it (token-weighted scores; wider 8x8 SAEs; both 8x8 blocks at once). Every step resumes where
-# an interrupted run stopped (the training from its last checkpoint, the build stage by stage, the sweeps point by
-# point, the levers' statistics and SAEs from their files), so the script is simply run again after a kill. Meant for the background on the 2-core CPU machine:
+# run three of issue 22's levers on it (token-weighted scores; wider 8x8 SAEs; both 8x8 blocks at once). Every
+# step resumes where an interrupted run stopped (the training from its last checkpoint, the build stage by stage,
+# the sweeps point by point, the levers' statistics and SAEs from their files), so the script is simply run again
+# after a kill. Meant for the background on the 2-core CPU machine:
 #
 #   nohup benchmarks/minicanvas/v2_chain.sh [PID_TO_WAIT_FOR] > build/v2_chain.log 2>&1 &
 #
