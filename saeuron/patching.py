@@ -61,7 +61,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState
 
-from . import ops, reference
+from . import ops, reference, replace
 from .concepts import ConceptTable, check_concepts, check_sae_for_edit, warn_shared_features
 from .hookpoints import (block_output, get_unet, hookpoint_spellings, image_stream, list_hookpoints,
                          normalize_hookpoint, replace_block_output, resolve_hookpoints)
@@ -159,6 +159,7 @@ class EditHook(ModelHook):
         self.k = self.sae.cfg.k
         self.halves = patch.halves
         self.error_term = patch.error_term
+        self.mode = patch.mode
         self.unit_norm = bool(self.sae.cfg.input_unit_norm)
 
     def _span(self, b: int) -> tuple:
@@ -198,7 +199,7 @@ class EditHook(ModelHook):
             return output  # nothing selected at this timestep
         x = block_output(output, self.stream)
         b = x.shape[0]
-        lo, hi = self._span(b)
+        lo, hi = self._replace_span(b) if self.mode == "replace_uncond" else self._span(b)
         if lo >= hi:
             return output
         if fi.shape[0] > 1:  # per-sample timesteps
@@ -207,6 +208,9 @@ class EditHook(ModelHook):
             fi, ta, sc = (t[lo:hi].contiguous() for t in (fi, ta, sc))
         per_image = x[0, 0].numel() if x.dim() == 4 else x.shape[1] if x.dim() == 3 else 1
         rpg = per_image if fi.shape[0] > 1 else (hi - lo) * per_image
+        if self.mode != "scale":
+            y = self._replace(x, lo, hi, fi, ta, sc, rpg)
+            return output if y is x else replace_block_output(output, y, self.stream)
         if x.dim() == 3:  # DiT tokens [B, L, C]: rows [lo*L, hi*L) of the [B*L, C] view, L rows per sample
             xc = x if x.is_contiguous() else x.contiguous()
             flat = xc.view(-1, x.shape[2])
@@ -215,6 +219,37 @@ class EditHook(ModelHook):
         else:
             y = self._edit(x, lo, hi, fi, ta, sc, rpg)
         return output if y is x else replace_block_output(output, y, self.stream)
+
+    def _replace_span(self, b: int) -> tuple:
+        """Batch rows ``[lo, hi)`` that ``replace_uncond`` edits: the conditional half of a CFG batch."""
+        if b % 2 or self.state.cfg is False:
+            raise ValueError(f"saeuron: mode='replace_uncond' at {self.hookpoint} needs a classifier-free guidance "
+                             f"batch [uncond, cond], got a batch of {b}"
+                             + (" without CFG" if self.state.cfg is False else "") +
+                             "; sample with guidance_scale > 1, or use mode='replace_background' or 'scale'")
+        return b // 2, b
+
+    def _replace(self, x, lo, hi, fi, ta, sc, rpg):
+        """Detect-then-replace (:mod:`saeuron.replace`) on rows ``[lo, hi)`` of ``x`` (a map ``[B, C, H, W]`` or DiT
+        tokens ``[B, L, C]``); ``sc`` is the detection table (0 where a feature is selected). Returns ``x`` itself
+        when edited in place."""
+        weights = self.sae.weights_for(x.device, x.dtype)
+        part = x[lo:hi]
+        pre = self.sae.preprocess if self.unit_norm else None
+        if x.dim() == 3:
+            hit = replace.detect(part.reshape(-1, x.shape[2]), weights, self.k, fi, ta, sc, rpg, pre)
+            hit = hit.view(hi - lo, x.shape[1])
+        else:
+            hit = replace.detect(part, weights, self.k, fi, ta, sc, rpg, pre)
+        if self.mode == "replace_uncond":
+            new = replace.uncond_fill(part, x[lo - (hi - lo):lo], hit)
+        else:
+            new = replace.background_fill(part, hit)
+        if x.requires_grad and torch.is_grad_enabled():
+            return torch.cat([x[:lo], new, x[hi:]])
+        y = x if x.is_contiguous() else x.contiguous()
+        y[lo:hi] = new
+        return y
 
     def _edit(self, x, lo, hi, fi, ta, sc, rpg):
         """Edit rows ``[lo, hi)`` of ``x`` (a map ``[B, C, H, W]`` or tokens ``[N, C]``) with table rows ``fi/ta/sc``,
@@ -278,7 +313,7 @@ class SaeuronPatch:
     """
 
     def __init__(self, unet, pipe, saes: dict, modules: dict, timesteps, tables: dict, concepts: list,
-                 halves: str, error_term: str):
+                 halves: str, error_term: str, mode: str = "scale"):
         self.unet = unet
         self._pipe = weakref.ref(pipe) if pipe is not None and pipe is not unet else None
         self.saes = saes  # {hookpoint: SparseAutoencoder}, kept here, never registered on the UNet
@@ -288,6 +323,7 @@ class SaeuronPatch:
         self.concepts = concepts
         self.halves = halves
         self.error_term = error_term
+        self.mode = mode
         self.state = PatchState()
         self.timestep_hook = TimestepHook(self)
         self.edit_hooks = {hp: EditHook(self, hp) for hp in modules}
@@ -296,7 +332,7 @@ class SaeuronPatch:
     def __repr__(self):
         feats = {h: tuple(t[0].shape) for h, t in self.tables.items()}
         return (f"SaeuronPatch(concepts={self.concepts}, hookpoints={list(self.tables)}, tables={feats}, "
-                f"halves={self.halves!r}, error_term={self.error_term!r}, active={self.active})")
+                f"halves={self.halves!r}, error_term={self.error_term!r}, mode={self.mode!r}, active={self.active})")
 
     @property
     def last_index(self):
@@ -306,7 +342,7 @@ class SaeuronPatch:
     def pipeline_cfg(self) -> Optional[bool]:
         """Whether the pipeline runs with CFG now (None when unknown, e.g. a bare UNet)."""
         pipe = self._pipe() if self._pipe is not None else None
-        if pipe is None or self.halves == "both":
+        if pipe is None or (self.halves == "both" and self.mode != "replace_uncond"):
             return None
         try:
             return bool(pipe.do_classifier_free_guidance)
@@ -381,7 +417,7 @@ def _load_sae(hp, saes, checkpoint):
 
 def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table: Optional[ConceptTable] = None,
           hookpoints=None, multiplier=None, percentile=None, top_n=None, threshold=None, halves: str = "both",
-          error_term: str = "correct") -> SaeuronPatch:
+          error_term: str = "correct", mode: str = "scale") -> SaeuronPatch:
     """Unlearn ``concepts`` in ``pipe`` (a diffusers pipeline, a bare UNet or a bare DiT) until ``unpatch``.
 
     ``checkpoint=DIR`` holds one SAE folder per hookpoint and the concept file; alternatively pass
@@ -394,7 +430,11 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
     ``halves``: "both", "cond" or "uncond" (see the module docstring).
     ``error_term``: "correct" (``out = x + decode(f') - decode(f)``) or "reference" (the published
     code's ``decode(f') + decode(f) - x``, a compatibility option that shifts every token by twice its
-    reconstruction error). Patching again replaces the previous patch.
+    reconstruction error). ``mode``: "scale" (the method's edit, above), or "replace_uncond" /
+    "replace_background": the selected features only detect the tokens that hold the concepts, whose
+    activations are then replaced by the unconditional branch's at the same position or by the mean of the
+    image's undetected tokens (:mod:`saeuron.replace`; the multiplier plays no part). Patching again replaces the
+    previous patch.
     """
     unet = get_unet(pipe)
     if halves not in HALVES:
@@ -404,6 +444,10 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
                          "transformer call), so only halves='both' is defined")
     if error_term not in ERROR_TERMS:
         raise ValueError(f"error_term={error_term!r}; valid: {', '.join(ERROR_TERMS)}")
+    replace.check_mode(mode, halves)
+    if mode != "scale" and error_term != "correct":
+        raise ValueError(f"error_term={error_term!r} belongs to the scale edit; mode={mode!r} decodes nothing, so "
+                         "leave error_term='correct'")
     if checkpoint is not None and not Path(checkpoint).is_dir():
         raise FileNotFoundError(f"checkpoint folder {checkpoint} does not exist")
     if table is None:
@@ -447,8 +491,8 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
                                            threshold)
         if error_term == "reference":  # shared features: the reference's result depends on the concepts' order
             warn_shared_features(table, hp, [c for c in concepts if hp in where[c]], percentile, top_n)
-        tables[hp] = (fi, ta, sc)
-    handle = SaeuronPatch(unet, pipe, loaded, dict(modules), ts, tables, concepts, halves, error_term)
+        tables[hp] = (fi, ta, sc if mode == "scale" else replace.detection_scale(ta))
+    handle = SaeuronPatch(unet, pipe, loaded, dict(modules), ts, tables, concepts, halves, error_term, mode)
     return handle.install()
 
 

@@ -3,6 +3,7 @@
 Nothing here imports torch at import time: building the parser stays instant."""
 from __future__ import annotations
 
+EDIT_MODES = ("scale", "replace_uncond", "replace_background")  # saeuron.replace.MODES, without importing torch
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
@@ -78,22 +79,29 @@ def per_concept(values, what="multiplier"):
 
 
 def patch_kwargs(a) -> dict:
-    """The edit options a command was given (``--multiplier``, ``--percentile``, ``--top-n``, ``--threshold``)."""
+    """The edit options a command was given (``--multiplier``, ``--percentile``, ``--top-n``, ``--threshold``,
+    ``--mode``)."""
     got = (("multiplier", per_concept(getattr(a, "multiplier", None), "multiplier")),
            ("percentile", per_concept(getattr(a, "percentile", None), "percentile")),
            ("top_n", getattr(a, "top_n", None)),
-           ("threshold", per_concept(getattr(a, "threshold", None), "threshold")))
+           ("threshold", per_concept(getattr(a, "threshold", None), "threshold")),
+           ("mode", getattr(a, "mode", None)))
     return {k: v for k, v in got if v is not None}
 
 
 def add_edit_args(s, top_n: bool = True):
-    """``--multiplier``, ``--percentile``, ``--threshold`` (and ``--top-n``); unset: the concept file's defaults."""
+    """``--multiplier``, ``--percentile``, ``--threshold``, ``--mode`` (and ``--top-n``); unset: the concept file's
+    defaults (mode: the method's scale edit)."""
     s.add_argument("--multiplier", nargs="*", default=None, help="-1 or NAME=-5 ... (default: concept file)")
     s.add_argument("--percentile", nargs="*", default=None, help="99.99 or NAME=99.999 ...")
     if top_n:
         s.add_argument("--top-n", type=int, default=None, help="select the top n features per timestep instead")
     s.add_argument("--threshold", nargs="*", default=None,
                    help="factor on the edit threshold tau: 1 (the method's) or NAME=10 ... (default: concept file)")
+    s.add_argument("--mode", default=None, choices=EDIT_MODES,
+                   help="scale: the method's edit (default); replace_uncond / replace_background: the selected "
+                        "features only detect the concept's tokens, which are replaced by the unconditional "
+                        "branch's or by the image's other tokens' mean")
 
 
 def add_eval_model_args(s):

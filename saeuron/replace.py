@@ -1,0 +1,86 @@
+"""Detect, then replace: the edit modes in which the SAE only decides *where* the target is.
+
+The method's edit (``mode="scale"``, :mod:`saeuron.patching`) rescales the selected features where they fire
+with a negative multiplier, which can push a token out of the distribution the next layers saw in training
+(method.md section 8, "Look But Don't Touch"). The modes here keep the SAE's detection and drop the steering:
+
+- a token is *detected* when any selected feature of the concepts being unlearned fires on it, by exactly the
+  rule of the method's edit (the feature is among the token's top-k latents and its value exceeds
+  ``threshold_c * tau_t[i]``, see :func:`saeuron.reference.edit_delta`); it is found by running the fast edit
+  (:func:`saeuron.ops.edit_`, any backend) with every selected feature's scale set to 0 on a scratch copy and
+  seeing which tokens changed, so its cost is the fire-first edit's plus one copy and one compare of the block
+  output;
+- every detected token's activation is replaced by an in-distribution one that does not hold the target:
+
+  ``replace_uncond``: the same position of the same image in the unconditional branch of the CFG batch (the
+  model's own prediction for that patch without the prompt). Only the conditional half is edited; it needs a
+  CFG batch ``[uncond, cond]``;
+  ``replace_background``: the mean of the same image's undetected tokens (what the rest of the picture holds,
+  e.g. its background and style). An image whose every token is detected is left unchanged.
+
+Tokens where nothing is detected are returned bit for bit unchanged. The multiplier plays no part.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import ops
+
+MODES = ("scale", "replace_uncond", "replace_background")
+REPLACE_MODES = MODES[1:]
+
+
+def check_mode(mode: str, halves: str) -> str:
+    """``mode`` if it is valid with ``halves``, else a clear error."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; valid: {', '.join(MODES)}")
+    if mode == "replace_uncond" and halves == "uncond":
+        raise ValueError("mode='replace_uncond' edits the conditional half with the unconditional one, so "
+                         "halves='uncond' is not possible; use halves='both' or 'cond' (the same here)")
+    return mode
+
+
+def detection_scale(tau: torch.Tensor) -> torch.Tensor:
+    """The scale table that makes the edit zero every selected feature that fires (padding, ``tau = inf``, keeps
+    scale 1 and so never changes anything)."""
+    return torch.where(torch.isfinite(tau), torch.zeros_like(tau), torch.ones_like(tau))
+
+
+def detect(x: torch.Tensor, weights: tuple, k: int, feat_idx, tau, zero_scale, rows_per_group: int,
+           preprocess=None) -> torch.Tensor:
+    """Which tokens hold a selected feature that fires: ``[B, H, W]`` bools for a map ``x [B, C, H, W]``, ``[N]`` for
+    tokens ``x [N, d]``. ``weights`` = ``(W_enc, b_enc, b_dec, W_dec)``; ``zero_scale``: :func:`detection_scale` of
+    ``tau``; ``preprocess``: the SAE's input transform for tokens (``SparseAutoencoder.preprocess``) or None."""
+    with torch.no_grad():
+        x = x.detach()
+        if preprocess is not None:  # the SAE reads standardised tokens: detect on those
+            tok = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
+            xn = preprocess(tok)[0]
+            scratch = xn.clone()
+            ops.edit_(scratch, *weights, k, feat_idx, tau, zero_scale, rows_per_group)
+            hit = (scratch != xn).any(-1)
+            return hit.view(x.shape[0], x.shape[2], x.shape[3]) if x.dim() == 4 else hit
+        scratch = x.clone()
+        ops.edit_(scratch, *weights, k, feat_idx, tau, zero_scale, rows_per_group)
+        return (scratch != x).any(1)  # map: over channels -> [B, H, W]; tokens: over d -> [N]
+
+
+def background_fill(x: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+    """Each image's detected tokens set to the mean of its undetected ones; ``x`` is ``[B, C, H, W]`` with ``hit``
+    ``[B, H, W]``, or ``[B, L, C]`` tokens with ``hit [B, L]``. Images with no undetected token stay as they are."""
+    if x.dim() == 4:
+        keep = (~hit).unsqueeze(1)  # [B, 1, H, W]
+        n = keep.sum((2, 3), keepdim=True)
+        mean = (x.float() * keep).sum((2, 3), keepdim=True) / n.clamp(min=1)
+        use = hit.unsqueeze(1) & (n > 0)
+    else:
+        keep = (~hit).unsqueeze(-1)  # [B, L, 1]
+        n = keep.sum(1, keepdim=True)
+        mean = (x.float() * keep).sum(1, keepdim=True) / n.clamp(min=1)
+        use = hit.unsqueeze(-1) & (n > 0)
+    return torch.where(use, mean.to(x.dtype), x)
+
+
+def uncond_fill(cond: torch.Tensor, uncond: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
+    """``cond`` with its detected tokens taken from ``uncond`` (same shape: the other CFG half, same images)."""
+    return torch.where(hit.unsqueeze(1) if cond.dim() == 4 else hit.unsqueeze(-1), uncond, cond)
