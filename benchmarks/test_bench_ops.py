@@ -8,7 +8,9 @@ Each backend variant is forced (``ops.set_backend``), so it is never measured or
 runs the automatic choice, as a pipeline would: measured on its first call of the shape class (or read from the
 autotune cache; the fire fraction is data, not part of the key, so the 0 % case's choice also serves 5 % and
 100 %); its row is renamed ``auto=<backend>`` and ``extra_info`` records the choice, where it came from and the
-timings it was made on.
+timings it was made on. The ``replace`` variant is the detect-then-replace edit (:mod:`saeuron.replace`, the
+tokens read as one image, ``replace_background``) on the automatic backend: the same fire-first pass with zero
+scales on a copy, a compare, and the fill.
 """
 import os
 import statistics
@@ -18,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from saeuron import ops
+from saeuron import ops, replace
 
 from .common import DEVICE, GPU, sync
 from .eager import eager_edit
@@ -88,7 +90,7 @@ def _run(benchmark, fn, group, variant, floor):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("frac", FRACS, ids=lambda f: f"fire{int(f * 100)}pct")
-@pytest.mark.parametrize("variant", ("gemm", "eager") + BACKENDS + ("auto",))
+@pytest.mark.parametrize("variant", ("gemm", "eager") + BACKENDS + ("auto", "replace"))
 def test_edit_call(benchmark, variant, frac, n, dtype):
     x, W_enc, b_enc, b_dec, W_dec, feat, tau, scale = _case(n, dtype, frac)
     group = f"edit d={D} M={M} k={K} F={NF} N={n} {str(dtype).split('.')[-1]} fire {int(frac * 100)}%"
@@ -96,6 +98,12 @@ def test_edit_call(benchmark, variant, frac, n, dtype):
     floor = lambda: F.linear(x, W_enc)  # noqa: E731
     if variant == "gemm":
         fn = floor
+    elif variant == "replace":
+        zero = replace.detection_scale(tau)
+
+        def fn():
+            hit = replace.detect(x, (W_enc, b_enc, b_dec, W_dec), K, feat, tau, zero, n)
+            return replace.background_fill(x.view(1, n, D), hit.view(1, n))
     elif variant == "eager":
         fn = lambda: eager_edit(x, W_enc, b_enc, b_dec, W_dec, K, feat, tau, scale)  # noqa: E731
     else:
