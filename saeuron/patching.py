@@ -34,6 +34,10 @@ cache needs a cache context the caller sets) and group offloading (which needs `
 hooks run inside the module's ``forward``: ``torch`` forward hooks on a hooked block, and diffusers
 hooks registered on it after the patch, see the edited output.
 
+With ``mode="replace_uncond"`` or ``"replace_background"`` the edit hook uses the selected features only to
+detect the tokens that hold the concepts and replaces those tokens' activations (:mod:`saeuron.replace`); the
+tables then carry zero scales, and the multiplier plays no part.
+
 Each concept is edited at the hookpoints its concept-file defaults name (a sweep may put objects and
 styles at different blocks; default: every hookpoint with an SAE), or at the ``hookpoints`` given to
 ``patch``; a block no concept uses gets no hook.
