@@ -11,7 +11,8 @@ seed, judged by the shipped judges.
     python benchmarks/minicanvas/lever_replace_modes.py build/minicanvas_v2/model build/minicanvas_v2/checkpoint \\
         build/lever_replace 1 up_blocks.0.attentions.0 8 1 -50 scale,replace_uncond,replace_background
 
-HOOKPOINTS and MODES are comma-separated. Writes OUT/<mode>/results.json (resumable per object) and appends one
+HOOKPOINTS and MODES are comma-separated; a mode may carry the CFG halves it edits after a colon (``scale:cond``;
+default both). Writes OUT/<mode>/results.json (resumable per object) and appends one
 line per mode to OUT/summary.jsonl with the command. About 6 min per mode on 2 threads of this CPU.
 """
 import json
@@ -36,12 +37,13 @@ def main(argv):
     out = Path(out)
     pipe = load_pipeline(model, "cpu")
     judges = defaults.load_classifiers("cpu")
-    for mode in modes.split(","):
-        kw = dict(hookpoints=hps.split(","), top_n=int(top_n), threshold=float(thr), mode=mode)
+    for spec in modes.split(","):
+        mode, _, halves = spec.partition(":")
+        kw = dict(hookpoints=hps.split(","), top_n=int(top_n), threshold=float(thr), mode=mode, halves=halves or "both")
         if mode == "scale":
             kw["multiplier"] = float(mult)
         t0 = time.time()
-        res = evaluate_unlearning(pipe, judges, ckpt, domain="object", seeds=[int(seed)], out_dir=out / mode,
+        res = evaluate_unlearning(pipe, judges, ckpt, domain="object", seeds=[int(seed)], out_dir=out / spec.replace(":", "_"),
                                   progress=False, **kw)
         m = res["mean"]
         row = {"mode": mode, **{k: v for k, v in kw.items() if k != "mode"}, "seed": int(seed),
