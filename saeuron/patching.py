@@ -82,19 +82,22 @@ class PatchState(BaseState):
 
     ``rows``: ``{hookpoint: (feat_idx, tau, scale)}`` table rows for the current call (None: no edit);
     ``cfg``: whether the pipeline runs with CFG now (None when unknown); ``last_index``: the
-    nearest-recorded-timestep index per sample chosen at the last UNet call (a device tensor).
+    nearest-recorded-timestep index per sample chosen at the last UNet call (a device tensor); ``flag``: the
+    images ``mode="gate_uncond"`` flagged at the first hooked block of this call (None before it runs).
     """
 
     def __init__(self):
         self.rows = None
         self.cfg = None
         self.last_index = None
+        self.flag = None
 
     def reset(self, *args, **kwargs) -> None:
         """Forget the last call."""
         self.rows = None
         self.cfg = None
         self.last_index = None
+        self.flag = None
 
 
 class TimestepHook(ModelHook):
@@ -142,6 +145,7 @@ class TimestepHook(ModelHook):
         state.last_index = idx
         fi, fl = ints[idx], floats[idx]  # [G, sum F], [G, 2 sum F]
         state.rows = {hp: (fi[:, a:b], fl[:, a:b], fl[:, total + a:total + b]) for hp, a, b in spans}
+        state.flag = None  # gate_uncond: decided afresh at this call's first hooked block
         state.cfg = self.patch.pipeline_cfg()
         return args, kwargs
 
@@ -164,6 +168,7 @@ class EditHook(ModelHook):
         self.halves = patch.halves
         self.error_term = patch.error_term
         self.mode = patch.mode
+        self.gate = patch.gate
         self.unit_norm = bool(self.sae.cfg.input_unit_norm)
 
     def _span(self, b: int) -> tuple:
@@ -199,11 +204,11 @@ class EditHook(ModelHook):
             return output
         hp = self.hookpoint
         fi, ta, sc = rows[hp]
-        if fi.shape[-1] == 0 and self.error_term == "correct":
-            return output  # nothing selected at this timestep
+        if fi.shape[-1] == 0 and self.error_term == "correct" and self.state.flag is None:
+            return output  # nothing selected at this timestep (and no image flagged earlier in this call)
         x = block_output(output, self.stream)
         b = x.shape[0]
-        lo, hi = self._replace_span(b) if self.mode == "replace_uncond" else self._span(b)
+        lo, hi = self._replace_span(b) if self.mode in replace.UNCOND_MODES else self._span(b)
         if lo >= hi:
             return output
         if fi.shape[0] > 1:  # per-sample timesteps
@@ -227,7 +232,7 @@ class EditHook(ModelHook):
     def _replace_span(self, b: int) -> tuple:
         """Batch rows ``[lo, hi)`` that ``replace_uncond`` edits: the conditional half of a CFG batch."""
         if b % 2 or self.state.cfg is False:
-            raise ValueError(f"saeuron: mode='replace_uncond' at {self.hookpoint} needs a classifier-free guidance "
+            raise ValueError(f"saeuron: mode={self.mode!r} at {self.hookpoint} needs a classifier-free guidance "
                              f"batch [uncond, cond], got a batch of {b}"
                              + (" without CFG" if self.state.cfg is False else "") +
                              "; sample with guidance_scale > 1, or use mode='replace_background' or 'scale'")
@@ -237,23 +242,34 @@ class EditHook(ModelHook):
         """Detect-then-replace (:mod:`saeuron.replace`) on rows ``[lo, hi)`` of ``x`` (a map ``[B, C, H, W]`` or DiT
         tokens ``[B, L, C]``); ``sc`` is the detection table (0 where a feature is selected). Returns ``x`` itself
         when edited in place."""
-        weights = self.sae.weights_for(x.device, x.dtype)
         part = x[lo:hi]
-        pre = self.sae.preprocess if self.unit_norm else None
-        if x.dim() == 3:
-            hit = replace.detect(part.reshape(-1, x.shape[2]), weights, self.k, fi, ta, sc, rpg, pre)
-            hit = hit.view(hi - lo, x.shape[1])
+        if self.mode == "gate_uncond":
+            if self.state.flag is None:  # the first hooked block of this call decides for the whole call
+                self.state.flag = replace.flagged(self._detect(x, lo, hi, fi, ta, sc, rpg), self.gate)
+            flag = self.state.flag
+            if flag.shape[0] != hi - lo:
+                raise ValueError(f"saeuron: {hi - lo} conditional images at {self.hookpoint}, but {flag.shape[0]} were "
+                                 "flagged at the first hooked block of this call")
+            new = torch.where(flag.view(-1, *([1] * (part.dim() - 1))), x[lo - (hi - lo):lo], part)
+        elif self.mode == "replace_uncond":
+            new = replace.uncond_fill(part, x[lo - (hi - lo):lo], self._detect(x, lo, hi, fi, ta, sc, rpg))
         else:
-            hit = replace.detect(part, weights, self.k, fi, ta, sc, rpg, pre)
-        if self.mode == "replace_uncond":
-            new = replace.uncond_fill(part, x[lo - (hi - lo):lo], hit)
-        else:
-            new = replace.background_fill(part, hit)
+            new = replace.background_fill(part, self._detect(x, lo, hi, fi, ta, sc, rpg))
         if x.requires_grad and torch.is_grad_enabled():
             return torch.cat([x[:lo], new, x[hi:]])
         y = x if x.is_contiguous() else x.contiguous()
         y[lo:hi] = new
         return y
+
+    def _detect(self, x, lo, hi, fi, ta, sc, rpg):
+        """Detected tokens of rows ``[lo, hi)``: ``[n, H, W]`` for maps, ``[n, L]`` for DiT tokens."""
+        weights = self.sae.weights_for(x.device, x.dtype)
+        pre = self.sae.preprocess if self.unit_norm else None
+        part = x[lo:hi]
+        if x.dim() == 3:
+            hit = replace.detect(part.reshape(-1, x.shape[2]), weights, self.k, fi, ta, sc, rpg, pre)
+            return hit.view(hi - lo, x.shape[1])
+        return replace.detect(part, weights, self.k, fi, ta, sc, rpg, pre)
 
     def _edit(self, x, lo, hi, fi, ta, sc, rpg):
         """Edit rows ``[lo, hi)`` of ``x`` (a map ``[B, C, H, W]`` or tokens ``[N, C]``) with table rows ``fi/ta/sc``,
@@ -317,7 +333,7 @@ class SaeuronPatch:
     """
 
     def __init__(self, unet, pipe, saes: dict, modules: dict, timesteps, tables: dict, concepts: list,
-                 halves: str, error_term: str, mode: str = "scale"):
+                 halves: str, error_term: str, mode: str = "scale", gate: Optional[float] = None):
         self.unet = unet
         self._pipe = weakref.ref(pipe) if pipe is not None and pipe is not unet else None
         self.saes = saes  # {hookpoint: SparseAutoencoder}, kept here, never registered on the UNet
@@ -328,6 +344,7 @@ class SaeuronPatch:
         self.halves = halves
         self.error_term = error_term
         self.mode = mode
+        self.gate = gate
         self.state = PatchState()
         self.timestep_hook = TimestepHook(self)
         self.edit_hooks = {hp: EditHook(self, hp) for hp in modules}
@@ -336,7 +353,8 @@ class SaeuronPatch:
     def __repr__(self):
         feats = {h: tuple(t[0].shape) for h, t in self.tables.items()}
         return (f"SaeuronPatch(concepts={self.concepts}, hookpoints={list(self.tables)}, tables={feats}, "
-                f"halves={self.halves!r}, error_term={self.error_term!r}, mode={self.mode!r}, active={self.active})")
+                f"halves={self.halves!r}, error_term={self.error_term!r}, mode={self.mode!r}"
+                + (f", gate={self.gate!r}" if self.gate is not None else "") + f", active={self.active})")
 
     @property
     def last_index(self):
@@ -346,7 +364,7 @@ class SaeuronPatch:
     def pipeline_cfg(self) -> Optional[bool]:
         """Whether the pipeline runs with CFG now (None when unknown, e.g. a bare UNet)."""
         pipe = self._pipe() if self._pipe is not None else None
-        if pipe is None or (self.halves == "both" and self.mode != "replace_uncond"):
+        if pipe is None or (self.halves == "both" and self.mode not in replace.UNCOND_MODES):
             return None
         try:
             return bool(pipe.do_classifier_free_guidance)
@@ -421,7 +439,7 @@ def _load_sae(hp, saes, checkpoint):
 
 def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table: Optional[ConceptTable] = None,
           hookpoints=None, multiplier=None, percentile=None, top_n=None, threshold=None, halves: str = "both",
-          error_term: str = "correct", mode: str = "scale") -> SaeuronPatch:
+          error_term: str = "correct", mode: str = "scale", gate: Optional[float] = None) -> SaeuronPatch:
     """Unlearn ``concepts`` in ``pipe`` (a diffusers pipeline, a bare UNet or a bare DiT) until ``unpatch``.
 
     ``checkpoint=DIR`` holds one SAE folder per hookpoint and the concept file; alternatively pass
@@ -437,8 +455,10 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
     reconstruction error). ``mode``: "scale" (the method's edit, above), or "replace_uncond" /
     "replace_background": the selected features only detect the tokens that hold the concepts, whose
     activations are then replaced by the unconditional branch's at the same position or by the mean of the
-    image's undetected tokens (:mod:`saeuron.replace`; the multiplier plays no part). Patching again replaces the
-    previous patch.
+    image's undetected tokens, or "gate_uncond": an image on which a selected feature fires on at least ``gate`` of
+    its tokens at the first hooked block of a call gets its whole conditional map replaced by the unconditional one
+    at every hooked block of that call (:mod:`saeuron.replace`; the multiplier plays no part). Patching again
+    replaces the previous patch.
     """
     unet = get_unet(pipe)
     if halves not in HALVES:
@@ -448,7 +468,7 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
                          "transformer call), so only halves='both' is defined")
     if error_term not in ERROR_TERMS:
         raise ValueError(f"error_term={error_term!r}; valid: {', '.join(ERROR_TERMS)}")
-    replace.check_mode(mode, halves)
+    replace.check_mode(mode, halves, gate)
     if mode != "scale" and error_term != "correct":
         raise ValueError(f"error_term={error_term!r} belongs to the scale edit; mode={mode!r} decodes nothing, so "
                          "leave error_term='correct'")
@@ -496,7 +516,7 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
         if error_term == "reference":  # shared features: the reference's result depends on the concepts' order
             warn_shared_features(table, hp, [c for c in concepts if hp in where[c]], percentile, top_n)
         tables[hp] = (fi, ta, sc if mode == "scale" else replace.detection_scale(ta))
-    handle = SaeuronPatch(unet, pipe, loaded, dict(modules), ts, tables, concepts, halves, error_term, mode)
+    handle = SaeuronPatch(unet, pipe, loaded, dict(modules), ts, tables, concepts, halves, error_term, mode, gate)
     return handle.install()
 
 

@@ -16,7 +16,12 @@ with a negative multiplier, which can push a token out of the distribution the n
   model's own prediction for that patch without the prompt). Only the conditional half is edited; it needs a
   CFG batch ``[uncond, cond]``;
   ``replace_background``: the mean of the same image's undetected tokens (what the rest of the picture holds,
-  e.g. its background and style). An image whose every token is detected is left unchanged.
+  e.g. its background and style). An image whose every token is detected is left unchanged;
+  ``gate_uncond``: the decision is per image: at the first hooked block of each denoiser call, an image is
+  flagged when a selected feature fires on at least ``gate`` of its conditional tokens, and at every hooked block
+  of that call a flagged image's whole conditional map is replaced by its unconditional one (the prompt's
+  contribution at those blocks is dropped; on MiniCanvas the object enters only at the 8x8 up blocks, so this
+  removes it and keeps the style). Needs a CFG batch, like ``replace_uncond``.
 
 Tokens where nothing is detected are returned bit for bit unchanged. The multiplier plays no part.
 """
@@ -26,17 +31,24 @@ import torch
 
 from . import ops
 
-MODES = ("scale", "replace_uncond", "replace_background")
+MODES = ("scale", "replace_uncond", "replace_background", "gate_uncond")
+UNCOND_MODES = ("replace_uncond", "gate_uncond")  # take tokens from the CFG batch's unconditional half
 REPLACE_MODES = MODES[1:]
 
 
-def check_mode(mode: str, halves: str) -> str:
-    """``mode`` if it is valid with ``halves``, else a clear error."""
+def check_mode(mode: str, halves: str, gate=None) -> str:
+    """``mode`` if it is valid with ``halves`` and ``gate``, else a clear error."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; valid: {', '.join(MODES)}")
-    if mode == "replace_uncond" and halves == "uncond":
-        raise ValueError("mode='replace_uncond' edits the conditional half with the unconditional one, so "
+    if mode in UNCOND_MODES and halves == "uncond":
+        raise ValueError(f"mode={mode!r} edits the conditional half with the unconditional one, so "
                          "halves='uncond' is not possible; use halves='both' or 'cond' (the same here)")
+    if mode == "gate_uncond":
+        if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 < gate <= 1:
+            raise ValueError(f"gate={gate!r}: mode='gate_uncond' needs the share of an image's tokens that flags it, "
+                             "a number in (0, 1]")
+    elif gate is not None:
+        raise ValueError(f"gate={gate!r} belongs to mode='gate_uncond' (mode is {mode!r})")
     return mode
 
 
@@ -79,6 +91,11 @@ def background_fill(x: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
         mean = (x.float() * keep).sum(1, keepdim=True) / n.clamp(min=1)
         use = hit.unsqueeze(-1) & (n > 0)
     return torch.where(use, mean.to(x.dtype), x)
+
+
+def flagged(hit: torch.Tensor, gate: float) -> torch.Tensor:
+    """``[B]`` bools: the images (``hit`` ``[B, H, W]`` or ``[B, L]``) whose detected share of tokens is >= ``gate``."""
+    return hit.flatten(1).float().mean(1) >= gate
 
 
 def uncond_fill(cond: torch.Tensor, uncond: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:

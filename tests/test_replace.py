@@ -221,3 +221,95 @@ def test_command_line_modes_are_the_librarys():
     a = build_parser().parse_args(["minicanvas", "eval", "--out", "x", "--mode", "replace_uncond"])
     from saeuron.cli.common import patch_kwargs
     assert patch_kwargs(a) == {"mode": "replace_uncond"}
+
+
+MID = "mid_block.attentions.0"  # 64 channels; runs before UP in the UNet's forward
+
+
+def _table_two(up_fires=True):
+    """cat's features at MID fire; at UP they fire or (``up_fires=False``) never do."""
+    g = torch.Generator().manual_seed(0)
+    up = torch.rand(2, len(TS), 128, generator=g) * 1e-3
+    if not up_fires:
+        up[0, :, :32] = 1e6
+    mid = torch.rand(2, len(TS), 96, generator=g) * 1e-3
+    return ConceptTable(["cat", "dog"], [3, 4], TS, {UP: up, MID: mid}, defaults={"top_n": 24, "multiplier": -1.0})
+
+
+def test_gate_flags_images_at_the_first_block_and_replaces_whole_maps_at_every_block(pipe):
+    saes = {UP: make_sae(32, 128, 4, seed=1), MID: make_sae(64, 96, 4, seed=2)}
+    x, ehs = _inputs(4)
+    mid_blk, up_blk = pipe.unet.get_submodule(MID), pipe.unet.get_submodule(UP)
+
+    def outputs(**kw):
+        seen = {}
+        hs = [blk.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, (o[0] if isinstance(o, tuple)
+                                                                                    else o.sample).clone()))
+              for n, blk in (("mid", mid_blk), ("up", up_blk))]
+        try:
+            with torch.no_grad():
+                if kw:
+                    with patched(pipe.unet, "cat", saes=saes, **kw) as h:
+                        pipe.unet(x, TS[1], ehs)
+                        rows, flag = h.state.rows, h.state.flag
+                else:
+                    pipe.unet(x, TS[1], ehs)
+                    rows = flag = None
+        finally:
+            for hh in hs:
+                hh.remove()
+        return seen, rows, flag
+
+    plain, _, _ = outputs()
+    # at UP the cat features never fire: whatever UP does here was decided at MID
+    got, rows, flag = outputs(table=_table_two(up_fires=False), mode="gate_uncond", gate=0.3,
+                              hookpoints=[MID, UP])
+    fi, ta, sc = rows[MID]
+    sae = saes[MID]
+    hit = replace.detect(plain["mid"][2:], sae.weights_for(x.device, x.dtype), sae.cfg.k, fi, ta, sc,
+                         plain["mid"][0, 0].numel() * 2)
+    assert torch.equal(flag, replace.flagged(hit, 0.3)) and torch.equal(flag, hit.flatten(1).float().mean(1) >= 0.3)
+    assert flag.any(), hit.flatten(1).float().mean(1)  # the case is not vacuous
+    assert torch.equal(got["mid"][:2], plain["mid"][:2])  # the unconditional half is never edited
+    for i in range(2):
+        want = plain["mid"][i] if flag[i] else plain["mid"][2 + i]
+        assert torch.equal(got["mid"][2 + i], want)
+    # UP sees MID's effect downstream; a flagged image's UP output is that call's unconditional UP output
+    for i in range(2):
+        if flag[i]:
+            assert torch.equal(got["up"][2 + i], got["up"][i])
+    # with a gate no image reaches, nothing changes anywhere
+    none, _, flag1 = outputs(table=_table_two(), mode="gate_uncond", gate=1.0, hookpoints=[MID, UP])
+    if not flag1.any():
+        assert torch.equal(none["up"], plain["up"]) and torch.equal(none["mid"], plain["mid"])
+
+
+def test_gate_in_a_pipeline_and_its_errors(pipe):
+    saes = {UP: make_sae(32, 128, 4, seed=1)}
+
+    def run():
+        return pipe("a cat", num_inference_steps=3, guidance_scale=7.5, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+    base = run()
+    with patched(pipe, "cat", saes=saes, table=_table(), mode="gate_uncond", gate=0.05) as h:
+        assert "gate=0.05" in repr(h)
+        edited = run()
+    assert (edited - base).abs().max() > 1e-4 and torch.equal(run(), base)
+    with patched(pipe, "cat", saes=saes, table=_table(fires=False), mode="gate_uncond", gate=0.05):
+        assert torch.equal(run(), base)
+    for bad in (0, 1.5, -0.1, True, "half", None):
+        with pytest.raises(ValueError, match="needs the share of an image's tokens"):
+            patched(pipe, "cat", saes=saes, table=_table(), mode="gate_uncond", gate=bad).__enter__()
+    with pytest.raises(ValueError, match="gate=0.5 belongs to mode='gate_uncond'"):
+        patched(pipe, "cat", saes=saes, table=_table(), mode="replace_uncond", gate=0.5).__enter__()
+    with patched(pipe, "cat", saes=saes, table=_table(), mode="gate_uncond", gate=0.5):
+        with pytest.raises(ValueError, match="mode='gate_uncond' at .* needs a classifier-free guidance batch"):
+            pipe(["a cat", "a dog"], num_inference_steps=2, guidance_scale=1.0, output_type="latent")
+
+
+def test_gate_on_the_command_line():
+    from saeuron.cli import build_parser
+    from saeuron.cli.common import patch_kwargs
+
+    a = build_parser().parse_args(["minicanvas", "eval", "--out", "x", "--mode", "gate_uncond", "--gate", "0.4"])
+    assert patch_kwargs(a) == {"mode": "gate_uncond", "gate": 0.4}

@@ -3,7 +3,7 @@
 Nothing here imports torch at import time: building the parser stays instant."""
 from __future__ import annotations
 
-EDIT_MODES = ("scale", "replace_uncond", "replace_background")  # saeuron.replace.MODES, without importing torch
+EDIT_MODES = ("scale", "replace_uncond", "replace_background", "gate_uncond")  # saeuron.replace.MODES, without importing torch
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
@@ -80,12 +80,13 @@ def per_concept(values, what="multiplier"):
 
 def patch_kwargs(a) -> dict:
     """The edit options a command was given (``--multiplier``, ``--percentile``, ``--top-n``, ``--threshold``,
-    ``--mode``)."""
+    ``--mode``, ``--gate``)."""
     got = (("multiplier", per_concept(getattr(a, "multiplier", None), "multiplier")),
            ("percentile", per_concept(getattr(a, "percentile", None), "percentile")),
            ("top_n", getattr(a, "top_n", None)),
            ("threshold", per_concept(getattr(a, "threshold", None), "threshold")),
-           ("mode", getattr(a, "mode", None)))
+           ("mode", getattr(a, "mode", None)),
+           ("gate", getattr(a, "gate", None)))
     return {k: v for k, v in got if v is not None}
 
 
@@ -101,7 +102,11 @@ def add_edit_args(s, top_n: bool = True):
     s.add_argument("--mode", default=None, choices=EDIT_MODES,
                    help="scale: the method's edit (default); replace_uncond / replace_background: the selected "
                         "features only detect the concept's tokens, which are replaced by the unconditional "
-                        "branch's or by the image's other tokens' mean")
+                        "branch's or by the image's other tokens' mean; gate_uncond: an image flagged by --gate "
+                        "gets its whole conditional map replaced by the unconditional one at the hooked blocks")
+    s.add_argument("--gate", type=float, default=None,
+                   help="with --mode gate_uncond: the share of an image's tokens on which a selected feature must "
+                        "fire at the first hooked block to flag it, in (0, 1]")
 
 
 def add_eval_model_args(s):

@@ -14,7 +14,7 @@ from ..sae import SparseAutoencoder, available_hookpoint_dirs, resolve_hookpoint
 
 
 
-PATCH_KEYS = ("multiplier", "percentile", "top_n", "threshold", "hookpoints", "halves", "error_term", "mode")
+PATCH_KEYS = ("multiplier", "percentile", "top_n", "threshold", "hookpoints", "halves", "error_term", "mode", "gate")
 
 
 def check_patch_kwargs(kwargs: dict, exclude=()) -> dict:
