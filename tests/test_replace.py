@@ -311,5 +311,9 @@ def test_gate_on_the_command_line():
     from saeuron.cli import build_parser
     from saeuron.cli.common import patch_kwargs
 
-    a = build_parser().parse_args(["minicanvas", "eval", "--out", "x", "--mode", "gate_uncond", "--gate", "0.4"])
-    assert patch_kwargs(a) == {"mode": "gate_uncond", "gate": 0.4}
+    a = build_parser().parse_args(["minicanvas", "eval", "--out", "x", "--mode", "gate_uncond", "--gate", "0.4",
+                                   "--hookpoints", "up_blocks.0.attentions.0", "up_blocks.0.attentions.1"])
+    assert patch_kwargs(a) == {"mode": "gate_uncond", "gate": 0.4,
+                               "hookpoints": ["up_blocks.0.attentions.0", "up_blocks.0.attentions.1"]}
+    a = build_parser().parse_args(["generate", "--concept", "cat", "--out", "x", "--hookpoints", "mid_block.attentions.0"])
+    assert patch_kwargs(a) == {"hookpoints": ["mid_block.attentions.0"]}

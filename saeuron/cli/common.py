@@ -80,13 +80,14 @@ def per_concept(values, what="multiplier"):
 
 def patch_kwargs(a) -> dict:
     """The edit options a command was given (``--multiplier``, ``--percentile``, ``--top-n``, ``--threshold``,
-    ``--mode``, ``--gate``)."""
+    ``--mode``, ``--gate``, ``--hookpoints``)."""
     got = (("multiplier", per_concept(getattr(a, "multiplier", None), "multiplier")),
            ("percentile", per_concept(getattr(a, "percentile", None), "percentile")),
            ("top_n", getattr(a, "top_n", None)),
            ("threshold", per_concept(getattr(a, "threshold", None), "threshold")),
            ("mode", getattr(a, "mode", None)),
-           ("gate", getattr(a, "gate", None)))
+           ("gate", getattr(a, "gate", None)),
+           ("hookpoints", getattr(a, "edit_hookpoints", None)))
     return {k: v for k, v in got if v is not None}
 
 
@@ -104,6 +105,8 @@ def add_edit_args(s, top_n: bool = True):
                         "features only detect the concept's tokens, which are replaced by the unconditional "
                         "branch's or by the image's other tokens' mean; gate_uncond: an image flagged by --gate "
                         "gets its whole conditional map replaced by the unconditional one at the hooked blocks")
+    s.add_argument("--hookpoints", dest="edit_hookpoints", nargs="+", default=None, metavar="HOOKPOINT",
+                   help="edit every concept at these blocks (default: each concept's own, from the concept file)")
     s.add_argument("--gate", type=float, default=None,
                    help="with --mode gate_uncond: the share of an image's tokens on which a selected feature must "
                         "fire at the first hooked block to flag it, in (0, 1]")
