@@ -2,11 +2,12 @@
 # Issue 21's last measurement on the v2 build, then issue 22's levers: finish the tuning sweeps (seed 1; they resume
 # point by point), evaluate SAeUron (the swept concept file) and UCE on the five protocol seeds with the damage
 # measure, both domains (about 2 h of sampling on 2 threads; every run is cached in build/v2_compare and reused), then
-# hand over to v2_chain.sh for the levers (it skips what is done). Run in the background, alone on the 2 cores:
+# hold out issue 22's gated edit on the same seeds (objects, about 30 min), then hand over to v2_chain.sh for the
+# levers (it skips what is done). Run in the background, alone on the 2 cores:
 #
 #   nohup benchmarks/minicanvas/v2_finish.sh > build/v2_finish.log 2>&1 &
 #
-# Kill and rerun it freely. Output: build/v2_compare/ (results.json, results.md, per-run JSON, grids).
+# Kill and rerun it freely. Output: build/v2_compare/ (comparison.json/.md, per-run JSON, grids), build/v2_gate_eval/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SAE=${SAE:-.venv/bin/saeuron}
@@ -27,6 +28,10 @@ OMP_NUM_THREADS=2 $SAE sweep --model "$OUT/model" --checkpoint "$CK" --domain st
 say "SAeUron and UCE, 5 protocol seeds, both domains, damage measure (runs cached in build/v2_compare)"
 OMP_NUM_THREADS=2 $SAE minicanvas compare --model "$OUT/model" --checkpoint "$CK" --methods saeuron uce \
   --seeds 188 288 588 688 888 --no-attack --out build/v2_compare --batch-size 55
+say "the gated edit (issue 22; chosen on tuning seed 1) held out on the 5 protocol seeds, objects"
+OMP_NUM_THREADS=2 $SAE minicanvas eval --model "$OUT/model" --checkpoint "$OUT/checkpoint" --domain object \
+  --seeds 188 288 588 688 888 --hookpoints up_blocks.0.attentions.0 up_blocks.0.attentions.1 --top-n 2 --threshold 3 \
+  --mode gate_uncond --gate 0.5 --out build/v2_gate_eval --batch-size 55
 say "levers (v2_chain.sh; finished steps return at once)"
 benchmarks/minicanvas/v2_chain.sh
 say "all done"
