@@ -35,8 +35,10 @@ hooks run inside the module's ``forward``: ``torch`` forward hooks on a hooked b
 hooks registered on it after the patch, see the edited output.
 
 With ``mode="replace_uncond"`` or ``"replace_background"`` the edit hook uses the selected features only to
-detect the tokens that hold the concepts and replaces those tokens' activations (:mod:`saeuron.replace`); the
-tables then carry zero scales, and the multiplier plays no part.
+detect the tokens that hold the concepts and replaces those tokens' activations; with ``mode="gate_uncond"`` the
+first hooked block of each call flags the images on which they fire on at least ``gate`` of the tokens (kept in
+the ``PatchState``), and every hooked block replaces a flagged image's conditional map by its unconditional one
+(:mod:`saeuron.replace`). The tables then carry zero scales, and the multiplier plays no part.
 
 Each concept is edited at the hookpoints its concept-file defaults name (a sweep may put objects and
 styles at different blocks; default: every hookpoint with an SAE), or at the ``hookpoints`` given to
