@@ -11,7 +11,9 @@ It monkeypatches ``EditHook.post_forward`` in this process.
 
     python benchmarks/minicanvas/lever_gate_probe.py MODEL CKPT OUT SEEDS DETECT ACT P
 
-SEEDS: one or more generator seeds, comma-separated (tuning: 1; held out: 188,288,588,688,888).
+SEEDS: one or more generator seeds, comma-separated (tuning: 1; held out: 188,288,588,688,888). Environment
+TEMPLATES (default 0): the caption forms evaluated, comma-separated (``evaluate_unlearning``'s templates; 1 and 2
+are paraphrases the probe was not fitted on).
 
 Caches the fitted probe in OUT/../gate_probe_<DETECT>.pt; writes OUT/results.json (``evaluate_unlearning``, 10
 objects x 110 training-form images per seed, damage measure) and a line in OUT/../gate_probe_summary.jsonl.
@@ -134,11 +136,13 @@ def main(argv):
     patching.EditHook.post_forward = post_forward
     t0 = time.time()
     res = evaluate_unlearning(pipe, defaults.load_classifiers("cpu"), ckpt, domain="object", seeds=[int(v) for v in seed.split(",")],
+                              templates=[int(v) for v in os.environ.get("TEMPLATES", "0").split(",")],
                               out_dir=out, progress=False, hookpoints=list(dict.fromkeys([det] + act.split(","))),
                               top_n=2, threshold=3.0, mode="gate_uncond", gate=0.5)
     m = res["mean"]
     keys = ("ua", "ira", "cra", "damage_target", "damage_kept", "ua_undamaged")
     row = {"mode": "gate_probe", "detect": det, "act": act.split(","), "p": float(p), "seeds": [int(v) for v in seed.split(",")],
+           "templates": os.environ.get("TEMPLATES", "0"),
            "seconds": round(time.time() - t0, 1), **{k: m.get(k) for k in keys},
            "per_target": {t: {k: r.get(k) for k in keys} for t, r in res["per_target"].items()},
            "command": "python benchmarks/minicanvas/lever_gate_probe.py " + " ".join(argv)}
