@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import ops, reference
 
 MODES = ("scale", "replace_uncond", "replace_background", "gate_uncond")
 UNCOND_MODES = ("replace_uncond", "gate_uncond")  # take tokens from the CFG batch's unconditional half
-REPLACE_MODES = MODES[1:]
 
 
 def check_mode(mode: str, halves: str, gate=None) -> str:
@@ -65,32 +64,26 @@ def detect(x: torch.Tensor, weights: tuple, k: int, feat_idx, tau, zero_scale, r
     ``tau``; ``preprocess``: the SAE's input transform for tokens (``SparseAutoencoder.preprocess``) or None."""
     with torch.no_grad():
         x = x.detach()
-        if preprocess is not None:  # the SAE reads standardised tokens: detect on those
-            tok = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if x.dim() == 4 else x
-            xn = preprocess(tok)[0]
-            scratch = xn.clone()
-            ops.edit_(scratch, *weights, k, feat_idx, tau, zero_scale, rows_per_group)
-            hit = (scratch != xn).any(-1)
-            return hit.view(x.shape[0], x.shape[2], x.shape[3]) if x.dim() == 4 else hit
-        scratch = x.clone()
+        src = x if preprocess is None else preprocess(reference.as_tokens(x))[0]  # the SAE's own input space
+        scratch = src.clone()
         ops.edit_(scratch, *weights, k, feat_idx, tau, zero_scale, rows_per_group)
-        return (scratch != x).any(1)  # map: over channels -> [B, H, W]; tokens: over d -> [N]
+        hit = (scratch != src).any(1)  # map: over channels -> [B, H, W]; tokens: over d -> [N]
+        return hit.view(x.shape[0], x.shape[2], x.shape[3]) if x.dim() == 4 and src.dim() == 2 else hit
+
+
+def per_token(hit: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``hit`` (``[B, H, W]`` or ``[B, L]``) broadcastable against ``x`` (``[B, C, H, W]`` or ``[B, L, C]``)."""
+    return hit.unsqueeze(1 if x.dim() == 4 else -1)
 
 
 def background_fill(x: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
     """Each image's detected tokens set to the mean of its undetected ones; ``x`` is ``[B, C, H, W]`` with ``hit``
     ``[B, H, W]``, or ``[B, L, C]`` tokens with ``hit [B, L]``. Images with no undetected token stay as they are."""
-    if x.dim() == 4:
-        keep = (~hit).unsqueeze(1)  # [B, 1, H, W]
-        n = keep.sum((2, 3), keepdim=True)
-        mean = (x.float() * keep).sum((2, 3), keepdim=True) / n.clamp(min=1)
-        use = hit.unsqueeze(1) & (n > 0)
-    else:
-        keep = (~hit).unsqueeze(-1)  # [B, L, 1]
-        n = keep.sum(1, keepdim=True)
-        mean = (x.float() * keep).sum(1, keepdim=True) / n.clamp(min=1)
-        use = hit.unsqueeze(-1) & (n > 0)
-    return torch.where(use, mean.to(x.dtype), x)
+    keep = per_token(~hit, x)
+    dims = (2, 3) if x.dim() == 4 else (1,)  # the token axes
+    n = keep.sum(dims, keepdim=True)
+    mean = (x.float() * keep).sum(dims, keepdim=True) / n.clamp(min=1)
+    return torch.where(per_token(hit, x) & (n > 0), mean.to(x.dtype), x)
 
 
 def flagged(hit: torch.Tensor, gate: float) -> torch.Tensor:
@@ -100,4 +93,4 @@ def flagged(hit: torch.Tensor, gate: float) -> torch.Tensor:
 
 def uncond_fill(cond: torch.Tensor, uncond: torch.Tensor, hit: torch.Tensor) -> torch.Tensor:
     """``cond`` with its detected tokens taken from ``uncond`` (same shape: the other CFG half, same images)."""
-    return torch.where(hit.unsqueeze(1) if cond.dim() == 4 else hit.unsqueeze(-1), uncond, cond)
+    return torch.where(per_token(hit, cond), uncond, cond)
