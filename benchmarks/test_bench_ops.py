@@ -10,7 +10,10 @@ autotune cache; the fire fraction is data, not part of the key, so the 0 % case'
 100 %); its row is renamed ``auto=<backend>`` and ``extra_info`` records the choice, where it came from and the
 timings it was made on. The ``replace`` variant is the detect-then-replace edit (:mod:`saeuron.replace`, the
 tokens read as one image, ``replace_background``) on the automatic backend: the same fire-first pass with zero
-scales on a copy, a compare, and the fill.
+scales on a copy, a compare, and the fill. The ``probe`` variant is ``mode="probe_uncond"``'s decision at the
+first hooked block (:mod:`saeuron.detectors`: the tokens' mean top-k code read as 16 images, 10 concepts'
+logistic detectors, and the whole-map fill); it encodes every token whatever fires, so it costs the same at 0 %,
+5 % and 100 %.
 """
 import os
 import statistics
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from saeuron import ops, replace
+from saeuron.detectors import mean_codes
 
 from .common import DEVICE, GPU, sync
 from .eager import eager_edit
@@ -90,7 +94,7 @@ def _run(benchmark, fn, group, variant, floor):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("frac", FRACS, ids=lambda f: f"fire{int(f * 100)}pct")
-@pytest.mark.parametrize("variant", ("gemm", "eager") + BACKENDS + ("auto", "replace"))
+@pytest.mark.parametrize("variant", ("gemm", "eager") + BACKENDS + ("auto", "replace", "probe"))
 def test_edit_call(benchmark, variant, frac, n, dtype):
     x, W_enc, b_enc, b_dec, W_dec, feat, tau, scale = _case(n, dtype, frac)
     group = f"edit d={D} M={M} k={K} F={NF} N={n} {str(dtype).split('.')[-1]} fire {int(frac * 100)}%"
@@ -104,6 +108,16 @@ def test_edit_call(benchmark, variant, frac, n, dtype):
         def fn():
             hit = replace.detect(x, (W_enc, b_enc, b_dec, W_dec), K, feat, tau, zero, n)
             return replace.background_fill(x.view(1, n, D), hit.view(1, n))
+    elif variant == "probe":
+        imgs = 16
+        g = torch.Generator().manual_seed(1)
+        w = (torch.randn(M, 10, generator=g) * 0.01).to(DEVICE)
+        unc = torch.randn(n, D, generator=g).to(DEVICE, dtype)
+
+        def fn():
+            z = mean_codes(x, (W_enc, b_enc, b_dec), K, imgs)
+            flag = torch.sigmoid(z @ w)[:, 3] >= 0.5
+            return torch.where(flag.repeat_interleave(n // imgs)[:, None], unc, x)
     elif variant == "eager":
         fn = lambda: eager_edit(x, W_enc, b_enc, b_dec, W_dec, K, feat, tau, scale)  # noqa: E731
     else:

@@ -218,10 +218,8 @@ class ConceptTable:
         return ids
 
     def check_sae(self, hp: str, sae) -> None:
-        """Raise if ``sae`` is not the SAE this table's statistics at ``hp`` were computed with.
-
-        Compares the weights fingerprint recorded by :func:`compute_statistics` (in the dtype of the less
-        precise of the two SAEs); a file without one (older saeuron) is accepted with a warning."""
+        """Raise if ``sae`` is not the SAE this table's statistics at ``hp`` were computed with (see
+        :func:`check_sae_record`)."""
         hp = self.stored_hookpoint(hp)
         if sae.num_latents != self.num_latents(hp):
             raise ValueError(f"the SAE at {hp!r} has {sae.num_latents} latents but the concept file's statistics "
@@ -229,28 +227,7 @@ class ConceptTable:
         rec = (self.metadata.get("hookpoint_sae") or {}).get(hp)
         if rec is None:  # a table built by hand, not by compute_statistics: nothing recorded to check
             return
-        prints = rec.get("fingerprints") if isinstance(rec, dict) else None
-        if not isinstance(prints, dict) or not prints:
-            warnings.warn(f"the concept file's statistics at {hp!r} record no SAE fingerprint (written by an older "
-                          "saeuron): cannot check they were computed with this SAE; rerun select to record one")
-            return
-        if rec.get("d_in") not in (None, sae.d_in) or rec.get("k") not in (None, sae.cfg.k):
-            raise ValueError(f"the concept file's statistics at {hp!r} were computed with an SAE of d_in={rec.get('d_in')}, "
-                             f"k={rec.get('k')}; this SAE has d_in={sae.d_in}, k={sae.cfg.k}: rerun select with it")
-        mine = str(sae.dtype).replace("torch.", "")
-        theirs = rec.get("dtype", "float32")
-        low = [d for d in (mine, theirs) if d != "float32"]
-        if len(set(low)) > 1:  # float16 vs bfloat16: no common exact rounding
-            warnings.warn(f"cannot check the SAE at {hp!r} against the concept file exactly ({mine} vs {theirs} weights)")
-            return
-        cmp = low[0] if low else "float32"
-        if cmp not in prints:
-            raise ValueError(f"the concept file at {hp!r} records no fingerprint for {cmp} weights: rerun select")
-        got = sae.fingerprint(getattr(torch, cmp))
-        if got != prints[cmp]:
-            raise ValueError(f"the concept file's statistics at {hp!r} were computed with another SAE (weights "
-                             f"fingerprint {prints[cmp]}, this SAE's is {got}): the selected features would be "
-                             "wrong; rerun `saeuron select` with this SAE, or use the SAE the file was made with")
+        check_sae_record(rec, hp, sae, "the concept file's statistics", "rerun `saeuron select` with this SAE")
 
     # -- lookup
     @property
@@ -493,6 +470,45 @@ class ConceptTable:
                        meta.get("metadata"))
         except (KeyError, ValueError, TypeError) as e:
             raise ValueError(f"corrupt concept file in {in_dir}: {e}") from None
+
+
+def sae_record(sae) -> dict:
+    """What a file computed with ``sae`` records of it: width, latents, k, dtype and the weights fingerprints (in
+    float32, float16 and bfloat16 for a float32 SAE, else in its own dtype), for :func:`check_sae_record`."""
+    prints = {str(dt).replace("torch.", ""): sae.fingerprint(dt) for dt in (torch.float32, torch.float16, torch.bfloat16)
+              if sae.dtype == torch.float32 or dt == sae.dtype}
+    return {"d_in": sae.d_in, "num_latents": sae.num_latents, "k": sae.cfg.k,
+            "dtype": str(sae.dtype).replace("torch.", ""), "fingerprints": prints}
+
+
+def check_sae_record(rec: dict, hp: str, sae, what: str, fix: str) -> None:
+    """Raise if ``sae`` is not the SAE described by ``rec`` (:func:`sae_record`) for ``what`` at ``hp``.
+
+    Compares the weights fingerprint in the dtype of the less precise of the two SAEs; a record without one (older
+    saeuron) is accepted with a warning. ``fix`` says what to do about a mismatch."""
+    prints = rec.get("fingerprints") if isinstance(rec, dict) else None
+    if not isinstance(prints, dict) or not prints:
+        warnings.warn(f"{what} at {hp!r} record no SAE fingerprint (written by an older saeuron): cannot check they "
+                      f"were computed with this SAE; {fix} to record one")
+        return
+    if rec.get("d_in") not in (None, sae.d_in) or rec.get("k") not in (None, sae.cfg.k) \
+            or rec.get("num_latents") not in (None, sae.num_latents):
+        raise ValueError(f"{what} at {hp!r} were computed with an SAE of d_in={rec.get('d_in')}, k={rec.get('k')}, "
+                         f"{rec.get('num_latents')} latents; this SAE has d_in={sae.d_in}, k={sae.cfg.k}, "
+                         f"{sae.num_latents} latents: {fix}")
+    mine = str(sae.dtype).replace("torch.", "")
+    theirs = rec.get("dtype", "float32")
+    low = [d for d in (mine, theirs) if d != "float32"]
+    if len(set(low)) > 1:  # float16 vs bfloat16: no common exact rounding
+        warnings.warn(f"cannot check the SAE at {hp!r} against {what} exactly ({mine} vs {theirs} weights)")
+        return
+    cmp = low[0] if low else "float32"
+    if cmp not in prints:
+        raise ValueError(f"{what} at {hp!r} record no fingerprint for {cmp} weights: {fix}")
+    got = sae.fingerprint(getattr(torch, cmp))
+    if got != prints[cmp]:
+        raise ValueError(f"{what} at {hp!r} were computed with another SAE (weights fingerprint {prints[cmp]}, this "
+                         f"SAE's is {got}): the result would be wrong; {fix}, or use the SAE they were made with")
 
 
 def check_sae_for_edit(table: ConceptTable, hp: str, sae, error_term: str = "correct") -> None:

@@ -38,7 +38,9 @@ With ``mode="replace_uncond"`` or ``"replace_background"`` the edit hook uses th
 detect the tokens that hold the concepts and replaces those tokens' activations; with ``mode="gate_uncond"`` the
 first hooked block of each call flags the images on which they fire on at least ``gate`` of the tokens (kept in
 the ``PatchState``), and every hooked block replaces a flagged image's conditional map by its unconditional one
-(:mod:`saeuron.replace`). The tables then carry zero scales, and the multiplier plays no part.
+(:mod:`saeuron.replace`); ``mode="probe_uncond"`` does the same with the images its fitted detectors flag
+(:mod:`saeuron.detectors`, read from the checkpoint's ``detectors.safetensors``). The tables then carry zero scales,
+and the multiplier plays no part.
 
 Each concept is edited at the hookpoints its concept-file defaults name (a sweep may put objects and
 styles at different blocks; default: every hookpoint with an SAE), or at the ``hookpoints`` given to
@@ -68,6 +70,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from . import ops, reference, replace
+from .detectors import Detectors, image_codes
 from .concepts import ConceptTable, check_concepts, check_sae_for_edit, warn_shared_features
 from .hookpoints import (block_output, get_unet, hookpoint_spellings, image_stream, list_hookpoints,
                          normalize_hookpoint, replace_block_output, resolve_hookpoints)
@@ -171,6 +174,8 @@ class EditHook(ModelHook):
         self.error_term = patch.error_term
         self.mode = patch.mode
         self.gate = patch.gate
+        self.detectors = patch.detectors
+        self.concepts = patch.concepts
         self.unit_norm = bool(self.sae.cfg.input_unit_norm)
 
     def _span(self, b: int) -> tuple:
@@ -206,7 +211,8 @@ class EditHook(ModelHook):
             return output
         hp = self.hookpoint
         fi, ta, sc = rows[hp]
-        if fi.shape[-1] == 0 and self.error_term == "correct" and self.state.flag is None:
+        if fi.shape[-1] == 0 and self.error_term == "correct" and self.state.flag is None \
+                and self.mode != "probe_uncond":
             return output  # nothing selected at this timestep (and no image flagged earlier in this call)
         x = block_output(output, self.stream)
         b = x.shape[0]
@@ -245,9 +251,10 @@ class EditHook(ModelHook):
         tokens ``[B, L, C]``); ``sc`` is the detection table (0 where a feature is selected). Returns ``x`` itself
         when edited in place."""
         part = x[lo:hi]
-        if self.mode == "gate_uncond":
+        if self.mode in ("gate_uncond", "probe_uncond"):
             if self.state.flag is None:  # the first hooked block of this call decides for the whole call
-                self.state.flag = replace.flagged(self._detect(x, lo, hi, fi, ta, sc, rpg), self.gate)
+                self.state.flag = self._flag_probe(part, lo, hi) if self.mode == "probe_uncond" else \
+                    replace.flagged(self._detect(x, lo, hi, fi, ta, sc, rpg), self.gate)
             flag = self.state.flag
             if flag.shape[0] != hi - lo:
                 raise ValueError(f"saeuron: {hi - lo} conditional images at {self.hookpoint}, but {flag.shape[0]} were "
@@ -262,6 +269,14 @@ class EditHook(ModelHook):
         y = x if x.is_contiguous() else x.contiguous()
         y[lo:hi] = new
         return y
+
+    def _flag_probe(self, part, lo, hi):
+        """``[hi - lo]`` bools: the images of ``part`` (rows ``[lo, hi)``) that a concept's detector at this block gives
+        a probability >= ``gate``, at this call's timestep(s)."""
+        t = self.state.last_index.reshape(-1)
+        t = t[lo:hi] if t.numel() > 1 else t
+        p = self.detectors.probability(self.hookpoint, image_codes(self.sae, part.detach()), t, self.concepts)
+        return (p >= self.gate).any(1)
 
     def _detect(self, x, lo, hi, fi, ta, sc, rpg):
         """Detected tokens of rows ``[lo, hi)``: ``[n, H, W]`` for maps, ``[n, L]`` for DiT tokens."""
@@ -335,7 +350,8 @@ class SaeuronPatch:
     """
 
     def __init__(self, unet, pipe, saes: dict, modules: dict, timesteps, tables: dict, concepts: list,
-                 halves: str, error_term: str, mode: str = "scale", gate: Optional[float] = None):
+                 halves: str, error_term: str, mode: str = "scale", gate: Optional[float] = None,
+                 detectors: Optional[Detectors] = None):
         self.unet = unet
         self._pipe = weakref.ref(pipe) if pipe is not None and pipe is not unet else None
         self.saes = saes  # {hookpoint: SparseAutoencoder}, kept here, never registered on the UNet
@@ -347,6 +363,7 @@ class SaeuronPatch:
         self.error_term = error_term
         self.mode = mode
         self.gate = gate
+        self.detectors = detectors  # mode="probe_uncond": the fitted detectors that flag images
         self.state = PatchState()
         self.timestep_hook = TimestepHook(self)
         self.edit_hooks = {hp: EditHook(self, hp) for hp in modules}
@@ -441,7 +458,8 @@ def _load_sae(hp, saes, checkpoint):
 
 def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table: Optional[ConceptTable] = None,
           hookpoints=None, multiplier=None, percentile=None, top_n=None, threshold=None, halves: str = "both",
-          error_term: str = "correct", mode: str = "scale", gate: Optional[float] = None) -> SaeuronPatch:
+          error_term: str = "correct", mode: str = "scale", gate: Optional[float] = None,
+          detectors: Optional[Detectors] = None) -> SaeuronPatch:
     """Unlearn ``concepts`` in ``pipe`` (a diffusers pipeline, a bare UNet or a bare DiT) until ``unpatch``.
 
     ``checkpoint=DIR`` holds one SAE folder per hookpoint and the concept file; alternatively pass
@@ -459,8 +477,10 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
     activations are then replaced by the unconditional branch's at the same position or by the mean of the
     image's undetected tokens, or "gate_uncond": an image on which a selected feature fires on at least ``gate`` of
     its tokens at the first hooked block of a call gets its whole conditional map replaced by the unconditional one
-    at every hooked block of that call (:mod:`saeuron.replace`; the multiplier plays no part). Patching again
-    replaces the previous patch.
+    at every hooked block of that call (:mod:`saeuron.replace`; the multiplier plays no part), or "probe_uncond":
+    the same, with images flagged when a concept's fitted detector (:mod:`saeuron.detectors`; ``detectors=`` or the
+    checkpoint's ``detectors.safetensors``, fitted at every hooked block) gives a probability >= ``gate`` (default
+    0.5). Patching again replaces the previous patch.
     """
     unet = get_unet(pipe)
     if halves not in HALVES:
@@ -471,6 +491,15 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
     if error_term not in ERROR_TERMS:
         raise ValueError(f"error_term={error_term!r}; valid: {', '.join(ERROR_TERMS)}")
     replace.check_mode(mode, halves, gate)
+    if mode == "probe_uncond":
+        gate = 0.5 if gate is None else gate
+        if detectors is None:
+            if checkpoint is None:
+                raise ValueError("mode='probe_uncond' needs fitted detectors: pass detectors= or a checkpoint= that "
+                                 "holds them (`saeuron detectors`)")
+            detectors = Detectors.load(checkpoint)
+    elif detectors is not None:
+        raise ValueError(f"detectors= belongs to mode='probe_uncond' (mode is {mode!r})")
     if mode != "scale" and error_term != "correct":
         raise ValueError(f"error_term={error_term!r} belongs to the scale edit; mode={mode!r} decodes nothing, so "
                          "leave error_term='correct'")
@@ -518,7 +547,12 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
         if error_term == "reference":  # shared features: the reference's result depends on the concepts' order
             warn_shared_features(table, hp, [c for c in concepts if hp in where[c]], percentile, top_n)
         tables[hp] = (fi, ta, sc if mode == "scale" else replace.detection_scale(ta))
-    handle = SaeuronPatch(unet, pipe, loaded, dict(modules), ts, tables, concepts, halves, error_term, mode, gate)
+        if detectors is not None:  # the block that runs first decides: each hooked block needs a detector
+            detectors.check(hp, sae, ts)
+            for c in concepts:
+                detectors.index(c)
+    handle = SaeuronPatch(unet, pipe, loaded, dict(modules), ts, tables, concepts, halves, error_term, mode, gate,
+                          detectors)
     return handle.install()
 
 

@@ -21,7 +21,10 @@ with a negative multiplier, which can push a token out of the distribution the n
   flagged when a selected feature fires on at least ``gate`` of its conditional tokens, and at every hooked block
   of that call a flagged image's whole conditional map is replaced by its unconditional one (the prompt's
   contribution at those blocks is dropped; on MiniCanvas the object enters only at the 8x8 up blocks, so this
-  removes it and keeps the style). Needs a CFG batch, like ``replace_uncond``.
+  removes it and keeps the style). Needs a CFG batch, like ``replace_uncond``;
+  ``probe_uncond``: as ``gate_uncond``, but the image is flagged by the concepts' fitted detectors
+  (:mod:`saeuron.detectors`: a logistic regression per concept and timestep on the image's mean SAE code) when one
+  gives a probability >= ``gate`` (default 0.5); the selected features play no part.
 
 Tokens where nothing is detected are returned bit for bit unchanged. The multiplier plays no part.
 """
@@ -31,8 +34,8 @@ import torch
 
 from . import ops, reference
 
-MODES = ("scale", "replace_uncond", "replace_background", "gate_uncond")
-UNCOND_MODES = ("replace_uncond", "gate_uncond")  # take tokens from the CFG batch's unconditional half
+MODES = ("scale", "replace_uncond", "replace_background", "gate_uncond", "probe_uncond")
+UNCOND_MODES = ("replace_uncond", "gate_uncond", "probe_uncond")  # take tokens from the CFG batch's unconditional half
 
 
 def check_mode(mode: str, halves: str, gate=None) -> str:
@@ -42,12 +45,17 @@ def check_mode(mode: str, halves: str, gate=None) -> str:
     if mode in UNCOND_MODES and halves == "uncond":
         raise ValueError(f"mode={mode!r} edits the conditional half with the unconditional one, so "
                          "halves='uncond' is not possible; use halves='both' or 'cond' (the same here)")
+    bad = isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 < gate <= 1
     if mode == "gate_uncond":
-        if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 < gate <= 1:
+        if bad:
             raise ValueError(f"gate={gate!r}: mode='gate_uncond' needs the share of an image's tokens that flags it, "
                              "a number in (0, 1]")
+    elif mode == "probe_uncond":
+        if gate is not None and (bad or gate == 1):
+            raise ValueError(f"gate={gate!r}: mode='probe_uncond' takes the detector probability that flags an image, "
+                             "a number in (0, 1) (default 0.5)")
     elif gate is not None:
-        raise ValueError(f"gate={gate!r} belongs to mode='gate_uncond' (mode is {mode!r})")
+        raise ValueError(f"gate={gate!r} belongs to mode='gate_uncond' or 'probe_uncond' (mode is {mode!r})")
     return mode
 
 

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from . import ops
-from .concepts import DEFAULT_KEYS, DEFAULTS, ConceptTable, check_defaults, unknown_name_error
+from .concepts import DEFAULT_KEYS, DEFAULTS, ConceptTable, check_defaults, sae_record, unknown_name_error
 from .hookpoints import normalize_hookpoint
 from .utils import FolderLock
 
@@ -189,11 +189,8 @@ def compute_statistics(store, sae, hookpoint, concepts=None, *, batch_size: int 
     ts = torch.tensor(sorted(t_index, key=t_index.get), dtype=torch.float32)
     order = torch.argsort(ts, descending=True)  # sampling order: noisiest first
     mu = mu.float().cpu()[:, order]
-    prints = {str(dt).replace("torch.", ""): sae.fingerprint(dt) for dt in (torch.float32, torch.float16, torch.bfloat16)
-              if sae.dtype == torch.float32 or dt == sae.dtype}
-    meta = {"store": str(getattr(store, "root", "")), "hookpoint_sae": {normalize_hookpoint(hookpoint): {"d_in": sae.d_in,
-            "num_latents": M, "k": sae.cfg.k, "dtype": str(sae.dtype).replace("torch.", ""), "fingerprints": prints,
-            "dropped_rows": dropped[0]}}}
+    meta = {"store": str(getattr(store, "root", "")),
+            "hookpoint_sae": {normalize_hookpoint(hookpoint): {**sae_record(sae), "dropped_rows": dropped[0]}}}
     if sae.cfg.concept_latents:  # concept-supervised SAE: its reservation, for the "reserved" selection rule
         meta["hookpoint_sae"][normalize_hookpoint(hookpoint)]["concept_latents"] = {
             str(c): [int(i) for i in ids] for c, ids in sae.cfg.concept_latents.items()}

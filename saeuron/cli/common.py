@@ -3,7 +3,7 @@
 Nothing here imports torch at import time: building the parser stays instant."""
 from __future__ import annotations
 
-EDIT_MODES = ("scale", "replace_uncond", "replace_background", "gate_uncond")  # saeuron.replace.MODES, without importing torch
+EDIT_MODES = ("scale", "replace_uncond", "replace_background", "gate_uncond", "probe_uncond")  # saeuron.replace.MODES, without importing torch
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
@@ -104,12 +104,15 @@ def add_edit_args(s, top_n: bool = True):
                    help="scale: the method's edit (default); replace_uncond / replace_background: the selected "
                         "features only detect the concept's tokens, which are replaced by the unconditional "
                         "branch's or by the image's other tokens' mean; gate_uncond: an image flagged by --gate "
-                        "gets its whole conditional map replaced by the unconditional one at the hooked blocks")
+                        "gets its whole conditional map replaced by the unconditional one at the hooked blocks; "
+                        "probe_uncond: the same, images flagged by the checkpoint's fitted detectors (`saeuron "
+                        "detectors`)")
     s.add_argument("--hookpoints", dest="edit_hookpoints", nargs="+", default=None, metavar="HOOKPOINT",
                    help="edit every concept at these blocks (default: each concept's own, from the concept file)")
     s.add_argument("--gate", type=float, default=None,
                    help="with --mode gate_uncond: the share of an image's tokens on which a selected feature must "
-                        "fire at the first hooked block to flag it, in (0, 1]")
+                        "fire at the first hooked block to flag it, in (0, 1]; with --mode probe_uncond: the detector "
+                        "probability that flags an image, in (0, 1) (default 0.5)")
 
 
 def add_eval_model_args(s):

@@ -71,6 +71,19 @@ def cmd_select(a):
     print(f"concept file for {len(table.names)} concepts in {a.checkpoint}: {', '.join(table.names)}")
 
 
+def cmd_detectors(a):
+    """``saeuron detectors``: fit each concept's image-level detector (mode probe_uncond) into a checkpoint."""
+    from ..detectors import fit_detectors
+    from ..store import ActivationStore
+
+    concepts = read_prompts(a.concepts) if a.concepts else None
+    det = fit_detectors(ActivationStore(a.store), a.checkpoint, hookpoints=a.hookpoints, concepts=concepts,
+                        steps=a.steps)
+    worst = {h: min(acc.values()) for h, acc in det.metadata["train_accuracy_min_over_timesteps"].items()}
+    print(f"detectors for {len(det.names)} concepts at {', '.join(det.hookpoints)} in {a.checkpoint}; lowest "
+          "training accuracy over concepts and timesteps: " + ", ".join(f"{h} {v:.3f}" for h, v in worst.items()))
+
+
 def cmd_generate(a):
     """``saeuron generate``: images with and without the edit, and a grid."""
     from ..generate import generate
@@ -181,6 +194,15 @@ def add_stage_parsers(sub):
                         "the other concepts and as the explicit alternative)")
     s.add_argument("--device", default=None, help='cpu or cuda (default: cuda if available)')
     s.set_defaults(fn=cmd_select)
+
+    s = sub.add_parser("detectors", help="fit each concept's image-level detector on SAE codes (for --mode "
+                       "probe_uncond) into a checkpoint")
+    s.add_argument("--store", required=True, help="store collected with concept-labelled prompts (as for select)")
+    s.add_argument("--checkpoint", required=True, help="folder with the SAEs; detectors.safetensors is written here")
+    s.add_argument("--concepts", default=None, help="JSON {concept: [prompts]} (default: the store's labels)")
+    s.add_argument("--hookpoints", nargs="*", default=None, help="hookpoints to fit at (default: every one with an SAE)")
+    s.add_argument("--steps", type=int, default=300, help="optimiser steps per timestep (default 300)")
+    s.set_defaults(fn=cmd_detectors)
 
     s = sub.add_parser("generate", help="images with and without the edit, plus a side-by-side grid PNG")
     model_args(s)

@@ -14,7 +14,8 @@ from ..sae import SparseAutoencoder, available_hookpoint_dirs, resolve_hookpoint
 
 
 
-PATCH_KEYS = ("multiplier", "percentile", "top_n", "threshold", "hookpoints", "halves", "error_term", "mode", "gate")
+PATCH_KEYS = ("multiplier", "percentile", "top_n", "threshold", "hookpoints", "halves", "error_term", "mode", "gate",
+              "detectors")
 
 
 def check_patch_kwargs(kwargs: dict, exclude=()) -> dict:
@@ -51,6 +52,19 @@ def resolve_assets(checkpoint=None, saes=None, table=None) -> tuple:
     if not saes:
         raise ValueError(f"no SAE for any hookpoint of the concept file ({', '.join(table.hookpoints)})")
     return saes, table
+
+
+def with_detectors(patch_kwargs: dict, checkpoint=None) -> dict:
+    """``patch_kwargs`` plus the checkpoint's fitted detectors when ``mode="probe_uncond"`` needs them and none were
+    given (loaded once here, not per patched run)."""
+    if patch_kwargs.get("mode") != "probe_uncond" or patch_kwargs.get("detectors") is not None:
+        return patch_kwargs
+    if checkpoint is None:
+        raise ValueError("mode='probe_uncond' needs fitted detectors: pass detectors= or a checkpoint folder that holds "
+                         "them (`saeuron detectors`)")
+    from ..detectors import Detectors
+
+    return {**patch_kwargs, "detectors": Detectors.load(checkpoint)}
 
 
 def as_image_tensor(images) -> torch.Tensor:

@@ -69,7 +69,8 @@ from ..utils import atomic_write, atomic_write_json, locks_folder
 from .attack import attack as run_attack
 from .attack import generate_adversarial
 from .baselines import PeakMemory, esd_train, process_rss, uce_edit, unet_device
-from .common import check_classifiers, check_patch_kwargs, resolve_assets, resolve_sampling, sample_images, slug
+from .common import (check_classifiers, check_patch_kwargs, resolve_assets, resolve_sampling, sample_images, slug,
+                     with_detectors)
 from .metrics import DAMAGE_METRICS, DOMAINS, mean_metrics, target_metrics
 from .protocol import METHODS
 from .unlearn_eval import (baseline_config, build_jobs, damage_flags, edit_signature, evaluate_run, fit_run_damage,
@@ -465,6 +466,7 @@ def compare_methods(pipe, classifiers: dict, checkpoint=None, *, saes=None, tabl
     need_table = "saeuron" in methods
     if need_table or checkpoint is not None or table is not None:
         saes, table = resolve_assets(checkpoint, saes, table)
+        patch_kwargs = with_detectors(patch_kwargs or {}, checkpoint)
     seeds = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
     templates = [templates] if isinstance(templates, int) else list(templates)
     jobs = build_jobs(objects, styles, seeds, templates)

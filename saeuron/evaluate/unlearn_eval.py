@@ -30,7 +30,7 @@ from ..minicanvas import data, rendering
 from ..patching import get_patch, patched
 from ..utils import atomic_write, atomic_save_file, atomic_write_json, locks_folder
 from .common import (EVAL_SEEDS, check_classifiers, check_patch_kwargs, judge, resolve_assets, resolve_sampling,
-                     sample_images, slug, to_pil)
+                     sample_images, slug, to_pil, with_detectors)
 from .damage import fit_damage_measure
 from .metrics import DAMAGE_METRICS, DOMAINS, METRICS, Record, frechet_distance, mean_metrics, run_key, target_metrics
 
@@ -379,6 +379,7 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
     check_classifiers(classifiers)
     check_patch_kwargs(patch_kwargs)
     saes, table = resolve_assets(checkpoint, saes, table)
+    patch_kwargs = with_detectors(patch_kwargs, checkpoint)
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     templates = [templates] if isinstance(templates, int) else list(templates)
     jobs = build_jobs(objects, styles, seeds, templates)

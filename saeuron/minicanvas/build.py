@@ -21,7 +21,9 @@ and each resumes where a killed run stopped (classifiers are quick and simply re
    another training caption form (:func:`collect_captions`), so SAEs and statistics see words, not one sentence;
 5. ``sae``: a TopK SAE per hookpoint (``saeuron.train``, state in ``work_dir/sae``) -> ``checkpoint/<hookpoint>/``;
 6. ``concepts``: the concept file over every object and every style concept (a prompt belongs to its
-   object and to its style) with a top-n-per-timestep default rule -> ``checkpoint/concepts.*``.
+   object and to its style) with a top-n-per-timestep default rule -> ``checkpoint/concepts.*``, and every
+   concept's image-level detector at every hookpoint (``mode="probe_uncond"``, :mod:`saeuron.detectors`) ->
+   ``checkpoint/detectors.*``.
 
 A stage that runs makes everything built from it stale: the stages that depend on it (``DEPENDS``,
 transitively) are marked not done and their resumable work state (activation store, SAE trainer
@@ -507,6 +509,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
     (their predecessors must be done). ``command`` is recorded as given (the CLI passes its command line).
     """
     from ..collection import collect
+    from ..detectors import fit_detectors
     from ..selection import build_concept_file
     from ..sae import SparseAutoencoder, available_hookpoint_dirs
     from ..store import ActivationStore
@@ -680,7 +683,11 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
             table = build_concept_file(store, paths["checkpoint"], hookpoints=hookpoints, concepts=concept_prompts(st["collect_repeats"], collect_forms(st)),
                                        multiplier=st["multiplier"], percentile=None, top_n=st["top_n"], device=device,
                                        progress=progress, reserved=supervision_settings(st["supervise"]) is not None)
-            finish(name, t0, concepts=table.names, timesteps=len(table.timesteps))
+            det = fit_detectors(store, paths["checkpoint"], hookpoints=hookpoints, progress=progress,
+                                concepts=concept_prompts(st["collect_repeats"], collect_forms(st)))  # probe_uncond
+            finish(name, t0, concepts=table.names, timesteps=len(table.timesteps),
+                   detector_accuracy_min={h: min(a.values())
+                                          for h, a in det.metadata["train_accuracy_min_over_timesteps"].items()})
     record = json.loads(record_path.read_text())
     if record.get("oversize_files"):
         say(f"WARNING: files of 16 MiB or more: {record['oversize_files']}")

@@ -1,0 +1,315 @@
+"""Image-level concept detectors fitted on SAE codes: which images hold a concept (``mode="probe_uncond"``).
+
+The method's firing rule (a selected feature above ``tau``) decides per token; on MiniCanvas the object word spreads
+over every token of the image through cross-attention, so near concepts (circle vs ring) fire on the same share of
+tokens and cannot be told apart that way (benchmarks/RESULTS.md, issue 22). A detector reads the whole image's code
+instead. For prompt p at timestep t it takes the image's mean dense top-k code (zeros included)::
+
+    a[p,t] = mean over p's tokens at t of f(x)          (the per-prompt means the statistics are made of)
+
+and for each concept c a logistic regression, one-vs-rest, per timestep, on latents standardised over the prompts::
+
+    P(c | a) = sigmoid(w[t,c] . (a - m[t]) / s[t] + b[t,c])
+
+fitted on the collected prompts' concept labels (the store the statistics come from, :func:`fit_detectors`), each
+concept's positives weighted so both classes count equally. The weights read as a linear score over SAE latents, as
+the statistics do. They are saved beside the concept file as ``detectors.safetensors`` + ``detectors.json`` (with
+the SAEs' fingerprints and timesteps, checked at patch time), and :mod:`saeuron.patching` uses them to flag images.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import ops, reference
+from .concepts import check_sae_record, sae_record, unknown_name_error
+from .hookpoints import normalize_hookpoint
+from .utils import FolderLock, atomic_save_file, atomic_write_json, read_json
+
+TENSORS_FILE = "detectors.safetensors"
+JSON_FILE = "detectors.json"
+FORMAT = "saeuron.detectors"
+VERSION = 1
+PARTS = ("weight", "bias", "mean", "std")  # per hookpoint: [T, C, M], [T, C], [T, M], [T, M]
+
+
+def image_codes(sae, x: torch.Tensor) -> torch.Tensor:
+    """``[B, M]`` float32: each image's mean dense top-k code over its tokens (zeros included), for a block output
+    map ``[B, C, H, W]`` or DiT tokens ``[B, L, C]``; the SAE's input transform is applied as in its training."""
+    with torch.no_grad():
+        tok = reference.as_tokens(x) if x.dim() == 4 else x.reshape(-1, x.shape[-1])
+        tok = sae.preprocess(tok)[0]  # the SAE's input space (identity unless input_unit_norm)
+        return mean_codes(tok, sae.weights_for(x.device, x.dtype)[:3], sae.cfg.k, x.shape[0])
+
+
+def mean_codes(tok: torch.Tensor, weights: tuple, k: int, images: int) -> torch.Tensor:
+    """``[images, M]`` float32: the mean dense top-k code of each of ``images`` equal runs of rows of ``tok [N, d]``
+    (``weights`` = ``(W_enc, b_enc, b_dec)``); one top-k encode (:func:`saeuron.ops.topk_encode`), no ``[N, M]``."""
+    W_enc, b_enc, b_dec = weights
+    vals, idx = ops.topk_encode(tok.to(W_enc.dtype).contiguous(), W_enc, b_enc, b_dec, k)
+    per = tok.shape[0] // images
+    M = W_enc.shape[0]
+    out = torch.zeros(images * M, dtype=torch.float32, device=tok.device)
+    key = (torch.arange(tok.shape[0], device=tok.device) // per * M)[:, None] + idx  # [N, k] flat (image, latent)
+    out.index_add_(0, key.reshape(-1), torch.nan_to_num(vals.float()).reshape(-1))
+    return out.view(images, M) / per
+
+
+def prompt_codes(store, sae, hookpoint: str, *, batch_size: int = 4096, progress: bool = True) -> tuple:
+    """``(timesteps [T] descending, codes [T, P, M], present [T, P])``: every stored prompt's mean dense code per
+    timestep at ``hookpoint`` (``present``: the prompt has rows at that timestep)."""
+    from tqdm.auto import tqdm
+
+    hp = _store_hookpoint(store, hookpoint)
+    if sae.d_in != store.d_in(hp):
+        raise ValueError(f"SAE width d_in={sae.d_in} does not match the store's width {store.d_in(hp)} at {hp!r}")
+    P, M = len(store.prompts), sae.num_latents
+    W_enc, b_enc, b_dec, _ = sae.weights_for(sae.device, sae.dtype)
+    sums: dict = {}  # timestep value -> ([P, M] float64 sums, [P] token counts)
+    bar = tqdm(total=store.num_rows(hp), unit="rows", desc=f"detector codes {hp}", disable=not progress)
+    for b in store.iter_batches(hp, batch_size, shuffle=False, drop_last=False):
+        bar.update(b["x"].shape[0])
+        x = b["x"].to(sae.device)
+        ok = torch.isfinite(x).all(1) & torch.isfinite(b["timestep"].to(sae.device))
+        x, pid, ts = x[ok], b["prompt_id"].to(sae.device)[ok], b["timestep"].to(sae.device)[ok]
+        x = sae.preprocess(x.to(W_enc.dtype))[0]
+        with torch.no_grad():
+            vals, idx = ops.topk_encode(x.contiguous(), W_enc, b_enc, b_dec, sae.cfg.k)
+        vals = torch.nan_to_num(vals.double())
+        for u in torch.unique(ts).tolist():
+            sel = ts == u
+            s, n = sums.setdefault(u, (torch.zeros(P, M, dtype=torch.float64, device=sae.device),
+                                       torch.zeros(P, dtype=torch.int64, device=sae.device)))
+            p = pid[sel]
+            s.index_put_((p[:, None].expand_as(idx[sel]), idx[sel]), vals[sel], accumulate=True)
+            n.index_add_(0, p, torch.ones_like(p))
+    bar.close()
+    if not sums:
+        raise ValueError(f"the store holds no finite rows for hookpoint {hp!r}")
+    order = sorted(sums, reverse=True)  # sampling order: noisiest first, as the concept file
+    codes = torch.stack([sums[t][0] / sums[t][1].clamp_min(1)[:, None] for t in order]).float().cpu()
+    present = torch.stack([sums[t][1] > 0 for t in order]).cpu()
+    return torch.tensor(order, dtype=torch.float32), codes, present
+
+
+def fit_logistic(codes: torch.Tensor, targets: torch.Tensor, present: Optional[torch.Tensor] = None, *,
+                 steps: int = 300, lr: float = 0.01, weight_decay: float = 1e-3) -> dict:
+    """One-vs-rest logistic regressions per timestep: ``codes [T, P, M]``, ``targets [P, C]`` bools, ``present
+    [T, P]`` (default all). Returns ``{"weight" [T, C, M], "bias" [T, C], "mean" [T, M], "std" [T, M],
+    "accuracy" [T, C]}`` (training accuracy at probability 0.5). Deterministic (zero initialisation, full batch)."""
+    T, P, M = codes.shape
+    if targets.dim() != 2 or targets.shape[0] != P:
+        raise ValueError(f"targets must be [prompts={P}, concepts] bools, got shape {tuple(targets.shape)}")
+    y = targets.float()
+    C = y.shape[1]
+    pos = y.sum(0)
+    if bool(((pos == 0) | (pos == P)).any()):
+        bad = [i for i in range(C) if pos[i] in (0, P)]
+        raise ValueError(f"concepts at columns {bad} have {'no' if pos[bad[0]] == 0 else 'only'} positive prompts: "
+                         "a detector needs prompts with and without the concept")
+    present = torch.ones(T, P, dtype=torch.bool) if present is None else present.bool()
+    out = {k: [] for k in ("weight", "bias", "mean", "std", "accuracy")}
+    for t in range(T):
+        X, yt = codes[t][present[t]].double(), y[present[t]].double()
+        mu, sd = X.mean(0), X.std(0, unbiased=False) + 1e-3
+        Xs = (X - mu) / sd
+        npos = yt.sum(0).clamp_min(1)
+        w_pos = (yt.shape[0] - npos) / npos  # both classes weigh the same
+        W = torch.zeros(M, C, dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(C, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.Adam([W, b], lr=lr, weight_decay=weight_decay)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(Xs @ W + b, yt, pos_weight=w_pos)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            acc = ((Xs @ W + b >= 0) == yt.bool()).double().mean(0)
+        out["weight"].append(W.detach().t().float())
+        out["bias"].append(b.detach().float())
+        out["mean"].append(mu.float())
+        out["std"].append(sd.float())
+        out["accuracy"].append(acc.float())
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+class Detectors:
+    """Fitted detectors of ``names`` at one or more hookpoints, per timestep (``timesteps``, descending).
+
+    ``parts``: ``{hookpoint: {"weight" [T, C, M], "bias" [T, C], "mean" [T, M], "std" [T, M]}}``; ``metadata``: what
+    they were fitted on (``hookpoint_sae``: the SAE records, ``accuracy``, the fit settings)."""
+
+    def __init__(self, names, timesteps, parts: dict, metadata=None):
+        self.names = [str(n) for n in names]
+        self.timesteps = torch.as_tensor(timesteps, dtype=torch.float32)
+        self.parts = {normalize_hookpoint(h): {k: v.float().contiguous() for k, v in p.items() if k in PARTS}
+                      for h, p in parts.items()}
+        self.metadata = dict(metadata or {})
+        T, C = len(self.timesteps), len(self.names)
+        for h, p in self.parts.items():
+            missing = [k for k in PARTS if k not in p]
+            if missing:
+                raise ValueError(f"detectors at {h!r} lack {missing}")
+            M = p["weight"].shape[-1]
+            want = {"weight": (T, C, M), "bias": (T, C), "mean": (T, M), "std": (T, M)}
+            for k, shape in want.items():
+                if tuple(p[k].shape) != shape:
+                    raise ValueError(f"detectors at {h!r}: {k} has shape {tuple(p[k].shape)}, expected {shape} "
+                                     f"({T} timesteps, {C} concepts, {M} latents)")
+                if not bool(torch.isfinite(p[k]).all()):
+                    raise ValueError(f"detectors at {h!r}: {k} holds NaN or Inf")
+        self._on: dict = {}
+
+    def __repr__(self):  # with the weights' fingerprint: cached evaluation runs key on it
+        return (f"Detectors(names={self.names}, hookpoints={list(self.parts)}, timesteps={len(self.timesteps)}, "
+                f"fingerprint={self.fingerprint()})")
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex, 16 chars) of the timesteps, names and every tensor."""
+        h = hashlib.sha256(json.dumps(self.names).encode())
+        for name, t in [("timesteps", self.timesteps)] + [(f"{hp}/{k}", v) for hp, p in self.parts.items()
+                                                           for k, v in p.items()]:
+            h.update(name.encode() + b"\0" + t.detach().cpu().float().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @property
+    def hookpoints(self) -> list:
+        return list(self.parts)
+
+    def index(self, concept: str) -> int:
+        if concept not in self.names:
+            raise unknown_name_error("concept", concept, self.names, "no detector was fitted for it")
+        return self.names.index(concept)
+
+    def check(self, hp: str, sae, timesteps) -> None:
+        """Raise unless a detector exists at ``hp`` for ``sae`` (the SAE it was fitted on) and its timesteps are
+        ``timesteps`` (the concept file's, whose nearest-timestep index the patch uses)."""
+        hp = normalize_hookpoint(hp)
+        if hp not in self.parts:
+            raise ValueError(f"no detector at hookpoint {hp!r}; detectors exist at: {', '.join(self.parts) or '(none)'}"
+                             "; fit them there with `saeuron detectors`")
+        if self.parts[hp]["weight"].shape[-1] != sae.num_latents:
+            raise ValueError(f"the detectors at {hp!r} read {self.parts[hp]['weight'].shape[-1]} latents but the SAE "
+                             f"has {sae.num_latents}: they come from different SAEs")
+        rec = (self.metadata.get("hookpoint_sae") or {}).get(hp)
+        if rec is not None:
+            check_sae_record(rec, hp, sae, "the detectors", "refit them with `saeuron detectors`")
+        ts = torch.as_tensor(timesteps, dtype=torch.float32)
+        if ts.shape != self.timesteps.shape or not torch.allclose(ts, self.timesteps):
+            raise ValueError(f"the detectors were fitted at {len(self.timesteps)} timesteps "
+                             f"{self.timesteps.tolist()[:3]}..., the concept file has {len(ts)} {ts.tolist()[:3]}...: "
+                             "fit both on the same activation store")
+
+    def probability(self, hp: str, codes: torch.Tensor, t_index: torch.Tensor, concepts) -> torch.Tensor:
+        """``[B, len(concepts)]``: the probability that each image (``codes [B, M]``, :func:`image_codes`) holds each
+        concept, at timestep indices ``t_index`` (``[1]`` or ``[B]``, into :attr:`timesteps`)."""
+        key = (normalize_hookpoint(hp), codes.device)
+        p = self._on.get(key)
+        if p is None:
+            p = self._on[key] = {k: v.to(codes.device) for k, v in self.parts[key[0]].items()}
+        ids = torch.tensor([self.index(c) for c in concepts], device=codes.device)
+        t = t_index.reshape(-1).to(codes.device)
+        z = (codes.float() - p["mean"][t]) / p["std"][t]  # [B, M] (t broadcast when one index)
+        w = p["weight"][t][:, ids]  # [G, c, M]
+        logits = torch.einsum("bm,bcm->bc", z, w.expand(codes.shape[0], -1, -1)) + p["bias"][t][:, ids]
+        return torch.sigmoid(logits)
+
+    # -- persistence
+    def save(self, out_dir) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {"timesteps": self.timesteps}
+        for h, p in self.parts.items():
+            tensors.update({f"{h}/{k}": v for k, v in p.items()})
+        with FolderLock(out, "writing detectors into"):
+            atomic_save_file(tensors, out / TENSORS_FILE)
+            atomic_write_json({"format": FORMAT, "version": VERSION, "names": self.names,
+                               "hookpoints": list(self.parts), "metadata": self.metadata}, out / JSON_FILE)
+        return out
+
+    @classmethod
+    def load(cls, in_dir) -> "Detectors":
+        from safetensors.torch import load_file
+
+        root = Path(in_dir)
+        meta_path, tensor_path = root / JSON_FILE, root / TENSORS_FILE
+        if not meta_path.is_file() or not tensor_path.is_file():
+            raise FileNotFoundError(f"no detectors in {root} (expected {JSON_FILE} and {TENSORS_FILE}); fit them with "
+                                    f"`saeuron detectors --store STORE --checkpoint {root}`")
+        meta = read_json(meta_path, "detectors file")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path} is not a saeuron detectors file (format {FORMAT!r})")
+        if meta.get("version") != VERSION:
+            raise ValueError(f"{meta_path} has version {meta.get('version')!r}; this saeuron reads version {VERSION}")
+        tensors = load_file(str(tensor_path))
+        if "timesteps" not in tensors:
+            raise ValueError(f"{tensor_path} holds no timesteps")
+        parts = {h: {k: tensors.get(f"{h}/{k}") for k in PARTS} for h in meta.get("hookpoints") or []}
+        for h, p in parts.items():
+            missing = [k for k, v in p.items() if v is None]
+            if missing:
+                raise ValueError(f"{tensor_path} lacks {[f'{h}/{k}' for k in missing]}")
+        return cls(meta["names"], tensors["timesteps"], parts, meta.get("metadata"))
+
+
+def _store_hookpoint(store, hookpoint: str) -> str:
+    if hookpoint in store.hookpoints:
+        return hookpoint
+    match = [h for h in store.hookpoints if normalize_hookpoint(h) == normalize_hookpoint(hookpoint)]
+    if not match:
+        raise unknown_name_error("hookpoint", hookpoint, store.hookpoints, "not in the activation store")
+    return match[0]
+
+
+def fit_detectors(store, checkpoint, hookpoints=None, concepts=None, *, steps: int = 300, lr: float = 0.01,
+                  weight_decay: float = 1e-3, batch_size: int = 4096, progress: bool = True) -> Detectors:
+    """Fit every concept's detector at ``hookpoints`` (default: every store hookpoint with an SAE in ``checkpoint``)
+    on the store's prompts, and save them into ``checkpoint`` beside the concept file.
+
+    ``concepts``: None uses the store's labels, or ``{concept: [prompt ids or prompts]}`` (as ``select``; a prompt may
+    belong to several concepts); prompts of no concept are negatives for every concept."""
+    from .sae import SparseAutoencoder, available_hookpoint_dirs, resolve_hookpoint_dir
+    from .selection import concept_members
+
+    if not hasattr(store, "iter_batches"):
+        from .store import ActivationStore
+
+        store = ActivationStore(store)
+    root = Path(checkpoint)
+    if not root.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {root} does not exist")
+    have = {normalize_hookpoint(h) for h in available_hookpoint_dirs(root)}
+    hps = [hookpoints] if isinstance(hookpoints, str) else hookpoints
+    hps = [h for h in store.hookpoints if normalize_hookpoint(h) in have] if hps is None else list(hps)
+    if not hps:
+        raise ValueError(f"no SAE in {root} for the store's hookpoints {store.hookpoints}")
+    for h in hps:
+        if normalize_hookpoint(h) not in have:
+            raise unknown_name_error("hookpoint", h, sorted(have), f"no SAE for it in {root}")
+    names, members = concept_members(store, concepts)
+    targets = torch.zeros(len(store.prompts), len(names), dtype=torch.bool)
+    for c, ids in enumerate(members):
+        targets[ids, c] = True
+    parts, records, accuracy, timesteps = {}, {}, {}, None
+    with FolderLock(root, "fitting detectors into"):
+        for h in hps:
+            sae = SparseAutoencoder.load(resolve_hookpoint_dir(root, h))
+            ts, codes, present = prompt_codes(store, sae, h, batch_size=batch_size, progress=progress)
+            if timesteps is not None and not torch.equal(ts, timesteps):
+                raise ValueError(f"the store holds other timesteps at {h!r} than at {hps[0]!r}")
+            timesteps = ts
+            fit = fit_logistic(codes, targets, present, steps=steps, lr=lr, weight_decay=weight_decay)
+            hp = normalize_hookpoint(h)
+            parts[hp] = {k: fit[k] for k in PARTS}
+            records[hp] = sae_record(sae)
+            accuracy[hp] = {n: round(float(fit["accuracy"][:, i].min()), 4) for i, n in enumerate(names)}
+        meta = {"store": str(getattr(store, "root", "")), "hookpoint_sae": records,
+                "train_accuracy_min_over_timesteps": accuracy, "prompts": len(store.prompts),
+                "fit": {"steps": steps, "lr": lr, "weight_decay": weight_decay, "balanced": True}}
+        det = Detectors(names, timesteps, parts, meta)
+        det.save(root)
+    return det

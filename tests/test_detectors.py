@@ -1,0 +1,274 @@
+"""Image-level concept detectors (saeuron.detectors) and ``mode="probe_uncond"``: image codes equal the dense
+definition on random inputs of several shapes and dtypes, prompt codes equal per-prompt means of a store, the fit
+separates a planted concept, files round-trip and refuse what is wrong, and in a UNet the flag is the detector's
+decision on the first hooked block's output, flagged images' conditional maps become the unconditional ones at every
+hooked block, and nothing changes when nothing is flagged."""
+import json
+
+import pytest
+import torch
+
+from conftest import make_sae
+from saeuron import reference
+from saeuron.concepts import ConceptTable
+from saeuron.detectors import (JSON_FILE, TENSORS_FILE, Detectors, fit_detectors, fit_logistic, image_codes,
+                               prompt_codes)
+from saeuron.patching import patched, unpatch
+from saeuron.selection import build_concept_file
+from saeuron.store import ActivationStore
+
+UP = "up_blocks.1.attentions.1"  # 32 channels in the tiny pipeline
+MID = "mid_block.attentions.0"  # 64 channels; runs before UP
+TS = [667.0, 334.0, 1.0]
+
+
+def _dense_codes(sae, tok):
+    """The dense top-k code of each token, by the definition (fp32)."""
+    xn = sae.preprocess(tok.float())[0]
+    pre = reference.preacts(xn, sae.encoder.weight.float(), sae.encoder.bias.float(), sae.b_dec.float())
+    v, i = pre.topk(sae.cfg.k, dim=-1)
+    return torch.zeros_like(pre).scatter_(1, i, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,unit_norm", [((3, 16, 4, 4), False), ((2, 16, 5, 3), True), ((4, 7, 16), False)])
+def test_image_codes_are_each_images_mean_dense_code(dtype, shape, unit_norm):
+    sae = make_sae(16, 64, 4, seed=sum(shape))
+    sae.cfg.input_unit_norm = unit_norm
+    g = torch.Generator().manual_seed(len(shape) + int(unit_norm))
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+    got = image_codes(sae.to(dtype), x)
+    sae = sae.float()
+    tok = reference.as_tokens(x) if x.dim() == 4 else x.reshape(-1, x.shape[-1])
+    want = _dense_codes(sae, tok.float()).view(shape[0], -1, 64).mean(1)
+    assert got.shape == (shape[0], 64) and got.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    assert (want > 0).sum() > shape[0]  # not vacuous
+
+
+def _store(root, d=32, seed=0, hps=(UP,)):
+    """cat prompts carry one encoder direction of the SAE, dog and unlabelled prompts are noise; unequal token counts."""
+    prompts = ["a cat", "the cat", "a dog", "the dog", "a car", "one cat", "one dog", "my car"]
+    labels = ["cat", "cat", "dog", "dog", None, "cat", "dog", None]
+    store = ActivationStore.create(root, {h: d for h in hps}, prompts, labels)
+    g = torch.Generator().manual_seed(seed)
+    for b, t in enumerate(TS):
+        batch = {}
+        for h in hps:
+            xs, ts, ps = [], [], []
+            for p in range(len(prompts)):
+                n = 3 + p % 3
+                x = torch.randn(n, d, generator=g)
+                if labels[p] == "cat":
+                    x[:, 5] += 4.0
+                xs.append(x), ts.append(torch.full((n,), t)), ps.append(torch.full((n,), p))
+            batch[h] = {"x": torch.cat(xs), "timestep": torch.cat(ts), "prompt_id": torch.cat(ps)}
+        store.write_batch(b, batch)
+    return ActivationStore(root)
+
+
+def test_prompt_codes_are_per_prompt_means(tmp_path):
+    sae = make_sae(32, 96, 4, seed=5)
+    store = _store(tmp_path / "s")
+    ts, codes, present = prompt_codes(store, sae, UP, batch_size=7, progress=False)
+    assert ts.tolist() == sorted(TS, reverse=True) and codes.shape == (3, 8, 96) and bool(present.all())
+    rows = [store.read_shard(UP, i) for i in range(len(store.shard_paths(UP)))]
+    x, t, p = (torch.cat([r[k] for r in rows]) for k in ("x", "timestep", "prompt_id"))
+    f = _dense_codes(sae, x.float())
+    for ti, tv in enumerate(ts.tolist()):
+        for q in range(8):
+            torch.testing.assert_close(codes[ti, q], f[(t == tv) & (p == q)].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_fit_separates_a_planted_concept_and_is_deterministic():
+    g = torch.Generator().manual_seed(0)
+    T, P, M = 2, 60, 20
+    y = torch.zeros(P, 2, dtype=torch.bool)
+    y[:15, 0] = True  # concept 0: latent 3 high; concept 1: latent 11 high (a quarter each)
+    y[30:45, 1] = True
+    codes = torch.rand(T, P, M, generator=g)
+    codes[:, y[:, 0], 3] += 2.0
+    codes[:, y[:, 1], 11] += 2.0
+    fit = fit_logistic(codes, y, steps=600)
+    assert fit["weight"].shape == (T, 2, M) and fit["bias"].shape == (T, 2)
+    assert bool((fit["accuracy"] == 1).all())
+    assert int(fit["weight"][0, 0].argmax()) == 3 and int(fit["weight"][0, 1].argmax()) == 11
+    det = Detectors(["a", "b"], [900.0, 100.0], {UP: {k: fit[k] for k in ("weight", "bias", "mean", "std")}})
+    prob = det.probability(UP, codes[1], torch.tensor([1]), ["a", "b"])
+    assert bool((prob[y] > 0.5).all()) and bool((prob[~y] < 0.5).all())
+    again = fit_logistic(codes, y, steps=600)
+    assert all(torch.equal(fit[k], again[k]) for k in fit)
+    y[:, 1] = False
+    with pytest.raises(ValueError, match="no positive prompts"):
+        fit_logistic(codes, y)
+
+
+def _hand_detectors(M, bias, hps=(UP,), timesteps=TS, names=("cat", "dog")):
+    g = torch.Generator().manual_seed(1)
+    T, C = len(timesteps), len(names)
+    return Detectors(names, timesteps, {h: {"weight": torch.randn(T, C, M, generator=g) * 0.1,
+                                             "bias": torch.full((T, C), float(bias)), "mean": torch.rand(T, M) * 0.1,
+                                             "std": torch.ones(T, M)} for h in hps})
+
+
+def test_files_round_trip_and_refuse_what_is_wrong(tmp_path):
+    det = _hand_detectors(96, 0.3, hps=(UP, MID))
+    det.save(tmp_path)
+    back = Detectors.load(tmp_path)
+    assert back.names == det.names and back.hookpoints == det.hookpoints and back.fingerprint() == det.fingerprint()
+    for h in det.hookpoints:
+        assert all(torch.equal(back.parts[h][k], det.parts[h][k]) for k in det.parts[h])
+    other = _hand_detectors(96, 0.4)
+    assert other.fingerprint() != det.fingerprint() and "fingerprint=" in repr(det)
+    with pytest.raises(FileNotFoundError, match="no detectors in .*saeuron detectors"):
+        Detectors.load(tmp_path / "nowhere")
+    meta = json.loads((tmp_path / JSON_FILE).read_text())
+    (tmp_path / JSON_FILE).write_text(json.dumps({**meta, "version": 9}))
+    with pytest.raises(ValueError, match="version 9"):
+        Detectors.load(tmp_path)
+    (tmp_path / JSON_FILE).write_text(json.dumps({**meta, "hookpoints": [UP, "down_blocks.0.attentions.0"]}))
+    with pytest.raises(ValueError, match="lacks"):
+        Detectors.load(tmp_path)
+    parts = {UP: {**det.parts[UP], "bias": torch.zeros(2, 2)}}
+    with pytest.raises(ValueError, match="bias has shape"):
+        Detectors(det.names, TS, parts)
+    parts = {UP: {**det.parts[UP], "std": det.parts[UP]["std"].clone().fill_(float("nan"))}}
+    with pytest.raises(ValueError, match="std holds NaN"):
+        Detectors(det.names, TS, parts)
+    assert (tmp_path / TENSORS_FILE).is_file()
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_pipe_factory):
+    return tiny_pipe_factory()
+
+
+@pytest.fixture(autouse=True)
+def _clean(pipe):
+    yield
+    unpatch(pipe)
+
+
+def _table():
+    g = torch.Generator().manual_seed(0)
+    up = torch.rand(2, len(TS), 128, generator=g) * 1e-3
+    mid = torch.rand(2, len(TS), 96, generator=g) * 1e-3
+    return ConceptTable(["cat", "dog"], [3, 4], TS, {UP: up, MID: mid}, defaults={"top_n": 4, "multiplier": -1.0})
+
+
+def _outputs(pipe, x, ehs, **kw):
+    seen = {}
+    hs = [pipe.unet.get_submodule(hp).register_forward_hook(
+        lambda m, a, o, n=n: seen.__setitem__(n, (o[0] if isinstance(o, tuple) else o.sample).clone()))
+        for n, hp in (("mid", MID), ("up", UP))]
+    flag = None
+    try:
+        with torch.no_grad():
+            if kw:
+                with patched(pipe.unet, "cat", **kw) as h:
+                    pipe.unet(x, TS[1], ehs)
+                    flag = h.state.flag
+            else:
+                pipe.unet(x, TS[1], ehs)
+    finally:
+        for hh in hs:
+            hh.remove()
+    return seen, flag
+
+
+@pytest.mark.parametrize("bias", [0.0, 40.0, -40.0])
+def test_probe_flags_images_on_the_first_block_and_replaces_whole_maps(pipe, bias):
+    saes = {UP: make_sae(32, 128, 4, seed=1), MID: make_sae(64, 96, 4, seed=2)}
+    g = torch.Generator().manual_seed(3)
+    x, ehs = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 5, 32, generator=g)
+    det = _hand_detectors(96, bias, hps=(MID,))
+    det.parts[UP] = _hand_detectors(128, -40.0).parts[UP]  # UP never flags by itself: MID decides
+    plain, _ = _outputs(pipe, x, ehs)
+    got, flag = _outputs(pipe, x, ehs, saes=saes, table=_table(), mode="probe_uncond", detectors=det,
+                         hookpoints=[MID, UP])
+    codes = image_codes(saes[MID], plain["mid"][3:])
+    want = det.probability(MID, codes, torch.tensor([1]), ["cat"])[:, 0] >= 0.5  # TS[1] is index 1
+    assert torch.equal(flag, want)
+    if bias == 40.0:
+        assert bool(flag.all())
+    elif bias == -40.0:
+        assert not bool(flag.any())
+    assert torch.equal(got["mid"][:3], plain["mid"][:3])  # the unconditional half is never edited
+    for i in range(3):
+        assert torch.equal(got["mid"][3 + i], plain["mid"][i] if flag[i] else plain["mid"][3 + i])
+        if flag[i]:
+            assert torch.equal(got["up"][3 + i], got["up"][i])
+    if not bool(flag.any()):
+        assert torch.equal(got["up"], plain["up"])
+
+
+def test_probe_in_a_pipeline_from_a_fitted_checkpoint_and_its_errors(pipe, tmp_path):
+    ck = tmp_path / "ck"
+    make_sae(32, 96, 4, seed=5).save(ck / UP)
+    store = _store(tmp_path / "s")
+    build_concept_file(store, ck, top_n=2, progress=False)
+    det = fit_detectors(store, ck, steps=100, progress=False)
+    assert det.hookpoints == [UP] and det.names == ["cat", "dog"]
+    assert det.metadata["train_accuracy_min_over_timesteps"][UP]["cat"] == 1.0  # the planted concept is found
+
+    def run():
+        return pipe("a cat", num_inference_steps=3, guidance_scale=7.5, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+    base = run()
+    with patched(pipe, "cat", checkpoint=ck, mode="probe_uncond") as h:
+        assert h.gate == 0.5 and isinstance(h.detectors, Detectors)
+        run()
+        assert h.state.flag.dtype == torch.bool and h.state.flag.shape == (1,)
+    # flag everything: the cond map is the uncond one at the block, so the image changes; flag nothing: identical
+    always = Detectors(det.names, det.timesteps, {UP: {**det.parts[UP], "bias": torch.full((3, 2), 60.0),
+                                                       "weight": torch.zeros(3, 2, 96)}})
+    with patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", detectors=always) as h:
+        edited = run()
+        assert bool(h.state.flag.all())
+    assert (edited - base).abs().max() > 1e-4
+    never = Detectors(det.names, det.timesteps, {UP: {**always.parts[UP], "bias": torch.full((3, 2), -60.0)}})
+    with patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", detectors=never):
+        assert torch.equal(run(), base)
+    assert torch.equal(run(), base)
+    # errors, at patch time
+    for bad in (0, 1.0, 1.5, True, "x"):
+        with pytest.raises(ValueError, match="probe_uncond' takes the detector probability"):
+            patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", gate=bad).__enter__()
+    with pytest.raises(ValueError, match="detectors= belongs to mode='probe_uncond'"):
+        patched(pipe, "cat", checkpoint=ck, detectors=det).__enter__()
+    with pytest.raises(ValueError, match="no detector at hookpoint 'up_blocks.1.attentions.1'"):
+        patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", detectors=_hand_detectors(96, 0, hps=(MID,))).__enter__()
+    with pytest.raises(ValueError, match="timesteps"):
+        patched(pipe, "cat", checkpoint=ck, mode="probe_uncond",
+                detectors=_hand_detectors(96, 0, timesteps=[900.0, 1.0])).__enter__()
+    with pytest.raises(ValueError, match="read 128 latents"):
+        patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", detectors=_hand_detectors(128, 0)).__enter__()
+    renamed = Detectors(["bird", "dog"], det.timesteps, det.parts, det.metadata)
+    with pytest.raises(ValueError, match="unknown concept 'cat'.*no detector"):
+        patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", detectors=renamed).__enter__()
+    make_sae(32, 96, 4, seed=6).save(ck / UP)  # another SAE: the detectors (and statistics) no longer fit it
+    with pytest.raises(ValueError, match="another SAE"):
+        patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", detectors=det, table=_table_up()).__enter__()
+    with pytest.raises(ValueError, match="needs fitted detectors"):
+        patched(pipe, "cat", saes={UP: make_sae(32, 128, 4)}, table=_table(), mode="probe_uncond").__enter__()
+
+
+def _table_up():
+    return ConceptTable(["cat", "dog"], [3, 4], TS, {UP: torch.rand(2, 3, 96) * 1e-3}, defaults={"top_n": 2})
+
+
+def test_detectors_on_the_command_line(tmp_path, capsys):
+    from saeuron.cli import build_parser, main
+    from saeuron.cli.common import EDIT_MODES, patch_kwargs
+    from saeuron.replace import MODES
+
+    assert EDIT_MODES == MODES
+    ck = tmp_path / "ck"
+    make_sae(32, 96, 4, seed=5).save(ck / UP)
+    _store(tmp_path / "s")
+    assert main(["detectors", "--store", str(tmp_path / "s"), "--checkpoint", str(ck), "--steps", "50"]) in (0, None)
+    assert "detectors for 2 concepts at up_blocks.1.attentions.1" in capsys.readouterr().out
+    assert Detectors.load(ck).metadata["fit"]["steps"] == 50
+    a = build_parser().parse_args(["minicanvas", "eval", "--out", "x", "--mode", "probe_uncond", "--gate", "0.7"])
+    assert patch_kwargs(a) == {"mode": "probe_uncond", "gate": 0.7}
