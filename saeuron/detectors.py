@@ -7,14 +7,19 @@ instead. For prompt p at timestep t it takes the image's mean dense top-k code (
 
     a[p,t] = mean over p's tokens at t of f(x)          (the per-prompt means the statistics are made of)
 
-and for each concept c a logistic regression, one-vs-rest, per timestep, on latents standardised over the prompts::
+and, per timestep, a multinomial logistic regression over a group of mutually exclusive concepts (latents
+standardised over the prompts)::
 
-    P(c | a) = sigmoid(w[t,c] . (a - m[t]) / s[t] + b[t,c])
+    P(c | a) = softmax_{c' in group(c)} ( w[t,c'] . (a - m[t]) / s[t] + b[t,c'] )
 
-fitted on the collected prompts' concept labels (the store the statistics come from, :func:`fit_detectors`), each
-concept's positives weighted so both classes count equally. The weights read as a linear score over SAE latents, as
-the statistics do. They are saved beside the concept file as ``detectors.safetensors`` + ``detectors.json`` (with
-the SAEs' fingerprints and timesteps, checked at patch time), and :mod:`saeuron.patching` uses them to flag images.
+Groups come from the collected prompts' concept labels (:func:`exclusive_groups`): concepts that never share a prompt
+go in one group (MiniCanvas: the 10 objects in one, the 10 styles in another), and a group gets a "none of them"
+class when some prompts hold none of its concepts (the unstyled prompts). A softmax over the group, rather than one
+yes/no detector per concept, makes near concepts compete for the same image: on the v2 MiniCanvas model one-vs-rest
+detectors flag 12-15 % of the other objects' images at some step, the grouped ones none (RESULTS.md, issue 22). The
+weights read as linear scores over SAE latents, as the statistics do. Fitted by :func:`fit_detectors` on the store
+the statistics come from, saved beside the concept file as ``detectors.safetensors`` + ``detectors.json`` (with the
+SAEs' fingerprints and timesteps, checked at patch time); :mod:`saeuron.patching` uses them to flag images.
 """
 from __future__ import annotations
 
@@ -96,60 +101,113 @@ def prompt_codes(store, sae, hookpoint: str, *, batch_size: int = 4096, progress
     return torch.tensor(order, dtype=torch.float32), codes, present
 
 
-def fit_logistic(codes: torch.Tensor, targets: torch.Tensor, present: Optional[torch.Tensor] = None, *,
-                 steps: int = 300, lr: float = 0.01, weight_decay: float = 1e-3) -> dict:
-    """One-vs-rest logistic regressions per timestep: ``codes [T, P, M]``, ``targets [P, C]`` bools, ``present
-    [T, P]`` (default all). Returns ``{"weight" [T, C, M], "bias" [T, C], "mean" [T, M], "std" [T, M],
-    "accuracy" [T, C]}`` (training accuracy at probability 0.5). Deterministic (zero initialisation, full batch)."""
+def exclusive_groups(targets: torch.Tensor) -> list:
+    """A group id per concept (``targets [P, C]`` bools: prompt p holds concept c) such that no prompt holds two
+    concepts of one group: each concept, in order, joins the first group none of whose concepts shares a prompt with
+    it, else starts a new one."""
+    co = (targets.T.float() @ targets.float()) > 0  # [C, C]: the two concepts share a prompt
+    groups, members = [], []
+    for c in range(targets.shape[1]):
+        g = next((i for i, m in enumerate(members) if not bool(co[c, m].any())), None)
+        if g is None:
+            g = len(members)
+            members.append([])
+        members[g].append(c)
+        groups.append(g)
+    return groups
+
+
+def group_classes(targets: torch.Tensor, groups: list) -> tuple:
+    """``(class group ids, labels [P, G])``: the classes are the concepts (in order) then one "none of the group"
+    class per group that has prompts holding none of its concepts; ``labels[p, g]`` is prompt p's class in group g."""
+    P, C = targets.shape
+    G = max(groups) + 1 if groups else 0
+    cls_group = list(groups)
+    labels = torch.empty(P, G, dtype=torch.long)
+    for g in range(G):
+        cols = [c for c in range(C) if groups[c] == g]
+        held = targets[:, cols]
+        lab = torch.tensor(cols)[held.long().argmax(1)]
+        if not bool(held.any(1).all()):  # some prompts hold none of the group's concepts: a "none" class
+            cls_group.append(g)
+            lab = torch.where(held.any(1), lab, torch.tensor(len(cls_group) - 1))
+        labels[:, g] = lab
+    return cls_group, labels
+
+
+def fit_softmax(codes: torch.Tensor, targets: torch.Tensor, present: Optional[torch.Tensor] = None, *,
+                steps: int = 300, lr: float = 0.01, weight_decay: float = 1e-3) -> dict:
+    """Multinomial logistic regressions per timestep and exclusive group: ``codes [T, P, M]``, ``targets [P, C]``
+    bools, ``present [T, P]`` (default all). Returns ``{"weight" [T, K, M], "bias" [T, K], "mean" [T, M], "std"
+    [T, M], "accuracy" [T, G], "groups": [K] group id per class}`` with the K classes of :func:`group_classes`
+    (training accuracy: the most probable class is the prompt's). Deterministic (zero initialisation, full batch)."""
     T, P, M = codes.shape
     if targets.dim() != 2 or targets.shape[0] != P:
         raise ValueError(f"targets must be [prompts={P}, concepts] bools, got shape {tuple(targets.shape)}")
-    y = targets.float()
-    C = y.shape[1]
-    pos = y.sum(0)
-    if bool(((pos == 0) | (pos == P)).any()):
-        bad = [i for i in range(C) if pos[i] in (0, P)]
-        raise ValueError(f"concepts at columns {bad} have {'no' if pos[bad[0]] == 0 else 'only'} positive prompts: "
-                         "a detector needs prompts with and without the concept")
+    pos = targets.sum(0)
+    if bool((pos == 0).any()):
+        raise ValueError(f"concepts at columns {[i for i in range(len(pos)) if pos[i] == 0]} have no prompts: a "
+                         "detector needs prompts of every concept")
+    groups = exclusive_groups(targets)
+    cls_group, labels = group_classes(targets, groups)
+    lonely = [g for g in set(cls_group) if cls_group.count(g) < 2]
+    if lonely:
+        raise ValueError(f"concept(s) {[c for c in range(len(groups)) if groups[c] in lonely]} hold every prompt of "
+                         "the store: a detector needs prompts without the concept")
     present = torch.ones(T, P, dtype=torch.bool) if present is None else present.bool()
+    K, G = len(cls_group), labels.shape[1]
+    cg = torch.tensor(cls_group)
     out = {k: [] for k in ("weight", "bias", "mean", "std", "accuracy")}
     for t in range(T):
-        X, yt = codes[t][present[t]].double(), y[present[t]].double()
+        X, y = codes[t][present[t]].double(), labels[present[t]]
         mu, sd = X.mean(0), X.std(0, unbiased=False) + 1e-3
         Xs = (X - mu) / sd
-        npos = yt.sum(0).clamp_min(1)
-        w_pos = (yt.shape[0] - npos) / npos  # both classes weigh the same
-        W = torch.zeros(M, C, dtype=torch.float64, requires_grad=True)
-        b = torch.zeros(C, dtype=torch.float64, requires_grad=True)
+        W = torch.zeros(M, K, dtype=torch.float64, requires_grad=True)
+        b = torch.zeros(K, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.Adam([W, b], lr=lr, weight_decay=weight_decay)
         for _ in range(steps):
             opt.zero_grad()
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(Xs @ W + b, yt, pos_weight=w_pos)
+            z = Xs @ W + b
+            loss = sum(torch.nn.functional.cross_entropy(z[:, cg == g], _local(y[:, g], cg, g)) for g in range(G))
             loss.backward()
             opt.step()
         with torch.no_grad():
-            acc = ((Xs @ W + b >= 0) == yt.bool()).double().mean(0)
+            z = Xs @ W + b
+            acc = torch.stack([(z[:, cg == g].argmax(1) == _local(y[:, g], cg, g)).double().mean() for g in range(G)])
         out["weight"].append(W.detach().t().float())
         out["bias"].append(b.detach().float())
         out["mean"].append(mu.float())
         out["std"].append(sd.float())
         out["accuracy"].append(acc.float())
-    return {k: torch.stack(v) for k, v in out.items()}
+    return {**{k: torch.stack(v) for k, v in out.items()}, "groups": cls_group}
+
+
+def _local(labels: torch.Tensor, cls_group: torch.Tensor, g: int) -> torch.Tensor:
+    """Class ids -> positions among group ``g``'s classes."""
+    pos = torch.full((len(cls_group),), -1, dtype=torch.long)
+    idx = (cls_group == g).nonzero().flatten()
+    pos[idx] = torch.arange(len(idx))
+    return pos[labels]
 
 
 class Detectors:
     """Fitted detectors of ``names`` at one or more hookpoints, per timestep (``timesteps``, descending).
 
-    ``parts``: ``{hookpoint: {"weight" [T, C, M], "bias" [T, C], "mean" [T, M], "std" [T, M]}}``; ``metadata``: what
-    they were fitted on (``hookpoint_sae``: the SAE records, ``accuracy``, the fit settings)."""
+    ``groups``: the exclusive group of each class (:func:`group_classes`): the first ``len(names)`` classes are the
+    concepts, any further one is the "none" class of its group (default: one group of the concepts, no "none").
+    ``parts``: ``{hookpoint: {"weight" [T, K, M], "bias" [T, K], "mean" [T, M], "std" [T, M]}}`` over the K classes;
+    ``metadata``: what they were fitted on (``hookpoint_sae``: the SAE records, training accuracy, the fit settings)."""
 
-    def __init__(self, names, timesteps, parts: dict, metadata=None):
+    def __init__(self, names, timesteps, parts: dict, groups=None, metadata=None):
         self.names = [str(n) for n in names]
         self.timesteps = torch.as_tensor(timesteps, dtype=torch.float32)
+        self.groups = [0] * len(self.names) if groups is None else [int(g) for g in groups]
+        if len(self.groups) < len(self.names):
+            raise ValueError(f"groups has {len(self.groups)} entries for {len(self.names)} concepts (one per class)")
         self.parts = {normalize_hookpoint(h): {k: v.float().contiguous() for k, v in p.items() if k in PARTS}
                       for h, p in parts.items()}
         self.metadata = dict(metadata or {})
-        T, C = len(self.timesteps), len(self.names)
+        T, C = len(self.timesteps), len(self.groups)
         for h, p in self.parts.items():
             missing = [k for k in PARTS if k not in p]
             if missing:
@@ -159,7 +217,7 @@ class Detectors:
             for k, shape in want.items():
                 if tuple(p[k].shape) != shape:
                     raise ValueError(f"detectors at {h!r}: {k} has shape {tuple(p[k].shape)}, expected {shape} "
-                                     f"({T} timesteps, {C} concepts, {M} latents)")
+                                     f"({T} timesteps, {C} classes, {M} latents)")
                 if not bool(torch.isfinite(p[k]).all()):
                     raise ValueError(f"detectors at {h!r}: {k} holds NaN or Inf")
         self._on: dict = {}
@@ -170,7 +228,7 @@ class Detectors:
 
     def fingerprint(self) -> str:
         """SHA-256 (hex, 16 chars) of the timesteps, names and every tensor."""
-        h = hashlib.sha256(json.dumps(self.names).encode())
+        h = hashlib.sha256(json.dumps([self.names, self.groups]).encode())
         for name, t in [("timesteps", self.timesteps)] + [(f"{hp}/{k}", v) for hp, p in self.parts.items()
                                                            for k, v in p.items()]:
             h.update(name.encode() + b"\0" + t.detach().cpu().float().contiguous().numpy().tobytes())
@@ -211,12 +269,15 @@ class Detectors:
         p = self._on.get(key)
         if p is None:
             p = self._on[key] = {k: v.to(codes.device) for k, v in self.parts[key[0]].items()}
-        ids = torch.tensor([self.index(c) for c in concepts], device=codes.device)
         t = t_index.reshape(-1).to(codes.device)
         z = (codes.float() - p["mean"][t]) / p["std"][t]  # [B, M] (t broadcast when one index)
-        w = p["weight"][t][:, ids]  # [G, c, M]
-        logits = torch.einsum("bm,bcm->bc", z, w.expand(codes.shape[0], -1, -1)) + p["bias"][t][:, ids]
-        return torch.sigmoid(logits)
+        logits = torch.einsum("bm,bkm->bk", z, p["weight"][t].expand(codes.shape[0], -1, -1)) + p["bias"][t]
+        out = []
+        for c in concepts:  # a softmax over the concept's exclusive group
+            i = self.index(c)
+            cols = [j for j, g in enumerate(self.groups) if g == self.groups[i]]
+            out.append(torch.softmax(logits[:, cols], -1)[:, cols.index(i)])
+        return torch.stack(out, 1)
 
     # -- persistence
     def save(self, out_dir) -> Path:
@@ -224,10 +285,10 @@ class Detectors:
         out.mkdir(parents=True, exist_ok=True)
         tensors = {"timesteps": self.timesteps}
         for h, p in self.parts.items():
-            tensors.update({f"{h}/{k}": v for k, v in p.items()})
+            tensors.update({f"{h}/{k}": v.clone() for k, v in p.items()})  # own storage each (safetensors)
         with FolderLock(out, "writing detectors into"):
             atomic_save_file(tensors, out / TENSORS_FILE)
-            atomic_write_json({"format": FORMAT, "version": VERSION, "names": self.names,
+            atomic_write_json({"format": FORMAT, "version": VERSION, "names": self.names, "groups": self.groups,
                                "hookpoints": list(self.parts), "metadata": self.metadata}, out / JSON_FILE)
         return out
 
@@ -253,7 +314,7 @@ class Detectors:
             missing = [k for k, v in p.items() if v is None]
             if missing:
                 raise ValueError(f"{tensor_path} lacks {[f'{h}/{k}' for k in missing]}")
-        return cls(meta["names"], tensors["timesteps"], parts, meta.get("metadata"))
+        return cls(meta["names"], tensors["timesteps"], parts, meta.get("groups"), meta.get("metadata"))
 
 
 def _store_hookpoint(store, hookpoint: str) -> str:
@@ -271,7 +332,7 @@ def fit_detectors(store, checkpoint, hookpoints=None, concepts=None, *, steps: i
     on the store's prompts, and save them into ``checkpoint`` beside the concept file.
 
     ``concepts``: None uses the store's labels, or ``{concept: [prompt ids or prompts]}`` (as ``select``; a prompt may
-    belong to several concepts); prompts of no concept are negatives for every concept."""
+    belong to several concepts, then of different exclusive groups, :func:`exclusive_groups`)."""
     from .sae import SparseAutoencoder, available_hookpoint_dirs, resolve_hookpoint_dir
     from .selection import concept_members
 
@@ -302,14 +363,16 @@ def fit_detectors(store, checkpoint, hookpoints=None, concepts=None, *, steps: i
             if timesteps is not None and not torch.equal(ts, timesteps):
                 raise ValueError(f"the store holds other timesteps at {h!r} than at {hps[0]!r}")
             timesteps = ts
-            fit = fit_logistic(codes, targets, present, steps=steps, lr=lr, weight_decay=weight_decay)
+            fit = fit_softmax(codes, targets, present, steps=steps, lr=lr, weight_decay=weight_decay)
             hp = normalize_hookpoint(h)
             parts[hp] = {k: fit[k] for k in PARTS}
             records[hp] = sae_record(sae)
-            accuracy[hp] = {n: round(float(fit["accuracy"][:, i].min()), 4) for i, n in enumerate(names)}
+            groups = fit["groups"]
+            accuracy[hp] = {"+".join(n for n, g2 in zip(names, groups) if g2 == g): round(float(fit["accuracy"][:, g].min()), 4)
+                            for g in range(fit["accuracy"].shape[1])}
         meta = {"store": str(getattr(store, "root", "")), "hookpoint_sae": records,
                 "train_accuracy_min_over_timesteps": accuracy, "prompts": len(store.prompts),
-                "fit": {"steps": steps, "lr": lr, "weight_decay": weight_decay, "balanced": True}}
-        det = Detectors(names, timesteps, parts, meta)
+                "fit": {"steps": steps, "lr": lr, "weight_decay": weight_decay, "kind": "softmax per exclusive group"}}
+        det = Detectors(names, timesteps, parts, groups, meta)
         det.save(root)
     return det

@@ -11,8 +11,8 @@ import torch
 from conftest import make_sae
 from saeuron import reference
 from saeuron.concepts import ConceptTable
-from saeuron.detectors import (JSON_FILE, TENSORS_FILE, Detectors, fit_detectors, fit_logistic, image_codes,
-                               prompt_codes)
+from saeuron.detectors import (JSON_FILE, TENSORS_FILE, Detectors, exclusive_groups, fit_detectors, fit_softmax,
+                               group_classes, image_codes, prompt_codes)
 from saeuron.patching import patched, unpatch
 from saeuron.selection import build_concept_file
 from saeuron.store import ActivationStore
@@ -81,35 +81,60 @@ def test_prompt_codes_are_per_prompt_means(tmp_path):
             torch.testing.assert_close(codes[ti, q], f[(t == tv) & (p == q)].mean(0), atol=1e-5, rtol=1e-5)
 
 
-def test_fit_separates_a_planted_concept_and_is_deterministic():
+def test_exclusive_groups_and_classes():
+    # prompts: (object, style or none); objects a b c exclusive, styles x y exclusive, some prompts unstyled
+    held = [("a", "x"), ("b", "x"), ("c", "y"), ("a", None), ("b", "y"), ("c", None)]
+    names = ["a", "b", "c", "x", "y"]
+    t = torch.tensor([[n in pair for n in names] for pair in held])
+    groups = exclusive_groups(t)
+    assert groups == [0, 0, 0, 1, 1]
+    cls, lab = group_classes(t, groups)
+    assert cls == [0, 0, 0, 1, 1, 1]  # the styles' group gets a "none" class (unstyled prompts), the objects' not
+    assert lab[:, 0].tolist() == [0, 1, 2, 0, 1, 2] and lab[:, 1].tolist() == [3, 3, 4, 5, 4, 5]
+    assert exclusive_groups(torch.eye(4, dtype=torch.bool)) == [0, 0, 0, 0]  # one label per prompt: one group
+
+
+def test_fit_separates_planted_concepts_and_is_deterministic():
     g = torch.Generator().manual_seed(0)
     T, P, M = 2, 60, 20
-    y = torch.zeros(P, 2, dtype=torch.bool)
-    y[:15, 0] = True  # concept 0: latent 3 high; concept 1: latent 11 high (a quarter each)
-    y[30:45, 1] = True
+    obj = torch.arange(P) % 3  # three exclusive objects, latents 3, 7, 11 planted
+    sty = torch.arange(P) // 3 % 3  # style x, y, or none (latents 15, 17)
+    y = torch.zeros(P, 5, dtype=torch.bool)
+    y[torch.arange(P), obj] = True
+    y[sty == 0, 3] = True
+    y[sty == 1, 4] = True
     codes = torch.rand(T, P, M, generator=g)
-    codes[:, y[:, 0], 3] += 2.0
-    codes[:, y[:, 1], 11] += 2.0
-    fit = fit_logistic(codes, y, steps=600)
-    assert fit["weight"].shape == (T, 2, M) and fit["bias"].shape == (T, 2)
-    assert bool((fit["accuracy"] == 1).all())
-    assert int(fit["weight"][0, 0].argmax()) == 3 and int(fit["weight"][0, 1].argmax()) == 11
-    det = Detectors(["a", "b"], [900.0, 100.0], {UP: {k: fit[k] for k in ("weight", "bias", "mean", "std")}})
-    prob = det.probability(UP, codes[1], torch.tensor([1]), ["a", "b"])
+    for c, lat in enumerate((3, 7, 11)):
+        codes[:, obj == c, lat] += 2.0
+    codes[:, sty == 0, 15] += 2.0
+    codes[:, sty == 1, 17] += 2.0
+    fit = fit_softmax(codes, y)
+    assert fit["groups"] == [0, 0, 0, 1, 1, 1] and fit["weight"].shape == (T, 6, M) and fit["bias"].shape == (T, 6)
+    assert bool((fit["accuracy"] == 1).all()), fit["accuracy"]
+    assert [int(fit["weight"][0, c].argmax()) for c in range(5)] == [3, 7, 11, 15, 17]
+    det = Detectors(list("abcxy"), [900.0, 100.0], {UP: {k: fit[k] for k in ("weight", "bias", "mean", "std")}},
+                    fit["groups"])
+    prob = det.probability(UP, codes[1], torch.tensor([1]), list("abcxy"))
     assert bool((prob[y] > 0.5).all()) and bool((prob[~y] < 0.5).all())
-    again = fit_logistic(codes, y, steps=600)
-    assert all(torch.equal(fit[k], again[k]) for k in fit)
-    y[:, 1] = False
-    with pytest.raises(ValueError, match="no positive prompts"):
-        fit_logistic(codes, y)
+    torch.testing.assert_close(prob[:, :3].sum(1), torch.ones(P))  # one softmax over the objects
+    assert bool((prob[:, 3:].sum(1) < 1).all())  # the styles' group also has its "none" class
+    again = fit_softmax(codes, y)
+    assert all(torch.equal(fit[k], again[k]) for k in ("weight", "bias", "mean", "std", "accuracy"))
+    with pytest.raises(ValueError, match="have no prompts"):
+        fit_softmax(codes, torch.cat([y, torch.zeros(P, 1, dtype=torch.bool)], 1))
+    with pytest.raises(ValueError, match="hold every prompt"):
+        fit_softmax(codes, torch.ones(P, 1, dtype=torch.bool))
 
 
 def _hand_detectors(M, bias, hps=(UP,), timesteps=TS, names=("cat", "dog")):
+    """Random detectors of one group of ``names`` plus its "none" class; the first concept's bias is ``bias``."""
     g = torch.Generator().manual_seed(1)
-    T, C = len(timesteps), len(names)
-    return Detectors(names, timesteps, {h: {"weight": torch.randn(T, C, M, generator=g) * 0.1,
-                                             "bias": torch.full((T, C), float(bias)), "mean": torch.rand(T, M) * 0.1,
-                                             "std": torch.ones(T, M)} for h in hps})
+    T, K = len(timesteps), len(names) + 1
+    b = torch.zeros(T, K)
+    b[:, 0] = float(bias)
+    return Detectors(names, timesteps, {h: {"weight": torch.randn(T, K, M, generator=g) * 0.1, "bias": b,
+                                             "mean": torch.rand(T, M) * 0.1, "std": torch.ones(T, M)} for h in hps},
+                     groups=[0] * K)
 
 
 def test_files_round_trip_and_refuse_what_is_wrong(tmp_path):
@@ -130,12 +155,15 @@ def test_files_round_trip_and_refuse_what_is_wrong(tmp_path):
     (tmp_path / JSON_FILE).write_text(json.dumps({**meta, "hookpoints": [UP, "down_blocks.0.attentions.0"]}))
     with pytest.raises(ValueError, match="lacks"):
         Detectors.load(tmp_path)
+    assert back.groups == det.groups == [0, 0, 0]
     parts = {UP: {**det.parts[UP], "bias": torch.zeros(2, 2)}}
     with pytest.raises(ValueError, match="bias has shape"):
-        Detectors(det.names, TS, parts)
+        Detectors(det.names, TS, parts, det.groups)
     parts = {UP: {**det.parts[UP], "std": det.parts[UP]["std"].clone().fill_(float("nan"))}}
     with pytest.raises(ValueError, match="std holds NaN"):
-        Detectors(det.names, TS, parts)
+        Detectors(det.names, TS, parts, det.groups)
+    with pytest.raises(ValueError, match="one per class"):
+        Detectors(det.names, TS, det.parts, [0])
     assert (tmp_path / TENSORS_FILE).is_file()
 
 
@@ -210,7 +238,8 @@ def test_probe_in_a_pipeline_from_a_fitted_checkpoint_and_its_errors(pipe, tmp_p
     build_concept_file(store, ck, top_n=2, progress=False)
     det = fit_detectors(store, ck, steps=100, progress=False)
     assert det.hookpoints == [UP] and det.names == ["cat", "dog"]
-    assert det.metadata["train_accuracy_min_over_timesteps"][UP]["cat"] == 1.0  # the planted concept is found
+    assert det.groups == [0, 0, 0]  # cat and dog never share a prompt; "a car" holds neither: a "none" class
+    assert det.metadata["train_accuracy_min_over_timesteps"][UP]["cat+dog"] == 1.0  # the planted concept is found
 
     def run():
         return pipe("a cat", num_inference_steps=3, guidance_scale=7.5, output_type="latent",
@@ -221,13 +250,15 @@ def test_probe_in_a_pipeline_from_a_fitted_checkpoint_and_its_errors(pipe, tmp_p
         run()
         assert h.state.flag.dtype == torch.bool and h.state.flag.shape == (1,)
     # flag everything: the cond map is the uncond one at the block, so the image changes; flag nothing: identical
-    always = Detectors(det.names, det.timesteps, {UP: {**det.parts[UP], "bias": torch.full((3, 2), 60.0),
-                                                       "weight": torch.zeros(3, 2, 96)}})
+    bias = torch.zeros(3, 3)
+    bias[:, 0] = 60.0
+    always = Detectors(det.names, det.timesteps, {UP: {**det.parts[UP], "bias": bias,
+                                                       "weight": torch.zeros(3, 3, 96)}}, det.groups)
     with patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", detectors=always) as h:
         edited = run()
         assert bool(h.state.flag.all())
     assert (edited - base).abs().max() > 1e-4
-    never = Detectors(det.names, det.timesteps, {UP: {**always.parts[UP], "bias": torch.full((3, 2), -60.0)}})
+    never = Detectors(det.names, det.timesteps, {UP: {**always.parts[UP], "bias": -bias}}, det.groups)
     with patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", detectors=never):
         assert torch.equal(run(), base)
     assert torch.equal(run(), base)
@@ -244,7 +275,7 @@ def test_probe_in_a_pipeline_from_a_fitted_checkpoint_and_its_errors(pipe, tmp_p
                 detectors=_hand_detectors(96, 0, timesteps=[900.0, 1.0])).__enter__()
     with pytest.raises(ValueError, match="read 128 latents"):
         patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", detectors=_hand_detectors(128, 0)).__enter__()
-    renamed = Detectors(["bird", "dog"], det.timesteps, det.parts, det.metadata)
+    renamed = Detectors(["bird", "dog"], det.timesteps, det.parts, det.groups, det.metadata)
     with pytest.raises(ValueError, match="unknown concept 'cat'.*no detector"):
         patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", detectors=renamed).__enter__()
     make_sae(32, 96, 4, seed=6).save(ck / UP)  # another SAE: the detectors (and statistics) no longer fit it

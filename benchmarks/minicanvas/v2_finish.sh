@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 22's fitted gate held out on the five protocol seeds (objects, about 30 min), then issue 21's last
+# Issue 22's probe_uncond (fitted detectors) held out on the five protocol seeds (objects, about 30 min), then issue 21's last
 # measurement on the v2 build, then issue 22's levers: finish the tuning sweeps (seed 1; they resume
 # point by point), evaluate SAeUron (the swept concept file) and UCE on the five protocol seeds with the damage
 # measure, both domains (about 2 h of sampling on 2 threads; every run is cached in build/v2_compare and reused), then
@@ -8,7 +8,7 @@
 #
 #   nohup benchmarks/minicanvas/v2_finish.sh > build/v2_finish.log 2>&1 &
 #
-# Kill and rerun it freely. Output: build/v2_compare/ (comparison.json/.md, per-run JSON, grids), build/v2_gate_eval/, build/lever_gate_probe/heldout/.
+# Kill and rerun it freely. Output: build/v2_compare/ (comparison.json/.md, per-run JSON, grids), build/v2_gate_eval/, build/v2_probe_eval/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SAE=${SAE:-.venv/bin/saeuron}
@@ -19,10 +19,11 @@ say() { echo "[v2 finish $(date -u +%H:%M:%S)] $*"; }
 if [ ! -f "$CK/concepts.json" ]; then
   rm -rf "$CK.tmp" && cp -r "$OUT/checkpoint" "$CK.tmp" && mv "$CK.tmp" "$CK"
 fi
-say "the fitted gate (issue 22; chosen on tuning seed 1) held out on the 5 protocol seeds, objects"
-THREADS=2 .venv/bin/python benchmarks/minicanvas/lever_gate_probe.py "$OUT/model" "$OUT/checkpoint" \
-  build/lever_gate_probe/heldout 188,288,588,688,888 up_blocks.0.attentions.0 \
-  up_blocks.0.attentions.0,up_blocks.0.attentions.1 0.5
+[ -f "$CK/detectors.json" ] || cp "$OUT/checkpoint"/detectors.* "$CK"/  # a sweep copy made before detectors existed
+say "probe_uncond (issue 22: the fitted detectors, chosen on tuning seed 1) held out on the 5 protocol seeds, objects"
+OMP_NUM_THREADS=2 $SAE minicanvas eval --model "$OUT/model" --checkpoint "$OUT/checkpoint" --domain object \
+  --seeds 188 288 588 688 888 --hookpoints up_blocks.0.attentions.0 up_blocks.0.attentions.1 --mode probe_uncond \
+  --out build/v2_probe_eval --batch-size 55
 say "object sweep (tuning seed 1; resumes)"
 OMP_NUM_THREADS=2 $SAE sweep --model "$OUT/model" --checkpoint "$CK" --domain object --seeds 1 \
   --hookpoints up_blocks.0.attentions.0 up_blocks.0.attentions.1 --thresholds 1 10 --top-ns 2 8 \

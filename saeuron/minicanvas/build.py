@@ -554,7 +554,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
         "gates": [out_dir / GATES_FILE],
         "collect": [paths["activations"] / "store.json"],
         "sae": [paths["checkpoint"] / hp / "sae.safetensors" for hp in hookpoints],
-        "concepts": [paths["checkpoint"] / "concepts.json"],
+        "concepts": [paths["checkpoint"] / "concepts.json", paths["checkpoint"] / "detectors.json"],
     }
 
     work_state = {"collect": paths["activations"], "sae": paths["sae_work"]}  # resumable state of dependent stages

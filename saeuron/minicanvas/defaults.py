@@ -4,7 +4,7 @@ They live in ``saeuron/minicanvas/assets/`` (package data), written by ``saeuron
 
     assets/model/          MiniCanvasPipeline (save_pretrained, fp16 safetensors)
     assets/classifiers/    object/ and style/ judges
-    assets/checkpoint/     one SAE folder per hookpoint + concepts.json/concepts.safetensors
+    assets/checkpoint/     one SAE folder per hookpoint + concepts.json/concepts.safetensors (+ detectors.*)
     assets/gates.json      the classifier gates as measured
     assets/BUILD.json      seed, config, command, settings and versions of the build
 """
