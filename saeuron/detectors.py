@@ -317,6 +317,21 @@ class Detectors:
         return cls(meta["names"], tensors["timesteps"], parts, meta.get("groups"), meta.get("metadata"))
 
 
+def pick_anchor(detectors: Detectors, table, concept: str, hp: str, exclude=()) -> str:
+    """The anchor of ``concept`` for ``mode="probe_anchor"``: the concept of its exclusive detector group, not in
+    ``exclude``, whose mean code at ``hp`` (the concept file's ``mu``, averaged over timesteps) is least like its own
+    (cosine), i.e. the most different drawable alternative (MiniCanvas: circle -> arrow)."""
+    i = detectors.index(concept)
+    group = [n for j, n in enumerate(detectors.names) if detectors.groups[j] == detectors.groups[i]
+             and n != concept and n not in exclude and n in table.names]
+    if not group:
+        raise ValueError(f"no anchor for {concept!r}: every other concept of its group is being unlearned too or "
+                         "unknown to the concept file; pass anchor= with a prompt")
+    mu = torch.nn.functional.normalize(table.mu[table.stored_hookpoint(hp)].mean(1), dim=1)
+    me = mu[table.index(concept)]
+    return min(group, key=lambda n: float(mu[table.index(n)] @ me))
+
+
 def _store_hookpoint(store, hookpoint: str) -> str:
     if hookpoint in store.hookpoints:
         return hookpoint
@@ -355,6 +370,9 @@ def fit_detectors(store, checkpoint, hookpoints=None, concepts=None, *, steps: i
     targets = torch.zeros(len(store.prompts), len(names), dtype=torch.bool)
     for c, ids in enumerate(members):
         targets[ids, c] = True
+    single = targets.sum(1) == 1  # a concept's representative prompt holds no other concept (e.g. unstyled)
+    prompts = {n: store.prompts[int(((targets[:, c] & single) if bool((targets[:, c] & single).any())
+                                     else targets[:, c]).nonzero()[0])] for c, n in enumerate(names)}
     parts, records, accuracy, timesteps = {}, {}, {}, None
     with FolderLock(root, "fitting detectors into"):
         for h in hps:
@@ -370,8 +388,8 @@ def fit_detectors(store, checkpoint, hookpoints=None, concepts=None, *, steps: i
             groups = fit["groups"]
             accuracy[hp] = {"+".join(n for n, g2 in zip(names, groups) if g2 == g): round(float(fit["accuracy"][:, g].min()), 4)
                             for g in range(fit["accuracy"].shape[1])}
-        meta = {"store": str(getattr(store, "root", "")), "hookpoint_sae": records,
-                "train_accuracy_min_over_timesteps": accuracy, "prompts": len(store.prompts),
+        meta = {"store": str(getattr(store, "root", "")), "hookpoint_sae": records, "prompts": prompts,
+                "train_accuracy_min_over_timesteps": accuracy, "store_prompts": len(store.prompts),
                 "fit": {"steps": steps, "lr": lr, "weight_decay": weight_decay, "kind": "softmax per exclusive group"}}
         det = Detectors(names, timesteps, parts, groups, meta)
         det.save(root)

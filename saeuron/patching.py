@@ -39,7 +39,9 @@ detect the tokens that hold the concepts and replaces those tokens' activations;
 first hooked block of each call flags the images on which they fire on at least ``gate`` of the tokens (kept in
 the ``PatchState``), and every hooked block replaces a flagged image's conditional map by its unconditional one
 (:mod:`saeuron.replace`); ``mode="probe_uncond"`` does the same with the images its fitted detectors flag
-(:mod:`saeuron.detectors`, read from the checkpoint's ``detectors.safetensors``). The tables then carry zero scales,
+(:mod:`saeuron.detectors`, read from the checkpoint's ``detectors.safetensors``), and ``mode="probe_anchor"``
+recomputes a flagged image's hooked blocks with an anchor prompt's text (the block's inputs are kept by the edit
+hook's ``pre_forward``, the block is re-run through the hook chain below the edit hook). The tables then carry zero scales,
 and the multiplier plays no part.
 
 Each concept is edited at the hookpoints its concept-file defaults name (a sweep may put objects and
@@ -88,14 +90,13 @@ class PatchState(BaseState):
     ``rows``: ``{hookpoint: (feat_idx, tau, scale)}`` table rows for the current call (None: no edit);
     ``cfg``: whether the pipeline runs with CFG now (None when unknown); ``last_index``: the
     nearest-recorded-timestep index per sample chosen at the last UNet call (a device tensor); ``flag``: the
-    images ``mode="gate_uncond"`` flagged at the first hooked block of this call (None before it runs).
+    images ``mode="gate_uncond"`` (or a detector mode) flagged at the first hooked block of this call (None before it
+    runs); ``flag_concept``: for the detector modes, the index (into the patch's concepts) of each image's most
+    probable concept.
     """
 
     def __init__(self):
-        self.rows = None
-        self.cfg = None
-        self.last_index = None
-        self.flag = None
+        self.reset()
 
     def reset(self, *args, **kwargs) -> None:
         """Forget the last call."""
@@ -103,6 +104,7 @@ class PatchState(BaseState):
         self.cfg = None
         self.last_index = None
         self.flag = None
+        self.flag_concept = None
 
 
 class TimestepHook(ModelHook):
@@ -175,7 +177,9 @@ class EditHook(ModelHook):
         self.mode = patch.mode
         self.gate = patch.gate
         self.detectors = patch.detectors
+        self.anchor_embeds = patch.anchor_embeds
         self.concepts = patch.concepts
+        self._inputs = None  # probe_anchor: the block's (args, kwargs) of the current call
         self.unit_norm = bool(self.sae.cfg.input_unit_norm)
 
     def _span(self, b: int) -> tuple:
@@ -204,6 +208,12 @@ class EditHook(ModelHook):
         out = torch.where((delta != 0).any(-1, keepdim=True), out, xt)
         return reference.from_tokens(out, x)
 
+    def pre_forward(self, module, *args, **kwargs):
+        """Keep the block's inputs for ``mode="probe_anchor"`` (which re-runs the block); pass them on unchanged."""
+        if self.mode == "probe_anchor":
+            self._inputs = (args, kwargs)
+        return args, kwargs
+
     def post_forward(self, module, output):
         """Edit the block's output (in place when no gradient is needed) and return it."""
         rows = self.state.rows
@@ -212,7 +222,7 @@ class EditHook(ModelHook):
         hp = self.hookpoint
         fi, ta, sc = rows[hp]
         if fi.shape[-1] == 0 and self.error_term == "correct" and self.state.flag is None \
-                and self.mode != "probe_uncond":
+                and self.mode not in replace.PROBE_MODES:
             return output  # nothing selected at this timestep (and no image flagged earlier in this call)
         x = block_output(output, self.stream)
         b = x.shape[0]
@@ -251,10 +261,16 @@ class EditHook(ModelHook):
         tokens ``[B, L, C]``); ``sc`` is the detection table (0 where a feature is selected). Returns ``x`` itself
         when edited in place."""
         part = x[lo:hi]
+        if self.mode == "probe_anchor":
+            if self.state.flag is None:
+                self._flag_probe(part, lo, hi)
+            return self._rerun_anchor(x, lo, hi)
         if self.mode in ("gate_uncond", "probe_uncond"):
             if self.state.flag is None:  # the first hooked block of this call decides for the whole call
-                self.state.flag = self._flag_probe(part, lo, hi) if self.mode == "probe_uncond" else \
-                    replace.flagged(self._detect(x, lo, hi, fi, ta, sc, rpg), self.gate)
+                if self.mode == "probe_uncond":
+                    self._flag_probe(part, lo, hi)
+                else:
+                    self.state.flag = replace.flagged(self._detect(x, lo, hi, fi, ta, sc, rpg), self.gate)
             flag = self.state.flag
             if flag.shape[0] != hi - lo:
                 raise ValueError(f"saeuron: {hi - lo} conditional images at {self.hookpoint}, but {flag.shape[0]} were "
@@ -271,12 +287,44 @@ class EditHook(ModelHook):
         return y
 
     def _flag_probe(self, part, lo, hi):
-        """``[hi - lo]`` bools: the images of ``part`` (rows ``[lo, hi)``) that a concept's detector at this block gives
-        a probability >= ``gate``, at this call's timestep(s)."""
+        """Set ``state.flag`` (``[hi - lo]`` bools: the images of ``part``, rows ``[lo, hi)``, that a concept's detector
+        at this block gives a probability >= ``gate``, at this call's timestep(s)) and ``state.flag_concept`` (each
+        image's most probable concept)."""
         t = self.state.last_index.reshape(-1)
         t = t[lo:hi] if t.numel() > 1 else t
         p = self.detectors.probability(self.hookpoint, image_codes(self.sae, part.detach()), t, self.concepts)
-        return (p >= self.gate).any(1)
+        best, which = p.max(1)
+        self.state.flag, self.state.flag_concept = best >= self.gate, which
+
+    def _rerun_anchor(self, x, lo, hi):
+        """``probe_anchor``: the flagged images' rows of ``x`` replaced by this block's output for the same inputs with
+        the anchor prompt's text of the concept that flagged them. Returns ``x`` itself when edited in place."""
+        flag, which = self.state.flag, self.state.flag_concept
+        if flag.shape[0] != hi - lo:
+            raise ValueError(f"saeuron: {hi - lo} conditional images at {self.hookpoint}, but {flag.shape[0]} were "
+                             "flagged at the first hooked block of this call")
+        if not bool(flag.any()):
+            return x
+        if self._inputs is None:
+            raise RuntimeError(f"saeuron: mode='probe_anchor' at {self.hookpoint}: the block's inputs were not kept")
+        args, kwargs = self._inputs
+        b = x.shape[0]
+        grad = x.requires_grad and torch.is_grad_enabled()
+        y = x.clone() if grad else (x if x.is_contiguous() else x.contiguous())
+        for ci in torch.unique(which[flag]).tolist():
+            rows = lo + (flag & (which == ci)).nonzero().flatten()
+            pick = lambda v: v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == b else v  # noqa: E731
+            emb = self.anchor_embeds[self.concepts[ci]].to(x.device, x.dtype).expand(len(rows), -1, -1)
+            a = [pick(v) for v in args]
+            kw = {k: pick(v) for k, v in kwargs.items()}
+            if "encoder_hidden_states" in kw or len(a) < 2:
+                kw["encoder_hidden_states"] = emb
+            else:
+                a[1] = emb
+            with torch.set_grad_enabled(grad):
+                out = block_output(self.fn_ref.forward(*a, **kw), self.stream)
+            y[rows] = out.to(y.dtype)
+        return y
 
     def _detect(self, x, lo, hi, fi, ta, sc, rpg):
         """Detected tokens of rows ``[lo, hi)``: ``[n, H, W]`` for maps, ``[n, L]`` for DiT tokens."""
@@ -351,7 +399,7 @@ class SaeuronPatch:
 
     def __init__(self, unet, pipe, saes: dict, modules: dict, timesteps, tables: dict, concepts: list,
                  halves: str, error_term: str, mode: str = "scale", gate: Optional[float] = None,
-                 detectors: Optional[Detectors] = None):
+                 detectors: Optional[Detectors] = None, anchor_embeds: Optional[dict] = None):
         self.unet = unet
         self._pipe = weakref.ref(pipe) if pipe is not None and pipe is not unet else None
         self.saes = saes  # {hookpoint: SparseAutoencoder}, kept here, never registered on the UNet
@@ -363,7 +411,8 @@ class SaeuronPatch:
         self.error_term = error_term
         self.mode = mode
         self.gate = gate
-        self.detectors = detectors  # mode="probe_uncond": the fitted detectors that flag images
+        self.detectors = detectors  # detector modes: the fitted detectors that flag images
+        self.anchor_embeds = anchor_embeds or {}  # probe_anchor: {concept: anchor text embeddings [1, L, D]}
         self.state = PatchState()
         self.timestep_hook = TimestepHook(self)
         self.edit_hooks = {hp: EditHook(self, hp) for hp in modules}
@@ -459,7 +508,7 @@ def _load_sae(hp, saes, checkpoint):
 def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table: Optional[ConceptTable] = None,
           hookpoints=None, multiplier=None, percentile=None, top_n=None, threshold=None, halves: str = "both",
           error_term: str = "correct", mode: str = "scale", gate: Optional[float] = None,
-          detectors: Optional[Detectors] = None) -> SaeuronPatch:
+          detectors: Optional[Detectors] = None, anchor=None) -> SaeuronPatch:
     """Unlearn ``concepts`` in ``pipe`` (a diffusers pipeline, a bare UNet or a bare DiT) until ``unpatch``.
 
     ``checkpoint=DIR`` holds one SAE folder per hookpoint and the concept file; alternatively pass
@@ -480,7 +529,10 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
     at every hooked block of that call (:mod:`saeuron.replace`; the multiplier plays no part), or "probe_uncond":
     the same, with images flagged when a concept's fitted detector (:mod:`saeuron.detectors`; ``detectors=`` or the
     checkpoint's ``detectors.safetensors``, fitted at every hooked block) gives a probability >= ``gate`` (default
-    0.5). Patching again replaces the previous patch.
+    0.5), or "probe_anchor": flagged so, a flagged image's hooked blocks are recomputed with an anchor prompt's
+    text instead of its own (``anchor``: one prompt, ``{concept: prompt}``, or None: per concept, the representative
+    prompt of the most different concept of its detector group, :func:`saeuron.detectors.pick_anchor`; needs a
+    pipeline with a text encoder and UNet blocks). Patching again replaces the previous patch.
     """
     unet = get_unet(pipe)
     if halves not in HALVES:
@@ -491,15 +543,20 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
     if error_term not in ERROR_TERMS:
         raise ValueError(f"error_term={error_term!r}; valid: {', '.join(ERROR_TERMS)}")
     replace.check_mode(mode, halves, gate)
-    if mode == "probe_uncond":
+    if mode in replace.PROBE_MODES:
         gate = 0.5 if gate is None else gate
         if detectors is None:
             if checkpoint is None:
-                raise ValueError("mode='probe_uncond' needs fitted detectors: pass detectors= or a checkpoint= that "
+                raise ValueError(f"mode={mode!r} needs fitted detectors: pass detectors= or a checkpoint= that "
                                  "holds them (`saeuron detectors`)")
             detectors = Detectors.load(checkpoint)
     elif detectors is not None:
-        raise ValueError(f"detectors= belongs to mode='probe_uncond' (mode is {mode!r})")
+        raise ValueError(f"detectors= belongs to mode='probe_uncond' or 'probe_anchor' (mode is {mode!r})")
+    if anchor is not None and mode != "probe_anchor":
+        raise ValueError(f"anchor= belongs to mode='probe_anchor' (mode is {mode!r})")
+    if mode == "probe_anchor" and (pipe is unet or not hasattr(pipe, "encode_prompt")):
+        raise ValueError("mode='probe_anchor' re-runs the hooked blocks with an anchor prompt's text, so it needs the "
+                         "pipeline (with its text encoder), not a bare denoiser")
     if mode != "scale" and error_term != "correct":
         raise ValueError(f"error_term={error_term!r} belongs to the scale edit; mode={mode!r} decodes nothing, so "
                          "leave error_term='correct'")
@@ -551,9 +608,47 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
             detectors.check(hp, sae, ts)
             for c in concepts:
                 detectors.index(c)
+    embeds = _anchor_embeds(pipe, anchor, concepts, table, detectors, hps[0], modules) if mode == "probe_anchor" \
+        else None
     handle = SaeuronPatch(unet, pipe, loaded, dict(modules), ts, tables, concepts, halves, error_term, mode, gate,
-                          detectors)
+                          detectors, embeds)
     return handle.install()
+
+
+def _anchor_embeds(pipe, anchor, concepts, table, detectors, hp, modules) -> dict:
+    """``{concept: [1, L, D]}`` text embeddings of each concept's anchor prompt (``anchor``: a prompt, a dict, or None
+    for :func:`saeuron.detectors.pick_anchor`'s concept and its representative prompt)."""
+    from .detectors import pick_anchor
+    from .pipelines import encode_text
+
+    joint = [h for h, m in modules.items() if type(m).__name__ != "Transformer2DModel"]
+    if joint:
+        raise ValueError(f"mode='probe_anchor' re-runs UNet Transformer2DModel blocks with another text; {joint} are "
+                         f"{sorted({type(modules[h]).__name__ for h in joint})}: use mode='probe_uncond' there")
+    if isinstance(anchor, dict):
+        unknown = [c for c in anchor if c not in concepts]
+        missing = [c for c in concepts if c not in anchor]
+        if unknown or missing:
+            raise ValueError(f"anchor= gives prompts for {sorted(anchor)}; the concepts unlearned are {concepts} "
+                             f"(unknown: {unknown}, missing: {missing})")
+        prompts = dict(anchor)
+    elif anchor is None:
+        known = (detectors.metadata or {}).get("prompts") or {}
+        prompts = {}
+        for c in concepts:
+            a = pick_anchor(detectors, table, c, hp, exclude=concepts)
+            if a not in known:
+                raise ValueError(f"the detectors record no prompt for {c!r}'s anchor {a!r} (fitted by an older saeuron); "
+                                 "refit them with `saeuron detectors`, or pass anchor= with a prompt")
+            prompts[c] = known[a]
+    elif isinstance(anchor, str):
+        prompts = {c: anchor for c in concepts}
+    else:
+        raise ValueError(f"anchor={anchor!r}: give a prompt, a {{concept: prompt}} dict, or None (automatic)")
+    for c, text in prompts.items():
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"the anchor prompt of {c!r} must be a non-empty string, got {text!r}")
+    return {c: encode_text(pipe, [text]).detach() for c, text in prompts.items()}
 
 
 @contextmanager

@@ -67,3 +67,20 @@ def resolve_sampling(pipe, num_inference_steps=None, guidance_scale=None) -> dic
     if guidance_scale is not None:
         out["guidance_scale"] = guidance_scale
     return out
+
+
+def encode_text(pipe, prompts: list):
+    """The denoiser's ``encoder_hidden_states [n, L, D]`` for ``prompts`` as ``pipe`` computes them (its text encoder,
+    no classifier-free guidance pair): the MiniCanvas pipeline's ``encode_prompt(prompts)``, or diffusers'
+    ``encode_prompt(prompt, device, 1, False)`` (Stable Diffusion). Anything else is a clear error."""
+    import torch
+
+    enc = getattr(pipe, "encode_prompt", None)
+    if enc is None:
+        raise ValueError(f"{type(pipe).__name__} has no encode_prompt: cannot turn an anchor prompt into text "
+                         "embeddings (give a text-to-image pipeline, not a bare denoiser)")
+    with torch.no_grad():
+        if type(pipe).__name__ == "MiniCanvasPipeline":
+            return enc(list(prompts))
+        out = enc(list(prompts), pipe._execution_device, 1, False)
+    return out[0] if isinstance(out, (tuple, list)) else out

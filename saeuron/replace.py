@@ -24,7 +24,11 @@ with a negative multiplier, which can push a token out of the distribution the n
   removes it and keeps the style). Needs a CFG batch, like ``replace_uncond``;
   ``probe_uncond``: as ``gate_uncond``, but the image is flagged by the concepts' fitted detectors
   (:mod:`saeuron.detectors`: a logistic regression per concept and timestep on the image's mean SAE code) when one
-  gives a probability >= ``gate`` (default 0.5); the selected features play no part.
+  gives a probability >= ``gate`` (default 0.5); the selected features play no part;
+  ``probe_anchor``: flagged as ``probe_uncond``; a flagged image's conditional map at each hooked block is that
+  block's own output for the image's current input recomputed with an anchor prompt's text instead of the image's
+  prompt (the map the model makes there for another concept, in the image's own layout: "the same position in a
+  pass without the concept"). Costs one more pass of each hooked block over the flagged images.
 
 Tokens where nothing is detected are returned bit for bit unchanged. The multiplier plays no part.
 """
@@ -34,8 +38,9 @@ import torch
 
 from . import ops, reference
 
-MODES = ("scale", "replace_uncond", "replace_background", "gate_uncond", "probe_uncond")
-UNCOND_MODES = ("replace_uncond", "gate_uncond", "probe_uncond")  # take tokens from the CFG batch's unconditional half
+MODES = ("scale", "replace_uncond", "replace_background", "gate_uncond", "probe_uncond", "probe_anchor")
+PROBE_MODES = ("probe_uncond", "probe_anchor")  # images flagged by the fitted detectors (saeuron.detectors)
+UNCOND_MODES = ("replace_uncond", "gate_uncond", "probe_uncond", "probe_anchor")  # edit the cond half of [uncond, cond]  # take tokens from the CFG batch's unconditional half
 
 
 def check_mode(mode: str, halves: str, gate=None) -> str:
@@ -50,12 +55,13 @@ def check_mode(mode: str, halves: str, gate=None) -> str:
         if bad:
             raise ValueError(f"gate={gate!r}: mode='gate_uncond' needs the share of an image's tokens that flags it, "
                              "a number in (0, 1]")
-    elif mode == "probe_uncond":
+    elif mode in PROBE_MODES:
         if gate is not None and (bad or gate == 1):
-            raise ValueError(f"gate={gate!r}: mode='probe_uncond' takes the detector probability that flags an image, "
+            raise ValueError(f"gate={gate!r}: mode={mode!r} takes the detector probability that flags an image, "
                              "a number in (0, 1) (default 0.5)")
     elif gate is not None:
-        raise ValueError(f"gate={gate!r} belongs to mode='gate_uncond' or 'probe_uncond' (mode is {mode!r})")
+        raise ValueError(f"gate={gate!r} belongs to mode='gate_uncond', 'probe_uncond' or 'probe_anchor' (mode is "
+                         f"{mode!r})")
     return mode
 
 

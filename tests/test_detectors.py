@@ -303,3 +303,97 @@ def test_detectors_on_the_command_line(tmp_path, capsys):
     assert Detectors.load(ck).metadata["fit"]["steps"] == 50
     a = build_parser().parse_args(["minicanvas", "eval", "--out", "x", "--mode", "probe_uncond", "--gate", "0.7"])
     assert patch_kwargs(a) == {"mode": "probe_uncond", "gate": 0.7}
+
+
+def test_probe_anchor_reruns_the_flagged_images_blocks_with_the_anchor_text(pipe, tmp_path):
+    from saeuron.pipelines import encode_text
+
+    saes = {UP: make_sae(32, 128, 4, seed=1), MID: make_sae(64, 96, 4, seed=2)}
+    g = torch.Generator().manual_seed(4)
+    x, ehs = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 5, 32, generator=g)
+    det = _hand_detectors(96, 0.0, hps=(MID,))
+    det.parts[UP] = _hand_detectors(128, 0.0).parts[UP]
+    blk = pipe.unet.get_submodule(MID)
+    seen = {}
+    h1 = blk.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("in", (a, kw)), with_kwargs=True)
+    h2 = blk.register_forward_hook(lambda m, a, o: seen.__setitem__("out", (o[0] if isinstance(o, tuple)
+                                                                             else o.sample).clone()))
+    try:
+        with torch.no_grad():
+            pipe.unet(x, TS[1], ehs)
+            plain = seen["out"]
+            for bias, want_all in ((60.0, True), (-60.0, False)):
+                d = _hand_detectors(96, bias, hps=(MID,))
+                d.parts[UP] = det.parts[UP]
+                with patched(pipe, "cat", saes=saes, table=_table(), mode="probe_anchor", detectors=d,
+                             hookpoints=[MID, UP], anchor="a dog") as h:
+                    pipe.unet(x, TS[1], ehs)
+                    flag = h.state.flag
+                    emb = h.anchor_embeds["cat"]
+                assert bool(flag.all()) if want_all else not bool(flag.any())
+                got = seen["out"]
+                assert torch.equal(got[:2], plain[:2])  # the unconditional half is never edited
+                if not want_all:
+                    assert torch.equal(got, plain)
+                    continue
+                a, kw = seen["in"]  # the block's inputs in this call (MID runs first: same as unpatched)
+                kw = {k: (v[2:] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 4 else v) for k, v in kw.items()
+                      if k != "encoder_hidden_states"}
+                want = type(blk).forward(blk, a[0][2:], encoder_hidden_states=emb.expand(2, -1, -1), **kw)
+                want = want[0] if isinstance(want, tuple) else want.sample
+                torch.testing.assert_close(got[2:], want, rtol=1e-5, atol=1e-6)
+                assert (got[2:] - plain[2:]).abs().max() > 1e-4  # the anchor's text changes the block's output
+        torch.testing.assert_close(emb, encode_text(pipe, ["a dog"]))
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+def test_probe_anchor_in_a_pipeline_automatic_anchor_and_errors(pipe, tmp_path):
+    ck = tmp_path / "ck"
+    make_sae(32, 96, 4, seed=5).save(ck / UP)
+    store = _store(tmp_path / "s")
+    build_concept_file(store, ck, top_n=2, progress=False)
+    det = fit_detectors(store, ck, steps=100, progress=False)
+    assert det.metadata["prompts"] == {"cat": "a cat", "dog": "a dog"}
+
+    def run():
+        return pipe("a cat", num_inference_steps=3, guidance_scale=7.5, output_type="latent",
+                    generator=torch.Generator().manual_seed(0)).images
+    base = run()
+    bias = torch.zeros(3, 3)
+    bias[:, 0] = 60.0
+    always = Detectors(det.names, det.timesteps, {UP: {**det.parts[UP], "bias": bias,
+                                                       "weight": torch.zeros(3, 3, 96)}}, det.groups, det.metadata)
+    with patched(pipe, "cat", checkpoint=ck, mode="probe_anchor", detectors=always) as h:  # automatic: dog
+        from saeuron.pipelines import encode_text
+        torch.testing.assert_close(h.anchor_embeds["cat"], encode_text(pipe, ["a dog"]))
+        edited = run()
+        assert bool(h.state.flag.all())
+    assert (edited - base).abs().max() > 1e-4 and torch.equal(run(), base)
+    with patched(pipe, "cat", checkpoint=ck, mode="probe_anchor", detectors=always, anchor={"cat": "a car"}) as h:
+        torch.testing.assert_close(h.anchor_embeds["cat"], encode_text(pipe, ["a car"]))
+    never = Detectors(det.names, det.timesteps, {UP: {**always.parts[UP], "bias": -bias}}, det.groups, det.metadata)
+    with patched(pipe, "cat", checkpoint=ck, mode="probe_anchor", detectors=never):
+        assert torch.equal(run(), base)
+    with pytest.raises(ValueError, match="anchor= belongs to mode='probe_anchor'"):
+        patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", anchor="a dog").__enter__()
+    with pytest.raises(ValueError, match="needs the pipeline"):
+        patched(pipe.unet, "cat", checkpoint=ck, mode="probe_anchor").__enter__()
+    with pytest.raises(ValueError, match="missing: \\['cat'\\]"):
+        patched(pipe, "cat", checkpoint=ck, mode="probe_anchor", anchor={"dog": "a car"}).__enter__()
+    with pytest.raises(ValueError, match="non-empty string"):
+        patched(pipe, "cat", checkpoint=ck, mode="probe_anchor", anchor=" ").__enter__()
+    with pytest.raises(ValueError, match="every other concept of its group is being unlearned"):
+        patched(pipe, ["cat", "dog"], checkpoint=ck, mode="probe_anchor").__enter__()
+    with pytest.raises(ValueError, match="anchor=5"):
+        patched(pipe, "cat", checkpoint=ck, mode="probe_anchor", anchor=5).__enter__()
+    from saeuron.cli import build_parser
+    from saeuron.cli.common import patch_kwargs
+    a = build_parser().parse_args(["minicanvas", "eval", "--out", "x", "--mode", "probe_anchor", "--anchor",
+                                   "circle=An image of arrow.", "ring=An image of star."])
+    assert patch_kwargs(a) == {"mode": "probe_anchor", "anchor": {"circle": "An image of arrow.",
+                                                                   "ring": "An image of star."}}
+    a = build_parser().parse_args(["generate", "--concept", "cat", "--out", "x", "--mode", "probe_anchor", "--anchor",
+                                   "a dog"])
+    assert patch_kwargs(a)["anchor"] == "a dog"

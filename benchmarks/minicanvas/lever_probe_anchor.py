@@ -61,7 +61,7 @@ def shift(self, target):
 def _replace(self, x, lo, hi, fi, ta, sc, rpg):
     part = x[lo:hi]
     if self.state.flag is None:
-        self.state.flag = self._flag_probe(part, lo, hi)
+        self._flag_probe(part, lo, hi)
     flag = self.state.flag
     t = self.state.last_index.reshape(-1)[:1]
     d = shift(self, self.concepts[0])[t].to(x.dtype).reshape(1, -1, 1, 1)  # one vector over every token

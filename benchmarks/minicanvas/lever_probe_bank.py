@@ -61,7 +61,7 @@ def bank(store, table, prompt, hp):
 def _replace(self, x, lo, hi, fi, ta, sc, rpg):
     part = x[lo:hi]
     if self.state.flag is None:
-        self.state.flag = self._flag_probe(part, lo, hi)
+        self._flag_probe(part, lo, hi)
     flag = self.state.flag
     t = int(self.state.last_index.reshape(-1)[0])
     m = CFG["bank"][(self.hookpoint, self.concepts[0])][t].to(x.dtype)

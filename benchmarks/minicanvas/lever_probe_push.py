@@ -34,7 +34,7 @@ def _replace(self, x, lo, hi, fi, ta, sc, rpg):
     """probe_uncond with the push: flagged images' cond maps <- uncond + BETA (uncond - cond)."""
     part = x[lo:hi]
     if self.state.flag is None:
-        self.state.flag = self._flag_probe(part, lo, hi)
+        self._flag_probe(part, lo, hi)
     flag = self.state.flag
     unc = x[lo - (hi - lo):lo]
     new = _orig_where(flag.view(-1, *([1] * (part.dim() - 1))), unc + BETA[0] * (unc - part), part)

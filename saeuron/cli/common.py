@@ -3,7 +3,7 @@
 Nothing here imports torch at import time: building the parser stays instant."""
 from __future__ import annotations
 
-EDIT_MODES = ("scale", "replace_uncond", "replace_background", "gate_uncond", "probe_uncond")  # saeuron.replace.MODES, without importing torch
+EDIT_MODES = ("scale", "replace_uncond", "replace_background", "gate_uncond", "probe_uncond", "probe_anchor")  # saeuron.replace.MODES, without importing torch
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
@@ -87,8 +87,24 @@ def patch_kwargs(a) -> dict:
            ("threshold", per_concept(getattr(a, "threshold", None), "threshold")),
            ("mode", getattr(a, "mode", None)),
            ("gate", getattr(a, "gate", None)),
+           ("anchor", anchor_arg(getattr(a, "anchor", None))),
            ("hookpoints", getattr(a, "edit_hookpoints", None)))
     return {k: v for k, v in got if v is not None}
+
+
+def anchor_arg(values):
+    """``--anchor``: None, one prompt for every concept, or ``NAME=PROMPT`` pairs -> a dict."""
+    if not values:
+        return None
+    if len(values) == 1 and "=" not in values[0]:
+        return values[0]
+    out = {}
+    for v in values:
+        name, sep, prompt = v.partition("=")
+        if not sep or not name or not prompt:
+            raise SystemExit(f"--anchor: expected one prompt or NAME=PROMPT pairs, got {v!r}")
+        out[name] = prompt
+    return out
 
 
 def add_edit_args(s, top_n: bool = True):
@@ -106,13 +122,18 @@ def add_edit_args(s, top_n: bool = True):
                         "branch's or by the image's other tokens' mean; gate_uncond: an image flagged by --gate "
                         "gets its whole conditional map replaced by the unconditional one at the hooked blocks; "
                         "probe_uncond: the same, images flagged by the checkpoint's fitted detectors (`saeuron "
-                        "detectors`)")
+                        "detectors`); probe_anchor: flagged so, the hooked blocks recomputed with an anchor "
+                        "prompt's text (--anchor)")
     s.add_argument("--hookpoints", dest="edit_hookpoints", nargs="+", default=None, metavar="HOOKPOINT",
                    help="edit every concept at these blocks (default: each concept's own, from the concept file)")
     s.add_argument("--gate", type=float, default=None,
                    help="with --mode gate_uncond: the share of an image's tokens on which a selected feature must "
                         "fire at the first hooked block to flag it, in (0, 1]; with --mode probe_uncond: the detector "
                         "probability that flags an image, in (0, 1) (default 0.5)")
+    s.add_argument("--anchor", nargs="*", default=None, metavar="PROMPT",
+                   help="with --mode probe_anchor: the prompt whose text replaces a flagged image's at the hooked "
+                        "blocks, for every concept or NAME=PROMPT each (default: per concept, the prompt of the "
+                        "most different concept of its detector group)")
 
 
 def add_eval_model_args(s):

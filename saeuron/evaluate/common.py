@@ -15,7 +15,7 @@ from ..sae import SparseAutoencoder, available_hookpoint_dirs, resolve_hookpoint
 
 
 PATCH_KEYS = ("multiplier", "percentile", "top_n", "threshold", "hookpoints", "halves", "error_term", "mode", "gate",
-              "detectors")
+              "detectors", "anchor")
 
 
 def check_patch_kwargs(kwargs: dict, exclude=()) -> dict:
@@ -57,10 +57,10 @@ def resolve_assets(checkpoint=None, saes=None, table=None) -> tuple:
 def with_detectors(patch_kwargs: dict, checkpoint=None) -> dict:
     """``patch_kwargs`` plus the checkpoint's fitted detectors when ``mode="probe_uncond"`` needs them and none were
     given (loaded once here, not per patched run)."""
-    if patch_kwargs.get("mode") != "probe_uncond" or patch_kwargs.get("detectors") is not None:
+    if patch_kwargs.get("mode") not in ("probe_uncond", "probe_anchor") or patch_kwargs.get("detectors") is not None:
         return patch_kwargs
     if checkpoint is None:
-        raise ValueError("mode='probe_uncond' needs fitted detectors: pass detectors= or a checkpoint folder that holds "
+        raise ValueError(f"mode={patch_kwargs['mode']!r} needs fitted detectors: pass detectors= or a checkpoint folder that holds "
                          "them (`saeuron detectors`)")
     from ..detectors import Detectors
 
