@@ -11,6 +11,11 @@ flagged images only. The anchor is the unstyled prompt of the object whose mean 
 like the target's (cosine); the style is not in these blocks (RESULTS.md, causal tracing). Detectors: the library's.
 Monkeypatches ``EditHook.pre_forward`` / ``_replace`` in this process.
 
+Environment: HOOKS (comma-separated hooked blocks, default the two 8x8 up blocks); STYLED=1: the anchor prompt also
+names the image's style as the detectors' style group reads it at the first hooked block (most probable of the 10
+styles or unstyled), e.g. "An image of arrow in stripes style.", so blocks that carry style (up.1.0) can be re-run
+too.
+
     python benchmarks/minicanvas/lever_probe_rerun.py MODEL CKPT OUT SEEDS TARGETS [TEMPLATES]
 
 Writes OUT/ (``evaluate_unlearning``) and a line in OUT/../rerun_summary.jsonl.
@@ -30,8 +35,9 @@ from saeuron.minicanvas import data, defaults
 from saeuron.pipelines import load_pipeline
 
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-HOOKS = ["up_blocks.0.attentions.0", "up_blocks.0.attentions.1"]
-CFG = {"emb": {}, "pipe": None}
+HOOKS = os.environ.get("HOOKS", "up_blocks.0.attentions.0,up_blocks.0.attentions.1").split(",")
+STYLED = os.environ.get("STYLED") == "1"
+CFG = {"emb": {}, "pipe": None, "style": None}
 
 
 def anchor_of(table, target, hp):
@@ -53,10 +59,18 @@ def _replace(self, x, lo, hi, fi, ta, sc, rpg):
     flag = self.state.flag
     if not bool(flag.any()):
         return x
+    if STYLED and self.hookpoint == HOOKS[0]:  # the image's style as the style group's detector reads it (None: unstyled)
+        t = self.state.last_index.reshape(-1)[:1]
+        codes = patching.image_codes(self.sae, part.detach())
+        p = torch.stack([self.detectors.probability(self.hookpoint, codes, t, [n])[:, 0] for n in data.STYLES], 1)
+        CFG["style"] = [data.STYLES[int(i)] if float(v) >= 0.5 else None for v, i in zip(*p.max(1))]
     args, kwargs = self._inputs
     rows = torch.arange(lo, hi)[flag]
     hs = (args[0] if args else kwargs["hidden_states"])[rows]
-    emb = CFG["emb"][self.concepts[0]].to(hs.dtype).expand(len(rows), -1, -1)
+    if STYLED:
+        emb = torch.cat([CFG["emb"][(self.concepts[0], CFG["style"][int(r) - lo])] for r in rows]).to(hs.dtype)
+    else:
+        emb = CFG["emb"][self.concepts[0]].to(hs.dtype).expand(len(rows), -1, -1)
     kw = {k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == x.shape[0] else v)
           for k, v in kwargs.items() if k not in ("hidden_states", "encoder_hidden_states", "return_dict")}
     with torch.no_grad():
@@ -75,9 +89,12 @@ def main(argv):
     pipe.set_progress_bar_config(disable=True)
     table = ConceptTable.load(ckpt)
     for tgt in targets.split(","):
-        a = data.caption(anchor_of(table, tgt, HOOKS[0]), None, 0)
+        obj = anchor_of(table, tgt, "up_blocks.0.attentions.0")
+        a = data.caption(obj, None, 0)
         with torch.no_grad():
             CFG["emb"][tgt] = pipe.encode_prompt([a])
+            for st in list(data.STYLES) + [None]:
+                CFG["emb"][(tgt, st)] = pipe.encode_prompt([data.caption(obj, st, 0)])
         print(f"anchor of {tgt}: {a!r}", flush=True)
     orig_post = patching.EditHook.post_forward
 
@@ -92,7 +109,7 @@ def main(argv):
                               seeds=[int(s) for s in seeds.split(",")], targets=targets.split(","), out_dir=out,
                               templates=templates, progress=False, hookpoints=HOOKS, mode="probe_uncond", gate=0.5)
     keys = ("ua", "ira", "cra", "damage_target", "damage_kept", "ua_undamaged")
-    row = {"lever": "rerun", "seeds": seeds, "targets": targets, "templates": templates,
+    row = {"lever": "rerun", "hooks": HOOKS, "styled": STYLED, "seeds": seeds, "targets": targets, "templates": templates,
            "seconds": round(time.time() - t0, 1), **{k: res["mean"].get(k) for k in keys},
            "per_target": {t: {k: r.get(k) for k in keys} for t, r in res["per_target"].items()},
            "command": "python benchmarks/minicanvas/lever_probe_rerun.py " + " ".join(argv)}
