@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..concepts import ConceptTable, check_percentile, check_threshold, check_top_n
 from ..patching import patched
 from ..utils import locks_folder
-from .common import EVAL_SEEDS, check_patch_kwargs, judge, resolve_assets, sample_images
+from .common import EVAL_SEEDS, check_patch_kwargs, judge, resolve_assets, sample_images, with_detectors
 from .metrics import DOMAINS, Record, target_metrics
 from .protocol import MULTIPLIERS, PERCENTILES, THRESHOLDS, TOP_NS, TUNING_SEEDS
 from .unlearn_eval import build_jobs, json_roundtrip
@@ -156,6 +156,7 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
         if pipe is None or classifiers is None:
             raise ValueError("pass pipe= and classifiers= (or a scorer=) to sweep")
         saes, table = resolve_assets(checkpoint, saes, table)
+        patch_kwargs = with_detectors(patch_kwargs, checkpoint)
         scorer = make_scorer(pipe, classifiers, saes, table, domain=domain, seeds=seeds, objects=objects,
                              styles=styles, templates=templates, num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, batch_size=batch_size, **patch_kwargs)
