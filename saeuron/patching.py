@@ -41,8 +41,8 @@ the ``PatchState``), and every hooked block replaces a flagged image's condition
 (:mod:`saeuron.replace`); ``mode="probe_uncond"`` does the same with the images its fitted detectors flag
 (:mod:`saeuron.detectors`, read from the checkpoint's ``detectors.safetensors``), and ``mode="probe_anchor"``
 recomputes a flagged image's hooked blocks with an anchor prompt's text (the block's inputs are kept by the edit
-hook's ``pre_forward``, the block is re-run through the hook chain below the edit hook). The tables then carry zero scales,
-and the multiplier plays no part.
+hook's ``pre_forward``, the block is re-run through the hook chain below the edit hook). The tables then carry zero
+scales, and the multiplier plays no part.
 
 Each concept is edited at the hookpoints its concept-file defaults name (a sweep may put objects and
 styles at different blocks; default: every hookpoint with an SAE), or at the ``hookpoints`` given to
@@ -72,8 +72,8 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState
 
 from . import ops, reference, replace
-from .detectors import Detectors, image_codes
 from .concepts import ConceptTable, check_concepts, check_sae_for_edit, warn_shared_features
+from .detectors import Detectors, image_codes
 from .hookpoints import (block_output, get_unet, hookpoint_spellings, image_stream, list_hookpoints,
                          normalize_hookpoint, replace_block_output, resolve_hookpoints)
 from .sae import SparseAutoencoder, available_hookpoint_dirs, resolve_hookpoint_dir
@@ -307,7 +307,7 @@ class EditHook(ModelHook):
             return x
         if self._inputs is None:
             raise RuntimeError(f"saeuron: mode='probe_anchor' at {self.hookpoint}: the block's inputs were not kept")
-        args, kwargs = self._inputs
+        (args, kwargs), self._inputs = self._inputs, None  # used once; not kept past this call
         b = x.shape[0]
         grad = x.requires_grad and torch.is_grad_enabled()
         y = x.clone() if grad else (x if x.is_contiguous() else x.contiguous())
