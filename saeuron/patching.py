@@ -263,12 +263,12 @@ class EditHook(ModelHook):
         part = x[lo:hi]
         if self.mode == "probe_anchor":
             if self.state.flag is None:
-                self._flag_probe(part, lo, hi)
+                self.flag_by_detectors(part, lo, hi)
             return self._rerun_anchor(x, lo, hi)
         if self.mode in ("gate_uncond", "probe_uncond"):
             if self.state.flag is None:  # the first hooked block of this call decides for the whole call
                 if self.mode == "probe_uncond":
-                    self._flag_probe(part, lo, hi)
+                    self.flag_by_detectors(part, lo, hi)
                 else:
                     self.state.flag = replace.flagged(self._detect(x, lo, hi, fi, ta, sc, rpg), self.gate)
             flag = self.state.flag
@@ -286,7 +286,7 @@ class EditHook(ModelHook):
         y[lo:hi] = new
         return y
 
-    def _flag_probe(self, part, lo, hi):
+    def flag_by_detectors(self, part, lo, hi):
         """Set ``state.flag`` (``[hi - lo]`` bools: the images of ``part``, rows ``[lo, hi)``, that a concept's detector
         at this block gives a probability >= ``gate``, at this call's timestep(s)) and ``state.flag_concept`` (each
         image's most probable concept)."""

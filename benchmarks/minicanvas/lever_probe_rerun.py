@@ -20,31 +20,22 @@ too.
 
 Writes OUT/ (``evaluate_unlearning``) and a line in OUT/../rerun_summary.jsonl.
 """
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
+from probe_common import evaluate_and_record, quiet_pipeline
 
 from saeuron import patching
 from saeuron.concepts import ConceptTable
-from saeuron.evaluate.unlearn_eval import evaluate_unlearning
-from saeuron.minicanvas import data, defaults
-from saeuron.pipelines import load_pipeline
+from saeuron.detectors import Detectors, pick_anchor
+from saeuron.minicanvas import data
 
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
 HOOKS = os.environ.get("HOOKS", "up_blocks.0.attentions.0,up_blocks.0.attentions.1").split(",")
 STYLED = os.environ.get("STYLED") == "1"
 CFG = {"emb": {}, "pipe": None, "style": None}
-
-
-def anchor_of(table, target, hp):
-    objs = [o for o in data.OBJECTS if o in table.names and o != target]
-    m = torch.nn.functional.normalize(table.mu[hp].mean(1), dim=1)
-    t = m[table.index(target)]
-    return min(objs, key=lambda o: float(m[table.index(o)] @ t))
 
 
 def pre_forward(self, module, *args, **kwargs):
@@ -55,7 +46,7 @@ def pre_forward(self, module, *args, **kwargs):
 def _replace(self, x, lo, hi, fi, ta, sc, rpg):
     part = x[lo:hi]
     if self.state.flag is None:
-        self._flag_probe(part, lo, hi)
+        self.flag_by_detectors(part, lo, hi)
     flag = self.state.flag
     if not bool(flag.any()):
         return x
@@ -85,17 +76,15 @@ def main(argv):
         raise SystemExit(__doc__)
     model, ckpt, out, seeds, targets = argv[:5]
     templates = [int(v) for v in (argv[5] if len(argv) > 5 else "0").split(",")]
-    pipe = load_pipeline(model, "cpu")
-    pipe.set_progress_bar_config(disable=True)
-    table = ConceptTable.load(ckpt)
+    pipe = quiet_pipeline(model)
+    table, det = ConceptTable.load(ckpt), Detectors.load(ckpt)
     for tgt in targets.split(","):
-        obj = anchor_of(table, tgt, "up_blocks.0.attentions.0")
-        a = data.caption(obj, None, 0)
+        obj = pick_anchor(det, table, tgt, "up_blocks.0.attentions.0")
         with torch.no_grad():
-            CFG["emb"][tgt] = pipe.encode_prompt([a])
+            CFG["emb"][tgt] = pipe.encode_prompt([data.caption(obj, None, 0)])
             for st in list(data.STYLES) + [None]:
                 CFG["emb"][(tgt, st)] = pipe.encode_prompt([data.caption(obj, st, 0)])
-        print(f"anchor of {tgt}: {a!r}", flush=True)
+        print(f"anchor of {tgt}: {data.caption(obj, None, 0)!r}", flush=True)
     orig_post = patching.EditHook.post_forward
 
     def post_forward(self, module, output):
@@ -104,19 +93,10 @@ def main(argv):
     patching.EditHook.pre_forward = pre_forward
     patching.EditHook.post_forward = post_forward
     patching.EditHook._replace = _replace
-    t0 = time.time()
-    res = evaluate_unlearning(pipe, defaults.load_classifiers("cpu"), ckpt, domain="object",
-                              seeds=[int(s) for s in seeds.split(",")], targets=targets.split(","), out_dir=out,
-                              templates=templates, progress=False, hookpoints=HOOKS, mode="probe_uncond", gate=0.5)
-    keys = ("ua", "ira", "cra", "damage_target", "damage_kept", "ua_undamaged")
-    row = {"lever": "rerun", "hooks": HOOKS, "styled": STYLED, "seeds": seeds, "targets": targets, "templates": templates,
-           "seconds": round(time.time() - t0, 1), **{k: res["mean"].get(k) for k in keys},
-           "per_target": {t: {k: r.get(k) for k in keys} for t, r in res["per_target"].items()},
-           "command": "python benchmarks/minicanvas/lever_probe_rerun.py " + " ".join(argv)}
-    with open(Path(out).parent / "rerun_summary.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    print(json.dumps({k: v for k, v in row.items() if k not in ("command",)}), flush=True)
-
+    evaluate_and_record(pipe, ckpt, out, Path(out).parent / "rerun_summary.jsonl", seeds, targets,
+                        "python benchmarks/minicanvas/lever_probe_rerun.py " + " ".join(argv),
+                        {"lever": "rerun", "hooks": HOOKS, "styled": STYLED, "templates": templates},
+                        templates=templates, hookpoints=HOOKS, mode="probe_uncond", gate=0.5)
 
 if __name__ == "__main__":
     main(sys.argv[1:])
