@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Issue 22's probe_uncond (fitted detectors) held out on the five protocol seeds (objects, about 30 min), then issue 21's last
-# measurement on the v2 build, then issue 22's levers: finish the tuning sweeps (seed 1; they resume
+# Issue 21's last measurement on the v2 build, then issue 22's levers: finish the tuning sweeps (seed 1; they resume
 # point by point), evaluate SAeUron (the swept concept file) and UCE on the five protocol seeds with the damage
 # measure, both domains (about 2 h of sampling on 2 threads; every run is cached in build/v2_compare and reused), then
-# hold out issue 22's share-gated edit on the same seeds (objects, about 30 min), then hand over to v2_chain.sh for the
+# hold out issue 22's share-gated edit and probe_uncond on the same seeds (objects, about 30 min each), then hand over to v2_chain.sh for the
 # levers (it skips what is done). Run in the background, alone on the 2 cores:
 #
 #   nohup benchmarks/minicanvas/v2_finish.sh > build/v2_finish.log 2>&1 &
@@ -20,10 +19,6 @@ if [ ! -f "$CK/concepts.json" ]; then
   rm -rf "$CK.tmp" && cp -r "$OUT/checkpoint" "$CK.tmp" && mv "$CK.tmp" "$CK"
 fi
 [ -f "$CK/detectors.json" ] || cp "$OUT/checkpoint"/detectors.* "$CK"/  # a sweep copy made before detectors existed
-say "probe_uncond (issue 22: the fitted detectors, chosen on tuning seed 1) held out on the 5 protocol seeds, objects"
-OMP_NUM_THREADS=2 $SAE minicanvas eval --model "$OUT/model" --checkpoint "$OUT/checkpoint" --domain object \
-  --seeds 188 288 588 688 888 --hookpoints up_blocks.0.attentions.0 up_blocks.0.attentions.1 --mode probe_uncond \
-  --out build/v2_probe_eval --batch-size 55
 say "object sweep (tuning seed 1; resumes)"
 OMP_NUM_THREADS=2 $SAE sweep --model "$OUT/model" --checkpoint "$CK" --domain object --seeds 1 \
   --hookpoints up_blocks.0.attentions.0 up_blocks.0.attentions.1 --thresholds 1 10 --top-ns 2 8 \
@@ -38,6 +33,10 @@ say "the gated edit (issue 22; chosen on tuning seed 1) held out on the 5 protoc
 OMP_NUM_THREADS=2 $SAE minicanvas eval --model "$OUT/model" --checkpoint "$OUT/checkpoint" --domain object \
   --seeds 188 288 588 688 888 --hookpoints up_blocks.0.attentions.0 up_blocks.0.attentions.1 --top-n 2 --threshold 3 \
   --mode gate_uncond --gate 0.5 --out build/v2_gate_eval --batch-size 55
+say "probe_uncond (issue 22: the fitted detectors, chosen on tuning seed 1) held out on the 5 protocol seeds, objects"
+OMP_NUM_THREADS=2 $SAE minicanvas eval --model "$OUT/model" --checkpoint "$OUT/checkpoint" --domain object \
+  --seeds 188 288 588 688 888 --hookpoints up_blocks.0.attentions.0 up_blocks.0.attentions.1 --mode probe_uncond \
+  --out build/v2_probe_eval --batch-size 55
 say "levers (v2_chain.sh; finished steps return at once)"
 benchmarks/minicanvas/v2_chain.sh
 say "all done"
