@@ -69,7 +69,9 @@ def prompt_codes(store, sae, hookpoint: str, *, batch_size: int = 4096, progress
     timestep at ``hookpoint`` (``present``: the prompt has rows at that timestep)."""
     from tqdm.auto import tqdm
 
-    hp = _store_hookpoint(store, hookpoint)
+    from .selection import store_hookpoint
+
+    hp = store_hookpoint(store, hookpoint)
     if sae.d_in != store.d_in(hp):
         raise ValueError(f"SAE width d_in={sae.d_in} does not match the store's width {store.d_in(hp)} at {hp!r}")
     P, M = len(store.prompts), sae.num_latents
@@ -162,18 +164,19 @@ def fit_softmax(codes: torch.Tensor, targets: torch.Tensor, present: Optional[to
         X, y = codes[t][present[t]].double(), labels[present[t]]
         mu, sd = X.mean(0), X.std(0, unbiased=False) + 1e-3
         Xs = (X - mu) / sd
+        per_group = [(cg == g, _local(y[:, g], cg, g)) for g in range(G)]  # (its classes, labels among them)
         W = torch.zeros(M, K, dtype=torch.float64, requires_grad=True)
         b = torch.zeros(K, dtype=torch.float64, requires_grad=True)
         opt = torch.optim.Adam([W, b], lr=lr, weight_decay=weight_decay)
         for _ in range(steps):
             opt.zero_grad()
             z = Xs @ W + b
-            loss = sum(torch.nn.functional.cross_entropy(z[:, cg == g], _local(y[:, g], cg, g)) for g in range(G))
+            loss = sum(torch.nn.functional.cross_entropy(z[:, m], lab) for m, lab in per_group)
             loss.backward()
             opt.step()
         with torch.no_grad():
             z = Xs @ W + b
-            acc = torch.stack([(z[:, cg == g].argmax(1) == _local(y[:, g], cg, g)).double().mean() for g in range(G)])
+            acc = torch.stack([(z[:, m].argmax(1) == lab).double().mean() for m, lab in per_group])
         out["weight"].append(W.detach().t().float())
         out["bias"].append(b.detach().float())
         out["mean"].append(mu.float())
@@ -221,6 +224,11 @@ class Detectors:
                 if not bool(torch.isfinite(p[k]).all()):
                     raise ValueError(f"detectors at {h!r}: {k} holds NaN or Inf")
         self._on: dict = {}
+        # per concept: the classes of its exclusive group (its softmax) and its place among them
+        self._cols = []
+        for i in range(len(self.names)):
+            cols = [j for j, g in enumerate(self.groups) if g == self.groups[i]]
+            self._cols.append((cols, cols.index(i)))
 
     def __repr__(self):  # with the weights' fingerprint: cached evaluation runs key on it
         return (f"Detectors(names={self.names}, hookpoints={list(self.parts)}, timesteps={len(self.timesteps)}, "
@@ -274,9 +282,8 @@ class Detectors:
         logits = torch.einsum("bm,bkm->bk", z, p["weight"][t].expand(codes.shape[0], -1, -1)) + p["bias"][t]
         out = []
         for c in concepts:  # a softmax over the concept's exclusive group
-            i = self.index(c)
-            cols = [j for j, g in enumerate(self.groups) if g == self.groups[i]]
-            out.append(torch.softmax(logits[:, cols], -1)[:, cols.index(i)])
+            cols, at = self._cols[self.index(c)]
+            out.append(torch.softmax(logits[:, cols], -1)[:, at])
         return torch.stack(out, 1)
 
     # -- persistence
@@ -330,15 +337,6 @@ def pick_anchor(detectors: Detectors, table, concept: str, hp: str, exclude=()) 
     mu = torch.nn.functional.normalize(table.mu[table.stored_hookpoint(hp)].mean(1), dim=1)
     me = mu[table.index(concept)]
     return min(group, key=lambda n: float(mu[table.index(n)] @ me))
-
-
-def _store_hookpoint(store, hookpoint: str) -> str:
-    if hookpoint in store.hookpoints:
-        return hookpoint
-    match = [h for h in store.hookpoints if normalize_hookpoint(h) == normalize_hookpoint(hookpoint)]
-    if not match:
-        raise unknown_name_error("hookpoint", hookpoint, store.hookpoints, "not in the activation store")
-    return match[0]
 
 
 def fit_detectors(store, checkpoint, hookpoints=None, concepts=None, *, steps: int = 300, lr: float = 0.01,

@@ -261,21 +261,18 @@ class EditHook(ModelHook):
         tokens ``[B, L, C]``); ``sc`` is the detection table (0 where a feature is selected). Returns ``x`` itself
         when edited in place."""
         part = x[lo:hi]
-        if self.mode == "probe_anchor":
-            if self.state.flag is None:
-                self.flag_by_detectors(part, lo, hi)
-            return self._rerun_anchor(x, lo, hi)
-        if self.mode in ("gate_uncond", "probe_uncond"):
+        if self.mode in replace.FLAG_MODES:
             if self.state.flag is None:  # the first hooked block of this call decides for the whole call
-                if self.mode == "probe_uncond":
-                    self.flag_by_detectors(part, lo, hi)
-                else:
+                if self.mode == "gate_uncond":
                     self.state.flag = replace.flagged(self._detect(x, lo, hi, fi, ta, sc, rpg), self.gate)
-            flag = self.state.flag
-            if flag.shape[0] != hi - lo:
-                raise ValueError(f"saeuron: {hi - lo} conditional images at {self.hookpoint}, but {flag.shape[0]} were "
-                                 "flagged at the first hooked block of this call")
-            new = torch.where(flag.view(-1, *([1] * (part.dim() - 1))), x[lo - (hi - lo):lo], part)
+                else:
+                    self.flag_by_detectors(part, lo, hi)
+            if self.state.flag.shape[0] != hi - lo:
+                raise ValueError(f"saeuron: {hi - lo} conditional images at {self.hookpoint}, but "
+                                 f"{self.state.flag.shape[0]} were flagged at the first hooked block of this call")
+            if self.mode == "probe_anchor":
+                return self._rerun_anchor(x, lo, hi)
+            new = torch.where(self.state.flag.view(-1, *([1] * (part.dim() - 1))), x[lo - (hi - lo):lo], part)
         elif self.mode == "replace_uncond":
             new = replace.uncond_fill(part, x[lo - (hi - lo):lo], self._detect(x, lo, hi, fi, ta, sc, rpg))
         else:
@@ -300,9 +297,6 @@ class EditHook(ModelHook):
         """``probe_anchor``: the flagged images' rows of ``x`` replaced by this block's output for the same inputs with
         the anchor prompt's text of the concept that flagged them. Returns ``x`` itself when edited in place."""
         flag, which = self.state.flag, self.state.flag_concept
-        if flag.shape[0] != hi - lo:
-            raise ValueError(f"saeuron: {hi - lo} conditional images at {self.hookpoint}, but {flag.shape[0]} were "
-                             "flagged at the first hooked block of this call")
         if not bool(flag.any()):
             return x
         if self._inputs is None:

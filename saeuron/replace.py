@@ -40,6 +40,7 @@ from . import ops, reference
 
 MODES = ("scale", "replace_uncond", "replace_background", "gate_uncond", "probe_uncond", "probe_anchor")
 PROBE_MODES = ("probe_uncond", "probe_anchor")  # images flagged by the fitted detectors (saeuron.detectors)
+FLAG_MODES = ("gate_uncond",) + PROBE_MODES  # a decision per image at the first hooked block of each call
 UNCOND_MODES = ("replace_uncond", "gate_uncond", "probe_uncond", "probe_anchor")  # edit the cond half of [uncond, cond]  # take tokens from the CFG batch's unconditional half
 
 

@@ -74,6 +74,17 @@ def concept_members(store, concepts) -> tuple:
     return names, members
 
 
+def store_hookpoint(store, hookpoint: str) -> str:
+    """The store's own name for ``hookpoint`` (any spelling :func:`normalize_hookpoint` accepts), else a clear error
+    naming the store's hookpoints."""
+    if hookpoint in store.hookpoints:
+        return hookpoint
+    match = [h for h in store.hookpoints if normalize_hookpoint(h) == normalize_hookpoint(hookpoint)]
+    if not match:
+        raise unknown_name_error("hookpoint", hookpoint, store.hookpoints, "not in the activation store")
+    return match[0]
+
+
 def compute_statistics(store, sae, hookpoint, concepts=None, *, batch_size: int = 4096, device=None,
                        progress: bool = True) -> ConceptTable:
     """Stream ``hookpoint``'s rows through ``sae`` and return a one-hookpoint :class:`ConceptTable` of ``mu``.
@@ -86,12 +97,7 @@ def compute_statistics(store, sae, hookpoint, concepts=None, *, batch_size: int 
     """
     from tqdm.auto import tqdm
 
-    if hookpoint not in store.hookpoints:
-        hp_n = normalize_hookpoint(hookpoint)
-        match = [h for h in store.hookpoints if normalize_hookpoint(h) == hp_n]
-        if not match:
-            raise unknown_name_error("hookpoint", hookpoint, store.hookpoints, "not in the activation store")
-        hookpoint = match[0]
+    hookpoint = store_hookpoint(store, hookpoint)
     d = store.d_in(hookpoint)
     if sae.d_in != d:
         raise ValueError(f"SAE width d_in={sae.d_in} does not match the store's width {d} at hookpoint {hookpoint!r}")

@@ -241,13 +241,10 @@ def test_probe_in_a_pipeline_from_a_fitted_checkpoint_and_its_errors(pipe, tmp_p
     assert det.groups == [0, 0, 0]  # cat and dog never share a prompt; "a car" holds neither: a "none" class
     assert det.metadata["train_accuracy_min_over_timesteps"][UP]["cat+dog"] == 1.0  # the planted concept is found
 
-    def run():
-        return pipe("a cat", num_inference_steps=3, guidance_scale=7.5, output_type="latent",
-                    generator=torch.Generator().manual_seed(0)).images
-    base = run()
+    base = _sample(pipe)
     with patched(pipe, "cat", checkpoint=ck, mode="probe_uncond") as h:
         assert h.gate == 0.5 and isinstance(h.detectors, Detectors)
-        run()
+        _sample(pipe)
         assert h.state.flag.dtype == torch.bool and h.state.flag.shape == (1,)
     # flag everything: the cond map is the uncond one at the block, so the image changes; flag nothing: identical
     bias = torch.zeros(3, 3)
@@ -255,13 +252,13 @@ def test_probe_in_a_pipeline_from_a_fitted_checkpoint_and_its_errors(pipe, tmp_p
     always = Detectors(det.names, det.timesteps, {UP: {**det.parts[UP], "bias": bias,
                                                        "weight": torch.zeros(3, 3, 96)}}, det.groups)
     with patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", detectors=always) as h:
-        edited = run()
+        edited = _sample(pipe)
         assert bool(h.state.flag.all())
     assert (edited - base).abs().max() > 1e-4
     never = Detectors(det.names, det.timesteps, {UP: {**always.parts[UP], "bias": -bias}}, det.groups)
     with patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", detectors=never):
-        assert torch.equal(run(), base)
-    assert torch.equal(run(), base)
+        assert torch.equal(_sample(pipe), base)
+    assert torch.equal(_sample(pipe), base)
     # errors, at patch time
     for bad in (0, 1.0, 1.5, True, "x"):
         with pytest.raises(ValueError, match="probe_uncond' takes the detector probability"):
@@ -283,6 +280,12 @@ def test_probe_in_a_pipeline_from_a_fitted_checkpoint_and_its_errors(pipe, tmp_p
         patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", detectors=det, table=_table_up()).__enter__()
     with pytest.raises(ValueError, match="needs fitted detectors"):
         patched(pipe, "cat", saes={UP: make_sae(32, 128, 4)}, table=_table(), mode="probe_uncond").__enter__()
+
+
+def _sample(pipe):
+    """Latents of one CFG sampling run of "a cat" (3 steps, a fixed seed)."""
+    return pipe("a cat", num_inference_steps=3, guidance_scale=7.5, output_type="latent",
+                generator=torch.Generator().manual_seed(0)).images
 
 
 def _table_up():
@@ -357,10 +360,7 @@ def test_probe_anchor_in_a_pipeline_automatic_anchor_and_errors(pipe, tmp_path):
     det = fit_detectors(store, ck, steps=100, progress=False)
     assert det.metadata["prompts"] == {"cat": "a cat", "dog": "a dog"}
 
-    def run():
-        return pipe("a cat", num_inference_steps=3, guidance_scale=7.5, output_type="latent",
-                    generator=torch.Generator().manual_seed(0)).images
-    base = run()
+    base = _sample(pipe)
     bias = torch.zeros(3, 3)
     bias[:, 0] = 60.0
     always = Detectors(det.names, det.timesteps, {UP: {**det.parts[UP], "bias": bias,
@@ -368,14 +368,14 @@ def test_probe_anchor_in_a_pipeline_automatic_anchor_and_errors(pipe, tmp_path):
     with patched(pipe, "cat", checkpoint=ck, mode="probe_anchor", detectors=always) as h:  # automatic: dog
         from saeuron.pipelines import encode_text
         torch.testing.assert_close(h.anchor_embeds["cat"], encode_text(pipe, ["a dog"]))
-        edited = run()
+        edited = _sample(pipe)
         assert bool(h.state.flag.all())
-    assert (edited - base).abs().max() > 1e-4 and torch.equal(run(), base)
+    assert (edited - base).abs().max() > 1e-4 and torch.equal(_sample(pipe), base)
     with patched(pipe, "cat", checkpoint=ck, mode="probe_anchor", detectors=always, anchor={"cat": "a car"}) as h:
         torch.testing.assert_close(h.anchor_embeds["cat"], encode_text(pipe, ["a car"]))
     never = Detectors(det.names, det.timesteps, {UP: {**always.parts[UP], "bias": -bias}}, det.groups, det.metadata)
     with patched(pipe, "cat", checkpoint=ck, mode="probe_anchor", detectors=never):
-        assert torch.equal(run(), base)
+        assert torch.equal(_sample(pipe), base)
     with pytest.raises(ValueError, match="anchor= belongs to mode='probe_anchor'"):
         patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", anchor="a dog").__enter__()
     with pytest.raises(ValueError, match="needs the pipeline"):

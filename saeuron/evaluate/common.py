@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .. import pipelines
+from .. import pipelines, replace
 from ..concepts import ConceptTable
 from .protocol import EVAL_SEEDS  # noqa: F401  (re-exported: the evaluation modules read it here)
 from ..hookpoints import normalize_hookpoint
@@ -57,7 +57,7 @@ def resolve_assets(checkpoint=None, saes=None, table=None) -> tuple:
 def with_detectors(patch_kwargs: dict, checkpoint=None) -> dict:
     """``patch_kwargs`` plus the checkpoint's fitted detectors when ``mode="probe_uncond"`` needs them and none were
     given (loaded once here, not per patched run)."""
-    if patch_kwargs.get("mode") not in ("probe_uncond", "probe_anchor") or patch_kwargs.get("detectors") is not None:
+    if patch_kwargs.get("mode") not in replace.PROBE_MODES or patch_kwargs.get("detectors") is not None:
         return patch_kwargs
     if checkpoint is None:
         raise ValueError(f"mode={patch_kwargs['mode']!r} needs fitted detectors: pass detectors= or a checkpoint folder that holds "
