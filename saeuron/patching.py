@@ -174,11 +174,12 @@ class EditHook(ModelHook):
         self.k = self.sae.cfg.k
         self.halves = patch.halves
         self.error_term = patch.error_term
-        self.mode = patch.mode
+        self.modes = patch.hook_modes(hookpoint)  # the modes edited here, in the order applied
+        self.mode = patch.replace_mode  # the patch's detect-then-replace mode (None: scale only)
         self.gate = patch.gate
         self.detectors = patch.detectors
         self.anchor_embeds = patch.anchor_embeds
-        self.concepts = patch.concepts
+        self.concepts = patch.flag_concepts  # the concepts the detectors flag images for (mode's concepts)
         self._inputs = None  # probe_anchor: the block's (args, kwargs) of the current call
         self.unit_norm = bool(self.sae.cfg.input_unit_norm)
 
@@ -210,23 +211,30 @@ class EditHook(ModelHook):
 
     def pre_forward(self, module, *args, **kwargs):
         """Keep the block's inputs for ``mode="probe_anchor"`` (which re-runs the block); pass them on unchanged."""
-        if self.mode == "probe_anchor":
+        if "probe_anchor" in self.modes:
             self._inputs = (args, kwargs)
         return args, kwargs
 
     def post_forward(self, module, output):
-        """Edit the block's output (in place when no gradient is needed) and return it."""
+        """Edit the block's output (in place when no gradient is needed) and return it: the patch's
+        detect-then-replace mode first (where its concepts are edited here), then the scale edit."""
         rows = self.state.rows
         if rows is None:
             return output
+        for mode in self.modes:
+            output = self._apply(mode, output, rows[(self.hookpoint, mode)])
+        return output
+
+    def _apply(self, mode, output, rows):
+        """One mode's edit of the block's output with this call's table rows ``(feat_idx, tau, scale)``."""
         hp = self.hookpoint
-        fi, ta, sc = rows[hp]
-        if fi.shape[-1] == 0 and self.error_term == "correct" and self.state.flag is None \
-                and self.mode not in replace.PROBE_MODES:
+        fi, ta, sc = rows
+        if fi.shape[-1] == 0 and (self.error_term == "correct" if mode == "scale" else
+                                  self.state.flag is None and mode not in replace.PROBE_MODES):
             return output  # nothing selected at this timestep (and no image flagged earlier in this call)
         x = block_output(output, self.stream)
         b = x.shape[0]
-        lo, hi = self._replace_span(b) if self.mode in replace.UNCOND_MODES else self._span(b)
+        lo, hi = self._replace_span(b) if mode in replace.UNCOND_MODES else self._span(b)
         if lo >= hi:
             return output
         if fi.shape[0] > 1:  # per-sample timesteps
@@ -235,7 +243,7 @@ class EditHook(ModelHook):
             fi, ta, sc = (t[lo:hi].contiguous() for t in (fi, ta, sc))
         per_image = x[0, 0].numel() if x.dim() == 4 else x.shape[1] if x.dim() == 3 else 1
         rpg = per_image if fi.shape[0] > 1 else (hi - lo) * per_image
-        if self.mode != "scale":
+        if mode != "scale":
             y = self._replace(x, lo, hi, fi, ta, sc, rpg)
             return output if y is x else replace_block_output(output, y, self.stream)
         if x.dim() == 3:  # DiT tokens [B, L, C]: rows [lo*L, hi*L) of the [B*L, C] view, L rows per sample
@@ -392,18 +400,22 @@ class SaeuronPatch:
     """
 
     def __init__(self, unet, pipe, saes: dict, modules: dict, timesteps, tables: dict, concepts: list,
-                 halves: str, error_term: str, mode: str = "scale", gate: Optional[float] = None,
+                 halves: str, error_term: str, modes: Optional[dict] = None, gate: Optional[float] = None,
                  detectors: Optional[Detectors] = None, anchor_embeds: Optional[dict] = None):
         self.unet = unet
         self._pipe = weakref.ref(pipe) if pipe is not None and pipe is not unet else None
         self.saes = saes  # {hookpoint: SparseAutoencoder}, kept here, never registered on the UNet
         self.modules = modules
         self.timesteps = timesteps  # [T] float32
-        self.tables = tables  # {hookpoint: (feat_idx [T, F], tau [T, F], scale [T, F])}
+        self.tables = tables  # {(hookpoint, mode): (feat_idx [T, F], tau [T, F], scale [T, F])}
         self.concepts = concepts
         self.halves = halves
         self.error_term = error_term
-        self.mode = mode
+        self.modes = dict(modes or {c: "scale" for c in concepts})  # {concept: edit mode}
+        others = {m for m in self.modes.values() if m != "scale"}
+        self.replace_mode = others.pop() if others else None  # the one detect-then-replace mode, if any
+        # the concepts it unlearns, in patch order (detector columns and anchor prompts are indexed by them)
+        self.flag_concepts = [c for c in concepts if self.modes[c] == self.replace_mode]
         self.gate = gate
         self.detectors = detectors  # detector modes: the fitted detectors that flag images
         self.anchor_embeds = anchor_embeds or {}  # probe_anchor: {concept: anchor text embeddings [1, L, D]}
@@ -412,9 +424,36 @@ class SaeuronPatch:
         self.edit_hooks = {hp: EditHook(self, hp) for hp in modules}
         self._installed: list = []  # (module, hook name, hook) registered by this patch
 
+    @property
+    def mode(self):
+        """The edit mode of every concept of the patch, or ``{concept: mode}`` when they differ."""
+        got = set(self.modes.values())
+        return got.pop() if len(got) == 1 else dict(self.modes)
+
+    @property
+    def hookpoints(self) -> list:
+        """The hooked blocks, in the concept file's order."""
+        return list(dict.fromkeys(h for h, _ in self.tables))
+
+    def table(self, hp: str, mode: Optional[str] = None) -> tuple:
+        """``(feat_idx [T, F], tau [T, F], scale [T, F])`` of block ``hp`` for ``mode`` (None: the one mode edited
+        there)."""
+        hp = normalize_hookpoint(hp)
+        here = self.hook_modes(hp)
+        if mode is None and len(here) == 1:
+            mode = here[0]
+        if (hp, mode) not in self.tables:
+            raise ValueError(f"no {mode or 'single-mode'} edit table at {hp!r}; this patch edits "
+                             f"{ {h: self.hook_modes(h) for h in self.hookpoints} }")
+        return self.tables[(hp, mode)]
+
+    def hook_modes(self, hp: str) -> tuple:
+        """The modes edited at block ``hp``, in the order applied (detect-then-replace first, then scale)."""
+        return tuple(m for m in (self.replace_mode, "scale") if m is not None and (hp, m) in self.tables)
+
     def __repr__(self):
-        feats = {h: tuple(t[0].shape) for h, t in self.tables.items()}
-        return (f"SaeuronPatch(concepts={self.concepts}, hookpoints={list(self.tables)}, tables={feats}, "
+        feats = {f"{h}:{m}" if m != "scale" else h: tuple(t[0].shape) for (h, m), t in self.tables.items()}
+        return (f"SaeuronPatch(concepts={self.concepts}, hookpoints={self.hookpoints}, tables={feats}, "
                 f"halves={self.halves!r}, error_term={self.error_term!r}, mode={self.mode!r}"
                 + (f", gate={self.gate!r}" if self.gate is not None else "") + f", active={self.active})")
 
@@ -426,7 +465,7 @@ class SaeuronPatch:
     def pipeline_cfg(self) -> Optional[bool]:
         """Whether the pipeline runs with CFG now (None when unknown, e.g. a bare UNet)."""
         pipe = self._pipe() if self._pipe is not None else None
-        if pipe is None or (self.halves == "both" and self.mode not in replace.UNCOND_MODES):
+        if pipe is None or (self.halves == "both" and self.replace_mode not in replace.UNCOND_MODES):
             return None
         try:
             return bool(pipe.do_classifier_free_guidance)
@@ -501,7 +540,7 @@ def _load_sae(hp, saes, checkpoint):
 
 def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table: Optional[ConceptTable] = None,
           hookpoints=None, multiplier=None, percentile=None, top_n=None, threshold=None, halves: str = "both",
-          error_term: str = "correct", mode: str = "scale", gate: Optional[float] = None,
+          error_term: str = "correct", mode=None, gate: Optional[float] = None,
           detectors: Optional[Detectors] = None, anchor=None) -> SaeuronPatch:
     """Unlearn ``concepts`` in ``pipe`` (a diffusers pipeline, a bare UNet or a bare DiT) until ``unpatch``.
 
@@ -515,7 +554,9 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
     ``halves``: "both", "cond" or "uncond" (see the module docstring).
     ``error_term``: "correct" (``out = x + decode(f') - decode(f)``) or "reference" (the published
     code's ``decode(f') + decode(f) - x``, a compatibility option that shifts every token by twice its
-    reconstruction error). ``mode``: "scale" (the method's edit, above), or "replace_uncond" /
+    reconstruction error). ``mode``: None (the default: each concept's mode from its concept-file defaults, "scale"
+    unless they say; see :func:`resolve_modes`), a ``{concept: mode}`` dict, or one for all concepts: "scale" (the
+    method's edit, above), or "replace_uncond" /
     "replace_background": the selected features only detect the tokens that hold the concepts, whose
     activations are then replaced by the unconditional branch's at the same position or by the mean of the
     image's undetected tokens, or "gate_uncond": an image on which a selected feature fires on at least ``gate`` of
@@ -536,24 +577,6 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
                          "transformer call), so only halves='both' is defined")
     if error_term not in ERROR_TERMS:
         raise ValueError(f"error_term={error_term!r}; valid: {', '.join(ERROR_TERMS)}")
-    replace.check_mode(mode, halves, gate)
-    if mode in replace.PROBE_MODES:
-        gate = 0.5 if gate is None else gate
-        if detectors is None:
-            if checkpoint is None:
-                raise ValueError(f"mode={mode!r} needs fitted detectors: pass detectors= or a checkpoint= that "
-                                 "holds them (`saeuron detectors`)")
-            detectors = Detectors.load(checkpoint)
-    elif detectors is not None:
-        raise ValueError(f"detectors= belongs to mode='probe_uncond' or 'probe_anchor' (mode is {mode!r})")
-    if anchor is not None and mode != "probe_anchor":
-        raise ValueError(f"anchor= belongs to mode='probe_anchor' (mode is {mode!r})")
-    if mode == "probe_anchor" and (pipe is unet or not hasattr(pipe, "encode_prompt")):
-        raise ValueError("mode='probe_anchor' re-runs the hooked blocks with an anchor prompt's text, so it needs the "
-                         "pipeline (with its text encoder), not a bare denoiser")
-    if mode != "scale" and error_term != "correct":
-        raise ValueError(f"error_term={error_term!r} belongs to the scale edit; mode={mode!r} decodes nothing, so "
-                         "leave error_term='correct'")
     if checkpoint is not None and not Path(checkpoint).is_dir():
         raise FileNotFoundError(f"checkpoint folder {checkpoint} does not exist")
     if table is None:
@@ -565,6 +588,29 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
         raise ValueError(f"no concepts to unlearn; known: {', '.join(table.names)}")
     for c in concepts:
         table.index(c)
+    modes, rmode, gate = resolve_modes(table, concepts, mode, gate, halves)
+    flagged = [c for c in concepts if modes[c] == rmode]  # the concepts of the detect-then-replace mode
+    defaults = set() if mode is not None else {table.edit_mode(c)[0] for c in table.names}
+    if rmode in replace.PROBE_MODES:
+        gate = 0.5 if gate is None else gate
+        if detectors is None:
+            if checkpoint is None:
+                raise ValueError(f"mode={rmode!r} (of {flagged}) needs fitted detectors: pass detectors= or a "
+                                 "checkpoint= that holds them (`saeuron detectors`)")
+            detectors = Detectors.load(checkpoint)
+    else:  # detectors= / anchor= for a mode none of these concepts has: an error, unless mode= was left to the
+        # concept file and another concept of it has that mode (one evaluation patches each target in turn)
+        if detectors is not None and not defaults & set(replace.PROBE_MODES):
+            raise ValueError(f"detectors= belongs to mode='probe_uncond' or 'probe_anchor' (the modes are {modes})")
+        detectors = None
+    if anchor is not None and rmode != "probe_anchor" and (mode is not None or "probe_anchor" not in defaults):
+        raise ValueError(f"anchor= belongs to mode='probe_anchor' (the modes are {modes})")
+    if rmode == "probe_anchor" and (pipe is unet or not hasattr(pipe, "encode_prompt")):
+        raise ValueError("mode='probe_anchor' re-runs the hooked blocks with an anchor prompt's text, so it needs the "
+                         "pipeline (with its text encoder), not a bare denoiser")
+    if rmode is not None and error_term != "correct":
+        raise ValueError(f"error_term={error_term!r} belongs to the scale edit; mode={rmode!r} (of {flagged}) decodes "
+                         "nothing, so leave error_term='correct'")
     if hookpoints is None:  # each concept where its defaults say, among the hookpoints with an SAE
         have = {normalize_hookpoint(h) for h in (saes or {})}
         if checkpoint is not None:
@@ -593,25 +639,68 @@ def patch(pipe, concepts, checkpoint=None, *, saes: Optional[dict] = None, table
             raise ValueError(f"the SAE at {hp!r} has {sae.num_latents} latents but the concept file's statistics "
                              f"have {table.num_latents(hp)}: they come from different SAEs")
         loaded[hp] = sae
-        ts, fi, ta, sc = table.edit_tables(hp, [c for c in concepts if hp in where[c]], multiplier, percentile, top_n,
-                                           threshold)
-        if error_term == "reference":  # shared features: the reference's result depends on the concepts' order
-            warn_shared_features(table, hp, [c for c in concepts if hp in where[c]], percentile, top_n)
-        tables[hp] = (fi, ta, sc if mode == "scale" else replace.detection_scale(ta))
-        if detectors is not None:  # the block that runs first decides: each hooked block needs a detector
-            detectors.check(hp, sae, ts)
-            for c in concepts:
-                detectors.index(c)
-    embeds = _anchor_embeds(pipe, anchor, concepts, table, detectors, hps[0], modules) if mode == "probe_anchor" \
-        else None
-    handle = SaeuronPatch(unet, pipe, loaded, dict(modules), ts, tables, concepts, halves, error_term, mode, gate,
+        for m in ([rmode] if rmode is not None else []) + ["scale"]:  # at each block: detect-then-replace first
+            here = [c for c in concepts if hp in where[c] and modes[c] == m]
+            if not here:
+                continue
+            ts, fi, ta, sc = table.edit_tables(hp, here, multiplier, percentile, top_n, threshold)
+            if m == "scale" and error_term == "reference":  # shared features: the result depends on the order
+                warn_shared_features(table, hp, here, percentile, top_n)
+            tables[(hp, m)] = (fi, ta, sc if m == "scale" else replace.detection_scale(ta))
+            if m in replace.PROBE_MODES:  # the block that runs first decides: each such block needs a detector
+                detectors.check(hp, sae, ts)
+                for c in here:
+                    detectors.index(c)
+    embeds = None
+    if rmode == "probe_anchor":
+        first = next(h for h in hps if (h, rmode) in tables)
+        embeds = _anchor_embeds(pipe, anchor, flagged, table, detectors, first,
+                                {h: m for h, m in modules.items() if (h, rmode) in tables}, exclude=concepts)
+    handle = SaeuronPatch(unet, pipe, loaded, dict(modules), ts, tables, concepts, halves, error_term, modes, gate,
                           detectors, embeds)
     return handle.install()
 
 
-def _anchor_embeds(pipe, anchor, concepts, table, detectors, hp, modules) -> dict:
+def resolve_modes(table, concepts, mode, gate, halves) -> tuple:
+    """``({concept: mode}, rmode, gate)``: each concept's edit mode (``mode``: one for all, ``{concept: mode}``, or
+    None for each concept's concept-file default, :meth:`ConceptTable.edit_mode`), the one detect-then-replace mode
+    among them (None when all scale) and its gate (``gate``, else the concepts' default gate). A patch may mix the
+    scale edit with one other mode, not two other modes: their per-image decisions would share one state."""
+    if mode is not None and not isinstance(mode, (str, dict)):
+        raise ValueError(f"mode={mode!r}: give a mode name ({', '.join(replace.MODES)}), a {{concept: mode}} dict, "
+                         "or None (each concept's default from the concept file)")
+    if isinstance(mode, dict):
+        unknown = [c for c in mode if c not in concepts]
+        if unknown:
+            raise ValueError(f"mode= names concepts {unknown} that are not unlearned here ({concepts})")
+    modes, gates = {}, {}
+    for c in concepts:
+        m = mode.get(c) if isinstance(mode, dict) else mode
+        modes[c], gates[c] = (m, gate) if m is not None else table.edit_mode(c)
+        if m is not None and gate is None and m == table.edit_mode(c)[0]:
+            gates[c] = table.edit_mode(c)[1]  # the concept's own gate for its own mode
+    others = sorted({m for m in modes.values() if m != "scale"})
+    if len(others) > 1:
+        raise ValueError(f"one patch mixes the scale edit with at most one other mode; the concepts' modes are "
+                         f"{modes}: unlearn them in separate patches, or pass mode= to choose one")
+    rmode = others[0] if others else None
+    for c in concepts:
+        replace.check_mode(modes[c], halves, gates[c] if modes[c] != "scale" else None)
+    if gate is not None and rmode is None:
+        replace.check_mode("scale", halves, gate)  # gate= without a mode that takes it: a clear error
+    if rmode is not None and gate is None:
+        own = {gates[c] for c in concepts if modes[c] == rmode}
+        if len(own) > 1:
+            raise ValueError(f"the concepts of mode {rmode!r} have different default gates "
+                             f"{ {c: gates[c] for c in concepts if modes[c] == rmode} }: pass gate= to choose one")
+        gate = own.pop()
+    return modes, rmode, gate
+
+
+def _anchor_embeds(pipe, anchor, concepts, table, detectors, hp, modules, exclude=()) -> dict:
     """``{concept: [1, L, D]}`` text embeddings of each concept's anchor prompt (``anchor``: a prompt, a dict, or None
-    for :func:`saeuron.detectors.pick_anchor`'s concept and its representative prompt)."""
+    for :func:`saeuron.detectors.pick_anchor`'s concept and its representative prompt, never one of ``concepts`` or
+    ``exclude``: the other concepts being unlearned)."""
     from .detectors import pick_anchor
     from .pipelines import encode_text
 
@@ -630,7 +719,7 @@ def _anchor_embeds(pipe, anchor, concepts, table, detectors, hp, modules) -> dic
         known = (detectors.metadata or {}).get("prompts") or {}
         prompts = {}
         for c in concepts:
-            a = pick_anchor(detectors, table, c, hp, exclude=concepts)
+            a = pick_anchor(detectors, table, c, hp, exclude=list(dict.fromkeys([*concepts, *exclude])))
             if a not in known:
                 raise ValueError(f"the detectors record no prompt for {c!r}'s anchor {a!r} (fitted by an older saeuron); "
                                  "refit them with `saeuron detectors`, or pass anchor= with a prompt")

@@ -373,9 +373,9 @@ def test_patch_on_a_tiny_pipeline_edits_through_the_reserved_latent_only(tiny_pi
                          generator=torch.Generator().manual_seed(0)).images
     base = run()
     with patched(tiny_pipe, "cat", saes={up: sae}, table=table) as handle:
-        assert handle.tables[up][0].tolist() == [[0]] * len(ts)
+        assert handle.table(up)[0].tolist() == [[0]] * len(ts)
         cat = run()
     with patched(tiny_pipe, "dog", saes={up: sae}, table=table) as handle:
-        assert handle.tables[up][0].tolist() == [[1]] * len(ts)
+        assert handle.table(up)[0].tolist() == [[1]] * len(ts)
         dog = run()
     assert not torch.equal(base, cat) and torch.equal(base, dog)

@@ -386,6 +386,19 @@ def test_probe_anchor_in_a_pipeline_automatic_anchor_and_errors(pipe, tmp_path):
         patched(pipe, "cat", checkpoint=ck, mode="probe_anchor", anchor=" ").__enter__()
     with pytest.raises(ValueError, match="every other concept of its group is being unlearned"):
         patched(pipe, ["cat", "dog"], checkpoint=ck, mode="probe_anchor").__enter__()
+    # one patch: cat by probe_anchor, dog by the scale edit; cat's automatic anchor may not be dog (unlearned too)
+    with pytest.raises(ValueError, match="every other concept of its group is being unlearned"):
+        patched(pipe, ["cat", "dog"], checkpoint=ck, mode={"cat": "probe_anchor", "dog": "scale"},
+                detectors=always).__enter__()
+    with patched(pipe, ["cat", "dog"], checkpoint=ck, mode={"cat": "probe_anchor", "dog": "scale"}, detectors=always,
+                 anchor="a car") as h:
+        assert h.mode == {"cat": "probe_anchor", "dog": "scale"} and h.flag_concepts == ["cat"]
+        assert list(h.anchor_embeds) == ["cat"] and h.hook_modes(UP) == ("probe_anchor", "scale")
+        both = _sample(pipe)
+        assert bool(h.state.flag.all()) and h.state.flag_concept.eq(0).all()  # detector columns: cat's alone
+    with patched(pipe, "cat", checkpoint=ck, mode="probe_anchor", detectors=always, anchor="a car"):
+        cat_only = _sample(pipe)
+    assert (both - cat_only).abs().max() > 0 and (cat_only - base).abs().max() > 1e-4  # dog's scale edit adds on
     with pytest.raises(ValueError, match="anchor=5"):
         patched(pipe, "cat", checkpoint=ck, mode="probe_anchor", anchor=5).__enter__()
     from saeuron.cli import build_parser

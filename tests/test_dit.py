@@ -247,7 +247,7 @@ def test_collect_train_select_patch_end_to_end(pipes, fam, tmp_path):
     x1 = edited[0] if stream is None else edited[0][stream]
     d = x0.shape[-1]
     x0, x1 = x0.reshape(-1, d), x1.reshape(-1, d)
-    delta = _fired_delta(handle.saes[hp], x0, handle.tables[hp])  # the first call's timestep is the largest: row 0
+    delta = _fired_delta(handle.saes[hp], x0, handle.table(hp))  # the first call's timestep is the largest: row 0
     fired = (delta != 0).any(1)
     assert fired.any() and not fired.all()
     assert torch.equal(x1[~fired], x0[~fired])  # tokens where no selected feature fires are untouched

@@ -297,7 +297,7 @@ def test_build_defaults_micro_end_to_end(tmp_path, monkeypatch, capsys):
     assert table.defaults["circle"]["top_n"] == 2
     base = _run(pipe, output_type="latent", num_inference_steps=4)
     with patch(pipe, ["stripes"], checkpoint=defaults.checkpoint_dir()) as h:
-        assert h.tables[HP][0].shape[1] > 0
+        assert h.table(HP)[0].shape[1] > 0
         _run(pipe, output_type="latent", num_inference_steps=4)
     assert torch.equal(_run(pipe, output_type="latent", num_inference_steps=4), base)
     capsys.readouterr()

@@ -69,7 +69,7 @@ def test_hookpoint_widths_match_the_test_saes(pipe):
 def test_no_firing_feature_is_identity(pipe):
     base = _run(pipe)
     h = patch(pipe, "cat", saes=_saes(), table=_table(fires=False))
-    assert h.tables[UP][0].shape[1] > 0  # features are selected, they just never fire
+    assert h.table(UP)[0].shape[1] > 0  # features are selected, they just never fire
     assert torch.equal(_run(pipe), base)  # README: bit for bit
 
 
@@ -114,7 +114,7 @@ def test_checkpoint_folder_equals_loaded_objects(pipe, tmp_path):
     patch(pipe, "cat", saes=saes, table=table)
     want = _run(pipe)
     h = patch(pipe, "cat", tmp_path)
-    assert sorted(h.tables) == sorted([UP, MID])
+    assert sorted(h.hookpoints) == sorted([UP, MID])
     assert torch.equal(_run(pipe), want)
     patch(pipe, "cat", tmp_path, hookpoints=[f"unet.{UP}"])
     assert not torch.equal(_run(pipe), want)
@@ -127,16 +127,16 @@ def test_each_concept_is_edited_at_its_own_hookpoints(pipe, tmp_path):
     table = ConceptTable(table.names, table.counts, TS, table.mu, table.defaults)  # validated and normalised
     assert table.concept_hookpoints("cat") == [UP] and table.concept_hookpoints("dog") == [MID]
     h = patch(pipe, "cat", saes=saes, table=table)
-    assert list(h.tables) == [UP]  # no hook at all where no concept is edited
+    assert h.hookpoints == [UP]  # no hook at all where no concept is edited
     cat = _run(pipe)
     patch(pipe, "cat", saes=saes, table=table, hookpoints=[UP])
     assert torch.equal(_run(pipe), cat)  # the default is exactly the explicit choice
     h = patch(pipe, ["cat", "dog"], saes=saes, table=table)
-    assert sorted(h.tables) == sorted([UP, MID])
-    up_only = patch(pipe, "cat", saes=saes, table=table, hookpoints=[UP]).tables[UP]
-    assert all(torch.equal(a, b) for a, b in zip(h.tables[UP], up_only))  # dog adds nothing at UP
+    assert sorted(h.hookpoints) == sorted([UP, MID])
+    up_only = patch(pipe, "cat", saes=saes, table=table, hookpoints=[UP]).table(UP)
+    assert all(torch.equal(a, b) for a, b in zip(h.table(UP), up_only))  # dog adds nothing at UP
     both = patch(pipe, "cat", saes=saes, table=table, hookpoints=[UP, MID])  # explicit beats the defaults
-    assert sorted(both.tables) == sorted([UP, MID])
+    assert sorted(both.hookpoints) == sorted([UP, MID])
     with pytest.raises(ValueError, match="no SAE for the hookpoints of \\['dog'\\]"):
         patch(pipe, ["cat", "dog"], saes={UP: saes[UP]}, table=table)
     with pytest.raises(ValueError, match="unknown hookpoint in the defaults of 'cat'.*did you mean"):
@@ -156,9 +156,9 @@ def test_threshold_factor_on_tau(pipe):
     patch(pipe, "cat", saes=saes, table=table, threshold=1.0)
     assert torch.equal(_run(pipe), edited)  # factor 1 is the method's tau exactly
     h3 = patch(pipe, "cat", saes=saes, table=table, threshold={"cat": 3.0})
-    finite = torch.isfinite(h.tables[UP][1])
-    torch.testing.assert_close(h3.tables[UP][1][finite], h.tables[UP][1][finite] * 3.0)
-    assert torch.equal(h3.tables[UP][0], h.tables[UP][0]) and torch.equal(h3.tables[UP][2], h.tables[UP][2])
+    finite = torch.isfinite(h.table(UP)[1])
+    torch.testing.assert_close(h3.table(UP)[1][finite], h.table(UP)[1][finite] * 3.0)
+    assert torch.equal(h3.table(UP)[0], h.table(UP)[0]) and torch.equal(h3.table(UP)[2], h.table(UP)[2])
     patch(pipe, "cat", saes=saes, table=table, threshold=1e12)  # above any activation: nothing is edited
     assert torch.equal(_run(pipe), base)
     table.defaults["cat"]["threshold"] = 1e12  # the concept file's default is used when not given ...
@@ -197,14 +197,14 @@ def test_timestep_lookup_by_value(pipe):
 
     def spy(module, args, kwargs, out):
         seen.append(h.last_index.tolist())
-        rows.append(h.state.rows[UP][0].clone())
+        rows.append(h.state.rows[(UP, "scale")][0].clone())
 
     s = pipe.unet.register_forward_hook(spy, with_kwargs=True)
     try:
         _run(pipe, steps=5)  # DDIM 5 steps: 801, 601, 401, 201, 1 against recorded 667, 334, 1
         assert seen == [[0], [0], [1], [1], [2]]
         for i, r in zip([0, 0, 1, 1, 2], rows):
-            assert torch.equal(r, h.tables[UP][0][i : i + 1])
+            assert torch.equal(r, h.table(UP)[0][i : i + 1])
         seen.clear()
         orig = pipe.scheduler
         pipe.scheduler = PNDMScheduler.from_config(orig.config, skip_prk_steps=True)
@@ -532,7 +532,7 @@ def test_input_unit_norm_sae_edits_standardised_tokens(pipe):
             assert torch.equal(pipe.unet(x, TS[0], ehs).sample, plain)  # nothing fires: identity
             h = patch(pipe.unet, "cat", saes=saes, table=_table(), hookpoints=[UP])
             edited = pipe.unet(x, TS[0], ehs).sample
-            fi, ta, sc = h.state.rows[UP]
+            fi, ta, sc = h.state.rows[(UP, "scale")]
         xt = reference.as_tokens(seen["before"])
         xn, mean, scale = saes[UP].preprocess(xt)
         torch.testing.assert_close(xn, (xt - xt.mean(-1, keepdim=True)) / (xt.std(-1, keepdim=True) + 1e-5))

@@ -118,7 +118,7 @@ def _block_outputs(pipe, handle_kw, x, t, ehs):
             h = block.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o.sample))
             with torch.no_grad():
                 pipe.unet(x, t, ehs)
-            rows = handle.state.rows[UP]
+            rows = handle.state.rows[(UP, handle.replace_mode or "scale")]
             sae = handle.saes[UP]
     finally:
         h.remove()
@@ -264,7 +264,7 @@ def test_gate_flags_images_at_the_first_block_and_replaces_whole_maps_at_every_b
     # at UP the cat features never fire: whatever UP does here was decided at MID
     got, rows, flag = outputs(table=_table_two(up_fires=False), mode="gate_uncond", gate=0.3,
                               hookpoints=[MID, UP])
-    fi, ta, sc = rows[MID]
+    fi, ta, sc = rows[(MID, "gate_uncond")]
     sae = saes[MID]
     hit = replace.detect(plain["mid"][2:], sae.weights_for(x.device, x.dtype), sae.cfg.k, fi, ta, sc,
                          plain["mid"][0, 0].numel() * 2)

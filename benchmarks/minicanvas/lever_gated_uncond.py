@@ -46,7 +46,7 @@ def post_forward(self, module, output):
         raise ValueError("gated probe: needs a CFG batch of maps")
     h = b // 2
     if self.hookpoint == CFG["detect"]:
-        fi, ta, sc = rows[self.hookpoint]
+        fi, ta, sc = rows[(self.hookpoint, "scale")]
         W = self.sae.weights_for(x.device, x.dtype)
         if CFG["gate"] == "share":
             hit = replace.detect(x[h:], W, self.k, fi, ta, sc, x[0, 0].numel() * h)  # [h, H, W]

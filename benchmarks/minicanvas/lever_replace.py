@@ -32,7 +32,7 @@ def post_forward(self, module, output):
     rows = self.state.rows
     if rows is None:
         return output
-    fi, ta, sc = rows[self.hookpoint]
+    fi, ta, sc = rows[(self.hookpoint, "scale")]
     if fi.shape[-1] == 0:
         return output
     x = block_output(output)

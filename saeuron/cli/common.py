@@ -109,7 +109,7 @@ def anchor_arg(values):
 
 def add_edit_args(s, top_n: bool = True):
     """``--multiplier``, ``--percentile``, ``--threshold``, ``--mode`` (and ``--top-n``); unset: the concept file's
-    defaults (mode: the method's scale edit)."""
+    defaults (mode: each concept's default mode, the method's scale edit unless the file says)."""
     s.add_argument("--multiplier", nargs="*", default=None, help="-1 or NAME=-5 ... (default: concept file)")
     s.add_argument("--percentile", nargs="*", default=None, help="99.99 or NAME=99.999 ...")
     if top_n:
@@ -117,7 +117,9 @@ def add_edit_args(s, top_n: bool = True):
     s.add_argument("--threshold", nargs="*", default=None,
                    help="factor on the edit threshold tau: 1 (the method's) or NAME=10 ... (default: concept file)")
     s.add_argument("--mode", default=None, choices=EDIT_MODES,
-                   help="scale: the method's edit (default); replace_uncond / replace_background: the selected "
+                   help="the edit mode of every concept (default: each concept's own from the concept file, which is "
+                        "the method's scale edit unless a sweep run with --mode chose another); scale: the method's "
+                        "edit; replace_uncond / replace_background: the selected "
                         "features only detect the concept's tokens, which are replaced by the unconditional "
                         "branch's or by the image's other tokens' mean; gate_uncond: an image flagged by --gate "
                         "gets its whole conditional map replaced by the unconditional one at the hooked blocks; "

@@ -54,13 +54,18 @@ def resolve_assets(checkpoint=None, saes=None, table=None) -> tuple:
     return saes, table
 
 
-def with_detectors(patch_kwargs: dict, checkpoint=None) -> dict:
-    """``patch_kwargs`` plus the checkpoint's fitted detectors when ``mode="probe_uncond"`` needs them and none were
-    given (loaded once here, not per patched run)."""
-    if patch_kwargs.get("mode") not in replace.PROBE_MODES or patch_kwargs.get("detectors") is not None:
+def with_detectors(patch_kwargs: dict, checkpoint=None, table=None) -> dict:
+    """``patch_kwargs`` plus the checkpoint's fitted detectors when a detector mode needs them and none were given
+    (loaded once here, not per patched run): ``mode`` names one, or (no ``mode``) a concept of ``table`` has one as
+    its default mode."""
+    mode = patch_kwargs.get("mode")
+    modes = set(mode.values()) if isinstance(mode, dict) else {mode} if mode is not None else (
+        {table.edit_mode(c)[0] for c in table.names} if table is not None else set())
+    need = sorted(modes & set(replace.PROBE_MODES))
+    if not need or patch_kwargs.get("detectors") is not None:
         return patch_kwargs
     if checkpoint is None:
-        raise ValueError(f"mode={patch_kwargs['mode']!r} needs fitted detectors: pass detectors= or a checkpoint folder that holds "
+        raise ValueError(f"mode {need[0]!r} needs fitted detectors: pass detectors= or a checkpoint folder that holds "
                          "them (`saeuron detectors`)")
     from ..detectors import Detectors
 

@@ -466,7 +466,7 @@ def compare_methods(pipe, classifiers: dict, checkpoint=None, *, saes=None, tabl
     need_table = "saeuron" in methods
     if need_table or checkpoint is not None or table is not None:
         saes, table = resolve_assets(checkpoint, saes, table)
-        patch_kwargs = with_detectors(patch_kwargs or {}, checkpoint)
+        patch_kwargs = with_detectors(patch_kwargs or {}, checkpoint, table)
     seeds = [seeds] if isinstance(seeds, int) else [int(s) for s in seeds]
     templates = [templates] if isinstance(templates, int) else list(templates)
     jobs = build_jobs(objects, styles, seeds, templates)

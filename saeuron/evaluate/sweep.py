@@ -3,7 +3,8 @@
 The sweep scores every grid point on *tuning* seeds disjoint from the evaluation seeds (method.md
 section 4: "a per-class sweep over percentile {99.99, 99.995, 99.999} x multiplier {-1, -5, ..., -30},
 maximising (UA + IRA)/2"), then writes each concept's best point into the concept file's per-concept
-defaults (``table.defaults[c]``) and the whole grid into ``table.metadata["sweep"][c]``, so a later
+defaults (``table.defaults[c]``; with the edit ``mode`` it was scored in, when not the method's scale edit: a
+sweep run with ``mode="probe_anchor"`` makes that the concept's default mode) and the whole grid into ``table.metadata["sweep"][c]``, so a later
 ``patch``/evaluation uses them without arguments. ``hookpoints`` lists where to try editing: each
 choice is one hookpoint or a set of them (default: one choice, every hookpoint of the concept file), so
 objects and styles may each end up at the block that carries them. ``thresholds`` lists factors on the
@@ -156,7 +157,7 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
         if pipe is None or classifiers is None:
             raise ValueError("pass pipe= and classifiers= (or a scorer=) to sweep")
         saes, table = resolve_assets(checkpoint, saes, table)
-        patch_kwargs = with_detectors(patch_kwargs, checkpoint)
+        patch_kwargs = with_detectors(patch_kwargs, checkpoint, table)
         scorer = make_scorer(pipe, classifiers, saes, table, domain=domain, seeds=seeds, objects=objects,
                              styles=styles, templates=templates, num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, batch_size=batch_size, **patch_kwargs)
@@ -182,9 +183,11 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
     out = {}
     bar = tqdm(total=len(concepts) * len(points), desc="sweep", unit="point", disable=not progress)
     for c in concepts:
+        mode, gate = _edit_mode(table, c, patch_kwargs)
+        cspec = spec if mode == "scale" or patch_kwargs.get("mode") is not None else {**spec, "mode": mode, "gate": gate}
         prev = stored.get(c) if resume else None
         known = {}  # points already scored on the same seeds, prompts and sampling: reused, not rescored
-        if isinstance(prev, dict) and _same_scoring(prev.get("spec"), spec):
+        if isinstance(prev, dict) and _same_scoring(prev.get("spec"), cspec):
             known = {_point_key(r): r for r in prev.get("grid") or []}
         rows, best = [], None
         for r, v, m, h, t in points:
@@ -199,7 +202,7 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
                        "score": None if ua is None or ira is None else (ua + ira) / 2}
                 known[_point_key(row)] = row
                 if save_to is not None:  # an interrupted sweep resumes at the next point
-                    stored[c] = {**(prev if isinstance(prev, dict) else {}), "spec": spec,
+                    stored[c] = {**(prev if isinstance(prev, dict) else {}), "spec": cspec,
                                  "grid": list(known.values()), "partial": True}
                     table.save(save_to)
             else:
@@ -214,14 +217,26 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
         table.defaults[c] = {"multiplier": best["multiplier"],
                              "percentile": best["value"] if best["rule"] == "percentile" else None,
                              "top_n": best["value"] if best["rule"] == "top_n" else None,
-                             "hookpoints": list(best["hookpoints"]), "threshold": best["threshold"]}
-        stored[c] = out[c] = {"best": best, "grid": rows, "spec": spec}
+                             "hookpoints": list(best["hookpoints"]), "threshold": best["threshold"],
+                             **({"mode": mode, **({"gate": gate} if gate is not None else {})} if mode != "scale"
+                                else {})}
+        stored[c] = out[c] = {"best": best, "grid": rows, "spec": cspec}
         if save_to is not None:
             table.save(save_to)
     bar.close()
     if progress:
         print(sweep_table(out))
     return out
+
+
+def _edit_mode(table, concept, patch_kwargs) -> tuple:
+    """``(mode, gate)`` the sweep scores ``concept`` with, which its new defaults keep: the ``mode`` (and ``gate``)
+    passed to the sweep, else the concept's current default mode."""
+    mode, gate = patch_kwargs.get("mode"), patch_kwargs.get("gate")
+    mode = mode.get(concept) if isinstance(mode, dict) else mode
+    if mode is None:
+        return table.edit_mode(concept) if gate is None else (table.edit_mode(concept)[0], gate)
+    return mode, gate
 
 
 def _same_scoring(a, b) -> bool:

@@ -93,6 +93,11 @@ def edit_signature(table, concepts, patch_kwargs: dict) -> dict:
                   "multiplier": float(table.defaults[c]["multiplier"] if mult is None else mult),
                   "hookpoints": sorted(normalize_hookpoint(h) for h in hps),
                   "threshold": table.threshold(c, pick(patch_kwargs.get("threshold"), c))}
+        mode = pick(patch_kwargs.get("mode"), c)
+        if mode is None and table.edit_mode(c)[0] != "scale":  # the concept's default mode (absent: scale)
+            out[c]["mode"], gate = table.edit_mode(c)
+            if gate is not None:
+                out[c]["gate"] = gate
     rest = {k: v for k, v in patch_kwargs.items()
             if k not in ("percentile", "top_n", "multiplier", "hookpoints", "threshold")}
     return {"concepts": out, "patch": json_roundtrip(rest)}
@@ -379,7 +384,7 @@ def evaluate_unlearning(pipe, classifiers: dict, checkpoint=None, *, saes=None, 
     check_classifiers(classifiers)
     check_patch_kwargs(patch_kwargs)
     saes, table = resolve_assets(checkpoint, saes, table)
-    patch_kwargs = with_detectors(patch_kwargs, checkpoint)
+    patch_kwargs = with_detectors(patch_kwargs, checkpoint, table)
     seeds = [seeds] if isinstance(seeds, int) else list(seeds)
     templates = [templates] if isinstance(templates, int) else list(templates)
     jobs = build_jobs(objects, styles, seeds, templates)
