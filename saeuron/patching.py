@@ -56,7 +56,9 @@ so CPU offload works. The SAEs live on the handle, not on the UNet: they never a
 
 With classifier-free guidance ``StableDiffusionPipeline`` concatenates ``[uncond, cond]`` along the
 batch, so ``halves="cond"``/``"uncond"`` edit only the second/first half of the batch (default
-``"both"``, as the method does). Without CFG the whole batch is conditional. For a bare UNet an even
+``"both"``, as the method does). Without CFG the whole batch is conditional; a UNet call made while the pipeline
+runs with CFG counts as a CFG batch only when its two halves of latents are identical (how pipelines build one), so
+a direct call between pipeline calls (an attack's loss) is read as all conditional. For a bare UNet an even
 batch is taken to be such a pair.
 """
 from __future__ import annotations
@@ -153,7 +155,10 @@ class TimestepHook(ModelHook):
         fi, fl = ints[idx], floats[idx]  # [G, sum F], [G, 2 sum F]
         state.rows = {hp: (fi[:, a:b], fl[:, a:b], fl[:, total + a:total + b]) for hp, a, b in spans}
         state.flag = None  # gate_uncond: decided afresh at this call's first hooked block
-        state.cfg = self.patch.pipeline_cfg()
+        state.cfg = cfg = self.patch.pipeline_cfg()
+        if cfg:  # a CFG batch repeats the latents: [x, x]; a direct call (e.g. an attack's loss) is all conditional
+            h = sample.shape[0] // 2
+            state.cfg = sample.shape[0] % 2 == 0 and bool(torch.equal(sample[:h], sample[h:]))
         return args, kwargs
 
     def reset_state(self, module):
@@ -256,7 +261,10 @@ class EditHook(ModelHook):
         return output if y is x else replace_block_output(output, y, self.stream)
 
     def _replace_span(self, b: int) -> tuple:
-        """Batch rows ``[lo, hi)`` that ``replace_uncond`` edits: the conditional half of a CFG batch."""
+        """Batch rows ``[lo, hi)`` that ``replace_uncond`` edits: the conditional half of a CFG batch (``probe_anchor``,
+        which takes nothing from the unconditional half, edits the whole of a batch that is not one)."""
+        if self.mode == "probe_anchor" and self.state.cfg is False:
+            return 0, b
         if b % 2 or self.state.cfg is False:
             raise ValueError(f"saeuron: mode={self.mode!r} at {self.hookpoint} needs a classifier-free guidance "
                              f"batch [uncond, cond], got a batch of {b}"

@@ -313,7 +313,7 @@ def test_probe_anchor_reruns_the_flagged_images_blocks_with_the_anchor_text(pipe
 
     saes = {UP: make_sae(32, 128, 4, seed=1), MID: make_sae(64, 96, 4, seed=2)}
     g = torch.Generator().manual_seed(4)
-    x, ehs = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 5, 32, generator=g)
+    x, ehs = torch.randn(2, 4, 8, 8, generator=g).repeat(2, 1, 1, 1), torch.randn(4, 5, 32, generator=g)  # CFG batch
     det = _hand_detectors(96, 0.0, hps=(MID,))
     det.parts[UP] = _hand_detectors(128, 0.0).parts[UP]
     blk = pipe.unet.get_submodule(MID)
@@ -410,3 +410,34 @@ def test_probe_anchor_in_a_pipeline_automatic_anchor_and_errors(pipe, tmp_path):
     a = build_parser().parse_args(["generate", "--concept", "cat", "--out", "x", "--mode", "probe_anchor", "--anchor",
                                    "a dog"])
     assert patch_kwargs(a)["anchor"] == "a dog"
+
+
+def test_a_direct_unet_call_after_cfg_sampling_is_all_conditional(pipe):
+    """An attack's loss calls the UNet directly, between CFG sampling runs: probe_anchor then flags and re-runs every
+    image of that batch (none is an unconditional half), and the modes that need the unconditional half refuse
+    clearly instead of pairing unrelated images."""
+    from saeuron.evaluate.attack import attack
+
+    saes = {UP: make_sae(32, 128, 4, seed=1), MID: make_sae(64, 96, 4, seed=2)}
+    always = _hand_detectors(96, 60.0, hps=(MID,))
+    always.parts[UP] = _hand_detectors(128, 60.0).parts[UP]
+    g = torch.Generator().manual_seed(5)
+    x, ehs = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 5, 32, generator=g)
+    with patched(pipe, "cat", saes=saes, table=_table(), mode="probe_anchor", detectors=always, hookpoints=[MID, UP],
+                 anchor="a dog") as h:
+        _sample(pipe)  # the pipeline ran with CFG: its calls were [uncond, cond] batches
+        assert h.state.cfg is True and h.state.flag.shape == (1,)
+        with torch.no_grad():
+            pipe.unet(x, TS[1], ehs)
+        assert h.state.cfg is False and h.state.flag.shape == (4,) and bool(h.state.flag.all())
+        with torch.no_grad():  # a batch with identical halves is a CFG batch: two conditional images
+            pipe.unet(torch.cat([x[:2], x[:2]]), TS[1], ehs)
+        assert h.state.cfg is True and h.state.flag.shape == (2,)
+        res = attack(pipe, "a cat", torch.rand(3, 3, 64, 64) * 2 - 1, iterations=2, num_prefix_tokens=2, progress=False)
+        assert len(res.loss_history) == 2 and all(torch.isfinite(torch.tensor(res.loss_history)))
+        assert h.state.flag.shape == (3,)  # the attack's 3 images, all conditional (an odd batch would have failed)
+    with patched(pipe, "cat", saes=saes, table=_table(), mode="probe_uncond", detectors=always, hookpoints=[MID, UP]):
+        _sample(pipe)
+        with pytest.raises(ValueError, match="needs a classifier-free guidance batch"):
+            with torch.no_grad():
+                pipe.unet(x, TS[1], ehs)
