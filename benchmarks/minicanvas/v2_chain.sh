@@ -20,15 +20,15 @@ SAE=${SAE:-.venv/bin/saeuron}
 OUT=build/minicanvas_v2
 WORK=build/minicanvas_v2.work
 CK=build/minicanvas_v2_sweep
-MODEL='{"caption_forms": true, "steps": 24000}'
+MODEL="{\"caption_forms\": true, \"steps\": ${STEPS:-20000}}"
 say() { echo "[v2 chain $(date -u +%H:%M:%S)] $*"; }
 
 if [ -n "${1:-}" ]; then
   say "waiting for process $1"
   while kill -0 "$1" 2>/dev/null; do sleep 30; done
 fi
-say "training (resumes; returns at once when the 24000 steps are done)"
-$PY -c "from saeuron.minicanvas.train_model import train_model; train_model('$WORK/model', 'cpu', seed=0, device='cpu', steps=24000, caption_forms=True, num_threads=2, progress=False)"
+say "training (resumes; returns at once when the ${STEPS:-20000} steps are done; the state: v2_sitting.sh)"
+$PY -c "from saeuron.minicanvas.train_model import train_model; train_model('$WORK/model', 'cpu', seed=0, device='cpu', steps=${STEPS:-20000}, caption_forms=True, num_threads=2, progress=False)"
 say "build"
 $SAE minicanvas build --out "$OUT" --work "$WORK" --threads 2 --set "model=$MODEL" --set 'classifiers_from="shipped"'
 if [ ! -f "$CK/concepts.json" ]; then
