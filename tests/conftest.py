@@ -38,6 +38,21 @@ def tiny_pipe(tiny_pipe_factory):
     return tiny_pipe_factory()
 
 
+@pytest.fixture(scope="module")
+def pipe(tiny_pipe_factory):
+    """The tiny pipeline, one per test module (a module that needs another defines its own ``pipe``)."""
+    return tiny_pipe_factory()
+
+
+@pytest.fixture
+def unpatched_after(pipe):
+    """Remove any saeuron patch from the module's ``pipe`` after the test (``pytestmark = usefixtures(...)``)."""
+    yield
+    from saeuron.patching import unpatch
+
+    unpatch(pipe)
+
+
 def sae_weights(num_latents: int, d_in: int, dtype=torch.float32, seed: int = 0) -> tuple:
     """Random ``(W_enc, b_enc, b_dec, W_dec)`` of the ops' signatures (unit-norm decoder rows), for op tests."""
     g = torch.Generator().manual_seed(seed)

@@ -10,22 +10,14 @@ from saeuron.concepts import ConceptTable
 from saeuron.evaluate.attack import (AttackTarget, attack, attack_eval, denoising_loss, encode, encode_prompts,
                                      generate_adversarial, prefixed_ids, to_latents)
 from saeuron.evaluate.baselines import cross_attention_projections, esd_parameters, esd_train, uce_edit
-from saeuron.patching import get_patch, patch, unpatch
+from saeuron.patching import get_patch, patch
 
 UP, MID = "up_blocks.1.attentions.1", "mid_block.attentions.0"
 TS = [667.0, 334.0, 1.0]
 PROMPT = "an image of a cat"
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_pipe_factory):
-    return tiny_pipe_factory()
-
-
-@pytest.fixture(autouse=True)
-def _clean(pipe):
-    yield
-    unpatch(pipe)
+pytestmark = pytest.mark.usefixtures("unpatched_after")  # the module pipe of conftest, unpatched after each test
 
 
 def _images(n=2, seed=1):

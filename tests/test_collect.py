@@ -19,11 +19,6 @@ RUN = dict(batch_size=2, num_inference_steps=2, height=64, width=64, progress=Fa
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_pipe_factory):
-    return tiny_pipe_factory()
-
-
-@pytest.fixture(scope="module")
 def reference(pipe, tmp_path_factory):
     """One uninterrupted run: 5 prompts in batches of 2 (the last one partial), 2 steps, two hookpoints."""
     return collect(pipe, PROMPTS, tmp_path_factory.mktemp("ref"), [UP, MID], **RUN)

@@ -13,7 +13,7 @@ from saeuron import reference
 from saeuron.concepts import ConceptTable
 from saeuron.detectors import (JSON_FILE, TENSORS_FILE, Detectors, exclusive_groups, fit_detectors, fit_softmax,
                                group_classes, image_codes, prompt_codes)
-from saeuron.patching import patched, unpatch
+from saeuron.patching import patched
 from saeuron.selection import build_concept_file
 from saeuron.store import ActivationStore
 
@@ -167,15 +167,7 @@ def test_files_round_trip_and_refuse_what_is_wrong(tmp_path):
     assert (tmp_path / TENSORS_FILE).is_file()
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_pipe_factory):
-    return tiny_pipe_factory()
-
-
-@pytest.fixture(autouse=True)
-def _clean(pipe):
-    yield
-    unpatch(pipe)
+pytestmark = pytest.mark.usefixtures("unpatched_after")  # the module pipe of conftest, unpatched after each test
 
 
 def _table():

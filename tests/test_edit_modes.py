@@ -17,15 +17,7 @@ UP = "up_blocks.1.attentions.1"  # 32 channels in the tiny pipeline
 TS = [667.0, 334.0, 1.0]
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_pipe_factory):
-    return tiny_pipe_factory()
-
-
-@pytest.fixture(autouse=True)
-def _clean(pipe):
-    yield
-    unpatch(pipe)
+pytestmark = pytest.mark.usefixtures("unpatched_after")  # the module pipe of conftest, unpatched after each test
 
 
 def _table(defaults=None, seed=0):

@@ -13,11 +13,6 @@ from saeuron.patching import get_patch, patch, unpatch
 UP = "up_blocks.1.attentions.1"
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_pipe_factory):
-    return tiny_pipe_factory()  # conftest runs tests on one thread: tiny tensors are faster that way
-
-
 def _checkpoint(path):
     make_sae(32, 128, 4, seed=1).save(path / UP)
     mu = torch.rand(2, 2, 128, generator=torch.Generator().manual_seed(0)) * 1e-3

@@ -12,15 +12,7 @@ UP, MID = "up_blocks.1.attentions.1", "mid_block.attentions.0"  # 32 and 64 chan
 TS = [667.0, 334.0, 1.0]  # the tiny pipeline's DDIM timesteps at 3 steps
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_pipe_factory):
-    return tiny_pipe_factory()  # conftest runs tests on one thread: tiny tensors are faster that way
-
-
-@pytest.fixture(autouse=True)
-def _clean(pipe):
-    yield
-    unpatch(pipe)
+pytestmark = pytest.mark.usefixtures("unpatched_after")  # the module pipe of conftest, unpatched after each test
 
 
 def _saes():

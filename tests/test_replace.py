@@ -8,7 +8,7 @@ from conftest import make_sae, sae_weights
 from saeuron import reference, replace
 from saeuron.cli.common import EDIT_MODES
 from saeuron.concepts import ConceptTable
-from saeuron.patching import patched, unpatch
+from saeuron.patching import patched
 
 UP = "up_blocks.1.attentions.1"  # 32 channels in the tiny pipeline
 TS = [667.0, 334.0, 1.0]
@@ -85,15 +85,7 @@ def test_uncond_fill():
     assert torch.equal(y[0][:, 1, 2], x[0][:, 1, 2]) and torch.equal(y[0][:, ~hit[0]], x[1][:, ~hit[0]])
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_pipe_factory):
-    return tiny_pipe_factory()
-
-
-@pytest.fixture(autouse=True)
-def _clean(pipe):
-    yield
-    unpatch(pipe)
+pytestmark = pytest.mark.usefixtures("unpatched_after")  # the module pipe of conftest, unpatched after each test
 
 
 def _table(fires=True):
