@@ -402,6 +402,35 @@ def test_sweep_default_scorer_on_tiny_pipeline(mc_pipe):
     assert (grid[2]["ua"], grid[2]["ira"]) == (grid[3]["ua"], grid[3]["ira"])  # tau x1e12 edits nothing
     assert all(r["ua"] in (0.0, 1.0) and r["ira"] in (0.0, 1.0) for r in grid)  # one target and one other image
     assert table.defaults["stripes"]["top_n"] == 1 and get_patch(mc_pipe) is None
+    # the default: the damage measure judges every image too, and the score counts only undamaged ones
+    for r in grid:
+        assert {"ua_undamaged", "ira_undamaged", "damage_target", "damage_kept"} <= set(r)
+        assert r["ua_undamaged"] <= r["ua"] and r["score"] == (r["ua_undamaged"] + r["ira_undamaged"]) / 2
+    assert table.metadata["sweep"]["stripes"]["spec"]["damage"] is True
+    plain = sweep(mc_pipe, _classifiers(), saes={UP: make_sae(32, 128, 4, seed=1)}, table=_table(["stripes", "checker"]),
+                  concepts="stripes", seeds=(1,), multipliers=(-1.0,), top_ns=(1,), thresholds=(1.0,),
+                  objects=["circle"], styles=["stripes", "checker"], num_inference_steps=2, guidance_scale=5.0,
+                  progress=False, damage=False)["stripes"]["grid"]
+    assert "ua_undamaged" not in plain[0] and plain[0]["score"] == (plain[0]["ua"] + plain[0]["ira"]) / 2
+    assert (plain[0]["ua"], plain[0]["ira"]) == (grid[0]["ua"], grid[0]["ira"])  # the same images
+
+
+def test_sweep_prefers_a_clean_edit_to_a_destructive_one(tmp_path):
+    """A point that "removes" the concept by breaking its images (high UA, low UA undamaged) loses to a clean one."""
+    def scorer(c, rule, value, mult, hps, thr):
+        if mult == -50.0:  # destroys: the judge no longer sees the target, but the images are broken
+            return {"ua": 1.0, "ira": 0.95, "cra": 0.9, "ua_undamaged": 0.3, "ira_undamaged": 0.7,
+                    "damage_target": 0.7, "damage_kept": 0.25}
+        return {"ua": 0.9, "ira": 0.95, "cra": 0.95, "ua_undamaged": 0.88, "ira_undamaged": 0.94,
+                "damage_target": 0.02, "damage_kept": 0.01}
+
+    t = _table(["stripes", "checker"])
+    res = sweep(table=t, concepts="stripes", seeds=(1,), rule="top_n", top_ns=(1,), multipliers=(-50.0, -1.0),
+                thresholds=(1.0,), scorer=scorer, progress=False)
+    best = res["stripes"]["best"]
+    assert best["multiplier"] == -1.0 and best["score"] == pytest.approx((0.88 + 0.94) / 2)
+    assert best["damage_target"] == 0.02 and t.defaults["stripes"]["multiplier"] == -1.0
+    assert "UA undamaged" in sweep_table(res) and "| 88.00 | 94.00 | 2.00 / 1.00 |" in sweep_table(res)
 
 
 # ---------------------------------------------------------------- explain

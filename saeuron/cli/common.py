@@ -116,6 +116,13 @@ def add_edit_args(s, top_n: bool = True):
         s.add_argument("--top-n", type=int, default=None, help="select the top n features per timestep instead")
     s.add_argument("--threshold", nargs="*", default=None,
                    help="factor on the edit threshold tau: 1 (the method's) or NAME=10 ... (default: concept file)")
+    s.add_argument("--hookpoints", dest="edit_hookpoints", nargs="+", default=None, metavar="HOOKPOINT",
+                   help="edit every concept at these blocks (default: each concept's own, from the concept file)")
+    add_mode_args(s)
+
+
+def add_mode_args(s):
+    """``--mode``, ``--gate``, ``--anchor``: the edit mode (unset: each concept's from the concept file)."""
     s.add_argument("--mode", default=None, choices=EDIT_MODES,
                    help="the edit mode of every concept (default: each concept's own from the concept file, which is "
                         "the method's scale edit unless a sweep run with --mode chose another); scale: the method's "
@@ -126,12 +133,10 @@ def add_edit_args(s, top_n: bool = True):
                         "probe_uncond: the same, images flagged by the checkpoint's fitted detectors (`saeuron "
                         "detectors`); probe_anchor: flagged so, the hooked blocks recomputed with an anchor "
                         "prompt's text (--anchor)")
-    s.add_argument("--hookpoints", dest="edit_hookpoints", nargs="+", default=None, metavar="HOOKPOINT",
-                   help="edit every concept at these blocks (default: each concept's own, from the concept file)")
     s.add_argument("--gate", type=float, default=None,
                    help="with --mode gate_uncond: the share of an image's tokens on which a selected feature must "
-                        "fire at the first hooked block to flag it, in (0, 1]; with --mode probe_uncond: the detector "
-                        "probability that flags an image, in (0, 1) (default 0.5)")
+                        "fire at the first hooked block to flag it, in (0, 1]; with --mode probe_uncond or probe_anchor: the "
+                        "detector probability that flags an image, in (0, 1) (default 0.5)")
     s.add_argument("--anchor", nargs="*", default=None, metavar="PROMPT",
                    help="with --mode probe_anchor: the prompt whose text replaces a flagged image's at the hooked "
                         "blocks, for every concept or NAME=PROMPT each (default: per concept, the prompt of the "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..pipelines import load_pipeline
-from .common import (add_edit_args, add_eval_model_args, add_grid_args, eval_checkpoint, eval_classifiers, patch_kwargs,
+from .common import (add_edit_args, add_eval_model_args, add_grid_args, add_mode_args, eval_checkpoint, eval_classifiers, patch_kwargs,
                      prompt_list, style_values, torch_dtype)
 
 
@@ -34,7 +34,7 @@ def cmd_sweep(a):
           percentiles=a.percentiles or PERCENTILES, top_ns=a.top_ns or TOP_NS, hookpoints=a.hookpoints,
           thresholds=a.thresholds or THRESHOLDS,
           objects=a.objects, styles=style_values(a.styles), num_inference_steps=a.steps, guidance_scale=a.guidance,
-          batch_size=a.batch_size, save_to=a.save_to, resume=not a.no_resume)
+          batch_size=a.batch_size, save_to=a.save_to, resume=not a.no_resume, damage=not a.no_damage, **patch_kwargs(a))
 
 
 def cmd_minicanvas_eval(a):
@@ -78,7 +78,8 @@ def add_explain_parser(sub):
 def add_sweep_parser(sub):
     """``saeuron sweep``: per-concept hookpoints x threshold x rule x multiplier search, stored as the defaults."""
     s = sub.add_parser("sweep", help="per-concept hookpoints x threshold x percentile/top_n x multiplier search "
-                                     "maximising (UA+IRA)/2; points already scored the same way are reused")
+                                     "maximising (UA+IRA)/2 over undamaged images (--mode: in that edit mode, stored "
+                                     "with the winner); points already scored the same way are reused")
     add_eval_model_args(s)
     add_grid_args(s, (1, 2))
     s.add_argument("--concepts", nargs="+", default=None, help="default: every concept of the domain")
@@ -93,6 +94,10 @@ def add_sweep_parser(sub):
     s.add_argument("--thresholds", type=float, nargs="+", default=None,
                    help="factors on the edit threshold tau to try, e.g. 1 10 (default: 1, the method's)")
     s.add_argument("--save-to", default=None, help="folder for the updated concept file (default: --checkpoint)")
+    s.add_argument("--no-damage", action="store_true",
+                   help="score by plain (UA+IRA)/2; by default an image counts as unlearned (or kept) only if the "
+                        "damage measure passes it, calibrated on the unedited model's images of the same prompts")
+    add_mode_args(s)
     s.set_defaults(fn=cmd_sweep)
     return s
 

@@ -134,6 +134,19 @@ def target_metrics(records, targets=None, domain: Optional[str] = None, labels=N
     return out
 
 
+def kept_undamaged(records, targets, domain: str, labels=None) -> Optional[float]:
+    """The share of a run's kept images (no target in their prompt) that the judge still reads right *and* that the
+    damage measure passes (IRA counting a damaged kept image as lost); None without kept images."""
+    ids = set(target_ids(targets, domain, labels))
+    sid = label_id_fn("style", labels)
+    truth = (lambda r: sid(r.style)) if domain == "style" else (lambda r: r.object)
+    pred = (lambda r: r.pred_style) if domain == "style" else (lambda r: r.pred_object)
+    rest = [r for r in records if truth(r) not in ids]
+    if any(r.damaged is None for r in rest):
+        raise ValueError("kept_undamaged needs records with damage flags (Record.damaged)")
+    return sum(pred(r) == truth(r) and not r.damaged for r in rest) / len(rest) if rest else None
+
+
 def mean_metrics(per_target: dict, keys=METRICS) -> dict:
     """Plain mean over runs of each metric (runs where a metric is None are left out of its mean)."""
     out = {}

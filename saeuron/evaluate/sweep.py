@@ -1,4 +1,6 @@
-"""Per-concept sweep: hookpoints x threshold x rule (percentile or top_n) x multiplier, maximising (UA + IRA) / 2.
+"""Per-concept sweep: hookpoints x threshold x rule (percentile or top_n) x multiplier, maximising (UA + IRA) / 2,
+where (with the MiniCanvas judges, by default) an image counts as unlearned or kept only if the damage measure
+passes it.
 
 The sweep scores every grid point on *tuning* seeds disjoint from the evaluation seeds (method.md
 section 4: "a per-class sweep over percentile {99.99, 99.995, 99.999} x multiplier {-1, -5, ..., -30},
@@ -27,11 +29,12 @@ from ..concepts import ConceptTable, check_percentile, check_threshold, check_to
 from ..patching import patched
 from ..utils import locks_folder
 from .common import EVAL_SEEDS, check_patch_kwargs, judge, resolve_assets, sample_images, with_detectors
-from .metrics import DOMAINS, Record, target_metrics
+from .metrics import DOMAINS, kept_undamaged, target_metrics
 from .protocol import MULTIPLIERS, PERCENTILES, THRESHOLDS, TOP_NS, TUNING_SEEDS
-from .unlearn_eval import build_jobs, json_roundtrip
+from .unlearn_eval import build_jobs, damage_flags, fit_run_damage, json_roundtrip, run_records
 
 RULES = ("auto", "percentile", "top_n")
+DAMAGE_KEYS = ("ua_undamaged", "ira_undamaged", "damage_target", "damage_kept")  # a grid row's damage figures
 
 
 def choose_rule(table, percentiles=PERCENTILES) -> str:
@@ -85,14 +88,27 @@ def grid_points(rule: str, multipliers=MULTIPLIERS, percentiles=PERCENTILES, top
 
 def make_scorer(pipe, classifiers, saes, table, *, domain: str, seeds=TUNING_SEEDS, objects=None, styles=None,
                 templates=(0,), num_inference_steps=None, guidance_scale=None, batch_size: int = 16,
-                progress: bool = False, **patch_kwargs) -> Callable:
+                progress: bool = False, damage: bool = True, **patch_kwargs) -> Callable:
     """A ``scorer(concept, rule, value, multiplier, hookpoints, threshold) -> {"ua", "ira", "cra", ...}`` that
     generates on ``seeds``, editing at ``hookpoints`` (a tuple of names) with ``threshold`` times tau.
 
+    ``damage``: also judge each image with the damage measure (:mod:`.damage`, calibrated on the unedited model's
+    images of the same prompts, generated once), adding ``damage_target``, ``damage_kept``, ``ua_undamaged`` and
+    ``ira_undamaged`` (a kept image counts as kept only if it is also undamaged).
     Grid points that select exactly the same features with the same multiplier and threshold are scored once.
     """
     jobs = build_jobs(objects, styles, seeds, templates)
     memo: dict = {}
+    measure: list = []  # the damage measure, fitted at the first scored point
+
+    def generate(bar_desc):
+        bar = tqdm(total=len(jobs), unit="img", desc=bar_desc, disable=not progress, leave=False)
+        try:
+            return sample_images(pipe, [j.prompt for j in jobs], [j.seed for j in jobs], bar=bar,
+                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                 batch_size=batch_size)
+        finally:
+            bar.close()
 
     def scorer(concept, rule, value, multiplier, hookpoints, threshold=1.0):
         sel = {"percentile": value} if rule == "percentile" else {"top_n": value}
@@ -100,20 +116,17 @@ def make_scorer(pipe, classifiers, saes, table, *, domain: str, seeds=TUNING_SEE
                tuple((h, tuple(tuple(t.tolist()) for t in table.select(h, concept, **sel)))
                      for h in sorted(hookpoints)))
         if key not in memo:
+            if damage and not measure:
+                measure.append(fit_run_damage(classifiers, jobs, judge(classifiers, generate("unedited"))))
             with patched(pipe, concept, saes=saes, table=table, multiplier=multiplier, hookpoints=list(hookpoints),
                          threshold=threshold, **sel, **patch_kwargs):
-                bar = tqdm(total=len(jobs), unit="img", desc=f"{concept} {rule}={value} x{multiplier}",
-                           disable=not progress, leave=False)
-                try:
-                    images = sample_images(pipe, [j.prompt for j in jobs], [j.seed for j in jobs], bar=bar,
-                                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                           batch_size=batch_size)
-                finally:
-                    bar.close()
+                images = generate(f"{concept} {rule}={value} x{multiplier}")
             p = judge(classifiers, images)
-            recs = [Record((concept,), domain, j.object, j.style, int(o), int(s))
-                    for j, o, s in zip(jobs, p["pred_object"].tolist(), p["pred_style"].tolist())]
+            dmg = damage_flags(measure[0], p, jobs, (concept,), domain) if damage else None
+            recs = run_records(jobs, (concept,), domain, p["pred_object"].tolist(), p["pred_style"].tolist(), dmg)
             memo[key] = target_metrics(recs, (concept,), domain)
+            if damage:
+                memo[key]["ira_undamaged"] = kept_undamaged(recs, (concept,), domain)
         return dict(memo[key])
 
     return scorer
@@ -126,9 +139,14 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
           objects=None, styles=None,
           templates=(0,), num_inference_steps: Optional[int] = None, guidance_scale: Optional[float] = None,
           batch_size: int = 16, scorer: Optional[Callable] = None, save_to=None, resume: bool = True,
-          progress: bool = True, **patch_kwargs) -> dict:
+          progress: bool = True, damage: bool = True, **patch_kwargs) -> dict:
     """Pick each concept's best (hookpoints, threshold, rule value, multiplier) by (UA + IRA) / 2 and store it as
     its default.
+
+    ``damage`` (with ``pipe`` and ``classifiers``): judge every image with the damage measure too and score by
+    ``(ua_undamaged + ira_undamaged) / 2``, so that an edit which removes the concept by breaking the image, or
+    breaks kept images, loses to a clean one (issue 21: an image counts as unlearned only if it is undamaged);
+    a ``scorer`` that returns ``ua_undamaged`` and ``ira_undamaged`` is scored the same way.
 
     ``hookpoints``: the choices of where to edit (see :func:`hookpoint_choices`; default: every hookpoint).
     ``thresholds``: factors on the edit threshold tau to try (default: 1 only, the method's).
@@ -160,11 +178,13 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
         patch_kwargs = with_detectors(patch_kwargs, checkpoint, table)
         scorer = make_scorer(pipe, classifiers, saes, table, domain=domain, seeds=seeds, objects=objects,
                              styles=styles, templates=templates, num_inference_steps=num_inference_steps,
-                             guidance_scale=guidance_scale, batch_size=batch_size, **patch_kwargs)
-    elif table is None:
-        if checkpoint is None:
-            raise ValueError("pass checkpoint= or table= so the sweep has a concept file to write into")
-        table = ConceptTable.load(checkpoint)
+                             guidance_scale=guidance_scale, batch_size=batch_size, damage=damage, **patch_kwargs)
+    else:
+        damage = False  # the scorer decides what it measures (its ua_undamaged / ira_undamaged, when given)
+        if table is None:
+            if checkpoint is None:
+                raise ValueError("pass checkpoint= or table= so the sweep has a concept file to write into")
+            table = ConceptTable.load(checkpoint)
     labels = data.STYLES if domain == "style" else data.OBJECTS
     concepts = [c for c in labels if c in table.names] if concepts is None else (
         [concepts] if isinstance(concepts, str) else list(concepts))
@@ -177,6 +197,8 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
     spec = {"rule": kind, "seeds": seeds, "domain": domain,  # how points are scored; the grid is in the rows
             "prompts": json_roundtrip({"objects": objects, "styles": styles, "templates": templates,  # what was scored
                               "steps": num_inference_steps, "guidance": guidance_scale, "patch": patch_kwargs})}
+    if damage:  # absent when off: sweeps stored before the damage measure are reused as they were scored
+        spec["damage"] = True
     several_hps = len({p[3] for p in points}) > 1
     save_to = save_to if save_to is not None else checkpoint
     stored = table.metadata.setdefault("sweep", {})
@@ -196,9 +218,11 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
                 bar.set_postfix_str(f"{c} {'+'.join(h) + ' ' if several_hps else ''}"
                                     f"{f'tau x{t:g} ' if t != 1 else ''}{r}={v} x{m}")
                 s = scorer(c, r, v, m, h, t)
-                ua, ira = s.get("ua"), s.get("ira")
+                clean = s.get("ua_undamaged") is not None and s.get("ira_undamaged") is not None
+                ua, ira = (s["ua_undamaged"], s["ira_undamaged"]) if clean else (s.get("ua"), s.get("ira"))
                 row = {"hookpoints": list(h), "threshold": t, "rule": r, "value": v, "multiplier": m,
                        **{k: s.get(k) for k in ("ua", "ira", "cra")},
+                       **{k: s[k] for k in DAMAGE_KEYS if s.get(k) is not None},
                        "score": None if ua is None or ira is None else (ua + ira) / 2}
                 known[_point_key(row)] = row
                 if save_to is not None:  # an interrupted sweep resumes at the next point
@@ -255,11 +279,18 @@ def _point_key(row) -> tuple:
 def sweep_table(result: dict) -> str:
     """The best point of every concept as a markdown table (percents)."""
     pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    lines = ["| concept | hookpoints | threshold | rule | value | multiplier | UA | IRA | CRA | (UA+IRA)/2 |",
-             "|---" * 10 + "|"]
+    dmg = any(r["best"].get("ua_undamaged") is not None for r in result.values())
+    extra = " UA undamaged | IRA undamaged | damage target / kept |" if dmg else ""
+    lines = ["| concept | hookpoints | threshold | rule | value | multiplier | UA | IRA | CRA |" + extra
+             + (" score |" if dmg else " (UA+IRA)/2 |"), "|---" * (14 if dmg else 10) + "|"]
     for c, r in result.items():
         b = r["best"]
         hps = " + ".join(b.get("hookpoints") or ["(all)"])
+        more = (f" {pct(b.get('ua_undamaged'))} | {pct(b.get('ira_undamaged'))} | {pct(b.get('damage_target'))} / "
+                f"{pct(b.get('damage_kept'))} |") if dmg else ""
         lines.append(f"| {c} | {hps} | {b.get('threshold', 1.0):g} | {b['rule']} | {b['value']} | {b['multiplier']:g} "
-                     f"| {pct(b['ua'])} | {pct(b['ira'])} | {pct(b.get('cra'))} | {pct(b['score'])} |")
+                     f"| {pct(b['ua'])} | {pct(b['ira'])} | {pct(b.get('cra'))} |{more} {pct(b['score'])} |")
+    if dmg:
+        lines.append("\nscore = (UA undamaged + IRA undamaged) / 2: an image counts as unlearned (or kept) only if "
+                     "the damage measure passes it.")
     return "\n".join(lines) + "\n"
