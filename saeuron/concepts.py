@@ -33,9 +33,10 @@ VERSION = 1
 DEFAULTS = {"multiplier": -1.0, "percentile": 99.99, "top_n": None, "hookpoints": None, "threshold": 1.0}
 # defaults a concept file holds only when set: "reserved": true selects the latents a concept-supervised SAE reserves
 # for the concept (saeuron.supervision) instead of the percentile/top_n rule; absent (false) in every other file.
-# "mode" (and its "gate"): the edit mode the concept is unlearned with when ``patch`` is given no mode
-# (saeuron.replace.MODES); absent = "scale", the method's edit, so files without it stay as before
-OPTIONAL_DEFAULTS = {"reserved": False, "mode": "scale", "gate": None}
+# "mode" (and its "gate"; for "probe_anchor" its "anchor" prompt): the edit mode the concept is unlearned with when
+# ``patch`` is given no mode (saeuron.replace.MODES); absent = "scale", the method's edit, so files without it stay
+# as before
+OPTIONAL_DEFAULTS = {"reserved": False, "mode": "scale", "gate": None, "anchor": None}
 DEFAULT_KEYS = frozenset(DEFAULTS) | frozenset(OPTIONAL_DEFAULTS)
 EPS = 1e-8
 
@@ -201,22 +202,30 @@ class ConceptTable:
                                      "train that SAE with concept supervision, or limit the concept's hookpoints")
             else:
                 d.pop("reserved", None)  # absent = false: files without reserved selection stay as before
-            mode, gate = d.get("mode") or "scale", d.get("gate")
+            mode, gate, anchor = d.pop("mode", None) or "scale", d.pop("gate", None), d.pop("anchor", None)
             try:
                 replace.check_mode(mode, "both", gate)
             except ValueError as e:
                 raise ValueError(f"defaults of {n!r}: {e}") from None
-            d.pop("mode", None), d.pop("gate", None)
+            if anchor is not None and (mode != "probe_anchor" or not isinstance(anchor, str) or not anchor.strip()):
+                raise ValueError(f"defaults of {n!r}: anchor={anchor!r} must be a non-empty prompt, and belongs to "
+                                 f"mode 'probe_anchor' (the default mode is {mode!r})")
             if mode != "scale":  # absent = the method's scale edit
                 d["mode"] = mode
                 if gate is not None:
                     d["gate"] = float(gate)
+                if anchor is not None:
+                    d["anchor"] = anchor
         return out
 
     def edit_mode(self, concept: str) -> tuple:
         """``(mode, gate)`` ``concept`` is unlearned with by default (``("scale", None)`` unless its defaults say)."""
         d = self.defaults[self.names[self.index(concept)]]
         return d.get("mode", "scale"), d.get("gate")
+
+    def default_anchor(self, concept: str):
+        """The anchor prompt ``concept``'s default ``probe_anchor`` edit uses, or None (chosen automatically)."""
+        return self.defaults[self.names[self.index(concept)]].get("anchor")
 
     def reservation(self, hp: str) -> dict:
         """``{concept: [latent ids]}`` the SAE at ``hp`` reserves (concept-supervised training), ``{}`` if none."""

@@ -727,6 +727,9 @@ def _anchor_embeds(pipe, anchor, concepts, table, detectors, hp, modules, exclud
         known = (detectors.metadata or {}).get("prompts") or {}
         prompts = {}
         for c in concepts:
+            if table.default_anchor(c) is not None:  # the concept file's anchor (a sweep run with --anchor chose it)
+                prompts[c] = table.default_anchor(c)
+                continue
             a = pick_anchor(detectors, table, c, hp, exclude=list(dict.fromkeys([*concepts, *exclude])))
             if a not in known:
                 raise ValueError(f"the detectors record no prompt for {c!r}'s anchor {a!r} (fitted by an older saeuron); "

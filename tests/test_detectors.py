@@ -365,6 +365,13 @@ def test_probe_anchor_in_a_pipeline_automatic_anchor_and_errors(pipe, tmp_path):
     assert (edited - base).abs().max() > 1e-4 and torch.equal(_sample(pipe), base)
     with patched(pipe, "cat", checkpoint=ck, mode="probe_anchor", detectors=always, anchor={"cat": "a car"}) as h:
         torch.testing.assert_close(h.anchor_embeds["cat"], encode_text(pipe, ["a car"]))
+    # the concept file's own mode and anchor: patch() with no mode= follows them
+    t = ConceptTable.load(ck)
+    t.defaults["cat"].update(mode="probe_anchor", anchor="a car")
+    with patched(pipe, "cat", saes={UP: make_sae(32, 96, 4, seed=5)}, table=ConceptTable(
+            t.names, t.counts, t.timesteps, t.mu, t.defaults, t.metadata), detectors=always) as h:
+        assert h.mode == "probe_anchor"
+        torch.testing.assert_close(h.anchor_embeds["cat"], encode_text(pipe, ["a car"]))
     never = Detectors(det.names, det.timesteps, {UP: {**always.parts[UP], "bias": -bias}}, det.groups, det.metadata)
     with patched(pipe, "cat", checkpoint=ck, mode="probe_anchor", detectors=never):
         assert torch.equal(_sample(pipe), base)

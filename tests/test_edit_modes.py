@@ -46,6 +46,11 @@ def test_default_modes_are_validated_where_they_enter_and_saved(tmp_path):
         _table({"dog": {"mode": "probe_uncond", "gate": 1.5}})
     with pytest.raises(ValueError, match="defaults of 'cat': gate=None: mode='gate_uncond' needs"):
         _table({"cat": {"mode": "gate_uncond"}})
+    a = _table({"cat": {"mode": "probe_anchor", "anchor": "a dog"}})
+    assert a.default_anchor("cat") == "a dog" and a.default_anchor("dog") is None
+    for bad in ({"anchor": "a dog"}, {"mode": "probe_uncond", "anchor": "a dog"}, {"mode": "probe_anchor", "anchor": " "}):
+        with pytest.raises(ValueError, match="defaults of 'cat': anchor=.* belongs to mode 'probe_anchor'"):
+            _table({"cat": bad})
 
 
 def _inputs(b=2):
@@ -155,6 +160,7 @@ def test_a_sweep_in_a_mode_stores_it_as_the_default(tmp_path):
           thresholds=[1.0], scorer=scorer, save_to=tmp_path, progress=False, mode="probe_anchor", gate=0.6)
     back = ConceptTable.load(tmp_path)
     assert back.edit_mode("cat") == ("probe_anchor", 0.6) and back.defaults["cat"]["top_n"] == 2
+    assert back.default_anchor("cat") is None  # automatic
     assert back.edit_mode("dog") == ("scale", None)
     # a later sweep without mode= scores the concept in its default mode and keeps it
     n = len(scored)
@@ -164,7 +170,17 @@ def test_a_sweep_in_a_mode_stores_it_as_the_default(tmp_path):
     assert again.edit_mode("cat") == ("probe_anchor", 0.6) and again.defaults["cat"]["top_n"] == 4
     assert again.metadata["sweep"]["cat"]["spec"]["mode"] == "probe_anchor"
     assert len(scored) == n + 3  # the spec differs (mode from the defaults), so nothing was reused
-    # and a scale sweep puts it back on the method's edit
+    # an anchor given to the sweep is stored with the mode; a later sweep without one keeps it
     sweep(table=again, concepts=["cat"], domain="object", seeds=[1], rule="top_n", top_ns=[1], multipliers=[-1.0],
+          thresholds=[1.0], scorer=scorer, save_to=tmp_path, progress=False, mode="probe_anchor",
+          anchor={"cat": "a dog"})
+    assert ConceptTable.load(tmp_path).default_anchor("cat") == "a dog"
+    sweep(table=ConceptTable.load(tmp_path), concepts=["cat"], domain="object", seeds=[1], rule="top_n", top_ns=[1],
+          multipliers=[-1.0], thresholds=[1.0], scorer=scorer, save_to=tmp_path, progress=False)
+    kept = ConceptTable.load(tmp_path)
+    assert kept.default_anchor("cat") == "a dog" and kept.metadata["sweep"]["cat"]["spec"]["anchor"] == "a dog"
+    # and a scale sweep puts it back on the method's edit
+    sweep(table=kept, concepts=["cat"], domain="object", seeds=[1], rule="top_n", top_ns=[1], multipliers=[-1.0],
           thresholds=[1.0], scorer=scorer, save_to=tmp_path, progress=False, mode="scale")
     assert ConceptTable.load(tmp_path).edit_mode("cat") == ("scale", None)
+    assert ConceptTable.load(tmp_path).default_anchor("cat") is None

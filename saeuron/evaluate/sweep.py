@@ -205,8 +205,9 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
     out = {}
     bar = tqdm(total=len(concepts) * len(points), desc="sweep", unit="point", disable=not progress)
     for c in concepts:
-        mode, gate = _edit_mode(table, c, patch_kwargs)
-        cspec = spec if mode == "scale" or patch_kwargs.get("mode") is not None else {**spec, "mode": mode, "gate": gate}
+        mode, gate, anchor = _edit_mode(table, c, patch_kwargs)
+        cspec = spec if mode == "scale" or patch_kwargs.get("mode") is not None else {
+            **spec, "mode": mode, "gate": gate, **({"anchor": anchor} if anchor is not None else {})}
         prev = stored.get(c) if resume else None
         known = {}  # points already scored on the same seeds, prompts and sampling: reused, not rescored
         if isinstance(prev, dict) and _same_scoring(prev.get("spec"), cspec):
@@ -242,8 +243,8 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
                              "percentile": best["value"] if best["rule"] == "percentile" else None,
                              "top_n": best["value"] if best["rule"] == "top_n" else None,
                              "hookpoints": list(best["hookpoints"]), "threshold": best["threshold"],
-                             **({"mode": mode, **({"gate": gate} if gate is not None else {})} if mode != "scale"
-                                else {})}
+                             **({"mode": mode, **({"gate": gate} if gate is not None else {}),
+                                 **({"anchor": anchor} if anchor is not None else {})} if mode != "scale" else {})}
         stored[c] = out[c] = {"best": best, "grid": rows, "spec": cspec}
         if save_to is not None:
             table.save(save_to)
@@ -254,13 +255,15 @@ def sweep(pipe=None, classifiers=None, checkpoint=None, *, saes=None, table=None
 
 
 def _edit_mode(table, concept, patch_kwargs) -> tuple:
-    """``(mode, gate)`` the sweep scores ``concept`` with, which its new defaults keep: the ``mode`` (and ``gate``)
-    passed to the sweep, else the concept's current default mode."""
-    mode, gate = patch_kwargs.get("mode"), patch_kwargs.get("gate")
-    mode = mode.get(concept) if isinstance(mode, dict) else mode
+    """``(mode, gate, anchor)`` the sweep scores ``concept`` with, which its new defaults keep: the ``mode`` (``gate``,
+    ``anchor``) passed to the sweep, else the concept's current default mode (gate, anchor)."""
+    pick = lambda v: v.get(concept) if isinstance(v, dict) else v  # noqa: E731
+    mode, gate, anchor = pick(patch_kwargs.get("mode")), patch_kwargs.get("gate"), pick(patch_kwargs.get("anchor"))
     if mode is None:
-        return table.edit_mode(concept) if gate is None else (table.edit_mode(concept)[0], gate)
-    return mode, gate
+        mode, own = table.edit_mode(concept)
+        gate = own if gate is None else gate
+        anchor = table.default_anchor(concept) if anchor is None else anchor
+    return mode, gate, (anchor if mode == "probe_anchor" else None)
 
 
 def _same_scoring(a, b) -> bool:

@@ -98,6 +98,8 @@ def edit_signature(table, concepts, patch_kwargs: dict) -> dict:
             out[c]["mode"], gate = table.edit_mode(c)
             if gate is not None:
                 out[c]["gate"] = gate
+            if table.default_anchor(c) is not None and patch_kwargs.get("anchor") is None:
+                out[c]["anchor"] = table.default_anchor(c)
     rest = {k: v for k, v in patch_kwargs.items()
             if k not in ("percentile", "top_n", "multiplier", "hookpoints", "threshold")}
     return {"concepts": out, "patch": json_roundtrip(rest)}
