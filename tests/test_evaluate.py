@@ -415,6 +415,34 @@ def test_sweep_default_scorer_on_tiny_pipeline(mc_pipe):
     assert (plain[0]["ua"], plain[0]["ira"]) == (grid[0]["ua"], grid[0]["ira"])  # the same images
 
 
+def test_sweep_calibrates_damage_on_unedited_images_and_restores_a_callers_patch(mc_pipe, monkeypatch):
+    from saeuron.evaluate import sweep as sweep_module
+    from saeuron.evaluate.common import sample_images
+    from saeuron.patching import patch, unpatch
+
+    seen = []
+    real = sweep_module.fit_run_damage
+    monkeypatch.setattr(sweep_module, "fit_run_damage", lambda c, jobs, base: seen.append(base) or real(c, jobs, base))
+    saes = {UP: make_sae(32, 128, 4, seed=1)}
+    kw = dict(objects=["circle"], styles=["stripes", "checker"], num_inference_steps=2, guidance_scale=5.0)
+    jobs = build_jobs(kw["objects"], kw["styles"], (1,))
+    clean = sample_images(mc_pipe, [j.prompt for j in jobs], [j.seed for j in jobs], num_inference_steps=2,
+                          guidance_scale=5.0)
+    mine = patch(mc_pipe, "stripes", saes=saes, table=_table(["stripes", "checker"]), multiplier=-30.0)
+    try:
+        edited = sample_images(mc_pipe, [j.prompt for j in jobs], [j.seed for j in jobs], num_inference_steps=2,
+                               guidance_scale=5.0)
+        assert (edited - clean).abs().max() > 1e-3  # the caller's patch changes these images
+        sweep(mc_pipe, _classifiers(), saes=saes, table=_table(["stripes", "checker"]), concepts="checker", seeds=(1,),
+              multipliers=(-1.0,), top_ns=(1,), thresholds=(1.0,), progress=False, **kw)
+        assert get_patch(mc_pipe) is mine and mine.active  # restored
+    finally:
+        unpatch(mc_pipe)
+    from saeuron.evaluate.common import judge
+    want = judge(_classifiers(), clean)
+    assert len(seen) == 1 and torch.allclose(seen[0]["feat_object"], want["feat_object"], atol=1e-5)
+
+
 def test_sweep_prefers_a_clean_edit_to_a_destructive_one(tmp_path):
     """A point that "removes" the concept by breaking its images (high UA, low UA undamaged) loses to a clean one."""
     def scorer(c, rule, value, mult, hps, thr):

@@ -26,7 +26,7 @@ from typing import Callable, Optional
 from tqdm.auto import tqdm
 
 from ..concepts import ConceptTable, check_percentile, check_threshold, check_top_n
-from ..patching import patched
+from ..patching import get_patch, patched
 from ..utils import locks_folder
 from .common import EVAL_SEEDS, check_patch_kwargs, judge, resolve_assets, sample_images, with_detectors
 from .metrics import DOMAINS, kept_undamaged, target_metrics
@@ -117,7 +117,15 @@ def make_scorer(pipe, classifiers, saes, table, *, domain: str, seeds=TUNING_SEE
                      for h in sorted(hookpoints)))
         if key not in memo:
             if damage and not measure:
-                measure.append(fit_run_damage(classifiers, jobs, judge(classifiers, generate("unedited"))))
+                prev = get_patch(pipe)  # the unedited images: without any patch the caller had installed
+                if prev is not None:
+                    prev.remove()
+                try:
+                    base = judge(classifiers, generate("unedited"))
+                finally:
+                    if prev is not None:
+                        prev.install()
+                measure.append(fit_run_damage(classifiers, jobs, base))
             with patched(pipe, concept, saes=saes, table=table, multiplier=multiplier, hookpoints=list(hookpoints),
                          threshold=threshold, **sel, **patch_kwargs):
                 images = generate(f"{concept} {rule}={value} x{multiplier}")
