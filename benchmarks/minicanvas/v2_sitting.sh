@@ -42,7 +42,18 @@ fi
 w=$(step_of "$WORK")
 say "copying the state at step $w into $GIT_STATE"
 rm -rf "$GIT_STATE.tmp" && mkdir -p "$GIT_STATE.tmp"
-cp "$WORK"/train_state* "$WORK"/metrics.jsonl "$GIT_STATE.tmp"/
+cp "$WORK"/train_state.json "$GIT_STATE.tmp"/  # the json first: it names the shard files of one complete state
+$PY - "$WORK" "$GIT_STATE.tmp" <<'PYEOF'
+import json, shutil, sys
+from pathlib import Path
+work, dst = Path(sys.argv[1]), Path(sys.argv[2])
+files = json.loads((dst / "train_state.json").read_text())["files"]
+for f in files:  # a training process saving meanwhile may have replaced them: then refuse, copy again later
+    if not (work / f).is_file():
+        sys.exit(f"v2 sitting: {work / f} is gone (a save in progress?); run again once the training stopped")
+    shutil.copy2(work / f, dst / f)
+shutil.copy2(work / "metrics.jsonl", dst / "metrics.jsonl")
+PYEOF
 rm -rf "$GIT_STATE.old" && { [ ! -d "$GIT_STATE" ] || mv "$GIT_STATE" "$GIT_STATE.old"; }
 mv "$GIT_STATE.tmp" "$GIT_STATE" && rm -rf "$GIT_STATE.old"
 say "done: commit $GIT_STATE (step $w of $STEPS)"
