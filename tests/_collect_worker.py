@@ -56,7 +56,8 @@ def run(rank: int, world: int, spec_path: str, mode: str) -> None:
         except Exception as e:
             with open(os.path.join(out, f"{mode}_rank{rank}_error.json"), "w") as f:
                 json.dump({"type": type(e).__name__, "message": str(e)}, f)
-            if mode == "refused":  # expected: both ranks stop, each with its own error
+            if mode == "refused":  # expected: both ranks stop, each with its own error; meet before the teardown,
+                dist.barrier()     # so neither destroys the group while the other still talks (a SIGABRT seen once)
                 return
             raise
         with open(os.path.join(out, f"{mode}_rank{rank}.json"), "w") as f:
