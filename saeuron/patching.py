@@ -684,9 +684,9 @@ def resolve_modes(table, concepts, mode, gate, halves) -> tuple:
     modes, gates = {}, {}
     for c in concepts:
         m = mode.get(c) if isinstance(mode, dict) else mode
-        modes[c], gates[c] = (m, gate) if m is not None else table.edit_mode(c)
-        if m is not None and gate is None and m == table.edit_mode(c)[0]:
-            gates[c] = table.edit_mode(c)[1]  # the concept's own gate for its own mode
+        own, own_gate = table.edit_mode(c)
+        modes[c] = own if m is None else m
+        gates[c] = gate if gate is not None else own_gate if modes[c] == own else None  # own gate for its own mode
     others = sorted({m for m in modes.values() if m != "scale"})
     if len(others) > 1:
         raise ValueError(f"one patch mixes the scale edit with at most one other mode; the concepts' modes are "
