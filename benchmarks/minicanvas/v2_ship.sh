@@ -8,7 +8,9 @@
 #   benchmarks/minicanvas/v2_ship.sh && TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/test_compare.py \
 #     tests/test_damage.py tests/test_demo.py tests/test_demo_damage.py tests/test_minicanvas_model.py
 #
-# CHECKPOINT=DIR ships another checkpoint (SAE folders + concept file + detectors).
+# CHECKPOINT=DIR ships another checkpoint (SAE folders + concept file + detectors). CHECKPOINT_ONLY=1 ships only
+# that checkpoint (e.g. the swept one of v2_finish.sh, benchmarks/minicanvas/v2_eval/sweep_ckpt, in a later session
+# when build/ is gone); its SAEs must be the shipped ones (byte for byte), so it fits the shipped model.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-build/minicanvas_v2}
@@ -16,15 +18,29 @@ CK=${CHECKPOINT:-build/minicanvas_v2_sweep}
 [ -f "$CK/concepts.json" ] || CK="$OUT/checkpoint"
 ASSETS=saeuron/minicanvas/assets
 say() { echo "[v2 ship $(date -u +%H:%M:%S)] $*"; }
+swap() {  # swap SRC into DST (a file or a folder) through DST.new
+  rm -rf "$2.new" && cp -r "$1" "$2.new" && rm -rf "$2.old" && { [ ! -e "$2" ] || mv "$2" "$2.old"; } \
+    && mv "$2.new" "$2" && rm -rf "$2.old"
+}
+if [ -n "${CHECKPOINT_ONLY:-}" ]; then
+  [ -f "$CK/concepts.json" ] && [ -f "$CK/detectors.json" ] || { echo "v2 ship: $CK holds no concept file + detectors" >&2; exit 1; }
+  for sae in "$ASSETS"/checkpoint/*/; do
+    h=$(basename "$sae")
+    for f in "$sae"*; do
+      cmp -s "$f" "$CK/$h/$(basename "$f")" || { echo "v2 ship: $CK/$h/$(basename "$f") differs from the shipped SAE; not shipping" >&2; exit 1; }
+    done
+  done
+  say "checkpoint only, from $CK"
+  swap "$CK" "$ASSETS/checkpoint"
+  find "$ASSETS" -name .saeuron.lock -delete
+  say "done: commit $ASSETS"
+  exit 0
+fi
 for need in "$OUT/BUILD.json" "$OUT/gates.json" "$OUT/model/model_index.json" "$OUT/classifiers" "$CK/concepts.json" \
             "$CK/detectors.json"; do
   [ -e "$need" ] || { echo "v2 ship: $need is missing; finish the build (v2_chain.sh) first" >&2; exit 1; }
 done
 grep -q '"pass": false' "$OUT/gates.json" && { echo "v2 ship: a gate in $OUT/gates.json fails; not shipping" >&2; exit 1; }
-swap() {  # swap SRC into DST (a file or a folder) through DST.new
-  rm -rf "$2.new" && cp -r "$1" "$2.new" && rm -rf "$2.old" && { [ ! -e "$2" ] || mv "$2" "$2.old"; } \
-    && mv "$2.new" "$2" && rm -rf "$2.old"
-}
 say "model, classifiers, gates.json, BUILD.json from $OUT; checkpoint from $CK"
 swap "$OUT/model" "$ASSETS/model"
 swap "$OUT/classifiers" "$ASSETS/classifiers"

@@ -18,7 +18,7 @@
 # STEPS: 20000, not the first v2 run's 24000 (its step-16500 checkpoint, at the peak learning rate, already passed
 # the gates on seed 188: 98.2 % objects, 100 % styles, held-out forms 98.4 / 100); the learning-rate decay then
 # covers steps 15000-20000. Change it only before step 15000, where the decay begins.
-# When the training is done, v2_chain.sh builds on the finished state (gates, collection, SAEs, concept file).
+# v2_chain.sh runs this first, then (once the steps are done) builds and ships; use it instead in later sessions.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
