@@ -2,7 +2,8 @@
 # Issue 21's last measurement on the shipped v2 build, then issue 22's, in priority order: the tuning sweeps (seed 1;
 # scored over undamaged images), SAeUron (the swept concept file) and UCE on the five protocol seeds with the damage
 # measure, both domains; probe_anchor held out (objects; the training caption form and the held-out forms 1 and 2);
-# five objects at once; the styled-anchor lever on tuning seed 1; then the older levers (token-weighted scores, both
+# five objects at once; probe_anchor as the objects' default under the attack with its control; the early-swap and
+# styled-anchor levers on tuning seed 1; then the older levers (token-weighted scores, both
 # 8x8 blocks at once). Run it in the background, alone on the 2 cores, once v2_chain.sh has shipped the build into
 # saeuron/minicanvas/assets (it reads the model and checkpoint from there, not from build/):
 #
@@ -53,6 +54,20 @@ OMP_NUM_THREADS=2 $SAE minicanvas eval --model "$MODEL" --checkpoint "$CK" --dom
 say "probe_anchor, 1..5 objects at once (seed 188)"
 OMP_NUM_THREADS=2 $SAE minicanvas eval --model "$MODEL" --checkpoint "$CK" --domain object --seeds 188 \
   --hookpoints $OBJ8 --mode probe_anchor --multi 5 --out "$EVAL/anchor_multi5" --batch-size 55
+say "probe_anchor as the objects' default mode (a one-point sweep on tuning seed 1 stores it in a copy of the file)"
+AK=$EVAL/anchor_ckpt
+if [ ! -f "$AK/concepts.json" ]; then
+  rm -rf "$AK.tmp" && cp -r "$CK" "$AK.tmp" && mv "$AK.tmp" "$AK"
+fi
+OMP_NUM_THREADS=2 $SAE sweep --model "$MODEL" --checkpoint "$AK" --domain object --seeds 1 --mode probe_anchor \
+  --hookpoints up_blocks.0.attentions.0,up_blocks.0.attentions.1 --thresholds 1 --top-ns 2 --multipliers -20 \
+  --batch-size 55
+say "SAeUron with probe_anchor objects under the attack, with its control (seed 188, 5 attacked prompts per target)"
+OMP_NUM_THREADS=2 $SAE minicanvas compare --model "$MODEL" --checkpoint "$AK" --methods saeuron --style-targets \
+  --seeds 188 --attack-prompts 5 --out "$EVAL/anchor_attack" --batch-size 55
+say "early-swap lever (issue 22, tuning seed 1): flagged images get the anchor's text in the whole UNet early on"
+THREADS=2 $PY benchmarks/minicanvas/lever_anchor_early.py "$MODEL" "$CK" "$EVAL/lever_anchor_early" 1 \
+  circle,ring,square,triangle,star,cross,heart,crescent,hexagon,arrow 1000,700,400
 say "styled-anchor lever (issue 22, tuning seed 1): the anchor names the image's style; the 16x16 block re-run too"
 STYLED=1 HOOKS=up_blocks.0.attentions.0,up_blocks.0.attentions.1,up_blocks.1.attentions.1 \
   $PY benchmarks/minicanvas/lever_probe_rerun.py "$MODEL" "$CK" "$EVAL/lever_probe_rerun/styled_up11_seed1" 1 \
