@@ -12,8 +12,10 @@ timings it was made on. The ``replace`` variant is the detect-then-replace edit 
 tokens read as one image, ``replace_background``) on the automatic backend: the same fire-first pass with zero
 scales on a copy, a compare, and the fill. The ``probe`` variant is ``mode="probe_uncond"``'s decision at the
 first hooked block (:mod:`saeuron.detectors`: the tokens' mean top-k code read as 16 images, 10 concepts'
-logistic detectors, and the whole-map fill); it encodes every token whatever fires, so it costs the same at 0 %,
-5 % and 100 %.
+logistic detectors, and the whole-map fill) with a detector over every latent's top-k code (``latents=0``): it
+encodes every token whatever fires, so it costs the same at 0 %, 5 % and 100 %. ``probe_sparse`` is the same
+decision with the default sparse detector (the mean ReLU pre-activations of 48 latents: one GEMM over 48 encoder
+rows).
 """
 import os
 import statistics
@@ -24,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from saeuron import ops, replace
-from saeuron.detectors import mean_codes
+from saeuron.detectors import DEFAULT_LATENTS, mean_codes, relu_means
 
 from .common import DEVICE, GPU, sync
 from .eager import eager_edit
@@ -94,7 +96,7 @@ def _run(benchmark, fn, group, variant, floor):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("frac", FRACS, ids=lambda f: f"fire{int(f * 100)}pct")
-@pytest.mark.parametrize("variant", ("gemm", "eager") + BACKENDS + ("auto", "replace", "probe"))
+@pytest.mark.parametrize("variant", ("gemm", "eager") + BACKENDS + ("auto", "replace", "probe", "probe_sparse"))
 def test_edit_call(benchmark, variant, frac, n, dtype):
     x, W_enc, b_enc, b_dec, W_dec, feat, tau, scale = _case(n, dtype, frac)
     group = f"edit d={D} M={M} k={K} F={NF} N={n} {str(dtype).split('.')[-1]} fire {int(frac * 100)}%"
@@ -108,14 +110,18 @@ def test_edit_call(benchmark, variant, frac, n, dtype):
         def fn():
             hit = replace.detect(x, (W_enc, b_enc, b_dec, W_dec), K, feat, tau, zero, n)
             return replace.background_fill(x.view(1, n, D), hit.view(1, n))
-    elif variant == "probe":
+    elif variant in ("probe", "probe_sparse"):
         imgs = 16
         g = torch.Generator().manual_seed(1)
-        w = (torch.randn(M, 10, generator=g) * 0.01).to(DEVICE)
+        lat = torch.randperm(M, generator=g)[:DEFAULT_LATENTS].sort().values.to(DEVICE)
+        w = (torch.randn(M if variant == "probe" else len(lat), 10, generator=g) * 0.01).to(DEVICE)
         unc = torch.randn(n, D, generator=g).to(DEVICE, dtype)
 
         def fn():
-            z = mean_codes(x, (W_enc, b_enc, b_dec), K, imgs)
+            if variant == "probe":  # every latent's mean top-k code: a full encode
+                z = mean_codes(x, (W_enc, b_enc, b_dec), K, imgs)
+            else:  # the default sparse detector: 48 latents' mean ReLU pre-activations
+                z = relu_means(x, W_enc.index_select(0, lat), b_enc.index_select(0, lat), b_dec, imgs)
             flag = torch.sigmoid(z @ w)[:, 3] >= 0.5
             return torch.where(flag.repeat_interleave(n // imgs)[:, None], unc, x)
     elif variant == "eager":

@@ -20,6 +20,18 @@ detectors flag 12-15 % of the other objects' images at some step, the grouped on
 weights read as linear scores over SAE latents, as the statistics do. Fitted by :func:`fit_detectors` on the store
 the statistics come from, saved beside the concept file as ``detectors.safetensors`` + ``detectors.json`` (with the
 SAEs' fingerprints and timesteps, checked at patch time); :mod:`saeuron.patching` uses them to flag images.
+
+**Sparse detectors (the default).** The code above needs every token's top-k, i.e. the whole encoder GEMM, at every
+denoiser call, whatever fires: about 1.45x the GEMM (benchmarks/RESULTS.md), against the fire-first edit's 0.01x
+where nothing fires. So by default (``fit_detectors(..., latents=48)``) a detector reads only ``L`` latents, the same
+for every timestep, and their plain ReLU pre-activations instead of top-k codes::
+
+    a[p,t,j] = mean over p's tokens at t of ReLU((x - b_dec) . W_enc[j] + b_enc[j])      for j in the L latents
+
+one gathered GEMM over ``L`` encoder rows (``L / M`` of the encoder GEMM; 48 of 1024 latents: 0.047x). The ``L``
+latents are chosen by a first fit on every latent's ReLU mean: those with the largest summed absolute weight (the
+weights are per standardised latent, so comparable) over timesteps and classes; the detector is then refitted on
+them. ``latents=0`` fits the detector on every latent's mean top-k code (what every version-1 detectors file holds).
 """
 from __future__ import annotations
 
@@ -38,8 +50,11 @@ from .utils import FolderLock, atomic_save_file, atomic_write_json, read_json
 TENSORS_FILE = "detectors.safetensors"
 JSON_FILE = "detectors.json"
 FORMAT = "saeuron.detectors"
-VERSION = 1
+VERSION = 2  # 2: optional "latents" per hookpoint (sparse detectors); version-1 files (no latents) still read
+READS = (1, 2)
 PARTS = ("weight", "bias", "mean", "std")  # per hookpoint: [T, C, M], [T, C], [T, M], [T, M]
+LATENTS = "latents"  # optional per hookpoint: [M] int64 SAE latents the detector reads (their ReLU pre-activations)
+DEFAULT_LATENTS = 48
 
 
 def image_codes(sae, x: torch.Tensor) -> torch.Tensor:
@@ -64,9 +79,34 @@ def mean_codes(tok: torch.Tensor, weights: tuple, k: int, images: int) -> torch.
     return out.view(images, M) / per
 
 
-def prompt_codes(store, sae, hookpoint: str, *, batch_size: int = 4096, progress: bool = True) -> tuple:
+def relu_means(tok: torch.Tensor, W_rows: torch.Tensor, b_rows: torch.Tensor, b_dec: torch.Tensor,
+               images: int) -> torch.Tensor:
+    """``[images, L]`` float32: the mean over each of ``images`` equal runs of rows of ``tok [N, d]`` of the ReLU
+    pre-activations of ``L`` latents (``W_rows [L, d]``, ``b_rows [L]``: those latents' encoder rows): one GEMM
+    over ``L`` rows, no top-k (a sparse detector's input). Non-finite values count as 0."""
+    pre = torch.nn.functional.linear(tok.to(W_rows.dtype) - b_dec, W_rows, b_rows)
+    pre = torch.nan_to_num(torch.relu(pre).float(), nan=0.0, posinf=0.0, neginf=0.0)
+    return pre.view(images, tok.shape[0] // images, -1).mean(1)
+
+
+def image_relu_means(sae, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` float32: :func:`relu_means` of each image of a block output map ``[B, C, H, W]`` or DiT tokens
+    ``[B, L, C]``, over the SAE latents ``latents`` (in the SAE's input space, as :func:`image_codes`)."""
+    with torch.no_grad():
+        tok = reference.as_tokens(x) if x.dim() == 4 else x.reshape(-1, x.shape[-1])
+        tok = sae.preprocess(tok)[0]
+        W_enc, b_enc, b_dec = sae.weights_for(x.device, x.dtype)[:3]
+        lat = latents.to(x.device)
+        return relu_means(tok, W_enc.index_select(0, lat), b_enc.index_select(0, lat), b_dec, x.shape[0])
+
+
+def prompt_codes(store, sae, hookpoint: str, *, batch_size: int = 4096, progress: bool = True,
+                 kind: str = "topk") -> tuple:
     """``(timesteps [T] descending, codes [T, P, M], present [T, P])``: every stored prompt's mean dense code per
-    timestep at ``hookpoint`` (``present``: the prompt has rows at that timestep)."""
+    timestep at ``hookpoint`` (``present``: the prompt has rows at that timestep). ``kind="relu"``: the mean ReLU
+    pre-activations of every latent instead of the top-k code (what a sparse detector reads)."""
+    if kind not in ("topk", "relu"):
+        raise ValueError(f"kind must be 'topk' or 'relu', got {kind!r}")
     from tqdm.auto import tqdm
 
     from .selection import store_hookpoint
@@ -85,14 +125,21 @@ def prompt_codes(store, sae, hookpoint: str, *, batch_size: int = 4096, progress
         x, pid, ts = x[ok], b["prompt_id"].to(sae.device)[ok], b["timestep"].to(sae.device)[ok]
         x = sae.preprocess(x.to(W_enc.dtype))[0]
         with torch.no_grad():
-            vals, idx = ops.topk_encode(x.contiguous(), W_enc, b_enc, b_dec, sae.cfg.k)
-        vals = torch.nan_to_num(vals.double())
+            if kind == "topk":
+                vals, idx = ops.topk_encode(x.contiguous(), W_enc, b_enc, b_dec, sae.cfg.k)
+                vals = torch.nan_to_num(vals.double())
+            else:
+                dense = torch.relu(torch.nn.functional.linear(x - b_dec, W_enc, b_enc))  # x is preprocessed
+                dense = torch.nan_to_num(dense.double(), nan=0.0, posinf=0.0, neginf=0.0)
         for u in torch.unique(ts).tolist():
             sel = ts == u
             s, n = sums.setdefault(u, (torch.zeros(P, M, dtype=torch.float64, device=sae.device),
                                        torch.zeros(P, dtype=torch.int64, device=sae.device)))
             p = pid[sel]
-            s.index_put_((p[:, None].expand_as(idx[sel]), idx[sel]), vals[sel], accumulate=True)
+            if kind == "topk":
+                s.index_put_((p[:, None].expand_as(idx[sel]), idx[sel]), vals[sel], accumulate=True)
+            else:
+                s.index_add_(0, p, dense[sel])
             n.index_add_(0, p, torch.ones_like(p))
     bar.close()
     if not sums:
@@ -198,7 +245,9 @@ class Detectors:
 
     ``groups``: the exclusive group of each class (:func:`group_classes`): the first ``len(names)`` classes are the
     concepts, any further one is the "none" class of its group (default: one group of the concepts, no "none").
-    ``parts``: ``{hookpoint: {"weight" [T, K, M], "bias" [T, K], "mean" [T, M], "std" [T, M]}}`` over the K classes;
+    ``parts``: ``{hookpoint: {"weight" [T, K, M], "bias" [T, K], "mean" [T, M], "std" [T, M]}}`` over the K classes,
+    and optionally ``"latents" [M]``: the SAE latents a sparse detector reads (their mean ReLU pre-activations,
+    :func:`image_relu_means`); without it the detector reads every latent's mean top-k code (:func:`image_codes`).
     ``metadata``: what they were fitted on (``hookpoint_sae``: the SAE records, training accuracy, the fit settings)."""
 
     def __init__(self, names, timesteps, parts: dict, groups=None, metadata=None):
@@ -207,8 +256,19 @@ class Detectors:
         self.groups = [0] * len(self.names) if groups is None else [int(g) for g in groups]
         if len(self.groups) < len(self.names):
             raise ValueError(f"groups has {len(self.groups)} entries for {len(self.names)} concepts (one per class)")
-        self.parts = {normalize_hookpoint(h): {k: v.float().contiguous() for k, v in p.items() if k in PARTS}
-                      for h, p in parts.items()}
+        self.parts = {}
+        for h, p in parts.items():
+            part = {k: v.float().contiguous() for k, v in p.items() if k in PARTS}
+            lat = p.get(LATENTS)
+            if lat is not None:
+                lat = torch.as_tensor(lat)
+                if lat.dim() != 1 or lat.is_floating_point() or lat.numel() == 0:
+                    raise ValueError(f"detectors at {h!r}: latents must be a non-empty 1-D integer tensor, got "
+                                     f"{lat.dtype} of shape {tuple(lat.shape)}")
+                if bool((lat < 0).any()) or torch.unique(lat).numel() != lat.numel():
+                    raise ValueError(f"detectors at {h!r}: latents must be distinct non-negative SAE latent indices")
+                part[LATENTS] = lat.long().contiguous()
+            self.parts[normalize_hookpoint(h)] = part
         self.metadata = dict(metadata or {})
         T, C = len(self.timesteps), len(self.groups)
         for h, p in self.parts.items():
@@ -223,6 +283,8 @@ class Detectors:
                                      f"({T} timesteps, {C} classes, {M} latents)")
                 if not bool(torch.isfinite(p[k]).all()):
                     raise ValueError(f"detectors at {h!r}: {k} holds NaN or Inf")
+            if LATENTS in p and p[LATENTS].numel() != M:
+                raise ValueError(f"detectors at {h!r}: {p[LATENTS].numel()} latents for weights over {M}")
         self._on: dict = {}
         # per concept: the classes of its exclusive group (its softmax) and its place among them
         self._cols = []
@@ -258,7 +320,12 @@ class Detectors:
         if hp not in self.parts:
             raise ValueError(f"no detector at hookpoint {hp!r}; detectors exist at: {', '.join(self.parts) or '(none)'}"
                              "; fit them there with `saeuron detectors`")
-        if self.parts[hp]["weight"].shape[-1] != sae.num_latents:
+        lat = self.parts[hp].get(LATENTS)
+        if lat is not None:
+            if int(lat.max()) >= sae.num_latents:
+                raise ValueError(f"the detectors at {hp!r} read latent {int(lat.max())} but the SAE has "
+                                 f"{sae.num_latents}: they come from different SAEs")
+        elif self.parts[hp]["weight"].shape[-1] != sae.num_latents:
             raise ValueError(f"the detectors at {hp!r} read {self.parts[hp]['weight'].shape[-1]} latents but the SAE "
                              f"has {sae.num_latents}: they come from different SAEs")
         rec = (self.metadata.get("hookpoint_sae") or {}).get(hp)
@@ -270,13 +337,25 @@ class Detectors:
                              f"{self.timesteps.tolist()[:3]}..., the concept file has {len(ts)} {ts.tolist()[:3]}...: "
                              "fit both on the same activation store")
 
-    def probability(self, hp: str, codes: torch.Tensor, t_index: torch.Tensor, concepts) -> torch.Tensor:
-        """``[B, len(concepts)]``: the probability that each image (``codes [B, M]``, :func:`image_codes`) holds each
-        concept, at timestep indices ``t_index`` (``[1]`` or ``[B]``, into :attr:`timesteps`)."""
-        key = (normalize_hookpoint(hp), codes.device)
+    def image_features(self, hp: str, sae, x: torch.Tensor) -> torch.Tensor:
+        """``[B, M]``: what the detector at ``hp`` reads of each image of the block output ``x`` (``sae``: the SAE it
+        was fitted on): the chosen latents' mean ReLU pre-activations for a sparse detector (one GEMM over those
+        latents' encoder rows), else every latent's mean top-k code (a full encode)."""
+        lat = self._parts_on(hp, x.device).get(LATENTS)
+        return image_codes(sae, x) if lat is None else image_relu_means(sae, x, lat)
+
+    def _parts_on(self, hp: str, device) -> dict:
+        """The tensors of the detector at ``hp`` on ``device`` (copied once per device)."""
+        key = (normalize_hookpoint(hp), torch.device(device))
         p = self._on.get(key)
         if p is None:
-            p = self._on[key] = {k: v.to(codes.device) for k, v in self.parts[key[0]].items()}
+            p = self._on[key] = {k: v.to(device) for k, v in self.parts[key[0]].items()}
+        return p
+
+    def probability(self, hp: str, codes: torch.Tensor, t_index: torch.Tensor, concepts) -> torch.Tensor:
+        """``[B, len(concepts)]``: the probability that each image (``codes [B, M]``, :meth:`image_features`) holds
+        each concept, at timestep indices ``t_index`` (``[1]`` or ``[B]``, into :attr:`timesteps`)."""
+        p = self._parts_on(hp, codes.device)
         t = t_index.reshape(-1).to(codes.device)
         z = (codes.float() - p["mean"][t]) / p["std"][t]  # [B, M] (t broadcast when one index)
         logits = torch.einsum("bm,bkm->bk", z, p["weight"][t].expand(codes.shape[0], -1, -1)) + p["bias"][t]
@@ -311,8 +390,9 @@ class Detectors:
         meta = read_json(meta_path, "detectors file")
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{meta_path} is not a saeuron detectors file (format {FORMAT!r})")
-        if meta.get("version") != VERSION:
-            raise ValueError(f"{meta_path} has version {meta.get('version')!r}; this saeuron reads version {VERSION}")
+        if meta.get("version") not in READS:
+            raise ValueError(f"{meta_path} has version {meta.get('version')!r}; this saeuron reads versions "
+                             f"{', '.join(map(str, READS))}")
         tensors = load_file(str(tensor_path))
         if "timesteps" not in tensors:
             raise ValueError(f"{tensor_path} holds no timesteps")
@@ -321,6 +401,8 @@ class Detectors:
             missing = [k for k, v in p.items() if v is None]
             if missing:
                 raise ValueError(f"{tensor_path} lacks {[f'{h}/{k}' for k in missing]}")
+            if f"{h}/{LATENTS}" in tensors:
+                p[LATENTS] = tensors[f"{h}/{LATENTS}"]
         return cls(meta["names"], tensors["timesteps"], parts, meta.get("groups"), meta.get("metadata"))
 
 
@@ -339,13 +421,29 @@ def pick_anchor(detectors: Detectors, table, concept: str, hp: str, exclude=()) 
     return min(group, key=lambda n: float(mu[table.index(n)] @ me))
 
 
-def fit_detectors(store, checkpoint, hookpoints=None, concepts=None, *, steps: int = 300, lr: float = 0.01,
-                  weight_decay: float = 1e-3, batch_size: int = 4096, progress: bool = True) -> Detectors:
+def pick_latents(weight: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n`` latents (sorted) with the largest summed absolute weight over timesteps and classes (``weight
+    [T, K, M]``, per standardised latent), ties to the lower index; every latent when ``n >= M``."""
+    M = weight.shape[-1]
+    if n >= M:
+        return torch.arange(M)
+    score = weight.abs().double().sum((0, 1))
+    order = sorted(range(M), key=lambda j: (-float(score[j]), j))
+    return torch.tensor(sorted(order[:n]), dtype=torch.long)
+
+
+def fit_detectors(store, checkpoint, hookpoints=None, concepts=None, *, latents: int = DEFAULT_LATENTS,
+                  steps: int = 300, lr: float = 0.01, weight_decay: float = 1e-3, batch_size: int = 4096,
+                  progress: bool = True) -> Detectors:
     """Fit every concept's detector at ``hookpoints`` (default: every store hookpoint with an SAE in ``checkpoint``)
     on the store's prompts, and save them into ``checkpoint`` beside the concept file.
 
+    ``latents``: how many SAE latents each sparse detector reads (their mean ReLU pre-activations, chosen by a first
+    fit over all of them, :func:`pick_latents`; see the module docstring); 0: every latent's mean top-k code.
     ``concepts``: None uses the store's labels, or ``{concept: [prompt ids or prompts]}`` (as ``select``; a prompt may
     belong to several concepts, then of different exclusive groups, :func:`exclusive_groups`)."""
+    if isinstance(latents, bool) or not isinstance(latents, int) or latents < 0:
+        raise ValueError(f"latents must be a whole number >= 0 (0: every latent's top-k code), got {latents!r}")
     from .sae import SparseAutoencoder, available_hookpoint_dirs, resolve_hookpoint_dir
     from .selection import concept_members
 
@@ -371,24 +469,36 @@ def fit_detectors(store, checkpoint, hookpoints=None, concepts=None, *, steps: i
     single = targets.sum(1) == 1  # a concept's representative prompt holds no other concept (e.g. unstyled)
     prompts = {n: store.prompts[int(((targets[:, c] & single) if bool((targets[:, c] & single).any())
                                      else targets[:, c]).nonzero()[0])] for c, n in enumerate(names)}
-    parts, records, accuracy, timesteps = {}, {}, {}, None
+    parts, records, accuracy, full_accuracy, timesteps = {}, {}, {}, {}, None
     with FolderLock(root, "fitting detectors into"):
         for h in hps:
             sae = SparseAutoencoder.load(resolve_hookpoint_dir(root, h))
-            ts, codes, present = prompt_codes(store, sae, h, batch_size=batch_size, progress=progress)
+            ts, codes, present = prompt_codes(store, sae, h, batch_size=batch_size, progress=progress,
+                                              kind="relu" if latents else "topk")
             if timesteps is not None and not torch.equal(ts, timesteps):
                 raise ValueError(f"the store holds other timesteps at {h!r} than at {hps[0]!r}")
             timesteps = ts
             fit = fit_softmax(codes, targets, present, steps=steps, lr=lr, weight_decay=weight_decay)
             hp = normalize_hookpoint(h)
+            if latents:
+                chosen = pick_latents(fit["weight"], latents)
+                full_accuracy[hp] = round(float(fit["accuracy"].min()), 4)
+                fit = fit_softmax(codes[:, :, chosen], targets, present, steps=steps, lr=lr, weight_decay=weight_decay)
             parts[hp] = {k: fit[k] for k in PARTS}
+            if latents:
+                parts[hp][LATENTS] = chosen
             records[hp] = sae_record(sae)
             groups = fit["groups"]
             accuracy[hp] = {"+".join(n for n, g2 in zip(names, groups) if g2 == g): round(float(fit["accuracy"][:, g].min()), 4)
                             for g in range(fit["accuracy"].shape[1])}
         meta = {"store": str(getattr(store, "root", "")), "hookpoint_sae": records, "prompts": prompts,
                 "train_accuracy_min_over_timesteps": accuracy, "store_prompts": len(store.prompts),
-                "fit": {"steps": steps, "lr": lr, "weight_decay": weight_decay, "kind": "softmax per exclusive group"}}
+                "fit": {"steps": steps, "lr": lr, "weight_decay": weight_decay, "kind": "softmax per exclusive group",
+                        "latents": latents,
+                        "features": (f"mean ReLU pre-activations of {latents} latents" if latents
+                                     else "mean top-k code of every latent")}}
+        if latents:  # the first fit's (every latent's ReLU mean) lowest training accuracy, beside the sparse one's
+            meta["all_latents_train_accuracy_min"] = full_accuracy
         det = Detectors(names, timesteps, parts, groups, meta)
         det.save(root)
     return det

@@ -75,7 +75,7 @@ from diffusers.hooks.hooks import BaseState
 
 from . import ops, reference, replace
 from .concepts import ConceptTable, check_concepts, check_sae_for_edit, warn_shared_features
-from .detectors import Detectors, image_codes
+from .detectors import Detectors
 from .hookpoints import (block_output, get_unet, hookpoint_spellings, image_stream, list_hookpoints,
                          normalize_hookpoint, replace_block_output, resolve_hookpoints)
 from .sae import SparseAutoencoder, available_hookpoint_dirs, resolve_hookpoint_dir
@@ -305,7 +305,8 @@ class EditHook(ModelHook):
         image's most probable concept)."""
         t = self.state.last_index.reshape(-1)
         t = t[lo:hi] if t.numel() > 1 else t
-        p = self.detectors.probability(self.hookpoint, image_codes(self.sae, part.detach()), t, self.concepts)
+        codes = self.detectors.image_features(self.hookpoint, self.sae, part.detach())
+        p = self.detectors.probability(self.hookpoint, codes, t, self.concepts)
         best, which = p.max(1)
         self.state.flag, self.state.flag_concept = best >= self.gate, which
 

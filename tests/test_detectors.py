@@ -1,6 +1,7 @@
 """Image-level concept detectors (saeuron.detectors) and ``mode="probe_uncond"``: image codes equal the dense
 definition on random inputs of several shapes and dtypes, prompt codes equal per-prompt means of a store, the fit
-separates a planted concept, files round-trip and refuse what is wrong, and in a UNet the flag is the detector's
+separates a planted concept, sparse detectors read the ReLU pre-activations of the latents a first fit weighs most,
+files round-trip and refuse what is wrong, and in a UNet the flag is the detector's
 decision on the first hooked block's output, flagged images' conditional maps become the unconditional ones at every
 hooked block, and nothing changes when nothing is flagged."""
 import json
@@ -11,8 +12,9 @@ import torch
 from conftest import make_sae
 from saeuron import reference
 from saeuron.concepts import ConceptTable
-from saeuron.detectors import (JSON_FILE, TENSORS_FILE, Detectors, exclusive_groups, fit_detectors, fit_softmax,
-                               group_classes, image_codes, prompt_codes)
+from saeuron.detectors import (DEFAULT_LATENTS, JSON_FILE, LATENTS, TENSORS_FILE, Detectors, exclusive_groups,
+                               fit_detectors, fit_softmax, group_classes, image_codes, image_relu_means, pick_latents,
+                               prompt_codes)
 from saeuron.patching import patched
 from saeuron.selection import build_concept_file
 from saeuron.store import ActivationStore
@@ -47,6 +49,30 @@ def test_image_codes_are_each_images_mean_dense_code(dtype, shape, unit_norm):
     assert (want > 0).sum() > shape[0]  # not vacuous
 
 
+def _dense_relu(sae, tok):
+    """Every latent's ReLU pre-activation of each token, by the definition (fp32)."""
+    xn = sae.preprocess(tok.float())[0]
+    return reference.preacts(xn, sae.encoder.weight.float(), sae.encoder.bias.float(), sae.b_dec.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape,unit_norm,lat", [((3, 16, 4, 4), False, [0, 5, 63]), ((2, 16, 5, 3), True, [7]),
+                                                 ((4, 7, 16), False, list(range(0, 64, 3)))])
+def test_image_relu_means_are_each_images_mean_relu_preactivation(dtype, shape, unit_norm, lat):
+    sae = make_sae(16, 64, 4, seed=sum(shape) + 1)
+    sae.cfg.input_unit_norm = unit_norm
+    g = torch.Generator().manual_seed(len(shape) + len(lat))
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(dtype)
+    got = image_relu_means(sae.to(dtype), x, torch.tensor(lat))
+    sae = sae.float()
+    tok = reference.as_tokens(x) if x.dim() == 4 else x.reshape(-1, x.shape[-1])
+    want = _dense_relu(sae, tok.float())[:, lat].view(shape[0], -1, len(lat)).mean(1)
+    assert got.shape == (shape[0], len(lat)) and got.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    assert (want > 0).sum() >= shape[0]  # not vacuous
+
+
 def _store(root, d=32, seed=0, hps=(UP,)):
     """cat prompts carry one encoder direction of the SAE, dog and unlabelled prompts are noise; unequal token counts."""
     prompts = ["a cat", "the cat", "a dog", "the dog", "a car", "one cat", "one dog", "my car"]
@@ -79,6 +105,89 @@ def test_prompt_codes_are_per_prompt_means(tmp_path):
     for ti, tv in enumerate(ts.tolist()):
         for q in range(8):
             torch.testing.assert_close(codes[ti, q], f[(t == tv) & (p == q)].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_relu_means_are_per_prompt_means(tmp_path):
+    sae = make_sae(32, 96, 4, seed=6)
+    store = _store(tmp_path / "s", seed=2)
+    ts, codes, present = prompt_codes(store, sae, UP, batch_size=5, progress=False, kind="relu")
+    assert codes.shape == (3, 8, 96) and bool(present.all())
+    rows = [store.read_shard(UP, i) for i in range(len(store.shard_paths(UP)))]
+    x, t, p = (torch.cat([r[k] for r in rows]) for k in ("x", "timestep", "prompt_id"))
+    f = _dense_relu(sae, x.float())
+    for ti, tv in enumerate(ts.tolist()):
+        for q in range(8):
+            torch.testing.assert_close(codes[ti, q], f[(t == tv) & (p == q)].mean(0), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="kind must be 'topk' or 'relu'"):
+        prompt_codes(store, sae, UP, kind="dense")
+
+
+def test_pick_latents_takes_the_largest_summed_weights():
+    w = torch.zeros(2, 3, 6)
+    w[0, 1, 4] = 5.0
+    w[1, 2, 1] = -3.0  # counts by magnitude
+    w[0, 0, 2], w[1, 0, 2] = 1.0, 1.5  # summed over timesteps and classes: 2.5
+    w[0, 0, 5] = 2.5  # a tie with latent 2: the lower index wins
+    assert pick_latents(w, 3).tolist() == [1, 2, 4]
+    assert pick_latents(w, 1).tolist() == [4]
+    assert pick_latents(w, 6).tolist() == pick_latents(w, 9).tolist() == list(range(6))
+
+
+def test_sparse_detectors_fit_round_trip_and_read_only_their_latents(tmp_path):
+    from saeuron.cli.common import DETECTOR_LATENTS
+
+    assert DETECTOR_LATENTS == DEFAULT_LATENTS  # the parser's default, kept without importing torch
+    ck = tmp_path / "ck"
+    sae = make_sae(32, 96, 4, seed=5)
+    sae.save(ck / UP)
+    store = _store(tmp_path / "s")
+    det = fit_detectors(store, ck, latents=6, steps=100, progress=False)
+    lat = det.parts[UP][LATENTS]
+    assert lat.dtype == torch.long and lat.numel() == 6 and lat.tolist() == sorted(set(lat.tolist()))
+    assert det.parts[UP]["weight"].shape == (3, 3, 6)
+    assert det.metadata["fit"]["latents"] == 6 and "ReLU" in det.metadata["fit"]["features"]
+    assert det.metadata["train_accuracy_min_over_timesteps"][UP]["cat+dog"] == 1.0  # the planted concept is found
+    assert det.metadata["all_latents_train_accuracy_min"][UP] == 1.0
+    # the latents are the ones a fit on every latent's ReLU mean weighs most
+    _, codes, present = prompt_codes(store, sae, UP, progress=False, kind="relu")
+    y = torch.zeros(8, 2, dtype=torch.bool)
+    y[[0, 1, 5], 0] = True
+    y[[2, 3, 6], 1] = True
+    assert torch.equal(lat, pick_latents(fit_softmax(codes, y, present, steps=100)["weight"], 6))
+    back = Detectors.load(ck)
+    assert torch.equal(back.parts[UP][LATENTS], lat) and back.fingerprint() == det.fingerprint()
+    assert json.loads((ck / JSON_FILE).read_text())["version"] == 2
+    x = torch.randn(3, 32, 4, 4, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(back.image_features(UP, sae, x), image_relu_means(sae, x, lat))
+    torch.testing.assert_close(_hand_detectors(96, 0).image_features(UP, sae, x), image_codes(sae, x))
+    other = Detectors(det.names, det.timesteps, {UP: {**det.parts[UP], LATENTS: lat.flip(0)}}, det.groups)
+    assert other.fingerprint() != det.fingerprint()
+    dense = fit_detectors(store, ck, latents=0, steps=100, progress=False)  # every latent's top-k code
+    assert LATENTS not in dense.parts[UP] and dense.parts[UP]["weight"].shape == (3, 3, 96)
+    assert "top-k" in dense.metadata["fit"]["features"] and "all_latents_train_accuracy_min" not in dense.metadata
+    for bad in (-1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="latents must be a whole number"):
+            fit_detectors(store, ck, latents=bad, progress=False)
+    # refused where they enter
+    part = det.parts[UP]
+    for bad, msg in ((lat.float(), "1-D integer"), (lat[:0], "1-D integer"),
+                     (torch.tensor([1, 1, 2, 3, 4, 5]), "distinct"), (torch.tensor([-1, 1, 2, 3, 4, 5]), "distinct"),
+                     (lat[:5], "5 latents for weights over 6")):
+        with pytest.raises(ValueError, match=msg):
+            Detectors(det.names, det.timesteps, {UP: {**part, LATENTS: bad}}, det.groups)
+    far = Detectors(det.names, det.timesteps, {UP: {**part, LATENTS: torch.tensor([1, 2, 3, 4, 5, 96])}}, det.groups)
+    with pytest.raises(ValueError, match="read latent 96 but the SAE has 96"):
+        far.check(UP, sae, det.timesteps)
+    det.check(UP, sae, det.timesteps)
+
+
+def test_version_1_files_still_load(tmp_path):
+    det = _hand_detectors(96, 0.3)
+    det.save(tmp_path)
+    meta = json.loads((tmp_path / JSON_FILE).read_text())
+    (tmp_path / JSON_FILE).write_text(json.dumps({**meta, "version": 1}))
+    back = Detectors.load(tmp_path)
+    assert LATENTS not in back.parts[UP] and back.fingerprint() == det.fingerprint()
 
 
 def test_exclusive_groups_and_classes():
@@ -197,17 +306,22 @@ def _outputs(pipe, x, ehs, **kw):
     return seen, flag
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["all-latents", "sparse"])
 @pytest.mark.parametrize("bias", [0.0, 40.0, -40.0])
-def test_probe_flags_images_on_the_first_block_and_replaces_whole_maps(pipe, bias):
+def test_probe_flags_images_on_the_first_block_and_replaces_whole_maps(pipe, bias, sparse):
     saes = {UP: make_sae(32, 128, 4, seed=1), MID: make_sae(64, 96, 4, seed=2)}
     g = torch.Generator().manual_seed(3)
     x, ehs = torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 5, 32, generator=g)
-    det = _hand_detectors(96, bias, hps=(MID,))
+    lat = torch.tensor([3, 17, 40, 41, 90])
+    det = _hand_detectors(len(lat) if sparse else 96, bias, hps=(MID,))
+    if sparse:
+        det = Detectors(det.names, det.timesteps, {MID: {**det.parts[MID], LATENTS: lat}}, det.groups)
     det.parts[UP] = _hand_detectors(128, -40.0).parts[UP]  # UP never flags by itself: MID decides
     plain, _ = _outputs(pipe, x, ehs)
     got, flag = _outputs(pipe, x, ehs, saes=saes, table=_table(), mode="probe_uncond", detectors=det,
                          hookpoints=[MID, UP])
-    codes = image_codes(saes[MID], plain["mid"][3:])
+    mid = plain["mid"][3:]
+    codes = image_relu_means(saes[MID], mid, lat) if sparse else image_codes(saes[MID], mid)
     want = det.probability(MID, codes, torch.tensor([1]), ["cat"])[:, 0] >= 0.5  # TS[1] is index 1
     assert torch.equal(flag, want)
     if bias == 40.0:
@@ -241,8 +355,9 @@ def test_probe_in_a_pipeline_from_a_fitted_checkpoint_and_its_errors(pipe, tmp_p
     # flag everything: the cond map is the uncond one at the block, so the image changes; flag nothing: identical
     bias = torch.zeros(3, 3)
     bias[:, 0] = 60.0
+    assert det.parts[UP][LATENTS].numel() == DEFAULT_LATENTS  # sparse by default
     always = Detectors(det.names, det.timesteps, {UP: {**det.parts[UP], "bias": bias,
-                                                       "weight": torch.zeros(3, 3, 96)}}, det.groups)
+                                                       "weight": torch.zeros(3, 3, DEFAULT_LATENTS)}}, det.groups)
     with patched(pipe, "cat", checkpoint=ck, mode="probe_uncond", detectors=always) as h:
         edited = _sample(pipe)
         assert bool(h.state.flag.all())
@@ -356,7 +471,7 @@ def test_probe_anchor_in_a_pipeline_automatic_anchor_and_errors(pipe, tmp_path):
     bias = torch.zeros(3, 3)
     bias[:, 0] = 60.0
     always = Detectors(det.names, det.timesteps, {UP: {**det.parts[UP], "bias": bias,
-                                                       "weight": torch.zeros(3, 3, 96)}}, det.groups, det.metadata)
+                                                       "weight": torch.zeros(3, 3, DEFAULT_LATENTS)}}, det.groups, det.metadata)
     with patched(pipe, "cat", checkpoint=ck, mode="probe_anchor", detectors=always) as h:  # automatic: dog
         from saeuron.pipelines import encode_text
         torch.testing.assert_close(h.anchor_embeds["cat"], encode_text(pipe, ["a dog"]))

@@ -52,7 +52,7 @@ def _replace(self, x, lo, hi, fi, ta, sc, rpg):
         return x
     if STYLED and self.hookpoint == HOOKS[0]:  # the image's style as the style group's detector reads it (None: unstyled)
         t = self.state.last_index.reshape(-1)[:1]
-        codes = patching.image_codes(self.sae, part.detach())
+        codes = self.detectors.image_features(self.hookpoint, self.sae, part.detach())
         p = torch.stack([self.detectors.probability(self.hookpoint, codes, t, [n])[:, 0] for n in data.STYLES], 1)
         CFG["style"] = [data.STYLES[int(i)] if float(v) >= 0.5 else None for v, i in zip(*p.max(1))]
     args, kwargs = self._inputs

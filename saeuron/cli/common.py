@@ -4,6 +4,7 @@ Nothing here imports torch at import time: building the parser stays instant."""
 from __future__ import annotations
 
 EDIT_MODES = ("scale", "replace_uncond", "replace_background", "gate_uncond", "probe_uncond", "probe_anchor")  # saeuron.replace.MODES, without importing torch
+DETECTOR_LATENTS = 48  # saeuron.detectors.DEFAULT_LATENTS, without importing torch
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
           "bf16": "bfloat16", "bfloat16": "bfloat16"}
 

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from ..pipelines import load_pipeline
-from .common import add_edit_args, eval_checkpoint, patch_kwargs, read_prompts, torch_device, torch_dtype
+from .common import (DETECTOR_LATENTS, add_edit_args, eval_checkpoint, patch_kwargs, read_prompts, torch_device,
+                     torch_dtype)
 
 
 def cmd_hookpoints(a):
@@ -78,10 +79,13 @@ def cmd_detectors(a):
 
     concepts = read_prompts(a.concepts) if a.concepts else None
     det = fit_detectors(ActivationStore(a.store), a.checkpoint, hookpoints=a.hookpoints, concepts=concepts,
-                        steps=a.steps)
+                        steps=a.steps, latents=a.latents)
     worst = {h: min(acc.values()) for h, acc in det.metadata["train_accuracy_min_over_timesteps"].items()}
-    print(f"detectors for {len(det.names)} concepts at {', '.join(det.hookpoints)} in {a.checkpoint}; lowest "
-          "training accuracy over concepts and timesteps: " + ", ".join(f"{h} {v:.3f}" for h, v in worst.items()))
+    print(f"detectors for {len(det.names)} concepts at {', '.join(det.hookpoints)} in {a.checkpoint}, reading "
+          f"{det.metadata['fit']['features']}; lowest training accuracy over concepts and timesteps: "
+          + ", ".join(f"{h} {v:.3f}" for h, v in worst.items())
+          + "".join(f" (every latent: {h} {v:.3f})" for h, v in det.metadata.get("all_latents_train_accuracy_min",
+                                                                                  {}).items()))
 
 
 def cmd_generate(a):
@@ -202,6 +206,10 @@ def add_stage_parsers(sub):
     s.add_argument("--concepts", default=None, help="JSON {concept: [prompts]} (default: the store's labels)")
     s.add_argument("--hookpoints", nargs="*", default=None, help="hookpoints to fit at (default: every one with an SAE)")
     s.add_argument("--steps", type=int, default=300, help="optimiser steps per timestep (default 300)")
+    s.add_argument("--latents", type=int, default=DETECTOR_LATENTS,
+                   help="SAE latents each detector reads, their mean ReLU pre-activations (one GEMM over those rows "
+                        "of the encoder per denoiser call); 0: every latent's mean top-k code, a full encode per call "
+                        f"(default {DETECTOR_LATENTS})")
     s.set_defaults(fn=cmd_detectors)
 
     s = sub.add_parser("generate", help="images with and without the edit, plus a side-by-side grid PNG")

@@ -684,8 +684,9 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
                                        multiplier=st["multiplier"], percentile=None, top_n=st["top_n"], device=device,
                                        progress=progress, reserved=supervision_settings(st["supervise"]) is not None)
             det = fit_detectors(store, paths["checkpoint"], hookpoints=hookpoints, progress=progress,
-                                concepts=concept_prompts(st["collect_repeats"], collect_forms(st)))  # probe_uncond
+                                concepts=concept_prompts(st["collect_repeats"], collect_forms(st)))  # probe modes
             finish(name, t0, concepts=table.names, timesteps=len(table.timesteps),
+                   detector_latents=det.metadata["fit"]["latents"],
                    detector_accuracy_min={h: min(a.values())
                                           for h, a in det.metadata["train_accuracy_min_over_timesteps"].items()})
     record = json.loads(record_path.read_text())
