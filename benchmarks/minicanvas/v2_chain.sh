@@ -11,7 +11,9 @@
 #    3 min; it resumes stage by stage within a session, but build/ does not outlive the session);
 # 3. benchmarks/minicanvas/v2_ship.sh: copy the build into saeuron/minicanvas/assets/ (refused when a gate fails).
 #    Commit saeuron/minicanvas/assets at once: from then on the build lives in git, and v2_finish.sh (sweeps,
-#    SAeUron + UCE, probe_anchor, levers) reads it from there.
+#    SAeUron + UCE, probe_anchor, levers) reads it from there;
+# 4. detectors over every latent's top-k code (--latents 0; the shipped ones are sparse) into
+#    benchmarks/minicanvas/v2_eval/dense_det_ckpt, for v2_finish.sh's comparison (it needs the build's store).
 #
 # Nothing else should run beside it: two 2-thread jobs stall each other on 2 cores; pause it with `kill -STOP` /
 # `kill -CONT` (of the running python) for a short test run instead.
@@ -35,4 +37,20 @@ say "build"
 $SAE minicanvas build --out "$OUT" --work "$WORK" --threads 2 --set "model=$MODEL" --set 'classifiers_from="shipped"'
 say "ship"
 benchmarks/minicanvas/v2_ship.sh
-say "all done: commit saeuron/minicanvas/assets now; then benchmarks/minicanvas/v2_finish.sh"
+D=benchmarks/minicanvas/v2_eval/dense_det_ckpt
+if [ ! -f "$D/detectors.json" ]; then
+  say "every-latent detectors (--latents 0) beside the shipped sparse ones, into $D (issue 22: compared in v2_finish.sh)"
+  rm -rf "$D.tmp" && mkdir -p "$(dirname "$D")" && cp -r saeuron/minicanvas/assets/checkpoint "$D.tmp"
+  $PY - "$OUT" "$WORK/activations" "$D.tmp" <<'PYEOF'
+import json, sys
+from saeuron.detectors import fit_detectors
+from saeuron.minicanvas.build import collect_forms, concept_prompts
+from saeuron.store import ActivationStore
+st = json.load(open(sys.argv[1] + "/BUILD.json"))["settings"]
+det = fit_detectors(ActivationStore(sys.argv[2]), sys.argv[3], hookpoints=st["hookpoints"], latents=0, progress=False,
+                    concepts=concept_prompts(st["collect_repeats"], collect_forms(st)))
+print("every-latent detectors, lowest training accuracy:", det.metadata["train_accuracy_min_over_timesteps"])
+PYEOF
+  rm -rf "$D" && mv "$D.tmp" "$D"
+fi
+say "all done: commit saeuron/minicanvas/assets and benchmarks/minicanvas/v2_eval now; then v2_finish.sh"

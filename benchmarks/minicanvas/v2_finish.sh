@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 21's last measurement on the shipped v2 build, then issue 22's, in priority order: the tuning sweeps (seed 1;
-# scored over undamaged images), SAeUron (the swept concept file) and UCE on the five protocol seeds with the damage
+# scored over undamaged images), probe_anchor on seed 1 with sparse and every-latent detectors, SAeUron (the swept
+# concept file) and UCE on the five protocol seeds with the damage
 # measure, both domains; probe_anchor held out (objects; the training caption form and the held-out forms 1 and 2);
 # five objects at once; probe_anchor as the objects' default under the attack with its control; the early-swap and
 # styled-anchor levers on tuning seed 1; then the older levers (token-weighted scores, both
@@ -45,6 +46,13 @@ OMP_NUM_THREADS=2 $SAE sweep --model "$MODEL" --checkpoint "$CK" --domain object
 say "style sweep (tuning seed 1; resumes)"
 OMP_NUM_THREADS=2 $SAE sweep --model "$MODEL" --checkpoint "$CK" --domain style --seeds 1 \
   --hookpoints up_blocks.1.attentions.1 --thresholds 1 4 10 --top-ns 2 --multipliers -0.2 -1 -3 -10 --batch-size 55
+say "probe_anchor on tuning seed 1 with the shipped sparse detectors and with every-latent ones (issue 22's cost)"
+OMP_NUM_THREADS=2 $SAE minicanvas eval --model "$MODEL" --checkpoint "$CK" --domain object --seeds 1 \
+  --hookpoints $OBJ8 --mode probe_anchor --out "$EVAL/anchor_seed1" --batch-size 55
+if [ -f "$EVAL/dense_det_ckpt/detectors.json" ]; then
+  OMP_NUM_THREADS=2 $SAE minicanvas eval --model "$MODEL" --checkpoint "$EVAL/dense_det_ckpt" --domain object \
+    --seeds 1 --hookpoints $OBJ8 --mode probe_anchor --out "$EVAL/anchor_seed1_dense" --batch-size 55
+fi
 say "SAeUron (the method's scale edit, swept) and UCE, 5 protocol seeds, both domains, damage measure"
 OMP_NUM_THREADS=2 $SAE minicanvas compare --model "$MODEL" --checkpoint "$CK" --methods saeuron uce \
   --seeds $SEEDS --no-attack --out "$EVAL/compare" --batch-size 55
