@@ -21,7 +21,8 @@ monkeypatching in this process only:
         benchmarks/minicanvas/v2_eval/sweep_ckpt build/lever_anchor_early 1 circle,square,arrow 1000,700,400
 
 One ``evaluate_unlearning`` run per SWAP_T into OUT/swap<T>/ at the two 8x8 blocks (gate 0.5, automatic anchor: the
-library's defaults), and a line each in OUT/summary.jsonl (with the command). Tuning seeds only.
+library's defaults; HOOKS: other comma-separated blocks), and a line each in OUT/summary.jsonl (with the command).
+Tuning seeds only.
 """
 import os
 import sys
@@ -33,8 +34,8 @@ from probe_common import evaluate_and_record, quiet_pipeline
 from saeuron import patching
 
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-HOOKS = ["up_blocks.0.attentions.0", "up_blocks.0.attentions.1"]
-RUN = {"swap_t": 1000.0, "t_prev": None, "size": None, "flag": None, "which": None}
+HOOKS = os.environ.get("HOOKS", "up_blocks.0.attentions.0,up_blocks.0.attentions.1").split(",")
+RUN = {"swap_t": 1000.0, "t_prev": None, "size": None, "flag": None, "which": None, "swapped": 0}
 
 
 def sticky_flag_by_detectors(orig):
@@ -67,6 +68,7 @@ def swapping_pre_forward(orig):
         concepts = self.patch.flag_concepts
         for r in flag.nonzero().flatten().tolist():
             emb[b // 2 + r] = self.patch.anchor_embeds[concepts[int(RUN["which"][r])]][0].to(emb.device, emb.dtype)
+            RUN["swapped"] += 1
         if key in kwargs:
             kwargs[key] = emb
         else:
@@ -84,11 +86,12 @@ def main(argv):
     patching.TimestepHook.pre_forward = swapping_pre_forward(patching.TimestepHook.pre_forward)
     pipe = quiet_pipeline(model)
     for swap in swaps.split(","):
-        RUN.update(swap_t=float(swap), t_prev=None, size=None, flag=None, which=None)
+        RUN.update(swap_t=float(swap), t_prev=None, size=None, flag=None, which=None, swapped=0)
         evaluate_and_record(pipe, ckpt, Path(out) / f"swap{swap}", Path(out) / "summary.jsonl", seeds, targets,
                             "python benchmarks/minicanvas/lever_anchor_early.py " + " ".join(argv),
                             {"lever": "anchor_early", "swap_t": float(swap), "hooks": HOOKS, "templates": templates},
                             templates=templates, hookpoints=HOOKS, mode="probe_anchor", gate=0.5)
+        print(f"swap_t {swap}: {RUN['swapped']} conditional rows got the anchor's text in the whole UNet", flush=True)
 
 
 if __name__ == "__main__":
