@@ -3,7 +3,8 @@
 # scored over undamaged images), probe_anchor on seed 1 with sparse and every-latent detectors, SAeUron (the swept
 # concept file) and UCE on the five protocol seeds with the damage
 # measure, both domains; probe_anchor held out (objects; the training caption form and the held-out forms 1 and 2);
-# five objects at once; probe_anchor as the objects' default under the attack with its control; the early-swap and
+# five objects at once; probe_anchor as the objects' default under the attack with its control; styles in the
+# detector modes on seed 1; the early-swap and
 # styled-anchor levers on tuning seed 1; then the older levers (token-weighted scores, both
 # 8x8 blocks at once). Run it in the background, alone on the 2 cores, once v2_chain.sh has shipped the build into
 # saeuron/minicanvas/assets (it reads the model and checkpoint from there, not from build/):
@@ -73,6 +74,11 @@ OMP_NUM_THREADS=2 $SAE sweep --model "$MODEL" --checkpoint "$AK" --domain object
 say "SAeUron with probe_anchor objects under the attack, with its control (seed 188, 5 attacked prompts per target)"
 OMP_NUM_THREADS=2 $SAE minicanvas compare --model "$MODEL" --checkpoint "$AK" --methods saeuron --style-targets \
   --seeds 188 --attack-prompts 5 --out "$EVAL/anchor_attack" --batch-size 55
+say "styles in the detector modes (issue 22's style bars), tuning seed 1, at the 16x16 block that carries style"
+for m in probe_uncond probe_anchor; do
+  OMP_NUM_THREADS=2 $SAE minicanvas eval --model "$MODEL" --checkpoint "$CK" --domain style --seeds 1 \
+    --hookpoints up_blocks.1.attentions.1 --mode $m --out "$EVAL/style_${m}_seed1" --batch-size 55
+done
 say "early-swap lever (issue 22, tuning seed 1): flagged images get the anchor's text in the whole UNet early on"
 THREADS=2 $PY benchmarks/minicanvas/lever_anchor_early.py "$MODEL" "$CK" "$EVAL/lever_anchor_early" 1 \
   circle,ring,square,triangle,star,cross,heart,crescent,hexagon,arrow 1000,700,400
