@@ -9,11 +9,14 @@
 #    are not done, the script stops there: commit that folder before the session ends and run it again next session.
 # 2. the build (`saeuron minicanvas build`: gates about 22 min, collection 1 min, SAEs 4 min, concepts + detectors
 #    3 min; it resumes stage by stage within a session, but build/ does not outlive the session);
-# 3. benchmarks/minicanvas/v2_ship.sh: copy the build into saeuron/minicanvas/assets/ (refused when a gate fails).
-#    Commit saeuron/minicanvas/assets at once: from then on the build lives in git, and v2_finish.sh (sweeps,
-#    SAeUron + UCE, probe_anchor, levers) reads it from there;
-# 4. detectors over every latent's top-k code (--latents 0; the shipped ones are sparse) into
-#    benchmarks/minicanvas/v2_eval/dense_det_ckpt, for v2_finish.sh's comparison (it needs the build's store).
+# 3. a copy of the build (model, checkpoint, gates.json, BUILD.json; about 15 MB) into benchmarks/minicanvas/v2_build,
+#    and detectors over every latent's top-k code (--latents 0; the build's are sparse) into
+#    benchmarks/minicanvas/v2_eval/dense_det_ckpt, for v2_finish.sh's comparison (they need the build's store);
+#    commit both at once: build/ does not outlive the session;
+# 4. unless SHIP=0, benchmarks/minicanvas/v2_ship.sh: copy the build into saeuron/minicanvas/assets/ (refused when a
+#    gate fails); run the asset tests (see v2_ship.sh) and commit saeuron/minicanvas/assets: from then on v2_finish.sh
+#    (sweeps, SAeUron + UCE, probe_anchor, levers) reads it from there. With SHIP=0 (a session that has no time left
+#    for the asset tests), ship later from the committed copy: OUT=benchmarks/minicanvas/v2_build v2_ship.sh.
 #
 # Nothing else should run beside it: two 2-thread jobs stall each other on 2 cores; pause it with `kill -STOP` /
 # `kill -CONT` (of the running python) for a short test run instead.
@@ -35,12 +38,17 @@ if [ "$step" -lt "$STEPS" ]; then
 fi
 say "build"
 $SAE minicanvas build --out "$OUT" --work "$WORK" --threads 2 --set "model=$MODEL" --set 'classifiers_from="shipped"'
-say "ship"
-benchmarks/minicanvas/v2_ship.sh
+KEEP=benchmarks/minicanvas/v2_build
+say "the build into $KEEP (committed: a build does not outlive the session in build/; v2_ship.sh ships from there)"
+rm -rf "$KEEP.tmp" && mkdir -p "$KEEP.tmp"
+cp -r "$OUT/model" "$OUT/checkpoint" "$OUT/gates.json" "$OUT/BUILD.json" "$KEEP.tmp"/
+find "$KEEP.tmp" -name .saeuron.lock -delete
+rm -rf "$KEEP.old" && { [ ! -d "$KEEP" ] || mv "$KEEP" "$KEEP.old"; } && mv "$KEEP.tmp" "$KEEP" && rm -rf "$KEEP.old"
 D=benchmarks/minicanvas/v2_eval/dense_det_ckpt
 if [ ! -f "$D/detectors.json" ]; then
-  say "every-latent detectors (--latents 0) beside the shipped sparse ones, into $D (issue 22: compared in v2_finish.sh)"
-  rm -rf "$D.tmp" && mkdir -p "$(dirname "$D")" && cp -r saeuron/minicanvas/assets/checkpoint "$D.tmp"
+  say "every-latent detectors (--latents 0) beside the build's sparse ones, into $D (issue 22: compared in v2_finish.sh)"
+  rm -rf "$D.tmp" && mkdir -p "$(dirname "$D")" && cp -r "$OUT/checkpoint" "$D.tmp"
+  find "$D.tmp" -name .saeuron.lock -delete
   $PY - "$OUT" "$WORK/activations" "$D.tmp" <<'PYEOF'
 import json, sys
 from saeuron.detectors import fit_detectors
@@ -53,4 +61,10 @@ print("every-latent detectors, lowest training accuracy:", det.metadata["train_a
 PYEOF
   rm -rf "$D" && mv "$D.tmp" "$D"
 fi
-say "all done: commit saeuron/minicanvas/assets and benchmarks/minicanvas/v2_eval now; then v2_finish.sh"
+if [ "${SHIP:-1}" = 1 ]; then
+  say "ship"
+  benchmarks/minicanvas/v2_ship.sh
+else
+  say "not shipped (SHIP=0): later, OUT=$KEEP benchmarks/minicanvas/v2_ship.sh, the asset tests, commit"
+fi
+say "all done: commit benchmarks/minicanvas/v2_build, v2_eval (and, shipped, saeuron/minicanvas/assets) now"

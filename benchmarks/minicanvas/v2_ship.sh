@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Ship the MiniCanvas v2 build as the package's defaults (issue 21): copy build/minicanvas_v2/{model, classifiers,
 # gates.json, BUILD.json} and a checkpoint (the swept one, build/minicanvas_v2_sweep, when it exists, else the build's
-# own) into saeuron/minicanvas/assets/, replacing what is there. Each part is copied beside its target and swapped in,
+# own) into saeuron/minicanvas/assets/, replacing what is there (OUT: another build folder; when build/minicanvas_v2
+# is gone, the committed copy v2_chain.sh keeps, benchmarks/minicanvas/v2_build, which holds no classifiers: the v2
+# build takes the shipped judges). Each part is copied beside its target and swapped in,
 # so an interrupted copy leaves the old part whole. Then commit saeuron/minicanvas/assets (the build lives in git from
 # then on: build/ does not survive a fresh checkout) and check the asset-reading tests:
 #
@@ -14,6 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-build/minicanvas_v2}
+[ -f "$OUT/BUILD.json" ] || [ ! -f benchmarks/minicanvas/v2_build/BUILD.json ] || OUT=benchmarks/minicanvas/v2_build
 CK=${CHECKPOINT:-build/minicanvas_v2_sweep}
 [ -f "$CK/concepts.json" ] || CK="$OUT/checkpoint"
 ASSETS=saeuron/minicanvas/assets
@@ -36,14 +39,13 @@ if [ -n "${CHECKPOINT_ONLY:-}" ]; then
   say "done: commit $ASSETS"
   exit 0
 fi
-for need in "$OUT/BUILD.json" "$OUT/gates.json" "$OUT/model/model_index.json" "$OUT/classifiers" "$CK/concepts.json" \
-            "$CK/detectors.json"; do
+for need in "$OUT/BUILD.json" "$OUT/gates.json" "$OUT/model/model_index.json" "$CK/concepts.json" "$CK/detectors.json"; do
   [ -e "$need" ] || { echo "v2 ship: $need is missing; finish the build (v2_chain.sh) first" >&2; exit 1; }
 done
 grep -q '"pass": false' "$OUT/gates.json" && { echo "v2 ship: a gate in $OUT/gates.json fails; not shipping" >&2; exit 1; }
 say "model, classifiers, gates.json, BUILD.json from $OUT; checkpoint from $CK"
 swap "$OUT/model" "$ASSETS/model"
-swap "$OUT/classifiers" "$ASSETS/classifiers"
+[ ! -d "$OUT/classifiers" ] || swap "$OUT/classifiers" "$ASSETS/classifiers"  # the v2 build takes the shipped judges
 swap "$CK" "$ASSETS/checkpoint"
 rm -f "$ASSETS/checkpoint/.saeuron.lock"
 swap "$OUT/gates.json" "$ASSETS/gates.json"
