@@ -83,8 +83,10 @@ def relu_means(tok: torch.Tensor, W_rows: torch.Tensor, b_rows: torch.Tensor, b_
                images: int) -> torch.Tensor:
     """``[images, L]`` float32: the mean over each of ``images`` equal runs of rows of ``tok [N, d]`` of the ReLU
     pre-activations of ``L`` latents (``W_rows [L, d]``, ``b_rows [L]``: those latents' encoder rows): one GEMM
-    over ``L`` rows, no top-k (a sparse detector's input). Non-finite values count as 0."""
-    pre = torch.nn.functional.linear(tok.to(W_rows.dtype) - b_dec, W_rows, b_rows)
+    over ``L`` rows, no top-k (a sparse detector's input; ``b_dec`` is folded into the bias, so the tokens are read
+    once). Non-finite values count as 0."""
+    bias = (b_rows.float() - W_rows.float() @ b_dec.float()).to(W_rows.dtype)
+    pre = torch.nn.functional.linear(tok.to(W_rows.dtype), W_rows, bias)
     pre = torch.nan_to_num(torch.relu(pre).float(), nan=0.0, posinf=0.0, neginf=0.0)
     return pre.view(images, tok.shape[0] // images, -1).mean(1)
 
