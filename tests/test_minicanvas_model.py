@@ -361,6 +361,25 @@ def test_build_defaults_micro_end_to_end(tmp_path, monkeypatch, capsys):
         build_defaults(out, "micro", seed=3, progress=False, settings={"supervise": {"concept": "objects"}})
 
 
+def test_stages_need_what_they_are_built_from_so_the_gates_can_come_last(tmp_path, capsys):
+    from saeuron.minicanvas.build import STAGES, ancestors, build_defaults
+
+    assert ancestors("concepts") == ["model", "collect", "sae"] and ancestors("gates") == ["classifiers", "model"]
+    assert ancestors("classifiers") == ancestors("model") == []
+    out = tmp_path / "b"
+    with pytest.raises(RuntimeError, match=r"build stage 'sae' needs stages \['model', 'collect'\] first"):
+        build_defaults(out, "micro", seed=3, progress=False, stages=("sae",))
+    early = [s for s in STAGES if s != "gates"]
+    rec = build_defaults(out, "micro", seed=3, progress=False, stages=early)  # everything but the gates
+    assert all(rec["stages"][s]["done"] for s in early) and "gates" not in rec["stages"]
+    assert not (out / "gates.json").exists() and ConceptTable.load(out / "checkpoint").names
+    capsys.readouterr()
+    rec = build_defaults(out, "micro", seed=3, progress=False)  # then the gates, and nothing else again
+    said = capsys.readouterr().out
+    assert "[build] gates done" in said and all(f"{s}: already done, skipped" in said for s in early)
+    assert all(rec["stages"][s]["done"] for s in STAGES) and (out / "gates.json").is_file()
+
+
 def test_every_build_setting_is_read_by_a_stage():
     from saeuron.minicanvas.build import BUILD_DEFAULTS, STAGE_SETTINGS, STAGES, _changed_stages
 

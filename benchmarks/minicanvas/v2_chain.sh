@@ -7,12 +7,14 @@
 # 1. benchmarks/minicanvas/v2_sitting.sh: restore the committed training state, train until STEPS (default 20000) or
 #    TIME_LIMIT seconds (default 9000), copy the state back into benchmarks/minicanvas/v2_train_state/. If the steps
 #    are not done, the script stops there: commit that folder before the session ends and run it again next session.
-# 2. the build (`saeuron minicanvas build`: gates about 22 min, collection 1 min, SAEs 4 min, concepts + detectors
-#    3 min; it resumes stage by stage within a session, but build/ does not outlive the session);
-# 3. a copy of the build (model, checkpoint, gates.json, BUILD.json; about 15 MB) into benchmarks/minicanvas/v2_build,
-#    and detectors over every latent's top-k code (--latents 0; the build's are sparse) into
-#    benchmarks/minicanvas/v2_eval/dense_det_ckpt, for v2_finish.sh's comparison (they need the build's store);
-#    commit both at once: build/ does not outlive the session;
+# 2. the build's stages but the gates (collection 1 min, SAEs 4 min, concepts + detectors 3 min), then a copy of the
+#    build (model, checkpoint, BUILD.json; about 15 MB) into the committed benchmarks/minicanvas/v2_build, and
+#    detectors over every latent's top-k code (--latents 0; the build's are sparse) into
+#    benchmarks/minicanvas/v2_eval/dense_det_ckpt, for v2_finish.sh's comparison (both need the build's activation
+#    store, which dies with the session): commit both at once;
+# 3. the gates stage (15-22 min), and gates.json into v2_build too. If the session ends first, the gates can be made
+#    later from the committed model: `saeuron minicanvas gates --pipeline benchmarks/minicanvas/v2_build/model --out
+#    benchmarks/minicanvas/v2_build/gates.json --threads 2`;
 # 4. unless SHIP=0, benchmarks/minicanvas/v2_ship.sh: copy the build into saeuron/minicanvas/assets/ (refused when a
 #    gate fails); run the asset tests (see v2_ship.sh) and commit saeuron/minicanvas/assets: from then on v2_finish.sh
 #    (sweeps, SAeUron + UCE, probe_anchor, levers) reads it from there. With SHIP=0 (a session that has no time left
@@ -36,14 +38,19 @@ if [ "$step" -lt "$STEPS" ]; then
   say "training at step $step of $STEPS: commit benchmarks/minicanvas/v2_train_state and run this again next session"
   exit 0
 fi
-say "build"
-$SAE minicanvas build --out "$OUT" --work "$WORK" --threads 2 --set "model=$MODEL" --set 'classifiers_from="shipped"'
+keep() {  # copy the build's shippable parts into the committed $KEEP (swapped in whole)
+  rm -rf "$KEEP.tmp" && mkdir -p "$KEEP.tmp"
+  cp -r "$OUT/model" "$OUT/checkpoint" "$OUT/BUILD.json" "$KEEP.tmp"/
+  [ ! -f "$OUT/gates.json" ] || cp "$OUT/gates.json" "$KEEP.tmp"/
+  find "$KEEP.tmp" -name .saeuron.lock -delete
+  rm -rf "$KEEP.old" && { [ ! -d "$KEEP" ] || mv "$KEEP" "$KEEP.old"; } && mv "$KEEP.tmp" "$KEEP" && rm -rf "$KEEP.old"
+}
 KEEP=benchmarks/minicanvas/v2_build
-say "the build into $KEEP (committed: a build does not outlive the session in build/; v2_ship.sh ships from there)"
-rm -rf "$KEEP.tmp" && mkdir -p "$KEEP.tmp"
-cp -r "$OUT/model" "$OUT/checkpoint" "$OUT/gates.json" "$OUT/BUILD.json" "$KEEP.tmp"/
-find "$KEEP.tmp" -name .saeuron.lock -delete
-rm -rf "$KEEP.old" && { [ ! -d "$KEEP" ] || mv "$KEEP" "$KEEP.old"; } && mv "$KEEP.tmp" "$KEEP" && rm -rf "$KEEP.old"
+BUILD=($SAE minicanvas build --out "$OUT" --work "$WORK" --threads 2 --set "model=$MODEL" --set 'classifiers_from="shipped"')
+say "build, every stage but the gates (nothing is built from them; about 8 min)"
+"${BUILD[@]}" --stages classifiers model collect sae concepts
+say "the build so far into $KEEP (committed: a build does not outlive the session in build/)"
+keep
 D=benchmarks/minicanvas/v2_eval/dense_det_ckpt
 if [ ! -f "$D/detectors.json" ]; then
   say "every-latent detectors (--latents 0) beside the build's sparse ones, into $D (issue 22: compared in v2_finish.sh)"
@@ -61,6 +68,10 @@ print("every-latent detectors, lowest training accuracy:", det.metadata["train_a
 PYEOF
   rm -rf "$D" && mv "$D.tmp" "$D"
 fi
+say "the gates (about 15-22 min)"
+"${BUILD[@]}"
+keep
+say "the whole build is in $KEEP"
 if [ "${SHIP:-1}" = 1 ]; then
   say "ship"
   benchmarks/minicanvas/v2_ship.sh

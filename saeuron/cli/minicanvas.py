@@ -171,7 +171,7 @@ def add_minicanvas_parser(sub):
     s.add_argument("--device", default=None, help='cpu or cuda (default: cuda if available)')
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.add_argument("--stages", nargs="+", default=["classifiers", "model", "gates", "collect", "sae", "concepts"],
-                   help="run only these stages (their predecessors must be done)")
+                   help="run only these stages (the stages they are built from must be done; the gates can come last)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a build setting (VALUE as JSON; dicts merge), e.g. --set guidance=2 "
                         "--set 'sae={\"k\": 8}'; a changed setting redoes the stages that read it, and a later "

@@ -506,7 +506,8 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
     ``work_dir`` (default ``<out_dir>.work`` beside it) holds what is not shipped: the model's training
     checkpoint, the activation store, the SAE trainer state and a sample grid; keep it to resume.
     ``settings`` overrides entries of ``BUILD_DEFAULTS[config]``; ``stages`` limits the run to some stages
-    (their predecessors must be done). ``command`` is recorded as given (the CLI passes its command line).
+    (the stages they are built from, :func:`ancestors`, must be done: e.g. the collection and the SAEs can be built
+    before the gates, which nothing is built from). ``command`` is recorded as given (the CLI passes its command line).
     """
     from ..collection import collect
     from ..detectors import fit_detectors
@@ -596,7 +597,7 @@ def build_defaults(out_dir, config: str = "cpu", seed: int = 0, work_dir=None, d
         if done(name):
             say(f"{name}: already done, skipped")
             continue
-        missing = [s for s in STAGES[:STAGES.index(name)] if not done(s)]
+        missing = [s for s in ancestors(name) if not done(s)]
         if missing:
             raise RuntimeError(f"build stage {name!r} needs stages {missing} first (run them, e.g. without --stages)")
         invalidate_dependents(name)
@@ -706,6 +707,17 @@ def _changed_stages(old: Optional[dict], new: dict) -> list:
     """The stages (in build order) that read a setting whose value differs between two ``build_settings``."""
     keys = _changed_settings(old, new)
     return [s for s in STAGES if any(k in keys for k in STAGE_SETTINGS[s])]
+
+
+def ancestors(name: str) -> list:
+    """Every stage that stage ``name`` is built from, directly or not (in build order): what must be done first."""
+    out, todo = set(), list(DEPENDS[name])
+    while todo:
+        s = todo.pop()
+        if s not in out:
+            out.add(s)
+            todo.extend(DEPENDS[s])
+    return [s for s in STAGES if s in out]
 
 
 def dependents(name: str) -> list:
